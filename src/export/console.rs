@@ -1,0 +1,172 @@
+//! The terminal view used when no collector is configured: a table of the
+//! busiest series refreshed each interval, or JSON lines for scripts.
+
+use std::io::{IsTerminal, Write};
+use std::time::UNIX_EPOCH;
+
+use crate::config::{ConsoleConfig, ConsoleFormat};
+use crate::export::attributes::{series_attributes, Direction};
+use crate::flow::aggregate::{IntervalReport, SeriesKey, SeriesPoint};
+use crate::stats::StatsSnapshot;
+
+/// Prints finished intervals to stdout.
+pub struct ConsoleExporter {
+    cfg: ConsoleConfig,
+    clear_screen: bool,
+}
+
+impl ConsoleExporter {
+    pub fn new(cfg: &ConsoleConfig) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            clear_screen: std::io::stdout().is_terminal(),
+        }
+    }
+
+    /// Writes one interval. Errors (a closed pipe) are returned so the caller
+    /// can stop printing without stopping flowtel.
+    pub fn export(&self, report: &IntervalReport, stats: &StatsSnapshot, source: &str) -> std::io::Result<()> {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        match self.cfg.format {
+            ConsoleFormat::Json => write_json(&mut out, report)?,
+            ConsoleFormat::Table => {
+                if self.clear_screen {
+                    out.write_all(b"\x1b[2J\x1b[H")?;
+                }
+                let text = render_table(report, stats, source, self.cfg.rows);
+                out.write_all(text.as_bytes())?;
+            }
+        }
+        out.flush()
+    }
+}
+
+fn write_json(out: &mut impl Write, report: &IntervalReport) -> std::io::Result<()> {
+    let start = report.start.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    let end = report.end.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    for p in report.points.iter().filter(|p| !p.interval.is_zero()) {
+        let mut obj = serde_json::Map::new();
+        obj.insert("interval_start_ms".into(), start.into());
+        obj.insert("interval_end_ms".into(), end.into());
+        for kv in series_attributes(&p.key, None) {
+            obj.insert(kv.key.to_string(), json_value(&kv.value));
+        }
+        for (direction, c) in [
+            (Direction::ClientToServer, p.interval.to_server),
+            (Direction::ServerToClient, p.interval.to_client),
+        ] {
+            obj.insert(
+                direction.as_str().into(),
+                serde_json::json!({ "bytes": c.bytes, "packets": c.packets }),
+            );
+        }
+        serde_json::to_writer(&mut *out, &serde_json::Value::Object(obj))?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+fn json_value(v: &opentelemetry::Value) -> serde_json::Value {
+    match v {
+        opentelemetry::Value::Bool(b) => (*b).into(),
+        opentelemetry::Value::I64(i) => (*i).into(),
+        opentelemetry::Value::F64(f) => (*f).into(),
+        other => other.as_str().into_owned().into(),
+    }
+}
+
+fn endpoint_text(ip: Option<std::net::IpAddr>, port: Option<u16>) -> String {
+    match (ip, port) {
+        (Some(ip), Some(port)) if ip.is_ipv6() => format!("[{ip}]:{port}"),
+        (Some(ip), Some(port)) => format!("{ip}:{port}"),
+        (Some(ip), None) => ip.to_string(),
+        (None, Some(port)) => format!("*:{port}"),
+        (None, None) => "*".into(),
+    }
+}
+
+fn describe(key: &SeriesKey) -> (String, String, String, String) {
+    if key.overflow {
+        return ("-".into(), "(overflow)".into(), "(overflow)".into(), String::new());
+    }
+    let transport = key.transport.map(|t| t.to_string()).unwrap_or_else(|| "*".into());
+    let client = endpoint_text(key.client, key.client_port);
+    let server = endpoint_text(key.server, key.server_port);
+    let nat = key.nat_server.map(|e| format!("→ {e}")).unwrap_or_default();
+    (transport, client, server, nat)
+}
+
+/// Human-readable byte count (1024-based, as `ip -s link` users expect).
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Renders the table: busiest series in the interval first.
+pub fn render_table(report: &IntervalReport, stats: &StatsSnapshot, source: &str, rows: usize) -> String {
+    let mut points: Vec<&SeriesPoint> = report.points.iter().collect();
+    points.sort_by_key(|p| std::cmp::Reverse((p.interval.total().bytes, p.cumulative.total().bytes)));
+    let secs = report
+        .end
+        .duration_since(report.start)
+        .unwrap_or_default()
+        .as_secs_f64()
+        .max(0.001);
+    let mut s = format!(
+        "flowtel {} — source: {source} — {} series, {} flows tracked{}\n\n",
+        env!("CARGO_PKG_VERSION"),
+        points.len(),
+        stats.flows_tracked,
+        if stats.byte_counters_available { "" } else { " — BYTE COUNTERS UNAVAILABLE (conntrack accounting off)" },
+    );
+    s.push_str(&format!(
+        "{:<6} {:<41} {:<47} {:>10} {:>10} {:>9} {:>11}  {}\n",
+        "PROTO", "CLIENT", "SERVER", "→ SERVER", "← CLIENT", "PACKETS", "RATE", "NAT"
+    ));
+    for p in points.iter().take(rows) {
+        let (transport, client, server, nat) = describe(&p.key);
+        let total = p.interval.total();
+        s.push_str(&format!(
+            "{:<6} {:<41} {:<47} {:>10} {:>10} {:>9} {:>9}/s  {}\n",
+            transport,
+            client,
+            server,
+            human_bytes(p.interval.to_server.bytes),
+            human_bytes(p.interval.to_client.bytes),
+            total.packets,
+            human_bytes((total.bytes as f64 / secs) as u64),
+            nat,
+        ));
+    }
+    if points.len() > rows {
+        s.push_str(&format!("… {} more series\n", points.len() - rows));
+    }
+    s.push_str(&format!(
+        "\nlost: {} untracked updates, {} flows ended unseen, {} folded into overflow, {} event overruns, {} export failures\n",
+        stats.flows_untracked, stats.flows_ended_unseen, stats.series_overflowed, stats.events_lost, stats.exports_failed
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_humane() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+    }
+}

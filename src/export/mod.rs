@@ -1,0 +1,9 @@
+//! Exporters: where finished intervals go. Each takes an
+//! [`IntervalReport`](crate::flow::aggregate::IntervalReport) and never
+//! blocks the flow table.
+
+pub mod attributes;
+pub mod console;
+pub mod otlp_metrics;
+pub mod resource;
+pub mod transport;

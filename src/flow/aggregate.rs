@@ -1,0 +1,301 @@
+//! Aggregation of flow deltas into a bounded set of metric series.
+//!
+//! A series is what the configured key keeps of a flow (by default no client
+//! port, so ephemeral ports never become cardinality). The set is capped at
+//! `flows.max_series`: once full, new series fold into one overflow series
+//! marked `otel.metric.overflow=true`, and `series_overflowed` counts every
+//! delta folded that way, so nothing is lost silently and memory stays bounded.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::KeyField;
+use crate::flow::{Counters, Endpoint, FlowId, Nat, SourceKind, Transport};
+use crate::stats::SelfStats;
+
+/// Which flow fields identify a series, resolved once from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeySpec {
+    pub client_address: bool,
+    pub client_port: bool,
+    pub server_address: bool,
+    pub server_port: bool,
+    pub transport: bool,
+    pub direction: bool,
+    pub nat: bool,
+}
+
+impl KeySpec {
+    pub fn from_fields(fields: &[KeyField]) -> Self {
+        let has = |f| fields.contains(&f);
+        Self {
+            client_address: has(KeyField::ClientAddress),
+            client_port: has(KeyField::ClientPort),
+            server_address: has(KeyField::ServerAddress),
+            server_port: has(KeyField::ServerPort),
+            transport: has(KeyField::Transport),
+            direction: has(KeyField::Direction),
+            nat: has(KeyField::Nat),
+        }
+    }
+
+    /// The series a flow belongs to.
+    pub fn key_of(&self, id: &FlowId, nat: &Nat, source: SourceKind) -> SeriesKey {
+        let ports = id.transport.has_ports();
+        SeriesKey {
+            transport: self.transport.then_some(id.transport),
+            client: self.client_address.then_some(id.client.ip),
+            client_port: (self.client_port && ports).then_some(id.client.port),
+            server: self.server_address.then_some(id.server.ip),
+            server_port: (self.server_port && ports).then_some(id.server.port),
+            nat_server: if self.nat { nat.server } else { None },
+            nat_client: if self.nat { nat.client } else { None },
+            source,
+            overflow: false,
+        }
+    }
+}
+
+/// The identity of one exported series. Fields left out of the key are `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SeriesKey {
+    pub transport: Option<Transport>,
+    pub client: Option<IpAddr>,
+    pub client_port: Option<u16>,
+    pub server: Option<IpAddr>,
+    pub server_port: Option<u16>,
+    pub nat_server: Option<Endpoint>,
+    pub nat_client: Option<Endpoint>,
+    pub source: SourceKind,
+    /// The series that holds everything past the series budget.
+    pub overflow: bool,
+}
+
+impl SeriesKey {
+    fn overflow(source: SourceKind) -> Self {
+        Self {
+            transport: None,
+            client: None,
+            client_port: None,
+            server: None,
+            server_port: None,
+            nat_server: None,
+            nat_client: None,
+            source,
+            overflow: true,
+        }
+    }
+
+    /// `ipv4` or `ipv6` (the `network.type` attribute), from whichever
+    /// address the key kept.
+    pub fn network_type(&self) -> Option<&'static str> {
+        let ip = self.server.or(self.client).or(self.nat_server.map(|e| e.ip))?;
+        Some(if ip.is_ipv4() { "ipv4" } else { "ipv6" })
+    }
+}
+
+/// Bytes and packets of a series in each direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirectionalCounters {
+    pub to_server: Counters,
+    pub to_client: Counters,
+}
+
+impl DirectionalCounters {
+    pub fn add(&mut self, other: DirectionalCounters) {
+        self.to_server.add(other.to_server);
+        self.to_client.add(other.to_client);
+    }
+
+    pub fn total(&self) -> Counters {
+        let mut t = self.to_server;
+        t.add(self.to_client);
+        t
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.to_server.is_zero() && self.to_client.is_zero()
+    }
+}
+
+#[derive(Debug)]
+struct SeriesState {
+    cumulative: DirectionalCounters,
+    interval: DirectionalCounters,
+    start: SystemTime,
+    last_active: Instant,
+}
+
+/// One series as exported at the end of an interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeriesPoint {
+    pub key: SeriesKey,
+    /// Since `start` (cumulative temporality).
+    pub cumulative: DirectionalCounters,
+    /// During the interval just ended.
+    pub interval: DirectionalCounters,
+    /// When this series started counting.
+    pub start: SystemTime,
+}
+
+/// Everything the exporters need about one finished interval.
+#[derive(Debug, Clone)]
+pub struct IntervalReport {
+    pub points: Vec<SeriesPoint>,
+    pub spec: KeySpec,
+    pub start: SystemTime,
+    pub end: SystemTime,
+}
+
+/// The bounded series store.
+#[derive(Debug)]
+pub struct Aggregator {
+    spec: KeySpec,
+    max_series: usize,
+    idle_timeout: Duration,
+    series: HashMap<SeriesKey, SeriesState>,
+    interval_start: SystemTime,
+    stats: Arc<SelfStats>,
+}
+
+impl Aggregator {
+    pub fn new(spec: KeySpec, max_series: usize, idle_timeout: Duration, stats: Arc<SelfStats>) -> Self {
+        Self {
+            spec,
+            max_series: max_series.max(2),
+            idle_timeout,
+            series: HashMap::new(),
+            interval_start: SystemTime::now(),
+            stats,
+        }
+    }
+
+    pub fn spec(&self) -> KeySpec {
+        self.spec
+    }
+
+    /// Adds one flow's delta to its series (or to the overflow series).
+    pub fn record(&mut self, id: &FlowId, nat: &Nat, source: SourceKind, delta: DirectionalCounters) {
+        if delta.is_zero() {
+            return;
+        }
+        let key = self.spec.key_of(id, nat, source);
+        let now = Instant::now();
+        let state = if self.series.contains_key(&key) || self.series.len() + 1 < self.max_series {
+            self.series.entry(key)
+        } else {
+            SelfStats::inc(&self.stats.series_overflowed);
+            self.series.entry(SeriesKey::overflow(source))
+        };
+        let state = state.or_insert_with(|| SeriesState {
+            cumulative: DirectionalCounters::default(),
+            interval: DirectionalCounters::default(),
+            start: SystemTime::now(),
+            last_active: now,
+        });
+        state.cumulative.add(delta);
+        state.interval.add(delta);
+        state.last_active = now;
+    }
+
+    /// Closes the interval: returns every live series and forgets the ones
+    /// idle for longer than the idle timeout.
+    pub fn finish_interval(&mut self) -> IntervalReport {
+        let now = Instant::now();
+        let idle = self.idle_timeout;
+        self.series.retain(|_, s| now.duration_since(s.last_active) < idle);
+        let mut points = Vec::with_capacity(self.series.len());
+        for (key, state) in self.series.iter_mut() {
+            points.push(SeriesPoint {
+                key: *key,
+                cumulative: state.cumulative,
+                interval: state.interval,
+                start: state.start,
+            });
+            state.interval = DirectionalCounters::default();
+        }
+        self.stats.series_active.store(points.len() as u64, Ordering::Relaxed);
+        let end = SystemTime::now();
+        let report = IntervalReport {
+            points,
+            spec: self.spec,
+            start: self.interval_start,
+            end,
+        };
+        self.interval_start = end;
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn flow(client_port: u16, server: u8) -> FlowId {
+        FlowId {
+            transport: Transport::Tcp,
+            client: Endpoint::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)), client_port),
+            server: Endpoint::new(IpAddr::V4(Ipv4Addr::new(198, 18, 1, server)), 443),
+            zone: 0,
+        }
+    }
+
+    fn delta(bytes: u64) -> DirectionalCounters {
+        DirectionalCounters {
+            to_server: Counters::new(bytes, 1),
+            to_client: Counters::new(2 * bytes, 2),
+        }
+    }
+
+    fn agg(max_series: usize) -> (Aggregator, Arc<SelfStats>) {
+        let stats = Arc::new(SelfStats::default());
+        let spec = KeySpec::from_fields(&crate::config::FlowsConfig::default().key);
+        (Aggregator::new(spec, max_series, Duration::from_secs(60), stats.clone()), stats)
+    }
+
+    #[test]
+    fn ephemeral_ports_share_a_series() {
+        let (mut a, _) = agg(100);
+        for port in 40_000..40_100 {
+            a.record(&flow(port, 1), &Nat::default(), SourceKind::Conntrack, delta(10));
+        }
+        let report = a.finish_interval();
+        assert_eq!(report.points.len(), 1);
+        assert_eq!(report.points[0].cumulative.to_server, Counters::new(1000, 100));
+        assert_eq!(report.points[0].cumulative.to_client, Counters::new(2000, 200));
+    }
+
+    #[test]
+    fn budget_folds_into_overflow_and_counts() {
+        let (mut a, stats) = agg(4);
+        for server in 1..=10 {
+            a.record(&flow(1000, server), &Nat::default(), SourceKind::Conntrack, delta(5));
+        }
+        let report = a.finish_interval();
+        assert_eq!(report.points.len(), 4, "3 series plus overflow");
+        let overflow: Vec<_> = report.points.iter().filter(|p| p.key.overflow).collect();
+        assert_eq!(overflow.len(), 1);
+        assert_eq!(overflow[0].cumulative.to_server.bytes, 7 * 5);
+        assert_eq!(SelfStats::get(&stats.series_overflowed), 7);
+        let total: u64 = report.points.iter().map(|p| p.cumulative.to_server.bytes).sum();
+        assert_eq!(total, 50, "nothing lost");
+    }
+
+    #[test]
+    fn interval_resets_but_cumulative_grows() {
+        let (mut a, _) = agg(10);
+        a.record(&flow(1, 1), &Nat::default(), SourceKind::Conntrack, delta(10));
+        let first = a.finish_interval();
+        assert_eq!(first.points[0].interval.to_server.bytes, 10);
+        a.record(&flow(1, 1), &Nat::default(), SourceKind::Conntrack, delta(5));
+        let second = a.finish_interval();
+        assert_eq!(second.points[0].interval.to_server.bytes, 5);
+        assert_eq!(second.points[0].cumulative.to_server.bytes, 15);
+        let third = a.finish_interval();
+        assert_eq!(third.points[0].interval.to_server.bytes, 0);
+    }
+}

@@ -1,0 +1,202 @@
+//! The flow model shared by every source and exporter.
+//!
+//! A source reports *cumulative* counters per connection (what conntrack and
+//! eBPF maps hold); the flow table turns them into per-interval deltas, so
+//! sources never need to remember what they already reported.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+/// The transport protocol of a flow, as carried in the IP header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+    Sctp,
+    /// Any other IP protocol number (GRE, ESP, ...), kept so nothing is dropped.
+    Other(u8),
+}
+
+impl Transport {
+    /// Maps an IP protocol number (`IPPROTO_*`) to a transport.
+    pub fn from_protocol(number: u8) -> Self {
+        match number {
+            6 => Self::Tcp,
+            17 => Self::Udp,
+            1 => Self::Icmp,
+            58 => Self::Icmpv6,
+            132 => Self::Sctp,
+            other => Self::Other(other),
+        }
+    }
+
+    /// The IP protocol number.
+    pub fn protocol(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Icmp => 1,
+            Self::Icmpv6 => 58,
+            Self::Sctp => 132,
+            Self::Other(n) => n,
+        }
+    }
+
+    /// The value of the `network.transport` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+            Self::Icmpv6 => "icmpv6",
+            Self::Sctp => "sctp",
+            Self::Other(_) => "other",
+        }
+    }
+
+    /// Whether ports mean anything for this transport (ICMP has ids, not ports).
+    pub fn has_ports(self) -> bool {
+        matches!(self, Self::Tcp | Self::Udp | Self::Sctp)
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Other(n) => write!(f, "proto-{n}"),
+            t => f.write_str(t.as_str()),
+        }
+    }
+}
+
+impl Serialize for Transport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One end of a flow. For ICMP the port holds the echo identifier on the
+/// client side and 0 on the server side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+impl Endpoint {
+    pub fn new(ip: IpAddr, port: u16) -> Self {
+        Self { ip, port }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.port),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.port),
+        }
+    }
+}
+
+/// Bytes (L3, IP header included, as conntrack and TC count them) and packets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub bytes: u64,
+    pub packets: u64,
+}
+
+impl Counters {
+    pub fn new(bytes: u64, packets: u64) -> Self {
+        Self { bytes, packets }
+    }
+
+    /// `self - earlier`, or `None` when either counter went backwards (a reset
+    /// or a reused tuple), in which case the caller counts `self` afresh.
+    pub fn since(self, earlier: Counters) -> Option<Counters> {
+        Some(Counters {
+            bytes: self.bytes.checked_sub(earlier.bytes)?,
+            packets: self.packets.checked_sub(earlier.packets)?,
+        })
+    }
+
+    pub fn add(&mut self, other: Counters) {
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.packets = self.packets.saturating_add(other.packets);
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.bytes == 0 && self.packets == 0
+    }
+}
+
+/// Which kernel facility saw the flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Conntrack,
+    Ebpf,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Conntrack => "conntrack",
+            Self::Ebpf => "ebpf",
+        }
+    }
+}
+
+/// The identity of one connection: its original-direction tuple. The client
+/// is the side that sent the first packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowId {
+    pub transport: Transport,
+    pub client: Endpoint,
+    pub server: Endpoint,
+    /// conntrack zone (0 when zones are not used).
+    pub zone: u16,
+}
+
+/// Address translation seen on a flow: where the packets really went (DNAT,
+/// e.g. a Service VIP to the pod that answered) and where they really came
+/// from (SNAT/masquerade). Only translated ends are set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Nat {
+    pub server: Option<Endpoint>,
+    pub client: Option<Endpoint>,
+}
+
+/// A source's latest view of one connection, with counters cumulative since
+/// the connection began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowUpdate {
+    pub id: FlowId,
+    /// Distinguishes two connections that reuse one tuple (conntrack's
+    /// `CTA_ID`); 0 when the source cannot tell.
+    pub generation: u32,
+    pub nat: Nat,
+    /// Client to server.
+    pub to_server: Counters,
+    /// Server to client.
+    pub to_client: Counters,
+    /// The connection is gone; these are its final counters.
+    pub ended: bool,
+    pub source: SourceKind,
+}
+
+/// What a source sends down its channel to the flow table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceEvent {
+    Flow(FlowUpdate),
+    /// A full table dump begins; every live flow will be reported before the
+    /// matching `DumpFinished`.
+    DumpStarted { epoch: u64 },
+    /// The dump is over. When `complete`, flows not reported since the
+    /// matching `DumpStarted` ended without a final event; an incomplete
+    /// (failed) dump removes nothing.
+    DumpFinished { epoch: u64, complete: bool },
+}

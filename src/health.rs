@@ -1,0 +1,58 @@
+//! `/healthz` (the process is alive) and `/readyz` (a source has completed
+//! its first dump), with flowtel's own counters in the `/readyz` body so an
+//! operator can see at a glance whether anything is being lost.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::stats::SelfStats;
+
+#[derive(Clone)]
+struct HealthState {
+    stats: Arc<SelfStats>,
+    source: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct Readiness {
+    ready: bool,
+    source: &'static str,
+    stats: crate::stats::StatsSnapshot,
+}
+
+/// Binds the listener now (so a port clash is a start-up error) and serves in
+/// the background.
+pub async fn serve(listen: SocketAddr, stats: Arc<SelfStats>, source: &'static str) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for health checks (health.listen): {e}"))?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(HealthState { stats, source });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("health endpoint stopped: {e}");
+        }
+    });
+    Ok(local)
+}
+
+async fn readyz(State(state): State<HealthState>) -> (StatusCode, Json<Readiness>) {
+    let stats = state.stats.snapshot();
+    let code = if stats.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        code,
+        Json(Readiness {
+            ready: stats.ready,
+            source: state.source,
+            stats,
+        }),
+    )
+}

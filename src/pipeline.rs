@@ -1,0 +1,165 @@
+//! `flowtel run`: wires a source, the flow table and the exporters.
+//!
+//! One task owns the flow table and aggregator (no locks on the hot path).
+//! Each interval it asks the source for a dump, applies everything the
+//! source sends, and when the dump is complete hands the finished interval
+//! to the exporter task over a channel.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ConsoleMode};
+use crate::export::console::ConsoleExporter;
+use crate::export::otlp_metrics::OtlpMetricsExporter;
+use crate::export::transport::SignalTransport;
+use crate::flow::aggregate::{Aggregator, IntervalReport, KeySpec};
+use crate::flow::table::FlowTable;
+use crate::flow::SourceEvent;
+use crate::source::conntrack;
+use crate::stats::SelfStats;
+
+/// How long shutdown waits for the final dump before exporting what it has.
+const FINAL_DUMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs until `shutdown` resolves, then exports the final interval.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let stats = Arc::new(SelfStats::default());
+    let (tx, mut rx) = mpsc::channel::<SourceEvent>(65_536);
+    let source = conntrack::start(&cfg.conntrack, stats.clone(), tx).context("starting the conntrack source")?;
+    let mode = source.mode();
+    tracing::info!(source = "conntrack", mode, interval = ?cfg.interval, "flowtel started");
+
+    if !cfg.health.listen.is_empty() {
+        let listen = cfg
+            .health
+            .listen
+            .parse()
+            .with_context(|| format!("health.listen {:?}", cfg.health.listen))?;
+        let local = crate::health::serve(listen, stats.clone(), mode).await?;
+        tracing::info!("health checks on http://{local}/healthz and /readyz");
+    }
+
+    let otlp = match SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.metrics, "metrics") {
+        Some(t) => {
+            tracing::info!(endpoint = %t.url, protocol = ?t.protocol, "exporting OTLP metrics");
+            Some(OtlpMetricsExporter::build(&cfg, &t, stats.clone())?)
+        }
+        None => None,
+    };
+    let console = match cfg.export.console.mode {
+        ConsoleMode::Always => true,
+        ConsoleMode::Never => false,
+        ConsoleMode::Auto => otlp.is_none(),
+    }
+    .then(|| ConsoleExporter::new(&cfg.export.console));
+    if otlp.is_none() && console.is_none() {
+        tracing::warn!("no OTLP endpoint and the console is off: flows are counted but not shown anywhere");
+    }
+
+    let (report_tx, report_rx) = mpsc::channel::<Arc<IntervalReport>>(2);
+    let exporter = tokio::spawn(export_loop(report_rx, otlp, console, stats.clone(), mode));
+
+    let mut table = FlowTable::new(cfg.flows.max_flows, stats.clone());
+    let mut agg = Aggregator::new(
+        KeySpec::from_fields(&cfg.flows.key),
+        cfg.flows.max_series,
+        cfg.flows.series_idle_timeout,
+        stats.clone(),
+    );
+    let mut epoch = 1;
+    source.request_dump(epoch);
+    let mut pending = Some(epoch);
+    let mut report_due = false;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + cfg.interval, cfg.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else {
+                    tracing::error!("the source stopped unexpectedly");
+                    break;
+                };
+                let finished = matches!(event, SourceEvent::DumpFinished { epoch: e, .. } if Some(e) == pending);
+                table.apply(event, &mut agg);
+                if finished {
+                    pending = None;
+                    stats.ready.store(true, Ordering::Relaxed);
+                    if std::mem::take(&mut report_due) {
+                        send_report(&report_tx, &mut agg);
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                if pending.is_some() {
+                    tracing::warn!("the previous dump is still running after a whole interval; exporting what was counted so far");
+                    send_report(&report_tx, &mut agg);
+                    report_due = false;
+                } else {
+                    epoch += 1;
+                    if source.request_dump(epoch) {
+                        pending = Some(epoch);
+                        report_due = true;
+                    }
+                }
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+
+    tracing::info!("shutting down: final dump and export");
+    epoch += 1;
+    if source.request_dump(epoch) {
+        let deadline = tokio::time::Instant::now() + FINAL_DUMP_TIMEOUT;
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            let finished = matches!(event, SourceEvent::DumpFinished { epoch: e, .. } if e == epoch);
+            table.apply(event, &mut agg);
+            if finished {
+                break;
+            }
+        }
+    }
+    let _ = report_tx.send(Arc::new(agg.finish_interval())).await;
+    drop(report_tx);
+    if let Err(e) = exporter.await {
+        tracing::error!("exporter task failed: {e}");
+    }
+    tokio::task::spawn_blocking(move || source.stop()).await.ok();
+    Ok(())
+}
+
+fn send_report(tx: &mpsc::Sender<Arc<IntervalReport>>, agg: &mut Aggregator) {
+    // A slow exporter skips an interval rather than stalling the table: the
+    // next report carries the cumulative totals anyway.
+    if tx.try_send(Arc::new(agg.finish_interval())).is_err() {
+        tracing::debug!("exporter busy; interval folded into the next one");
+    }
+}
+
+async fn export_loop(
+    mut rx: mpsc::Receiver<Arc<IntervalReport>>,
+    otlp: Option<OtlpMetricsExporter>,
+    mut console: Option<ConsoleExporter>,
+    stats: Arc<SelfStats>,
+    mode: &'static str,
+) {
+    while let Some(report) = rx.recv().await {
+        if let Some(c) = &console {
+            if let Err(e) = c.export(&report, &stats.snapshot(), mode) {
+                tracing::warn!("stopped printing flows to the terminal: {e}");
+                console = None;
+            }
+        }
+        if let Some(o) = &otlp {
+            o.export(&report).await;
+        }
+    }
+    if let Some(o) = otlp {
+        o.shutdown().await;
+    }
+}

@@ -1,0 +1,471 @@
+//! The conntrack source: the kernel's connection table, read over ctnetlink
+//! (periodic dumps plus NEW/DESTROY events) or, when netlink is refused,
+//! from `/proc/net/nf_conntrack` (dumps only).
+//!
+//! Everything runs on plain threads doing blocking I/O, each of which first
+//! enters the configured network namespace: namespaces are per thread, so
+//! netlink sockets, sysctls and `/proc/thread-self/net` then all belong to
+//! that namespace.
+
+mod decode;
+mod netlink;
+mod procfs;
+mod sysctl;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use nix::sched::{setns, CloneFlags};
+use tokio::sync::mpsc::error::TrySendError;
+
+pub use decode::{decode_message, encode_message, DecodeError, MessageKind};
+pub use procfs::{parse_proc_line, ProcParseError};
+
+use crate::config::{ConntrackConfig, ConntrackMode};
+use crate::flow::SourceEvent;
+use crate::stats::SelfStats;
+
+/// How often idle threads look at the stop flag.
+const POLL: Duration = Duration::from_millis(200);
+/// How long `start` waits for the threads to set themselves up.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default procfs table, which follows the thread-group leader's
+/// namespace; the per-thread view is used instead so `netns` applies.
+const DEFAULT_PROC_PATH: &str = "/proc/net/nf_conntrack";
+const THREAD_PROC_PATH: &str = "/proc/thread-self/net/nf_conntrack";
+
+/// A running conntrack source. Dropping it without [`stop`](Self::stop)
+/// also ends the threads, but does not wait for them.
+pub struct ConntrackHandle {
+    requests: mpsc::Sender<u64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    mode: &'static str,
+}
+
+impl ConntrackHandle {
+    /// Ask for a full dump tagged `epoch`; the dump thread answers on the channel with
+    /// SourceEvent::DumpStarted{epoch}, one SourceEvent::Flow per entry, then
+    /// SourceEvent::DumpFinished{epoch, complete}. Returns false if the source has stopped.
+    pub fn request_dump(&self, epoch: u64) -> bool {
+        !self.stop.load(Ordering::Relaxed) && self.requests.send(epoch).is_ok()
+    }
+
+    /// "netlink" or "procfs": what is actually in use.
+    pub fn mode(&self) -> &'static str {
+        self.mode
+    }
+
+    /// Stop all threads and join them (must return within ~1 s).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut self.threads) {
+            if t.join().is_err() {
+                tracing::error!("a conntrack source thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ConntrackHandle {
+    /// Dropping without `stop` still tells the threads to end (within about
+    /// 200 ms), just without waiting for them.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts the source. Errors (conntrack module not loaded, no permission and no procfs fallback, netns unusable) are returned with a message saying what to do.
+pub fn start(
+    cfg: &ConntrackConfig,
+    stats: Arc<SelfStats>,
+    tx: tokio::sync::mpsc::Sender<SourceEvent>,
+) -> anyhow::Result<ConntrackHandle> {
+    let netns = match &cfg.netns {
+        Some(path) => Some(Arc::new(File::open(path).with_context(|| {
+            format!(
+                "cannot open network namespace {} (conntrack.netns); give a path like \
+                 /var/run/netns/NAME or /proc/PID/ns/net that flowtel can read",
+                path.display()
+            )
+        })?)),
+        None => None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let out = Out {
+        tx,
+        stop: stop.clone(),
+    };
+    let proc_path = if cfg.proc_path == Path::new(DEFAULT_PROC_PATH) {
+        PathBuf::from(THREAD_PROC_PATH)
+    } else {
+        cfg.proc_path.clone()
+    };
+
+    let (requests, request_rx) = mpsc::channel::<u64>();
+    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<Mode>>();
+    let dump_thread = {
+        let (cfg, stats, out, netns) = (cfg.clone(), stats.clone(), out.clone(), netns.clone());
+        std::thread::Builder::new()
+            .name("ct-dump".into())
+            .spawn(move || {
+                let setup = enter_netns(netns.as_deref(), cfg.netns.as_deref())
+                    .and_then(|()| sysctl::ensure_accounting(cfg.enable_accounting, &stats))
+                    .and_then(|_| choose_mode(&cfg, &proc_path));
+                let mode = match setup {
+                    Ok(mode) => mode,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(mode));
+                dump_loop(mode, &proc_path, &request_rx, &out, &stats);
+            })
+            .context("spawning the conntrack dump thread")?
+    };
+    let mut threads = vec![dump_thread];
+    let abort = |threads: Vec<JoinHandle<()>>| {
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            let _ = t.join();
+        }
+    };
+    let mode = match wait_ready(&ready_rx) {
+        Ok(mode) => mode,
+        Err(e) => {
+            drop(requests);
+            abort(threads);
+            return Err(e);
+        }
+    };
+
+    if mode == Mode::Netlink && cfg.events {
+        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<Mode>>();
+        let (netns_path, buffer) = (cfg.netns.clone(), cfg.event_buffer_bytes);
+        let (stats, out, netns) = (stats.clone(), out.clone(), netns.clone());
+        let spawned = std::thread::Builder::new()
+            .name("ct-events".into())
+            .spawn(move || {
+                let setup = enter_netns(netns.as_deref(), netns_path.as_deref()).and_then(|()| {
+                    netlink::NlSocket::open_events(buffer).map_err(|e| {
+                        anyhow!(
+                            "cannot subscribe to conntrack events: {e}; grant CAP_NET_ADMIN or set \
+                             conntrack.events: false (dumps alone miss the last bytes of short connections)"
+                        )
+                    })
+                });
+                match setup {
+                    Ok(sock) => {
+                        let _ = ready_tx.send(Ok(Mode::Netlink));
+                        netlink::run_events(sock, &out, &stats);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                drop(requests);
+                abort(threads);
+                return Err(anyhow!(e).context("spawning the conntrack event thread"));
+            }
+        }
+        if let Err(e) = wait_ready(&ready_rx) {
+            drop(requests);
+            abort(threads);
+            return Err(e);
+        }
+    } else if cfg.events {
+        tracing::info!("conntrack events need netlink; relying on periodic procfs dumps only");
+    }
+
+    tracing::info!(mode = mode.as_str(), netns = ?cfg.netns, "conntrack source started");
+    Ok(ConntrackHandle {
+        requests,
+        stop,
+        threads,
+        mode: mode.as_str(),
+    })
+}
+
+fn wait_ready(rx: &mpsc::Receiver<anyhow::Result<Mode>>) -> anyhow::Result<Mode> {
+    match rx.recv_timeout(START_TIMEOUT) {
+        Ok(result) => result,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            bail!("the conntrack source did not start within {START_TIMEOUT:?}")
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            bail!("the conntrack source thread exited while starting")
+        }
+    }
+}
+
+/// What the dump thread reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Netlink,
+    Procfs,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Netlink => "netlink",
+            Self::Procfs => "procfs",
+        }
+    }
+}
+
+/// Moves the calling thread into `ns` (if any).
+fn enter_netns(ns: Option<&File>, path: Option<&Path>) -> anyhow::Result<()> {
+    let Some(ns) = ns else { return Ok(()) };
+    let shown = path.map(|p| p.display().to_string()).unwrap_or_default();
+    setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
+        let hint = match e {
+            nix::errno::Errno::EPERM => {
+                "flowtel needs CAP_SYS_ADMIN to enter another network namespace"
+            }
+            nix::errno::Errno::EINVAL => {
+                "the file is not a network namespace (use /var/run/netns/NAME or /proc/PID/ns/net)"
+            }
+            _ => "check conntrack.netns",
+        };
+        anyhow!("cannot enter network namespace {shown}: {e}; {hint}")
+    })
+}
+
+/// Picks netlink or procfs according to `cfg.mode` and what the kernel allows.
+fn choose_mode(cfg: &ConntrackConfig, proc_path: &Path) -> anyhow::Result<Mode> {
+    let check_proc = || {
+        File::open(proc_path).map(drop).map_err(|e| {
+            anyhow!(
+                "cannot read {} ({e}); run flowtel as root, or point conntrack.proc_path at the table",
+                proc_path.display()
+            )
+        })
+    };
+    match cfg.mode {
+        ConntrackMode::Procfs => check_proc().map(|()| Mode::Procfs),
+        ConntrackMode::Netlink => match netlink::probe() {
+            Ok(()) => Ok(Mode::Netlink),
+            Err(e) => Err(anyhow!(
+                "ctnetlink is not usable: {e}; {} (or set conntrack.mode: procfs)",
+                netlink_hint(&e)
+            )),
+        },
+        ConntrackMode::Auto => {
+            match netlink::probe() {
+                Ok(()) => Ok(Mode::Netlink),
+                Err(e) if falls_back(&e) => {
+                    check_proc().map_err(|pe| {
+                    anyhow!("ctnetlink is not usable ({e}; {}) and the procfs fallback failed: {pe}", netlink_hint(&e))
+                })?;
+                    tracing::warn!(
+                    "ctnetlink is not usable ({e}); reading {} instead: no conntrack events, so \
+                     connections that end between dumps lose their last bytes. {}",
+                    proc_path.display(),
+                    netlink_hint(&e)
+                );
+                    Ok(Mode::Procfs)
+                }
+                Err(e) => Err(anyhow!(
+                    "ctnetlink is not usable: {e}; {}",
+                    netlink_hint(&e)
+                )),
+            }
+        }
+    }
+}
+
+/// Errors that mean "netlink is not for us here", as opposed to a fault.
+fn falls_back(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EPERM
+                | libc::EACCES
+                | libc::EPROTONOSUPPORT
+                | libc::EAFNOSUPPORT
+                | libc::EOPNOTSUPP
+                | libc::ENOENT
+        )
+    )
+}
+
+fn netlink_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => "flowtel needs CAP_NET_ADMIN to use ctnetlink",
+        Some(libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT | libc::EOPNOTSUPP | libc::ENOENT) => {
+            "load ctnetlink with `modprobe nf_conntrack_netlink`"
+        }
+        _ => "check the kernel log",
+    }
+}
+
+/// Serves dump requests until stopped or the consumer goes away.
+fn dump_loop(
+    mode: Mode,
+    proc_path: &Path,
+    requests: &mpsc::Receiver<u64>,
+    out: &Out,
+    stats: &SelfStats,
+) {
+    let mut dumper = netlink::Dumper::new();
+    while !out.stopping() {
+        let epoch = match requests.recv_timeout(POLL) {
+            Ok(epoch) => epoch,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        if out.send(SourceEvent::DumpStarted { epoch }).is_err() {
+            return;
+        }
+        let started = Instant::now();
+        let complete = match mode {
+            Mode::Netlink => match dumper.run(out, stats) {
+                netlink::DumpEnd::Complete { entries } => {
+                    tracing::debug!(epoch, entries, elapsed = ?started.elapsed(), "conntrack dump done");
+                    true
+                }
+                netlink::DumpEnd::Failed(why) => {
+                    tracing::warn!(
+                        epoch,
+                        "conntrack dump failed: {why}; nothing is removed until the next one"
+                    );
+                    false
+                }
+                netlink::DumpEnd::Halted => return,
+            },
+            Mode::Procfs => match procfs_dump(proc_path, out, stats) {
+                Some(complete) => {
+                    if complete {
+                        tracing::debug!(epoch, elapsed = ?started.elapsed(), "conntrack procfs dump done");
+                    }
+                    complete
+                }
+                None => return,
+            },
+        };
+        if complete {
+            SelfStats::inc(&stats.dumps);
+        } else {
+            SelfStats::inc(&stats.dump_errors);
+        }
+        if out
+            .send(SourceEvent::DumpFinished { epoch, complete })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// One pass over the procfs table: Some(complete), or None when halted.
+fn procfs_dump(path: &Path, out: &Out, stats: &SelfStats) -> Option<bool> {
+    let mut halted = false;
+    let result = procfs::dump_file(path, |update| {
+        let ok = !out.stopping() && out.send(SourceEvent::Flow(update)).is_ok();
+        halted = !ok;
+        ok
+    });
+    match result {
+        Ok(d) => {
+            if d.halted || halted {
+                return None;
+            }
+            if d.malformed > 0 {
+                SelfStats::add(&stats.parse_errors, d.malformed);
+                if let Some(e) = d.first_error {
+                    tracing::warn!(
+                        skipped = d.malformed,
+                        "skipping malformed lines in {}: {e}",
+                        path.display()
+                    );
+                }
+            }
+            Some(true)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "reading {} failed: {e}; nothing is removed until the next dump",
+                path.display()
+            );
+            Some(false)
+        }
+    }
+}
+
+/// The sending side shared by the threads: never blocks past a stop request,
+/// even if the consumer stopped reading.
+#[derive(Clone)]
+pub(crate) struct Out {
+    tx: tokio::sync::mpsc::Sender<SourceEvent>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The consumer is gone or a stop was requested.
+#[derive(Debug)]
+pub(crate) struct Halt;
+
+impl Out {
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sends like `blocking_send`, but waits for room in short sleeps so a
+    /// stop request is noticed even when the channel stays full.
+    pub(crate) fn send(&self, event: SourceEvent) -> Result<(), Halt> {
+        let mut event = match self.tx.try_send(event) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(Halt),
+            Err(TrySendError::Full(event)) => event,
+        };
+        let mut wait = Duration::from_micros(20);
+        loop {
+            if self.stopping() {
+                return Err(Halt);
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_millis(5));
+            event = match self.tx.try_send(event) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Closed(_)) => return Err(Halt),
+                Err(TrySendError::Full(event)) => event,
+            };
+        }
+    }
+}
+
+/// A simple rate limiter for log lines.
+pub(crate) struct Every {
+    period: Duration,
+    last: Option<Instant>,
+}
+
+impl Every {
+    pub(crate) fn new(period: Duration) -> Self {
+        Self { period, last: None }
+    }
+
+    /// True at most once per period.
+    pub(crate) fn ready(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < self.period)
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}

@@ -1,0 +1,84 @@
+//! `net.netfilter.nf_conntrack_acct`: without it conntrack keeps no byte or
+//! packet counters, and every flow would report zero traffic.
+//!
+//! Must run on a thread already inside the target network namespace: the
+//! netfilter sysctls are per namespace and resolve to the opener's.
+
+use std::io::ErrorKind;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, Context};
+
+use crate::stats::SelfStats;
+
+const NETFILTER_DIR: &str = "/proc/sys/net/netfilter";
+const ACCT: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
+
+/// Whether conntrack is loaded at all in this namespace.
+pub(crate) fn check_loaded() -> anyhow::Result<()> {
+    if Path::new(ACCT).exists() {
+        return Ok(());
+    }
+    let reason = if Path::new(NETFILTER_DIR).exists() {
+        format!("{NETFILTER_DIR} has no nf_conntrack_acct")
+    } else {
+        format!("{NETFILTER_DIR} does not exist")
+    };
+    bail!(
+        "the nf_conntrack kernel module is not loaded ({reason}); load it with `modprobe nf_conntrack` \
+         (on Kubernetes nodes kube-proxy or the CNI normally does this)"
+    )
+}
+
+fn read_acct() -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(ACCT).with_context(|| format!("reading {ACCT}"))?;
+    Ok(text.trim() != "0")
+}
+
+/// Reads the accounting switch, turns it on if asked and allowed, records
+/// the outcome in `stats.byte_counters_available` and returns it. A refusal
+/// to write is a warning, not an error: flows are still seen, just without
+/// byte counts.
+pub(crate) fn ensure_accounting(enable: bool, stats: &SelfStats) -> anyhow::Result<bool> {
+    check_loaded()?;
+    let mut on = read_acct()?;
+    let mut write_error = None;
+    if !on && enable {
+        match std::fs::write(ACCT, "1\n") {
+            Ok(()) => {
+                on = read_acct()?;
+                if on {
+                    tracing::info!(
+                        "enabled net.netfilter.nf_conntrack_acct; connections that already existed \
+                         keep reporting zero bytes and packets"
+                    );
+                }
+            }
+            Err(e) => write_error = Some(e),
+        }
+    }
+    if !on {
+        let why = match &write_error {
+            Some(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                format!("turning it on was refused ({e}); run with CAP_NET_ADMIN and a writable /proc/sys")
+            }
+            Some(e) => format!("turning it on failed ({e})"),
+            None if enable => "it did not stay on".to_string(),
+            None => "conntrack.enable_accounting is false".to_string(),
+        };
+        tracing::warn!(
+            "conntrack byte and packet counts are unavailable: net.netfilter.nf_conntrack_acct is 0 and {why}. \
+             Flows are still reported, with zero traffic. Fix: `sysctl -w net.netfilter.nf_conntrack_acct=1` \
+             in the node's network namespace, or run flowtel with CAP_NET_ADMIN and \
+             conntrack.enable_accounting: true"
+        );
+    }
+    stats.byte_counters_available.store(on, Ordering::Relaxed);
+    Ok(on)
+}

@@ -1,0 +1,99 @@
+//! flowtel's own counters: what it could not count, and why.
+//!
+//! Every component increments these lock-free; the OTLP exporter and
+//! `/readyz` read them. They are the answer to "is flowtel undercounting?".
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Counters shared by all components. Monotonic unless noted.
+#[derive(Debug, Default)]
+pub struct SelfStats {
+    /// Flows currently held in the flow table (a gauge).
+    pub flows_tracked: AtomicU64,
+    /// Source updates applied to the flow table.
+    pub flow_updates: AtomicU64,
+    /// New flows not tracked because the flow table was at `flows.max_flows`;
+    /// their counters are still counted once, at their end, if the source
+    /// reports the end.
+    pub flows_untracked: AtomicU64,
+    /// Flows that vanished from a dump without a final event: traffic after
+    /// their last dump was not seen.
+    pub flows_ended_unseen: AtomicU64,
+    /// Flow deltas folded into the overflow series because the series budget
+    /// was used up.
+    pub series_overflowed: AtomicU64,
+    /// Metric series currently exported (a gauge).
+    pub series_active: AtomicU64,
+    /// Kernel events lost (netlink ENOBUFS overruns).
+    pub events_lost: AtomicU64,
+    /// Source messages that could not be decoded and were skipped.
+    pub parse_errors: AtomicU64,
+    /// Table dumps that failed.
+    pub dump_errors: AtomicU64,
+    /// Table dumps completed.
+    pub dumps: AtomicU64,
+    /// Export attempts that succeeded / failed (after retries).
+    pub exports_ok: AtomicU64,
+    pub exports_failed: AtomicU64,
+    /// Export attempts retried after a transient failure.
+    pub export_retries: AtomicU64,
+    /// Whether the kernel reports byte and packet counters (conntrack accounting).
+    pub byte_counters_available: AtomicBool,
+    /// Set once the first dump of any source has completed.
+    pub ready: AtomicBool,
+}
+
+impl SelfStats {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// A consistent-enough copy for `/readyz` and the console.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            flows_tracked: Self::get(&self.flows_tracked),
+            flow_updates: Self::get(&self.flow_updates),
+            flows_untracked: Self::get(&self.flows_untracked),
+            flows_ended_unseen: Self::get(&self.flows_ended_unseen),
+            series_overflowed: Self::get(&self.series_overflowed),
+            series_active: Self::get(&self.series_active),
+            events_lost: Self::get(&self.events_lost),
+            parse_errors: Self::get(&self.parse_errors),
+            dump_errors: Self::get(&self.dump_errors),
+            dumps: Self::get(&self.dumps),
+            exports_ok: Self::get(&self.exports_ok),
+            exports_failed: Self::get(&self.exports_failed),
+            export_retries: Self::get(&self.export_retries),
+            byte_counters_available: self.byte_counters_available.load(Ordering::Relaxed),
+            ready: self.ready.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A plain copy of [`SelfStats`], serialisable for `/readyz`.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StatsSnapshot {
+    pub flows_tracked: u64,
+    pub flow_updates: u64,
+    pub flows_untracked: u64,
+    pub flows_ended_unseen: u64,
+    pub series_overflowed: u64,
+    pub series_active: u64,
+    pub events_lost: u64,
+    pub parse_errors: u64,
+    pub dump_errors: u64,
+    pub dumps: u64,
+    pub exports_ok: u64,
+    pub exports_failed: u64,
+    pub export_retries: u64,
+    pub byte_counters_available: bool,
+    pub ready: bool,
+}
