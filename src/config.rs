@@ -77,6 +77,10 @@ pub struct ConntrackConfig {
     /// Turn on `net.netfilter.nf_conntrack_acct` if it is off; without it the
     /// kernel keeps no byte or packet counters.
     pub enable_accounting: bool,
+    /// Add a match-only nft rule so the kernel tracks connections in a
+    /// namespace where no firewall, kube-proxy or container runtime does
+    /// (removed on exit). Off by default: nodes normally need no help.
+    pub ensure_tracking: bool,
     /// The procfs table, used in `procfs` mode or when netlink is refused.
     pub proc_path: PathBuf,
     /// Receive buffer for the event socket, in bytes (set with
@@ -91,6 +95,7 @@ impl Default for ConntrackConfig {
             netns: None,
             events: true,
             enable_accounting: true,
+            ensure_tracking: false,
             proc_path: PathBuf::from("/proc/net/nf_conntrack"),
             event_buffer_bytes: 16 * 1024 * 1024,
         }
@@ -379,7 +384,11 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid configuration at `{}`: {}", self.key, self.reason)
+        write!(
+            f,
+            "invalid configuration at `{}`: {}",
+            self.key, self.reason
+        )
     }
 }
 
@@ -395,6 +404,7 @@ pub struct Overrides {
     pub console_format: Option<String>,
     pub netns: Option<PathBuf>,
     pub health_listen: Option<String>,
+    pub ensure_tracking: bool,
 }
 
 /// Loads and validates the configuration. `env` is the process environment
@@ -452,6 +462,11 @@ pub fn load(
                 .map_err(|e| ConfigError::new(key, e.to_string()))?;
         }
     }
+    if overrides.ensure_tracking {
+        builder = builder
+            .set_override("conntrack.ensure_tracking", true)
+            .map_err(|e| ConfigError::new("conntrack.ensure_tracking", e.to_string()))?;
+    }
     if let Some(netns) = &overrides.netns {
         builder = builder
             .set_override("conntrack.netns", netns.to_string_lossy().as_ref())
@@ -465,7 +480,12 @@ pub fn load(
         } else {
             path
         };
-        ConfigError::new(key, e.inner().to_string())
+        let mut reason = e.inner().to_string();
+        let var = format!("FLOWTEL_{}", key.to_ascii_uppercase().replace('.', "__"));
+        if env.contains_key(&var) {
+            reason.push_str(&format!(" (set by the environment variable {var})"));
+        }
+        ConfigError::new(key, reason)
     })?;
     if cfg.resource.node_name.is_none() {
         cfg.resource.node_name = env.get("K8S_NODE_NAME").cloned().filter(|s| !s.is_empty());
@@ -476,10 +496,15 @@ pub fn load(
 
 fn from_config_error(e: &config::ConfigError) -> ConfigError {
     match e {
-        config::ConfigError::Type { key: Some(key), .. } => ConfigError::new(key.clone(), e.to_string()),
+        config::ConfigError::Type { key: Some(key), .. } => {
+            ConfigError::new(key.clone(), e.to_string())
+        }
         config::ConfigError::FileParse { uri, cause } => ConfigError::new(
-            uri.clone().unwrap_or_else(|| "--config".into()),
-            format!("not valid YAML: {cause}"),
+            "--config",
+            format!(
+                "{} is not valid YAML: {cause}",
+                uri.as_deref().unwrap_or("the file")
+            ),
         ),
         other => ConfigError::new("(configuration)", other.to_string()),
     }
@@ -490,7 +515,11 @@ fn from_config_error(e: &config::ConfigError) -> ConfigError {
 fn otel_env(env: &HashMap<String, String>) -> Result<Vec<(String, config::Value)>, ConfigError> {
     let mut out: Vec<(String, config::Value)> = Vec::new();
     let get = |name: &str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
-    let signals: [(&str, &str); 3] = [("", "export.otlp"), ("METRICS_", "export.otlp.metrics"), ("LOGS_", "export.otlp.logs")];
+    let signals: [(&str, &str); 3] = [
+        ("", "export.otlp"),
+        ("METRICS_", "export.otlp.metrics"),
+        ("LOGS_", "export.otlp.logs"),
+    ];
     for (infix, prefix) in signals {
         let var = |suffix: &str| format!("OTEL_EXPORTER_OTLP_{infix}{suffix}");
         if let Some(v) = get(&var("ENDPOINT")) {
@@ -516,12 +545,16 @@ fn otel_env(env: &HashMap<String, String>) -> Result<Vec<(String, config::Value)
         }
         if let Some(v) = get(&var("TIMEOUT")) {
             let ms: u64 = v.parse().map_err(|_| {
-                ConfigError::new(var("TIMEOUT"), format!("{v:?} is not a whole number of milliseconds"))
+                ConfigError::new(
+                    var("TIMEOUT"),
+                    format!("{v:?} is not a whole number of milliseconds"),
+                )
             })?;
             out.push((format!("{prefix}.timeout"), format!("{ms}ms").into()));
         }
         if let Some(v) = get(&var("HEADERS")) {
-            let headers = parse_kv_list(v).map_err(|reason| ConfigError::new(var("HEADERS"), reason))?;
+            let headers =
+                parse_kv_list(v).map_err(|reason| ConfigError::new(var("HEADERS"), reason))?;
             out.push((format!("{prefix}.headers"), to_table(headers)));
         }
     }
@@ -536,7 +569,10 @@ fn otel_env(env: &HashMap<String, String>) -> Result<Vec<(String, config::Value)
     }
     if let Some(v) = get("OTEL_METRIC_EXPORT_INTERVAL") {
         let ms: u64 = v.parse().map_err(|_| {
-            ConfigError::new("OTEL_METRIC_EXPORT_INTERVAL", format!("{v:?} is not a whole number of milliseconds"))
+            ConfigError::new(
+                "OTEL_METRIC_EXPORT_INTERVAL",
+                format!("{v:?} is not a whole number of milliseconds"),
+            )
         })?;
         out.push(("interval".into(), format!("{ms}ms").into()));
     }
@@ -557,15 +593,16 @@ fn otel_env(env: &HashMap<String, String>) -> Result<Vec<(String, config::Value)
         out.push(("resource.service_name".into(), v.into()));
     }
     if let Some(v) = get("OTEL_RESOURCE_ATTRIBUTES") {
-        let attrs =
-            parse_kv_list(v).map_err(|reason| ConfigError::new("OTEL_RESOURCE_ATTRIBUTES", reason))?;
+        let attrs = parse_kv_list(v)
+            .map_err(|reason| ConfigError::new("OTEL_RESOURCE_ATTRIBUTES", reason))?;
         out.push(("resource.attributes".into(), to_table(attrs)));
     }
     Ok(out)
 }
 
 fn to_table(pairs: Vec<(String, String)>) -> config::Value {
-    let map: HashMap<String, config::Value> = pairs.into_iter().map(|(k, v)| (k, v.into())).collect();
+    let map: HashMap<String, config::Value> =
+        pairs.into_iter().map(|(k, v)| (k, v.into())).collect();
     config::Value::from(map)
 }
 
@@ -581,10 +618,11 @@ pub fn parse_kv_list(value: &str) -> Result<Vec<(String, String)>, String> {
         if k.is_empty() {
             return Err(format!("{item:?} has an empty key"));
         }
-        let v = url::form_urlencoded::parse(format!("v={}", v.trim().replace('+', "%2B")).as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default();
+        let v =
+            url::form_urlencoded::parse(format!("v={}", v.trim().replace('+', "%2B")).as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
         out.push((k.to_string(), v));
     }
     Ok(out)
@@ -592,7 +630,10 @@ pub fn parse_kv_list(value: &str) -> Result<Vec<(String, String)>, String> {
 
 fn validate(cfg: &Config) -> Result<(), ConfigError> {
     if cfg.interval.is_zero() {
-        return Err(ConfigError::new("interval", "must be greater than 0, e.g. \"10s\""));
+        return Err(ConfigError::new(
+            "interval",
+            "must be greater than 0, e.g. \"10s\"",
+        ));
     }
     if cfg.flows.max_flows == 0 {
         return Err(ConfigError::new("flows.max_flows", "must be at least 1"));
@@ -616,10 +657,16 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
         ));
     }
     if cfg.conntrack.event_buffer_bytes < 65_536 {
-        return Err(ConfigError::new("conntrack.event_buffer_bytes", "must be at least 65536"));
+        return Err(ConfigError::new(
+            "conntrack.event_buffer_bytes",
+            "must be at least 65536",
+        ));
     }
     if cfg.export.console.rows == 0 {
-        return Err(ConfigError::new("export.console.rows", "must be at least 1"));
+        return Err(ConfigError::new(
+            "export.console.rows",
+            "must be at least 1",
+        ));
     }
     let otlp = &cfg.export.otlp;
     if !otlp.endpoint.is_empty() {
@@ -630,18 +677,27 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
             check_url(&format!("export.otlp.{signal}.endpoint"), endpoint)?;
         }
         if o.timeout.is_some_and(|t| t.is_zero()) {
-            return Err(ConfigError::new(format!("export.otlp.{signal}.timeout"), "must be greater than 0"));
+            return Err(ConfigError::new(
+                format!("export.otlp.{signal}.timeout"),
+                "must be greater than 0",
+            ));
         }
         if let Some(headers) = &o.headers {
             check_headers(&format!("export.otlp.{signal}.headers"), headers)?;
         }
     }
     if otlp.timeout.is_zero() {
-        return Err(ConfigError::new("export.otlp.timeout", "must be greater than 0, e.g. \"10s\""));
+        return Err(ConfigError::new(
+            "export.otlp.timeout",
+            "must be greater than 0, e.g. \"10s\"",
+        ));
     }
     check_headers("export.otlp.headers", &otlp.headers)?;
     if otlp.retry.max_attempts == 0 {
-        return Err(ConfigError::new("export.otlp.retry.max_attempts", "must be at least 1 (1 = no retries)"));
+        return Err(ConfigError::new(
+            "export.otlp.retry.max_attempts",
+            "must be at least 1 (1 = no retries)",
+        ));
     }
     if otlp.retry.initial_backoff > otlp.retry.max_backoff {
         return Err(ConfigError::new(
@@ -652,7 +708,11 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
     let tls = &otlp.tls;
     if tls.cert_file.is_some() != tls.key_file.is_some() {
         return Err(ConfigError::new(
-            if tls.cert_file.is_some() { "export.otlp.tls.key_file" } else { "export.otlp.tls.cert_file" },
+            if tls.cert_file.is_some() {
+                "export.otlp.tls.key_file"
+            } else {
+                "export.otlp.tls.cert_file"
+            },
             "mutual TLS needs both cert_file and key_file",
         ));
     }
@@ -663,7 +723,10 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
     ] {
         if let Some(path) = file {
             if !path.is_file() {
-                return Err(ConfigError::new(key, format!("{} is not a readable file", path.display())));
+                return Err(ConfigError::new(
+                    key,
+                    format!("{} is not a readable file", path.display()),
+                ));
             }
         }
     }
@@ -671,23 +734,35 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
         if !netns.exists() {
             return Err(ConfigError::new(
                 "conntrack.netns",
-                format!("{} does not exist; give a path like /var/run/netns/NAME", netns.display()),
+                format!(
+                    "{} does not exist; give a path like /var/run/netns/NAME",
+                    netns.display()
+                ),
             ));
         }
     }
     if !cfg.health.listen.is_empty() && cfg.health.listen.parse::<SocketAddr>().is_err() {
         return Err(ConfigError::new(
             "health.listen",
-            format!("{:?} is not an address:port such as 127.0.0.1:9810", cfg.health.listen),
+            format!(
+                "{:?} is not an address:port such as 127.0.0.1:9810",
+                cfg.health.listen
+            ),
         ));
     }
     if cfg.resource.service_name.is_empty() {
-        return Err(ConfigError::new("resource.service_name", "must not be empty"));
+        return Err(ConfigError::new(
+            "resource.service_name",
+            "must not be empty",
+        ));
     }
     if tracing_subscriber::EnvFilter::try_new(&cfg.log.level).is_err() {
         return Err(ConfigError::new(
             "log.level",
-            format!("{:?} is not a log filter such as \"info\" or \"flowtel=debug\"", cfg.log.level),
+            format!(
+                "{:?} is not a log filter such as \"info\" or \"flowtel=debug\"",
+                cfg.log.level
+            ),
         ));
     }
     Ok(())
@@ -695,12 +770,18 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
 
 fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
     let url = url::Url::parse(value).map_err(|e| {
-        ConfigError::new(key, format!("{value:?} is not a URL ({e}); expected e.g. http://localhost:4317"))
+        ConfigError::new(
+            key,
+            format!("{value:?} is not a URL ({e}); expected e.g. http://localhost:4317"),
+        )
     })?;
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(ConfigError::new(
             key,
-            format!("scheme {:?} is not supported; use http:// or https://", url.scheme()),
+            format!(
+                "scheme {:?} is not supported; use http:// or https://",
+                url.scheme()
+            ),
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -712,10 +793,16 @@ fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
 fn check_headers(key: &str, headers: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     for (name, value) in headers {
         if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ConfigError::new(format!("{key}.{name}"), "is not a valid HTTP header name"));
+            return Err(ConfigError::new(
+                format!("{key}.{name}"),
+                "is not a valid HTTP header name",
+            ));
         }
         if http::HeaderValue::from_str(value).is_err() {
-            return Err(ConfigError::new(format!("{key}.{name}"), "is not a valid HTTP header value"));
+            return Err(ConfigError::new(
+                format!("{key}.{name}"),
+                "is not a valid HTTP header value",
+            ));
         }
     }
     Ok(())
@@ -726,7 +813,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -739,7 +829,11 @@ mod tests {
     fn layers_apply_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("f.yaml");
-        std::fs::write(&file, "interval: 3s\nexport:\n  otlp:\n    endpoint: http://file:4317\n").expect("write");
+        std::fs::write(
+            &file,
+            "interval: 3s\nexport:\n  otlp:\n    endpoint: http://file:4317\n",
+        )
+        .expect("write");
         let e = env(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4317"),
             ("OTEL_EXPORTER_OTLP_HEADERS", "x-a=1,x-b=two%20words"),
@@ -749,8 +843,14 @@ mod tests {
         let cfg = load(Some(&file), &e, &Overrides::default()).expect("loads");
         assert_eq!(cfg.interval, Duration::from_secs(4));
         assert_eq!(cfg.export.otlp.endpoint, "http://otel:4317");
-        assert_eq!(cfg.export.otlp.headers.get("x-b").map(String::as_str), Some("two words"));
-        assert_eq!(cfg.flows.key, vec![KeyField::ServerAddress, KeyField::ServerPort]);
+        assert_eq!(
+            cfg.export.otlp.headers.get("x-b").map(String::as_str),
+            Some("two words")
+        );
+        assert_eq!(
+            cfg.flows.key,
+            vec![KeyField::ServerAddress, KeyField::ServerPort]
+        );
         let flags = Overrides {
             interval: Some("5s".into()),
             ..Default::default()
@@ -764,7 +864,11 @@ mod tests {
         let parsed = parse_kv_list("a=1, b = x%3Dy ,c=").expect("parses");
         assert_eq!(
             parsed,
-            vec![("a".into(), "1".into()), ("b".into(), "x=y".into()), ("c".into(), String::new())]
+            vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "x=y".into()),
+                ("c".into(), String::new())
+            ]
         );
         assert!(parse_kv_list("novalue").is_err());
     }

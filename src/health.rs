@@ -27,10 +27,14 @@ struct Readiness {
 
 /// Binds the listener now (so a port clash is a start-up error) and serves in
 /// the background.
-pub async fn serve(listen: SocketAddr, stats: Arc<SelfStats>, source: &'static str) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for health checks (health.listen): {e}"))?;
+pub async fn serve(
+    listen: SocketAddr,
+    stats: Arc<SelfStats>,
+    source: &'static str,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {listen} for health checks (health.listen): {e}")
+    })?;
     let local = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -46,7 +50,11 @@ pub async fn serve(listen: SocketAddr, stats: Arc<SelfStats>, source: &'static s
 
 async fn readyz(State(state): State<HealthState>) -> (StatusCode, Json<Readiness>) {
     let stats = state.stats.snapshot();
-    let code = if stats.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if stats.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         code,
         Json(Readiness {

@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use flowtel::config::{self, Overrides};
 
 #[derive(Parser)]
-#[command(name = "flowtel", version, about = "Network flows from the kernel, shipped as OpenTelemetry")]
+#[command(
+    name = "flowtel",
+    version,
+    about = "Network flows from the kernel, shipped as OpenTelemetry"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,6 +58,10 @@ struct RunArgs {
     /// Address for /healthz and /readyz ("" disables them).
     #[arg(long)]
     health_listen: Option<String>,
+    /// Make the kernel track connections here if nothing else does (adds a
+    /// match-only nft table, removed on exit).
+    #[arg(long)]
+    conntrack_ensure_tracking: bool,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +95,7 @@ fn main() -> ExitCode {
                 console_format: args.output,
                 netns: args.netns,
                 health_listen: args.health_listen,
+                ensure_tracking: args.conntrack_ensure_tracking,
             };
             let cfg = match config::load(args.config.config.as_deref(), &env, &overrides) {
                 Ok(cfg) => cfg,
@@ -97,7 +106,10 @@ fn main() -> ExitCode {
             };
             init_logging(&cfg.log.level, &env);
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("flowtel: cannot start the async runtime: {e}");
@@ -115,7 +127,6 @@ fn main() -> ExitCode {
     }
 }
 
-
 fn init_logging(level: &str, env: &HashMap<String, String>) {
     let filter = env
         .get("RUST_LOG")
@@ -125,6 +136,7 @@ fn init_logging(level: &str, env: &HashMap<String, String>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

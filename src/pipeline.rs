@@ -30,7 +30,8 @@ const FINAL_DUMP_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let stats = Arc::new(SelfStats::default());
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(65_536);
-    let source = conntrack::start(&cfg.conntrack, stats.clone(), tx).context("starting the conntrack source")?;
+    let source = conntrack::start(&cfg.conntrack, stats.clone(), tx)
+        .context("starting the conntrack source")?;
     let mode = source.mode();
     tracing::info!(source = "conntrack", mode, interval = ?cfg.interval, "flowtel started");
 
@@ -44,7 +45,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tracing::info!("health checks on http://{local}/healthz and /readyz");
     }
 
-    let otlp = match SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.metrics, "metrics") {
+    let otlp = match SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.metrics, "metrics")
+    {
         Some(t) => {
             tracing::info!(endpoint = %t.url, protocol = ?t.protocol, "exporting OTLP metrics");
             Some(OtlpMetricsExporter::build(&cfg, &t, stats.clone())?)
@@ -58,7 +60,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
     .then(|| ConsoleExporter::new(&cfg.export.console));
     if otlp.is_none() && console.is_none() {
-        tracing::warn!("no OTLP endpoint and the console is off: flows are counted but not shown anywhere");
+        tracing::warn!(
+            "no OTLP endpoint and the console is off: flows are counted but not shown anywhere"
+        );
     }
 
     let (report_tx, report_rx) = mpsc::channel::<Arc<IntervalReport>>(2);
@@ -75,7 +79,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     source.request_dump(epoch);
     let mut pending = Some(epoch);
     let mut report_due = false;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + cfg.interval, cfg.interval);
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + cfg.interval, cfg.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
@@ -117,7 +122,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     if source.request_dump(epoch) {
         let deadline = tokio::time::Instant::now() + FINAL_DUMP_TIMEOUT;
         while let Ok(Some(event)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            let finished = matches!(event, SourceEvent::DumpFinished { epoch: e, .. } if e == epoch);
+            let finished =
+                matches!(event, SourceEvent::DumpFinished { epoch: e, .. } if e == epoch);
             table.apply(event, &mut agg);
             if finished {
                 break;
@@ -129,7 +135,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     if let Err(e) = exporter.await {
         tracing::error!("exporter task failed: {e}");
     }
-    tokio::task::spawn_blocking(move || source.stop()).await.ok();
+    tokio::task::spawn_blocking(move || source.stop())
+        .await
+        .ok();
     Ok(())
 }
 

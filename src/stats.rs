@@ -32,11 +32,9 @@ pub struct SelfStats {
     pub dump_errors: AtomicU64,
     /// Table dumps completed.
     pub dumps: AtomicU64,
-    /// Export attempts that succeeded / failed (after retries).
+    /// Export requests that succeeded / failed (after the exporter's retries).
     pub exports_ok: AtomicU64,
     pub exports_failed: AtomicU64,
-    /// Export attempts retried after a transient failure.
-    pub export_retries: AtomicU64,
     /// Whether the kernel reports byte and packet counters (conntrack accounting).
     pub byte_counters_available: AtomicBool,
     /// Set once the first dump of any source has completed.
@@ -71,7 +69,6 @@ impl SelfStats {
             dumps: Self::get(&self.dumps),
             exports_ok: Self::get(&self.exports_ok),
             exports_failed: Self::get(&self.exports_failed),
-            export_retries: Self::get(&self.export_retries),
             byte_counters_available: self.byte_counters_available.load(Ordering::Relaxed),
             ready: self.ready.load(Ordering::Relaxed),
         }
@@ -93,7 +90,6 @@ pub struct StatsSnapshot {
     pub dumps: u64,
     pub exports_ok: u64,
     pub exports_failed: u64,
-    pub export_retries: u64,
     pub byte_counters_available: bool,
     pub ready: bool,
 }

@@ -25,7 +25,12 @@ impl ConsoleExporter {
 
     /// Writes one interval. Errors (a closed pipe) are returned so the caller
     /// can stop printing without stopping flowtel.
-    pub fn export(&self, report: &IntervalReport, stats: &StatsSnapshot, source: &str) -> std::io::Result<()> {
+    pub fn export(
+        &self,
+        report: &IntervalReport,
+        stats: &StatsSnapshot,
+        source: &str,
+    ) -> std::io::Result<()> {
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         match self.cfg.format {
@@ -43,8 +48,16 @@ impl ConsoleExporter {
 }
 
 fn write_json(out: &mut impl Write, report: &IntervalReport) -> std::io::Result<()> {
-    let start = report.start.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-    let end = report.end.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    let start = report
+        .start
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let end = report
+        .end
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
     for p in report.points.iter().filter(|p| !p.interval.is_zero()) {
         let mut obj = serde_json::Map::new();
         obj.insert("interval_start_ms".into(), start.into());
@@ -88,9 +101,17 @@ fn endpoint_text(ip: Option<std::net::IpAddr>, port: Option<u16>) -> String {
 
 fn describe(key: &SeriesKey) -> (String, String, String, String) {
     if key.overflow {
-        return ("-".into(), "(overflow)".into(), "(overflow)".into(), String::new());
+        return (
+            "-".into(),
+            "(overflow)".into(),
+            "(overflow)".into(),
+            String::new(),
+        );
     }
-    let transport = key.transport.map(|t| t.to_string()).unwrap_or_else(|| "*".into());
+    let transport = key
+        .transport
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "*".into());
     let client = endpoint_text(key.client, key.client_port);
     let server = endpoint_text(key.server, key.server_port);
     let nat = key.nat_server.map(|e| format!("→ {e}")).unwrap_or_default();
@@ -114,9 +135,15 @@ fn human_bytes(n: u64) -> String {
 }
 
 /// Renders the table: busiest series in the interval first.
-pub fn render_table(report: &IntervalReport, stats: &StatsSnapshot, source: &str, rows: usize) -> String {
+pub fn render_table(
+    report: &IntervalReport,
+    stats: &StatsSnapshot,
+    source: &str,
+    rows: usize,
+) -> String {
     let mut points: Vec<&SeriesPoint> = report.points.iter().collect();
-    points.sort_by_key(|p| std::cmp::Reverse((p.interval.total().bytes, p.cumulative.total().bytes)));
+    points
+        .sort_by_key(|p| std::cmp::Reverse((p.interval.total().bytes, p.cumulative.total().bytes)));
     let secs = report
         .end
         .duration_since(report.start)
@@ -128,7 +155,11 @@ pub fn render_table(report: &IntervalReport, stats: &StatsSnapshot, source: &str
         env!("CARGO_PKG_VERSION"),
         points.len(),
         stats.flows_tracked,
-        if stats.byte_counters_available { "" } else { " — BYTE COUNTERS UNAVAILABLE (conntrack accounting off)" },
+        if stats.byte_counters_available {
+            ""
+        } else {
+            " — BYTE COUNTERS UNAVAILABLE (conntrack accounting off)"
+        },
     );
     s.push_str(&format!(
         "{:<6} {:<41} {:<47} {:>10} {:>10} {:>9} {:>11}  {}\n",

@@ -46,23 +46,35 @@ pub struct OtlpMetricsExporter {
 
 impl OtlpMetricsExporter {
     /// Builds the exporter; must run inside the tokio runtime (tonic needs it).
-    pub fn build(cfg: &Config, transport: &SignalTransport, stats: Arc<SelfStats>) -> anyhow::Result<Self> {
+    pub fn build(
+        cfg: &Config,
+        transport: &SignalTransport,
+        stats: Arc<SelfStats>,
+    ) -> anyhow::Result<Self> {
         let temporality = match cfg.export.otlp.temporality {
             Temporality::Cumulative => SdkTemporality::Cumulative,
             Temporality::Delta => SdkTemporality::Delta,
         };
         let exporter = match transport.protocol {
             Protocol::Grpc => transport
-                .apply_tonic(MetricExporter::builder().with_tonic().with_temporality(temporality))?
+                .apply_tonic(
+                    MetricExporter::builder()
+                        .with_tonic()
+                        .with_temporality(temporality),
+                )?
                 .build(),
             Protocol::HttpProtobuf => transport
-                .apply_http(MetricExporter::builder().with_http().with_temporality(temporality))?
+                .apply_http(
+                    MetricExporter::builder()
+                        .with_http()
+                        .with_temporality(temporality),
+                )?
                 .build(),
         }
         .with_context(|| format!("building the OTLP metrics exporter for {}", transport.url))?;
         let attempts = cfg.export.otlp.retry.max_attempts;
-        let export_budget =
-            (transport.timeout + cfg.export.otlp.retry.max_backoff) * attempts + Duration::from_secs(1);
+        let export_budget = (transport.timeout + cfg.export.otlp.retry.max_backoff) * attempts
+            + Duration::from_secs(1);
         let reader = PeriodicReader::builder(
             CountingExporter {
                 inner: exporter,
@@ -84,7 +96,12 @@ impl OtlpMetricsExporter {
             .with_view(move |i: &Instrument| {
                 i.name()
                     .starts_with("flowtel.flow.")
-                    .then(|| Stream::builder().with_cardinality_limit(series_limit).build().ok())
+                    .then(|| {
+                        Stream::builder()
+                            .with_cardinality_limit(series_limit)
+                            .build()
+                            .ok()
+                    })
                     .flatten()
             })
             .build();
@@ -195,8 +212,18 @@ fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
             .build();
     }
     let gauges: [(&'static str, &'static str, &'static str, Pick); 2] = [
-        ("flowtel.flows.tracked", "{flow}", "Connections currently held in the flow table", |s| &s.flows_tracked),
-        ("flowtel.series.active", "{series}", "Metric series currently exported", |s| &s.series_active),
+        (
+            "flowtel.flows.tracked",
+            "{flow}",
+            "Connections currently held in the flow table",
+            |s| &s.flows_tracked,
+        ),
+        (
+            "flowtel.series.active",
+            "{series}",
+            "Metric series currently exported",
+            |s| &s.series_active,
+        ),
     ];
     for (name, unit, description, pick) in gauges {
         let s = stats.clone();
@@ -210,9 +237,14 @@ fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
     meter
         .u64_observable_gauge("flowtel.source.byte_counters")
         .with_unit("1")
-        .with_description("1 when the kernel source reports byte and packet counters, 0 when accounting is off")
+        .with_description(
+            "1 when the kernel source reports byte and packet counters, 0 when accounting is off",
+        )
         .with_callback(move |o| {
-            o.observe(u64::from(stats.byte_counters_available.load(Ordering::Relaxed)), &[])
+            o.observe(
+                u64::from(stats.byte_counters_available.load(Ordering::Relaxed)),
+                &[],
+            )
         })
         .build();
 }

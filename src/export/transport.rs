@@ -35,14 +35,19 @@ impl SignalTransport {
             (None, true) => return None,
             (None, false) => match protocol {
                 Protocol::Grpc => otlp.endpoint.clone(),
-                Protocol::HttpProtobuf => format!("{}/v1/{signal}", otlp.endpoint.trim_end_matches('/')),
+                Protocol::HttpProtobuf => {
+                    format!("{}/v1/{signal}", otlp.endpoint.trim_end_matches('/'))
+                }
             },
         };
         let r = &otlp.retry;
         Some(Self {
             url,
             protocol,
-            headers: overrides.headers.clone().unwrap_or_else(|| otlp.headers.clone()),
+            headers: overrides
+                .headers
+                .clone()
+                .unwrap_or_else(|| otlp.headers.clone()),
             compression: overrides.compression.unwrap_or(otlp.compression),
             timeout: overrides.timeout.unwrap_or(otlp.timeout),
             tls: otlp.tls.clone(),
@@ -59,7 +64,9 @@ impl SignalTransport {
 
     fn read(path: &Option<std::path::PathBuf>, what: &str) -> anyhow::Result<Option<Vec<u8>>> {
         path.as_ref()
-            .map(|p| std::fs::read(p).with_context(|| format!("reading the TLS {what} {}", p.display())))
+            .map(|p| {
+                std::fs::read(p).with_context(|| format!("reading the TLS {what} {}", p.display()))
+            })
             .transpose()
     }
 
@@ -70,11 +77,12 @@ impl SignalTransport {
     {
         let mut metadata = tonic::metadata::MetadataMap::new();
         for (name, value) in &self.headers {
-            let key = tonic::metadata::MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
-                .with_context(|| format!("header name {name:?} is not valid gRPC metadata"))?;
-            let value = value
-                .parse()
-                .with_context(|| format!("header {name:?} has a value that is not valid gRPC metadata"))?;
+            let key =
+                tonic::metadata::MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
+                    .with_context(|| format!("header name {name:?} is not valid gRPC metadata"))?;
+            let value = value.parse().with_context(|| {
+                format!("header {name:?} has a value that is not valid gRPC metadata")
+            })?;
             metadata.insert(key, value);
         }
         let mut builder = builder
@@ -109,7 +117,8 @@ impl SignalTransport {
     {
         let mut client = reqwest::Client::builder().timeout(self.timeout);
         if let Some(ca) = Self::read(&self.tls.ca_file, "CA file")? {
-            let cert = reqwest::Certificate::from_pem(&ca).context("the TLS CA file is not valid PEM")?;
+            let cert =
+                reqwest::Certificate::from_pem(&ca).context("the TLS CA file is not valid PEM")?;
             client = client.add_root_certificate(cert);
         }
         if let (Some(mut cert), Some(key)) = (

@@ -92,7 +92,10 @@ impl SeriesKey {
     /// `ipv4` or `ipv6` (the `network.type` attribute), from whichever
     /// address the key kept.
     pub fn network_type(&self) -> Option<&'static str> {
-        let ip = self.server.or(self.client).or(self.nat_server.map(|e| e.ip))?;
+        let ip = self
+            .server
+            .or(self.client)
+            .or(self.nat_server.map(|e| e.ip))?;
         Some(if ip.is_ipv4() { "ipv4" } else { "ipv6" })
     }
 }
@@ -162,7 +165,12 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    pub fn new(spec: KeySpec, max_series: usize, idle_timeout: Duration, stats: Arc<SelfStats>) -> Self {
+    pub fn new(
+        spec: KeySpec,
+        max_series: usize,
+        idle_timeout: Duration,
+        stats: Arc<SelfStats>,
+    ) -> Self {
         Self {
             spec,
             max_series: max_series.max(2),
@@ -178,7 +186,13 @@ impl Aggregator {
     }
 
     /// Adds one flow's delta to its series (or to the overflow series).
-    pub fn record(&mut self, id: &FlowId, nat: &Nat, source: SourceKind, delta: DirectionalCounters) {
+    pub fn record(
+        &mut self,
+        id: &FlowId,
+        nat: &Nat,
+        source: SourceKind,
+        delta: DirectionalCounters,
+    ) {
         if delta.is_zero() {
             return;
         }
@@ -206,7 +220,8 @@ impl Aggregator {
     pub fn finish_interval(&mut self) -> IntervalReport {
         let now = Instant::now();
         let idle = self.idle_timeout;
-        self.series.retain(|_, s| now.duration_since(s.last_active) < idle);
+        self.series
+            .retain(|_, s| now.duration_since(s.last_active) < idle);
         let mut points = Vec::with_capacity(self.series.len());
         for (key, state) in self.series.iter_mut() {
             points.push(SeriesPoint {
@@ -217,7 +232,9 @@ impl Aggregator {
             });
             state.interval = DirectionalCounters::default();
         }
-        self.stats.series_active.store(points.len() as u64, Ordering::Relaxed);
+        self.stats
+            .series_active
+            .store(points.len() as u64, Ordering::Relaxed);
         let end = SystemTime::now();
         let report = IntervalReport {
             points,
@@ -254,26 +271,45 @@ mod tests {
     fn agg(max_series: usize) -> (Aggregator, Arc<SelfStats>) {
         let stats = Arc::new(SelfStats::default());
         let spec = KeySpec::from_fields(&crate::config::FlowsConfig::default().key);
-        (Aggregator::new(spec, max_series, Duration::from_secs(60), stats.clone()), stats)
+        (
+            Aggregator::new(spec, max_series, Duration::from_secs(60), stats.clone()),
+            stats,
+        )
     }
 
     #[test]
     fn ephemeral_ports_share_a_series() {
         let (mut a, _) = agg(100);
         for port in 40_000..40_100 {
-            a.record(&flow(port, 1), &Nat::default(), SourceKind::Conntrack, delta(10));
+            a.record(
+                &flow(port, 1),
+                &Nat::default(),
+                SourceKind::Conntrack,
+                delta(10),
+            );
         }
         let report = a.finish_interval();
         assert_eq!(report.points.len(), 1);
-        assert_eq!(report.points[0].cumulative.to_server, Counters::new(1000, 100));
-        assert_eq!(report.points[0].cumulative.to_client, Counters::new(2000, 200));
+        assert_eq!(
+            report.points[0].cumulative.to_server,
+            Counters::new(1000, 100)
+        );
+        assert_eq!(
+            report.points[0].cumulative.to_client,
+            Counters::new(2000, 200)
+        );
     }
 
     #[test]
     fn budget_folds_into_overflow_and_counts() {
         let (mut a, stats) = agg(4);
         for server in 1..=10 {
-            a.record(&flow(1000, server), &Nat::default(), SourceKind::Conntrack, delta(5));
+            a.record(
+                &flow(1000, server),
+                &Nat::default(),
+                SourceKind::Conntrack,
+                delta(5),
+            );
         }
         let report = a.finish_interval();
         assert_eq!(report.points.len(), 4, "3 series plus overflow");
@@ -281,17 +317,31 @@ mod tests {
         assert_eq!(overflow.len(), 1);
         assert_eq!(overflow[0].cumulative.to_server.bytes, 7 * 5);
         assert_eq!(SelfStats::get(&stats.series_overflowed), 7);
-        let total: u64 = report.points.iter().map(|p| p.cumulative.to_server.bytes).sum();
+        let total: u64 = report
+            .points
+            .iter()
+            .map(|p| p.cumulative.to_server.bytes)
+            .sum();
         assert_eq!(total, 50, "nothing lost");
     }
 
     #[test]
     fn interval_resets_but_cumulative_grows() {
         let (mut a, _) = agg(10);
-        a.record(&flow(1, 1), &Nat::default(), SourceKind::Conntrack, delta(10));
+        a.record(
+            &flow(1, 1),
+            &Nat::default(),
+            SourceKind::Conntrack,
+            delta(10),
+        );
         let first = a.finish_interval();
         assert_eq!(first.points[0].interval.to_server.bytes, 10);
-        a.record(&flow(1, 1), &Nat::default(), SourceKind::Conntrack, delta(5));
+        a.record(
+            &flow(1, 1),
+            &Nat::default(),
+            SourceKind::Conntrack,
+            delta(5),
+        );
         let second = a.finish_interval();
         assert_eq!(second.points[0].interval.to_server.bytes, 5);
         assert_eq!(second.points[0].cumulative.to_server.bytes, 15);

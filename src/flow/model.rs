@@ -194,9 +194,14 @@ pub enum SourceEvent {
     Flow(FlowUpdate),
     /// A full table dump begins; every live flow will be reported before the
     /// matching `DumpFinished`.
-    DumpStarted { epoch: u64 },
+    DumpStarted {
+        epoch: u64,
+    },
     /// The dump is over. When `complete`, flows not reported since the
     /// matching `DumpStarted` ended without a final event; an incomplete
     /// (failed) dump removes nothing.
-    DumpFinished { epoch: u64, complete: bool },
+    DumpFinished {
+        epoch: u64,
+        complete: bool,
+    },
 }

@@ -73,7 +73,9 @@ impl FlowTable {
                 }
             }
         }
-        self.stats.flows_tracked.store(self.flows.len() as u64, Ordering::Relaxed);
+        self.stats
+            .flows_tracked
+            .store(self.flows.len() as u64, Ordering::Relaxed);
     }
 
     fn apply_update(&mut self, u: FlowUpdate, agg: &mut Aggregator) {
@@ -194,7 +196,11 @@ mod tests {
     }
 
     fn to_server_bytes(agg: &mut Aggregator) -> u64 {
-        agg.finish_interval().points.iter().map(|p| p.interval.to_server.bytes).sum()
+        agg.finish_interval()
+            .points
+            .iter()
+            .map(|p| p.interval.to_server.bytes)
+            .sum()
     }
 
     #[test]
@@ -216,7 +222,11 @@ mod tests {
         assert_eq!(to_server_bytes(&mut a), 1300);
         assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 1);
         t.apply(update(1, 8, 100, false), &mut a);
-        assert_eq!(to_server_bytes(&mut a), 100, "a reset counts the new value afresh");
+        assert_eq!(
+            to_server_bytes(&mut a),
+            100,
+            "a reset counts the new value afresh"
+        );
     }
 
     #[test]
@@ -224,12 +234,24 @@ mod tests {
         let (mut t, mut a, _) = setup(10);
         t.apply(SourceEvent::DumpStarted { epoch: 1 }, &mut a);
         t.apply(update(1, 7, 1000, false), &mut a);
-        t.apply(SourceEvent::DumpFinished { epoch: 1, complete: true }, &mut a);
+        t.apply(
+            SourceEvent::DumpFinished {
+                epoch: 1,
+                complete: true,
+            },
+            &mut a,
+        );
         t.apply(SourceEvent::DumpStarted { epoch: 2 }, &mut a);
         t.apply(update(1, 7, 1200, true), &mut a);
         // the dump began before the end and still lists the connection
         t.apply(update(1, 7, 1100, false), &mut a);
-        t.apply(SourceEvent::DumpFinished { epoch: 2, complete: true }, &mut a);
+        t.apply(
+            SourceEvent::DumpFinished {
+                epoch: 2,
+                complete: true,
+            },
+            &mut a,
+        );
         assert_eq!(to_server_bytes(&mut a), 1200);
         assert!(t.is_empty());
     }
@@ -248,14 +270,32 @@ mod tests {
         t.apply(SourceEvent::DumpStarted { epoch: 1 }, &mut a);
         t.apply(update(1, 1, 10, false), &mut a);
         t.apply(update(2, 2, 10, false), &mut a);
-        t.apply(SourceEvent::DumpFinished { epoch: 1, complete: true }, &mut a);
+        t.apply(
+            SourceEvent::DumpFinished {
+                epoch: 1,
+                complete: true,
+            },
+            &mut a,
+        );
         t.apply(SourceEvent::DumpStarted { epoch: 2 }, &mut a);
         t.apply(update(1, 1, 20, false), &mut a);
-        t.apply(SourceEvent::DumpFinished { epoch: 2, complete: false }, &mut a);
+        t.apply(
+            SourceEvent::DumpFinished {
+                epoch: 2,
+                complete: false,
+            },
+            &mut a,
+        );
         assert_eq!(t.len(), 2, "an incomplete dump removes nothing");
         t.apply(SourceEvent::DumpStarted { epoch: 3 }, &mut a);
         t.apply(update(1, 1, 20, false), &mut a);
-        t.apply(SourceEvent::DumpFinished { epoch: 3, complete: true }, &mut a);
+        t.apply(
+            SourceEvent::DumpFinished {
+                epoch: 3,
+                complete: true,
+            },
+            &mut a,
+        );
         assert_eq!(t.len(), 1);
         assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 1);
     }

@@ -11,6 +11,7 @@ mod decode;
 mod netlink;
 mod procfs;
 mod sysctl;
+mod tracking;
 
 use std::fs::File;
 use std::io;
@@ -125,8 +126,20 @@ pub fn start(
                         return;
                     }
                 };
+                let tracking = if cfg.ensure_tracking {
+                    match tracking::TrackingRules::install() {
+                        Ok(rules) => Some(rules),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    }
+                } else {
+                    None
+                };
                 let _ = ready_tx.send(Ok(mode));
                 dump_loop(mode, &proc_path, &request_rx, &out, &stats);
+                drop(tracking);
             })
             .context("spawning the conntrack dump thread")?
     };

@@ -1,0 +1,98 @@
+//! Malformed configuration must stop flowtel with a non-zero exit and a
+//! message naming the key (or variable) at fault, never a panic.
+
+use std::process::Command;
+
+struct Case {
+    name: &'static str,
+    yaml: Option<&'static str>,
+    env: &'static [(&'static str, &'static str)],
+    key: &'static str,
+}
+
+const CASES: &[Case] = &[
+    Case { name: "zero interval", yaml: Some("interval: 0s\n"), env: &[], key: "`interval`" },
+    Case { name: "interval not a duration", yaml: Some("interval: soon\n"), env: &[], key: "`interval`" },
+    Case { name: "unknown top-level key", yaml: Some("intervall: 10s\n"), env: &[], key: "`intervall`" },
+    Case { name: "unknown nested key", yaml: Some("export:\n  otlp:\n    endpiont: http://x:4317\n"), env: &[], key: "`export.otlp.endpiont`" },
+    Case { name: "endpoint not a URL", yaml: Some("export:\n  otlp:\n    endpoint: collector\n"), env: &[], key: "`export.otlp.endpoint`" },
+    Case { name: "endpoint with a foreign scheme", yaml: Some("export:\n  otlp:\n    endpoint: ftp://collector:4317\n"), env: &[], key: "`export.otlp.endpoint`" },
+    Case { name: "wrong type for max_flows", yaml: Some("flows:\n  max_flows: many\n"), env: &[], key: "`flows.max_flows`" },
+    Case { name: "series budget too small", yaml: Some("flows:\n  max_series: 1\n"), env: &[], key: "`flows.max_series`" },
+    Case { name: "unknown key field", yaml: Some("flows:\n  key: [server_port, pod]\n"), env: &[], key: "`flows.key" },
+    Case { name: "unknown protocol", yaml: Some("export:\n  otlp:\n    protocol: udp\n"), env: &[], key: "`export.otlp.protocol`" },
+    Case { name: "half of mutual TLS", yaml: Some("export:\n  otlp:\n    tls:\n      cert_file: /etc/hostname\n"), env: &[], key: "`export.otlp.tls.key_file`" },
+    Case { name: "missing CA file", yaml: Some("export:\n  otlp:\n    tls:\n      ca_file: /nonexistent/ca.pem\n"), env: &[], key: "`export.otlp.tls.ca_file`" },
+    Case { name: "bad health address", yaml: Some("health:\n  listen: localhost\n"), env: &[], key: "`health.listen`" },
+    Case { name: "invalid YAML", yaml: Some("interval: [10s\n"), env: &[], key: "`--config`" },
+    Case { name: "negative retry attempts", yaml: Some("export:\n  otlp:\n    retry:\n      max_attempts: -1\n"), env: &[], key: "`export.otlp.retry.max_attempts`" },
+    Case { name: "OTEL protocol variable", yaml: None, env: &[("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")], key: "`OTEL_EXPORTER_OTLP_PROTOCOL`" },
+    Case { name: "OTEL timeout variable", yaml: None, env: &[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")], key: "`OTEL_EXPORTER_OTLP_TIMEOUT`" },
+    Case { name: "OTEL headers variable", yaml: None, env: &[("OTEL_EXPORTER_OTLP_HEADERS", "authorization")], key: "`OTEL_EXPORTER_OTLP_HEADERS`" },
+    Case { name: "OTEL metrics endpoint variable", yaml: None, env: &[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "::not-a-url")], key: "`export.otlp.metrics.endpoint`" },
+    Case { name: "FLOWTEL variable of the wrong type", yaml: None, env: &[("FLOWTEL_FLOWS__MAX_SERIES", "lots")], key: "`flows.max_series`" },
+    Case { name: "unknown FLOWTEL variable", yaml: None, env: &[("FLOWTEL_SOURCES", "ebpf")], key: "FLOWTEL_SOURCES" },
+    Case { name: "unknown source", yaml: Some("source: pcap\n"), env: &[], key: "`source`" },
+];
+
+fn run(subcommand: &str, case: &Case, dir: &std::path::Path) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowtel"));
+    cmd.arg(subcommand);
+    if let Some(yaml) = case.yaml {
+        let file = dir.join(format!("{}.yaml", case.name.replace(' ', "_")));
+        std::fs::write(&file, yaml).expect("write config");
+        cmd.arg("--config").arg(file);
+    }
+    // A clean environment: only what the case sets (and PATH).
+    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in case.env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("flowtel runs")
+}
+
+#[test]
+fn every_bad_config_names_its_key_and_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(CASES.len() >= 10);
+    let mut failures = Vec::new();
+    for case in CASES {
+        for subcommand in ["check-config", "run"] {
+            let out = run(subcommand, case, dir.path());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let ok = out.status.code() == Some(2)
+                && stderr.contains(case.key)
+                && !stderr.contains("panicked")
+                && !stderr.contains("RUST_BACKTRACE");
+            if !ok {
+                failures.push(format!(
+                    "{} ({subcommand}): exit {:?}, expected 2 and a message naming {}; stderr: {}",
+                    case.name,
+                    out.status.code(),
+                    case.key,
+                    stderr.trim()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn a_good_config_is_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("good.yaml");
+    std::fs::write(
+        &file,
+        "interval: 5s\nexport:\n  otlp:\n    endpoint: http://127.0.0.1:4317\n    headers:\n      x-tenant: a\nflows:\n  key: [server_address, server_port, transport, direction]\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_flowtel"))
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("\"interval\": \"5s\""), "effective settings printed: {stdout}");
+}
