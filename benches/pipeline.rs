@@ -1,1 +1,306 @@
-fn main(){}
+//! Hot-path benchmarks: what every conntrack dump costs per entry.
+//!
+//! * `decode`: ctnetlink message decoding (`decode_message`) over a mix of
+//!   pre-encoded IPv4/IPv6, TCP/UDP entries, some behind DNAT or SNAT;
+//! * `procfs`: `/proc/net/nf_conntrack` line parsing (`parse_proc_line`)
+//!   over the same mix, as the kernel prints it;
+//! * `aggregate`: one interval of 100 000 flows through `FlowTable::apply`
+//!   and `Aggregator::record`, closed by `finish_interval`. Each iteration is
+//!   one interval, and the throughput is in flows, so criterion's
+//!   "thrpt" is flows per second and "time" / 100 000 is the time per flow
+//!   per interval (target: at most 1 µs).
+//!
+//! Run with `cargo bench --bench pipeline`; the whole run takes under a minute
+//! (plus the build).
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use flowtel::config::FlowsConfig;
+use flowtel::flow::aggregate::{Aggregator, KeySpec};
+use flowtel::flow::table::FlowTable;
+use flowtel::flow::{
+    Counters, Endpoint, FlowId, FlowUpdate, Nat, SourceEvent, SourceKind, Transport,
+};
+use flowtel::source::conntrack::{decode_message, encode_message, parse_proc_line, MessageKind};
+use flowtel::stats::SelfStats;
+
+/// Distinct entries in the decode and procfs corpora.
+const CORPUS: usize = 4096;
+/// Flows per interval in the aggregation benchmarks.
+const FLOWS: usize = 100_000;
+
+/// The `i`-th flow of a node's table: 256 client pods talking to 128 server
+/// endpoints. 60 % IPv4 TCP, 15 % IPv4 UDP, 15 % IPv6 TCP, 10 % IPv6 UDP;
+/// one flow in five goes through DNAT (Service VIP to a backend pod), one in
+/// ten through SNAT (masquerade). `round` changes the client port, which
+/// makes it a different connection.
+fn flow(i: usize, round: usize) -> FlowUpdate {
+    let slot = i % 20;
+    let (v6, transport) = match slot {
+        0..=11 => (false, Transport::Tcp),
+        12..=14 => (false, Transport::Udp),
+        15..=17 => (true, Transport::Tcp),
+        _ => (true, Transport::Udp),
+    };
+    let pod = (i % 256) as u16;
+    let svc = ((i / 7) % 128) as u16;
+    let ip = |net: u16, host: u16| -> IpAddr {
+        if v6 {
+            IpAddr::V6(Ipv6Addr::new(0xfd00, net, 0, 0, 0, 0, 0, host + 1))
+        } else {
+            let [a, b] = (host + 1).to_be_bytes();
+            IpAddr::V4(Ipv4Addr::new(198, 18 + (net as u8 & 1), a + net as u8, b))
+        }
+    };
+    let server_port = match transport {
+        Transport::Udp => 53,
+        _ => [443, 80, 8080, 5432][usize::from(svc) % 4],
+    };
+    // Unique per (pod, i / 256, round) while round < 128.
+    let client_port = 1024 + ((i / 256) as u16 % 400) * 128 + (round % 128) as u16;
+    let client = Endpoint::new(ip(0x10, pod), client_port);
+    let server = Endpoint::new(ip(0x21, svc), server_port);
+    let mut nat = Nat::default();
+    if i.is_multiple_of(5) {
+        nat.server = Some(Endpoint::new(ip(0x30, svc % 50), 8443));
+    } else if i % 10 == 3 {
+        nat.client = Some(Endpoint::new(ip(0x40, 0), 20_000 + (i % 40_000) as u16));
+    }
+    let size = 40 + (i % 1400) as u64;
+    FlowUpdate {
+        id: FlowId {
+            transport,
+            client,
+            server,
+            zone: 0,
+        },
+        generation: (i as u32).wrapping_mul(2_654_435_761) ^ round as u32,
+        nat,
+        to_server: Counters::new(size * 10, 10),
+        to_client: Counters::new(size * 30, 25),
+        ended: false,
+        source: SourceKind::Conntrack,
+    }
+}
+
+/// How the kernel prints `u` in /proc/net/nf_conntrack (with accounting on).
+fn proc_line(u: &FlowUpdate) -> String {
+    let addr = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        // The kernel prints every IPv6 group in full (%pI6).
+        IpAddr::V6(v6) => v6
+            .segments()
+            .iter()
+            .map(|s| format!("{s:04x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+    };
+    let id = &u.id;
+    let (family, number) = if id.client.ip.is_ipv4() {
+        ("ipv4", 2)
+    } else {
+        ("ipv6", 10)
+    };
+    let (proto, timeout, state) = match id.transport {
+        Transport::Tcp => ("tcp", 431_999, "ESTABLISHED "),
+        _ => ("udp", 178, ""),
+    };
+    let reply_src = u.nat.server.unwrap_or(id.server);
+    let reply_dst = u.nat.client.unwrap_or(id.client);
+    format!(
+        "{family:<8} {number} {proto:<8} {} {timeout} {state}src={} dst={} sport={} dport={} \
+         packets={} bytes={} src={} dst={} sport={} dport={} packets={} bytes={} [ASSURED] \
+         mark=0 zone=0 use=2",
+        id.transport.protocol(),
+        addr(id.client.ip),
+        addr(id.server.ip),
+        id.client.port,
+        id.server.port,
+        u.to_server.packets,
+        u.to_server.bytes,
+        addr(reply_src.ip),
+        addr(reply_dst.ip),
+        reply_src.port,
+        reply_dst.port,
+        u.to_client.packets,
+        u.to_client.bytes,
+    )
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let messages: Vec<Vec<u8>> = (0..CORPUS)
+        .map(|i| encode_message(&flow(i * 7, 0), MessageKind::New))
+        .collect();
+    for m in &messages {
+        assert!(matches!(decode_message(m), Ok(Some(_))), "corpus decodes");
+    }
+    let bytes: usize = messages.iter().map(Vec::len).sum();
+    let mut group = c.benchmark_group("decode");
+    group.throughput(Throughput::Elements(CORPUS as u64));
+    group.bench_function(
+        format!("ctnetlink_mix/{CORPUS}msgs_avg{}B", bytes / CORPUS),
+        |b| {
+            b.iter(|| {
+                for m in &messages {
+                    let _ = black_box(decode_message(black_box(m)));
+                }
+            })
+        },
+    );
+    group.finish();
+}
+
+fn bench_procfs(c: &mut Criterion) {
+    let lines: Vec<String> = (0..CORPUS).map(|i| proc_line(&flow(i * 7, 0))).collect();
+    for (i, l) in lines.iter().enumerate() {
+        let parsed = parse_proc_line(l).expect("corpus parses");
+        let want = flow(i * 7, 0);
+        assert_eq!(
+            (parsed.id, parsed.nat, parsed.to_client),
+            (want.id, want.nat, want.to_client),
+            "{l}"
+        );
+    }
+    let bytes: usize = lines.iter().map(String::len).sum();
+    let mut group = c.benchmark_group("procfs");
+    group.throughput(Throughput::Elements(CORPUS as u64));
+    group.bench_function(
+        format!("parse_line_mix/{CORPUS}lines_avg{}B", bytes / CORPUS),
+        |b| {
+            b.iter(|| {
+                for l in &lines {
+                    let _ = black_box(parse_proc_line(black_box(l)));
+                }
+            })
+        },
+    );
+    group.finish();
+}
+
+/// A flow table and aggregator configured as `flowtel run` defaults them.
+struct Pipeline {
+    table: FlowTable,
+    agg: Aggregator,
+    epoch: u64,
+}
+
+impl Pipeline {
+    fn new() -> Self {
+        let stats = Arc::new(SelfStats::default());
+        let flows = FlowsConfig::default();
+        Self {
+            table: FlowTable::new(flows.max_flows, stats.clone()),
+            agg: Aggregator::new(
+                KeySpec::from_fields(&flows.key),
+                flows.max_series,
+                flows.series_idle_timeout,
+                stats,
+            ),
+            epoch: 0,
+        }
+    }
+
+    /// One interval: a complete dump of `flows` (counters grown since the
+    /// last interval), the events `ended` delivered during it, then the
+    /// interval closed. Returns the number of series exported.
+    fn interval(&mut self, flows: &[FlowUpdate], ended: &[FlowUpdate]) -> usize {
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let grown = |u: &FlowUpdate| {
+            let mut u = *u;
+            u.to_server.bytes += epoch * 1500;
+            u.to_server.packets += epoch;
+            u.to_client.bytes += epoch * 9000;
+            u.to_client.packets += epoch * 6;
+            SourceEvent::Flow(u)
+        };
+        let (t, a) = (&mut self.table, &mut self.agg);
+        t.apply(SourceEvent::DumpStarted { epoch }, a);
+        for u in ended {
+            t.apply(grown(u), a);
+        }
+        for u in flows {
+            t.apply(grown(u), a);
+        }
+        t.apply(
+            SourceEvent::DumpFinished {
+                epoch,
+                complete: true,
+            },
+            a,
+        );
+        a.finish_interval().points.len()
+    }
+}
+
+fn bench_aggregate(c: &mut Criterion) {
+    let flows: Vec<FlowUpdate> = (0..FLOWS).map(|i| flow(i, 0)).collect();
+    let mut group = c.benchmark_group("aggregate");
+    group.throughput(Throughput::Elements(FLOWS as u64));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(8));
+    group.warm_up_time(Duration::from_secs(1));
+
+    // The daemon's usual interval: every flow already tracked.
+    let mut steady = Pipeline::new();
+    let series = steady.interval(&flows, &[]);
+    assert_eq!(steady.table.len(), FLOWS);
+    println!("aggregate: {FLOWS} flows fold into {series} series");
+    group.bench_function(format!("steady/{FLOWS}flows"), |b| {
+        b.iter(|| black_box(steady.interval(&flows, &[])))
+    });
+
+    // The first interval after start: every flow inserted.
+    group.bench_function(format!("first_interval/{FLOWS}flows"), |b| {
+        b.iter_batched(
+            Pipeline::new,
+            |mut p| {
+                black_box(p.interval(&flows, &[]));
+                p
+            },
+            BatchSize::PerIteration,
+        )
+    });
+
+    // Churn: each interval a tenth of the connections end (a DESTROY event
+    // with final counters) and as many new ones appear in the dump.
+    let mut churn = Pipeline::new();
+    let mut live = flows.clone();
+    churn.interval(&live, &[]);
+    let mut round = 0usize;
+    group.bench_function(format!("churn10pct/{FLOWS}flows"), |b| {
+        b.iter_batched(
+            || {
+                round += 1;
+                let mut ended = Vec::with_capacity(FLOWS / 10);
+                for (i, u) in live.iter_mut().enumerate().skip(round % 10).step_by(10) {
+                    let mut gone = *u;
+                    gone.ended = true;
+                    ended.push(gone);
+                    *u = flow(i, round);
+                }
+                (live.clone(), ended)
+            },
+            |(now_live, ended)| black_box(churn.interval(&now_live, &ended)),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_decode, bench_procfs, bench_aggregate
+}
+criterion_main!(benches);

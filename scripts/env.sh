@@ -1,5 +1,5 @@
 # Shared settings for the scripts (sourced, not run).
-export FLOWTEL_TOOLS_DIR="${FLOWTEL_TOOLS_DIR:-/opt/flowtel-tools}"
+TOOLS_DIR="${TOOLS_DIR:-/opt/flowtel-tools}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/flowtel-target}"
-ROTEL_AGENT="$(find "$FLOWTEL_TOOLS_DIR/venv/lib" -path '*site-packages/rotel/rotel-agent' -type f 2>/dev/null | head -n 1 || true)"
+ROTEL_AGENT="$(find "$TOOLS_DIR/venv/lib" -path '*site-packages/rotel/rotel-agent' -type f 2>/dev/null | head -n 1 || true)"
 export ROTEL_AGENT

@@ -3,7 +3,7 @@
 # Idempotent and quick when everything is already there. Run as root.
 set -euo pipefail
 
-TOOLS_DIR="${FLOWTEL_TOOLS_DIR:-/opt/flowtel-tools}"
+TOOLS_DIR="${TOOLS_DIR:-/opt/flowtel-tools}"
 PACKAGES=(clang llvm libbpf-dev bpftool conntrack iperf3 nftables iproute2 procps util-linux
           prometheus python3-venv ca-certificates)
 

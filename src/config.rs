@@ -24,6 +24,7 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     pub conntrack: ConntrackConfig,
+    pub ebpf: crate::source::ebpf::EbpfConfig,
     pub flows: FlowsConfig,
     pub export: ExportConfig,
     pub resource: ResourceConfig,
@@ -37,6 +38,7 @@ impl Default for Config {
             source: SourceChoice::Auto,
             interval: Duration::from_secs(10),
             conntrack: ConntrackConfig::default(),
+            ebpf: crate::source::ebpf::EbpfConfig::default(),
             flows: FlowsConfig::default(),
             export: ExportConfig::default(),
             resource: ResourceConfig::default(),
@@ -46,11 +48,13 @@ impl Default for Config {
     }
 }
 
-/// Kernel source selection. `auto` picks the best source this host allows.
+/// Kernel source selection. `auto` tries eBPF and falls back to conntrack,
+/// saying why, where eBPF cannot load (old kernel, no BTF, no CAP_BPF).
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceChoice {
     Auto,
+    Ebpf,
     Conntrack,
 }
 
@@ -468,9 +472,11 @@ pub fn load(
             .map_err(|e| ConfigError::new("conntrack.ensure_tracking", e.to_string()))?;
     }
     if let Some(netns) = &overrides.netns {
-        builder = builder
-            .set_override("conntrack.netns", netns.to_string_lossy().as_ref())
-            .map_err(|e| ConfigError::new("conntrack.netns", e.to_string()))?;
+        for key in ["conntrack.netns", "ebpf.netns"] {
+            builder = builder
+                .set_override(key, netns.to_string_lossy().as_ref())
+                .map_err(|e| ConfigError::new(key, e.to_string()))?;
+        }
     }
     let merged = builder.build().map_err(|e| from_config_error(&e))?;
     let mut cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
@@ -728,6 +734,26 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
                     format!("{} is not a readable file", path.display()),
                 ));
             }
+        }
+    }
+    if cfg.ebpf.max_flows == 0 {
+        return Err(ConfigError::new("ebpf.max_flows", "must be at least 1"));
+    }
+    if cfg.ebpf.interfaces_include.is_empty() {
+        return Err(ConfigError::new(
+            "ebpf.interfaces_include",
+            "must name at least one interface pattern, e.g. [\"*\"]",
+        ));
+    }
+    if let Some(netns) = &cfg.ebpf.netns {
+        if !netns.exists() {
+            return Err(ConfigError::new(
+                "ebpf.netns",
+                format!(
+                    "{} does not exist; give a path like /var/run/netns/NAME",
+                    netns.display()
+                ),
+            ));
         }
     }
     if let Some(netns) = &cfg.conntrack.netns {

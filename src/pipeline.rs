@@ -13,14 +13,14 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, ConsoleMode};
+use crate::config::{Config, ConsoleMode, SourceChoice};
 use crate::export::console::ConsoleExporter;
 use crate::export::otlp_metrics::OtlpMetricsExporter;
 use crate::export::transport::SignalTransport;
 use crate::flow::aggregate::{Aggregator, IntervalReport, KeySpec};
 use crate::flow::table::FlowTable;
 use crate::flow::SourceEvent;
-use crate::source::conntrack;
+use crate::source::{conntrack, ebpf};
 use crate::stats::SelfStats;
 
 /// How long shutdown waits for the final dump before exporting what it has.
@@ -30,10 +30,9 @@ const FINAL_DUMP_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let stats = Arc::new(SelfStats::default());
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(65_536);
-    let source = conntrack::start(&cfg.conntrack, stats.clone(), tx)
-        .context("starting the conntrack source")?;
+    let source = Source::start(&cfg, &stats, tx)?;
     let mode = source.mode();
-    tracing::info!(source = "conntrack", mode, interval = ?cfg.interval, "flowtel started");
+    tracing::info!(source = source.name(), mode, interval = ?cfg.interval, "flowtel started");
 
     if !cfg.health.listen.is_empty() {
         let listen = cfg
@@ -49,7 +48,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     {
         Some(t) => {
             tracing::info!(endpoint = %t.url, protocol = ?t.protocol, "exporting OTLP metrics");
-            Some(OtlpMetricsExporter::build(&cfg, &t, stats.clone())?)
+            Some(OtlpMetricsExporter::build(
+                &cfg,
+                &t,
+                stats.clone(),
+                source.ebpf_stats(),
+            )?)
         }
         None => None,
     };
@@ -139,6 +143,76 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .await
         .ok();
     Ok(())
+}
+
+/// The kernel source in use.
+enum Source {
+    Conntrack(conntrack::ConntrackHandle),
+    Ebpf(ebpf::EbpfHandle),
+}
+
+impl Source {
+    fn start(
+        cfg: &Config,
+        stats: &Arc<SelfStats>,
+        tx: mpsc::Sender<SourceEvent>,
+    ) -> anyhow::Result<Self> {
+        let start_conntrack = |tx| {
+            conntrack::start(&cfg.conntrack, stats.clone(), tx)
+                .map(Self::Conntrack)
+                .context("starting the conntrack source")
+        };
+        match cfg.source {
+            SourceChoice::Conntrack => start_conntrack(tx),
+            SourceChoice::Ebpf => ebpf::start(&cfg.ebpf, stats.clone(), tx)
+                .map(Self::Ebpf)
+                .context("starting the eBPF source"),
+            SourceChoice::Auto => match ebpf::start(&cfg.ebpf, stats.clone(), tx.clone()) {
+                Ok(h) => Ok(Self::Ebpf(h)),
+                Err(e) => {
+                    tracing::warn!(
+                        "eBPF source unavailable, counting with conntrack instead: {e:#}"
+                    );
+                    start_conntrack(tx)
+                }
+            },
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Conntrack(_) => "conntrack",
+            Self::Ebpf(_) => "ebpf",
+        }
+    }
+
+    fn mode(&self) -> &'static str {
+        match self {
+            Self::Conntrack(h) => h.mode(),
+            Self::Ebpf(h) => h.mode(),
+        }
+    }
+
+    fn request_dump(&self, epoch: u64) -> bool {
+        match self {
+            Self::Conntrack(h) => h.request_dump(epoch),
+            Self::Ebpf(h) => h.request_dump(epoch),
+        }
+    }
+
+    fn ebpf_stats(&self) -> Option<Arc<ebpf::EbpfStats>> {
+        match self {
+            Self::Conntrack(_) => None,
+            Self::Ebpf(h) => Some(h.stats()),
+        }
+    }
+
+    fn stop(self) {
+        match self {
+            Self::Conntrack(h) => h.stop(),
+            Self::Ebpf(h) => h.stop(),
+        }
+    }
 }
 
 fn send_report(tx: &mpsc::Sender<Arc<IntervalReport>>, agg: &mut Aggregator) {

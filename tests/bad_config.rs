@@ -11,28 +11,138 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { name: "zero interval", yaml: Some("interval: 0s\n"), env: &[], key: "`interval`" },
-    Case { name: "interval not a duration", yaml: Some("interval: soon\n"), env: &[], key: "`interval`" },
-    Case { name: "unknown top-level key", yaml: Some("intervall: 10s\n"), env: &[], key: "`intervall`" },
-    Case { name: "unknown nested key", yaml: Some("export:\n  otlp:\n    endpiont: http://x:4317\n"), env: &[], key: "`export.otlp.endpiont`" },
-    Case { name: "endpoint not a URL", yaml: Some("export:\n  otlp:\n    endpoint: collector\n"), env: &[], key: "`export.otlp.endpoint`" },
-    Case { name: "endpoint with a foreign scheme", yaml: Some("export:\n  otlp:\n    endpoint: ftp://collector:4317\n"), env: &[], key: "`export.otlp.endpoint`" },
-    Case { name: "wrong type for max_flows", yaml: Some("flows:\n  max_flows: many\n"), env: &[], key: "`flows.max_flows`" },
-    Case { name: "series budget too small", yaml: Some("flows:\n  max_series: 1\n"), env: &[], key: "`flows.max_series`" },
-    Case { name: "unknown key field", yaml: Some("flows:\n  key: [server_port, pod]\n"), env: &[], key: "`flows.key" },
-    Case { name: "unknown protocol", yaml: Some("export:\n  otlp:\n    protocol: udp\n"), env: &[], key: "`export.otlp.protocol`" },
-    Case { name: "half of mutual TLS", yaml: Some("export:\n  otlp:\n    tls:\n      cert_file: /etc/hostname\n"), env: &[], key: "`export.otlp.tls.key_file`" },
-    Case { name: "missing CA file", yaml: Some("export:\n  otlp:\n    tls:\n      ca_file: /nonexistent/ca.pem\n"), env: &[], key: "`export.otlp.tls.ca_file`" },
-    Case { name: "bad health address", yaml: Some("health:\n  listen: localhost\n"), env: &[], key: "`health.listen`" },
-    Case { name: "invalid YAML", yaml: Some("interval: [10s\n"), env: &[], key: "`--config`" },
-    Case { name: "negative retry attempts", yaml: Some("export:\n  otlp:\n    retry:\n      max_attempts: -1\n"), env: &[], key: "`export.otlp.retry.max_attempts`" },
-    Case { name: "OTEL protocol variable", yaml: None, env: &[("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")], key: "`OTEL_EXPORTER_OTLP_PROTOCOL`" },
-    Case { name: "OTEL timeout variable", yaml: None, env: &[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")], key: "`OTEL_EXPORTER_OTLP_TIMEOUT`" },
-    Case { name: "OTEL headers variable", yaml: None, env: &[("OTEL_EXPORTER_OTLP_HEADERS", "authorization")], key: "`OTEL_EXPORTER_OTLP_HEADERS`" },
-    Case { name: "OTEL metrics endpoint variable", yaml: None, env: &[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "::not-a-url")], key: "`export.otlp.metrics.endpoint`" },
-    Case { name: "FLOWTEL variable of the wrong type", yaml: None, env: &[("FLOWTEL_FLOWS__MAX_SERIES", "lots")], key: "`flows.max_series`" },
-    Case { name: "unknown FLOWTEL variable", yaml: None, env: &[("FLOWTEL_SOURCES", "ebpf")], key: "FLOWTEL_SOURCES" },
-    Case { name: "unknown source", yaml: Some("source: pcap\n"), env: &[], key: "`source`" },
+    Case {
+        name: "zero interval",
+        yaml: Some("interval: 0s\n"),
+        env: &[],
+        key: "`interval`",
+    },
+    Case {
+        name: "interval not a duration",
+        yaml: Some("interval: soon\n"),
+        env: &[],
+        key: "`interval`",
+    },
+    Case {
+        name: "unknown top-level key",
+        yaml: Some("intervall: 10s\n"),
+        env: &[],
+        key: "`intervall`",
+    },
+    Case {
+        name: "unknown nested key",
+        yaml: Some("export:\n  otlp:\n    endpiont: http://x:4317\n"),
+        env: &[],
+        key: "`export.otlp.endpiont`",
+    },
+    Case {
+        name: "endpoint not a URL",
+        yaml: Some("export:\n  otlp:\n    endpoint: collector\n"),
+        env: &[],
+        key: "`export.otlp.endpoint`",
+    },
+    Case {
+        name: "endpoint with a foreign scheme",
+        yaml: Some("export:\n  otlp:\n    endpoint: ftp://collector:4317\n"),
+        env: &[],
+        key: "`export.otlp.endpoint`",
+    },
+    Case {
+        name: "wrong type for max_flows",
+        yaml: Some("flows:\n  max_flows: many\n"),
+        env: &[],
+        key: "`flows.max_flows`",
+    },
+    Case {
+        name: "series budget too small",
+        yaml: Some("flows:\n  max_series: 1\n"),
+        env: &[],
+        key: "`flows.max_series`",
+    },
+    Case {
+        name: "unknown key field",
+        yaml: Some("flows:\n  key: [server_port, pod]\n"),
+        env: &[],
+        key: "`flows.key",
+    },
+    Case {
+        name: "unknown protocol",
+        yaml: Some("export:\n  otlp:\n    protocol: udp\n"),
+        env: &[],
+        key: "`export.otlp.protocol`",
+    },
+    Case {
+        name: "half of mutual TLS",
+        yaml: Some("export:\n  otlp:\n    tls:\n      cert_file: /etc/hostname\n"),
+        env: &[],
+        key: "`export.otlp.tls.key_file`",
+    },
+    Case {
+        name: "missing CA file",
+        yaml: Some("export:\n  otlp:\n    tls:\n      ca_file: /nonexistent/ca.pem\n"),
+        env: &[],
+        key: "`export.otlp.tls.ca_file`",
+    },
+    Case {
+        name: "bad health address",
+        yaml: Some("health:\n  listen: localhost\n"),
+        env: &[],
+        key: "`health.listen`",
+    },
+    Case {
+        name: "invalid YAML",
+        yaml: Some("interval: [10s\n"),
+        env: &[],
+        key: "`--config`",
+    },
+    Case {
+        name: "negative retry attempts",
+        yaml: Some("export:\n  otlp:\n    retry:\n      max_attempts: -1\n"),
+        env: &[],
+        key: "`export.otlp.retry.max_attempts`",
+    },
+    Case {
+        name: "OTEL protocol variable",
+        yaml: None,
+        env: &[("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")],
+        key: "`OTEL_EXPORTER_OTLP_PROTOCOL`",
+    },
+    Case {
+        name: "OTEL timeout variable",
+        yaml: None,
+        env: &[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")],
+        key: "`OTEL_EXPORTER_OTLP_TIMEOUT`",
+    },
+    Case {
+        name: "OTEL headers variable",
+        yaml: None,
+        env: &[("OTEL_EXPORTER_OTLP_HEADERS", "authorization")],
+        key: "`OTEL_EXPORTER_OTLP_HEADERS`",
+    },
+    Case {
+        name: "OTEL metrics endpoint variable",
+        yaml: None,
+        env: &[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "::not-a-url")],
+        key: "`export.otlp.metrics.endpoint`",
+    },
+    Case {
+        name: "FLOWTEL variable of the wrong type",
+        yaml: None,
+        env: &[("FLOWTEL_FLOWS__MAX_SERIES", "lots")],
+        key: "`flows.max_series`",
+    },
+    Case {
+        name: "unknown FLOWTEL variable",
+        yaml: None,
+        env: &[("FLOWTEL_SOURCES", "ebpf")],
+        key: "FLOWTEL_SOURCES",
+    },
+    Case {
+        name: "unknown source",
+        yaml: Some("source: pcap\n"),
+        env: &[],
+        key: "`source`",
+    },
 ];
 
 fn run(subcommand: &str, case: &Case, dir: &std::path::Path) -> std::process::Output {
@@ -44,7 +154,8 @@ fn run(subcommand: &str, case: &Case, dir: &std::path::Path) -> std::process::Ou
         cmd.arg("--config").arg(file);
     }
     // A clean environment: only what the case sets (and PATH).
-    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in case.env {
         cmd.env(k, v);
     }
@@ -75,7 +186,12 @@ fn every_bad_config_names_its_key_and_fails() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -93,6 +209,14 @@ fn a_good_config_is_accepted() {
         .output()
         .expect("runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("\"interval\": \"5s\""), "effective settings printed: {stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("\"interval\": \"5s\""),
+        "effective settings printed: {stdout}"
+    );
 }

@@ -28,6 +28,7 @@ use crate::export::attributes::{series_attributes, Direction};
 use crate::export::resource;
 use crate::export::transport::SignalTransport;
 use crate::flow::aggregate::IntervalReport;
+use crate::source::ebpf::EbpfStats;
 use crate::stats::SelfStats;
 
 /// One data point ready for the SDK callback.
@@ -50,6 +51,7 @@ impl OtlpMetricsExporter {
         cfg: &Config,
         transport: &SignalTransport,
         stats: Arc<SelfStats>,
+        ebpf_stats: Option<Arc<EbpfStats>>,
     ) -> anyhow::Result<Self> {
         let temporality = match cfg.export.otlp.temporality {
             Temporality::Cumulative => SdkTemporality::Cumulative,
@@ -109,6 +111,9 @@ impl OtlpMetricsExporter {
         let meter = provider.meter("flowtel");
         register_flow_instruments(&meter, &latest);
         register_self_instruments(&meter, stats);
+        if let Some(e) = ebpf_stats {
+            register_ebpf_instruments(&meter, e);
+        }
         Ok(Self { provider, latest })
     }
 
@@ -191,8 +196,7 @@ fn register_flow_instruments(meter: &Meter, latest: &Arc<Mutex<Arc<Vec<PreparedP
 }
 
 fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
-    type Pick = fn(&SelfStats) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, &'static str, Pick); 8] = [
+    let counters: [AtomicMetric<SelfStats>; 8] = [
         ("flowtel.flows.untracked", "{update}", "Flow updates not tracked because the flow table was full; those flows are counted at their end", |s| &s.flows_untracked),
         ("flowtel.flows.ended_unseen", "{flow}", "Flows that ended without a final event; traffic after their last dump was missed", |s| &s.flows_ended_unseen),
         ("flowtel.series.overflowed", "{flow}", "Flow deltas folded into the overflow series because the series budget was used up", |s| &s.series_overflowed),
@@ -202,16 +206,8 @@ fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
         ("flowtel.source.dumps", "{dump}", "Table dumps completed", |s| &s.dumps),
         ("flowtel.export.failures", "{request}", "OTLP export requests that failed after retries", |s| &s.exports_failed),
     ];
-    for (name, unit, description, pick) in counters {
-        let s = stats.clone();
-        meter
-            .u64_observable_counter(name)
-            .with_unit(unit)
-            .with_description(description)
-            .with_callback(move |o| o.observe(SelfStats::get(pick(&s)), &[]))
-            .build();
-    }
-    let gauges: [(&'static str, &'static str, &'static str, Pick); 2] = [
+    observe_atomics(meter, &stats, &counters, false);
+    let gauges: [AtomicMetric<SelfStats>; 2] = [
         (
             "flowtel.flows.tracked",
             "{flow}",
@@ -225,15 +221,7 @@ fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
             |s| &s.series_active,
         ),
     ];
-    for (name, unit, description, pick) in gauges {
-        let s = stats.clone();
-        meter
-            .u64_observable_gauge(name)
-            .with_unit(unit)
-            .with_description(description)
-            .with_callback(move |o| o.observe(SelfStats::get(pick(&s)), &[]))
-            .build();
-    }
+    observe_atomics(meter, &stats, &gauges, true);
     meter
         .u64_observable_gauge("flowtel.source.byte_counters")
         .with_unit("1")
@@ -247,6 +235,93 @@ fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
             )
         })
         .build();
+}
+
+fn register_ebpf_instruments(meter: &Meter, stats: Arc<EbpfStats>) {
+    let counters: [AtomicMetric<EbpfStats>; 5] = [
+        (
+            "flowtel.ebpf.overflow.packets",
+            "{packet}",
+            "Packets that found the kernel flow map full and were not recorded (raise ebpf.max_flows)",
+            |s| &s.overflow_packets,
+        ),
+        (
+            "flowtel.ebpf.overflow.bytes",
+            "By",
+            "Bytes of the packets that found the kernel flow map full",
+            |s| &s.overflow_bytes,
+        ),
+        (
+            "flowtel.ebpf.overflow.nomem_packets",
+            "{packet}",
+            "Part of the overflow caused by the kernel allocator, not by max_flows",
+            |s| &s.overflow_nomem_packets,
+        ),
+        (
+            "flowtel.ebpf.attach.failures",
+            "{failure}",
+            "Interfaces flowtel could not attach to",
+            |s| &s.attach_failures,
+        ),
+        (
+            "flowtel.ebpf.flows.expired",
+            "{flow}",
+            "Idle flows reported ended and removed from the kernel map",
+            |s| &s.flows_expired,
+        ),
+    ];
+    observe_atomics(meter, &stats, &counters, false);
+    let gauges: [AtomicMetric<EbpfStats>; 2] = [
+        (
+            "flowtel.ebpf.interfaces",
+            "{interface}",
+            "Interfaces with flowtel's TC programs attached",
+            |s| &s.interfaces_attached,
+        ),
+        (
+            "flowtel.ebpf.map.entries",
+            "{entry}",
+            "Entries in the kernel flow map at the last dump",
+            |s| &s.map_entries,
+        ),
+    ];
+    observe_atomics(meter, &stats, &gauges, true);
+}
+
+/// One self-metric read from an atomic counter: name, unit, description, field.
+type AtomicMetric<S> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&S) -> &AtomicU64,
+);
+
+/// Registers observable counters (or gauges) that read atomics of `stats`.
+fn observe_atomics<S: Send + Sync + 'static>(
+    meter: &Meter,
+    stats: &Arc<S>,
+    metrics: &[AtomicMetric<S>],
+    gauge: bool,
+) {
+    for &(name, unit, description, pick) in metrics {
+        let s = stats.clone();
+        let read = move |s: &S| pick(s).load(Ordering::Relaxed);
+        if gauge {
+            meter
+                .u64_observable_gauge(name)
+                .with_unit(unit)
+                .with_description(description)
+                .with_callback(move |o| o.observe(read(&s), &[]))
+                .build();
+        } else {
+            meter
+                .u64_observable_counter(name)
+                .with_unit(unit)
+                .with_description(description)
+                .with_callback(move |o| o.observe(read(&s), &[]))
+                .build();
+        }
+    }
 }
 
 /// Counts export outcomes and logs a failure streak once, not every interval.

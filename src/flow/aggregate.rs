@@ -7,6 +7,8 @@
 //! delta folded that way, so nothing is lost silently and memory stays bounded.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -159,7 +161,7 @@ pub struct Aggregator {
     spec: KeySpec,
     max_series: usize,
     idle_timeout: Duration,
-    series: HashMap<SeriesKey, SeriesState>,
+    series: HashMap<SeriesKey, SeriesState, RandomState>,
     interval_start: SystemTime,
     stats: Arc<SelfStats>,
 }
@@ -175,7 +177,7 @@ impl Aggregator {
             spec,
             max_series: max_series.max(2),
             idle_timeout,
-            series: HashMap::new(),
+            series: HashMap::default(),
             interval_start: SystemTime::now(),
             stats,
         }
@@ -198,7 +200,13 @@ impl Aggregator {
         }
         let key = self.spec.key_of(id, nat, source);
         let now = Instant::now();
-        let state = if self.series.contains_key(&key) || self.series.len() + 1 < self.max_series {
+        if let Some(state) = self.series.get_mut(&key) {
+            state.cumulative.add(delta);
+            state.interval.add(delta);
+            state.last_active = now;
+            return;
+        }
+        let state = if self.series.len() + 1 < self.max_series {
             self.series.entry(key)
         } else {
             SelfStats::inc(&self.stats.series_overflowed);

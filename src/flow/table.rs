@@ -11,6 +11,8 @@
 //!   next complete dump, and counted in `flows_ended_unseen`.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -31,13 +33,19 @@ struct Tracked {
 struct Tombstone {
     generation: u32,
     epoch: u64,
+    /// Set when the flow was swept (missing from a complete dump) rather
+    /// than ended by an event: its last counters, so a DESTROY event that
+    /// arrives after the sweep adds only what came since.
+    swept: Option<(Counters, Counters)>,
 }
 
 /// Per-connection state, bounded by `flows.max_flows`.
 #[derive(Debug)]
 pub struct FlowTable {
-    flows: HashMap<FlowId, Tracked>,
-    tombstones: HashMap<FlowId, Tombstone>,
+    // foldhash, randomly seeded per process: several times faster than
+    // SipHash on these small keys, and tuples still cannot be chosen to collide.
+    flows: HashMap<FlowId, Tracked, RandomState>,
+    tombstones: HashMap<FlowId, Tombstone, RandomState>,
     max_flows: usize,
     epoch: u64,
     stats: Arc<SelfStats>,
@@ -46,8 +54,8 @@ pub struct FlowTable {
 impl FlowTable {
     pub fn new(max_flows: usize, stats: Arc<SelfStats>) -> Self {
         Self {
-            flows: HashMap::new(),
-            tombstones: HashMap::new(),
+            flows: HashMap::default(),
+            tombstones: HashMap::default(),
             max_flows,
             epoch: 0,
             stats,
@@ -81,10 +89,19 @@ impl FlowTable {
     fn apply_update(&mut self, u: FlowUpdate, agg: &mut Aggregator) {
         SelfStats::inc(&self.stats.flow_updates);
         if u.generation != 0 {
-            if let Some(t) = self.tombstones.get(&u.id) {
+            if let Some(t) = self.tombstones.get_mut(&u.id) {
                 if t.generation == u.generation {
-                    // A stale dump entry (or duplicate end) of a connection
-                    // already counted to its end.
+                    if let (true, Some((ts, tc))) = (u.ended, t.swept) {
+                        // The final event of a flow swept a moment ago.
+                        t.swept = None;
+                        let delta = DirectionalCounters {
+                            to_server: u.to_server.since(ts).unwrap_or_default(),
+                            to_client: u.to_client.since(tc).unwrap_or_default(),
+                        };
+                        agg.record(&u.id, &u.nat, u.source, delta);
+                    }
+                    // Otherwise a stale dump entry (or duplicate end) of a
+                    // connection already counted to its end.
                     return;
                 }
             }
@@ -102,9 +119,21 @@ impl FlowTable {
                         to_client: u.to_client.since(t.to_client).unwrap_or(u.to_client),
                     }
                 } else {
-                    // The tuple now belongs to a new connection; the old one
-                    // ended without us seeing its last counters.
-                    SelfStats::inc(&self.stats.flows_ended_unseen);
+                    // The tuple now belongs to a new connection. The old
+                    // one's DESTROY event may still be on the way: keep its
+                    // last counters so that event adds only the rest.
+                    if t.generation != 0 && self.tombstones.len() < self.max_flows {
+                        self.tombstones.insert(
+                            u.id,
+                            Tombstone {
+                                generation: t.generation,
+                                epoch: self.epoch,
+                                swept: Some((t.to_server, t.to_client)),
+                            },
+                        );
+                    } else {
+                        SelfStats::inc(&self.stats.flows_ended_unseen);
+                    }
                     t.generation = u.generation;
                     fresh
                 };
@@ -140,6 +169,7 @@ impl FlowTable {
                     Tombstone {
                         generation: u.generation,
                         epoch: self.epoch,
+                        swept: None,
                     },
                 );
             }
@@ -148,11 +178,40 @@ impl FlowTable {
     }
 
     fn sweep(&mut self, epoch: u64) {
-        let before = self.flows.len();
-        self.flows.retain(|_, t| t.epoch_seen >= epoch);
-        let gone = before - self.flows.len();
-        SelfStats::add(&self.stats.flows_ended_unseen, gone as u64);
-        self.tombstones.retain(|_, t| t.epoch >= epoch);
+        // Flows swept one complete dump ago whose final event never came.
+        let mut unseen = 0;
+        self.tombstones.retain(|_, t| {
+            let keep = t.epoch >= epoch;
+            if !keep && t.swept.is_some() {
+                unseen += 1;
+            }
+            keep
+        });
+        let mut gone = Vec::new();
+        self.flows.retain(|id, t| {
+            let keep = t.epoch_seen >= epoch;
+            if !keep {
+                gone.push((*id, t.generation, t.to_server, t.to_client));
+            }
+            keep
+        });
+        for (id, generation, to_server, to_client) in gone {
+            if generation != 0 && self.tombstones.len() < self.max_flows {
+                // Its DESTROY event may still be on the way (the dump and
+                // the event socket are read by different threads).
+                self.tombstones.insert(
+                    id,
+                    Tombstone {
+                        generation,
+                        epoch,
+                        swept: Some((to_server, to_client)),
+                    },
+                );
+            } else {
+                unseen += 1;
+            }
+        }
+        SelfStats::add(&self.stats.flows_ended_unseen, unseen);
     }
 }
 
@@ -220,7 +279,11 @@ mod tests {
         t.apply(update(1, 7, 1000, false), &mut a);
         t.apply(update(1, 8, 300, false), &mut a);
         assert_eq!(to_server_bytes(&mut a), 1300);
-        assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 1);
+        // The old connection's DESTROY arrives late: only its rest counts.
+        t.apply(update(1, 7, 1100, true), &mut a);
+        assert_eq!(to_server_bytes(&mut a), 100);
+        assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 0);
+        assert_eq!(t.len(), 1, "the new connection is still tracked");
         t.apply(update(1, 8, 100, false), &mut a);
         assert_eq!(
             to_server_bytes(&mut a),
@@ -297,7 +360,59 @@ mod tests {
             &mut a,
         );
         assert_eq!(t.len(), 1);
+        // Its DESTROY event may still come; after one more complete dump
+        // without it, it counts as ended unseen.
+        assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 0);
+        t.apply(SourceEvent::DumpStarted { epoch: 4 }, &mut a);
+        t.apply(update(1, 1, 20, false), &mut a);
+        t.apply(
+            SourceEvent::DumpFinished {
+                epoch: 4,
+                complete: true,
+            },
+            &mut a,
+        );
         assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 1);
+    }
+
+    #[test]
+    fn destroy_after_the_sweep_adds_only_the_rest() {
+        let (mut t, mut a, stats) = setup(10);
+        t.apply(SourceEvent::DumpStarted { epoch: 1 }, &mut a);
+        t.apply(update(1, 7, 1000, false), &mut a);
+        t.apply(
+            SourceEvent::DumpFinished {
+                epoch: 1,
+                complete: true,
+            },
+            &mut a,
+        );
+        assert_eq!(to_server_bytes(&mut a), 1000);
+        // The entry expired; the next dump skips it and the kernel sends
+        // its DESTROY event, which arrives after that dump finished.
+        t.apply(SourceEvent::DumpStarted { epoch: 2 }, &mut a);
+        t.apply(
+            SourceEvent::DumpFinished {
+                epoch: 2,
+                complete: true,
+            },
+            &mut a,
+        );
+        t.apply(update(1, 7, 1200, true), &mut a);
+        assert_eq!(
+            to_server_bytes(&mut a),
+            200,
+            "only the bytes since the last dump"
+        );
+        t.apply(SourceEvent::DumpStarted { epoch: 3 }, &mut a);
+        t.apply(
+            SourceEvent::DumpFinished {
+                epoch: 3,
+                complete: true,
+            },
+            &mut a,
+        );
+        assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 0);
     }
 
     #[test]

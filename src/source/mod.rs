@@ -2,3 +2,4 @@
 //! [`SourceEvent`](crate::flow::SourceEvent)s down a bounded channel.
 
 pub mod conntrack;
+pub mod ebpf;

@@ -1,0 +1,856 @@
+//! The eBPF source: TC programs on the node's interfaces count every packet
+//! into a per-CPU hash map; a dump reads the map and reports cumulative
+//! per-connection counters, like conntrack but without needing conntrack
+//! (and with wire packets: GSO segments, not skbs).
+//!
+//! One thread does everything: it enters the configured network namespace
+//! (interface names, netlink and TCX attach all resolve in the calling
+//! thread's namespace), loads the programs, attaches them, re-scans the
+//! interfaces every [`RESCAN`] so new pod veths are covered, serves dump
+//! requests and, at stop, detaches exactly what it attached. TCX links live
+//! as long as their file descriptors, which this thread owns.
+//!
+//! Counting rule (each packet once per node): see `bpf/README.md` and
+//! [`merge`].
+
+mod attach;
+mod maps;
+mod merge;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{mpsc, Arc, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use nix::sched::{setns, CloneFlags};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::error::TrySendError;
+
+pub use attach::{glob_match, Mode, TC_HANDLE, TC_PRIORITY};
+pub use maps::{FlowKey, FlowValue};
+pub use merge::{ConnKey, Connection, Connections};
+
+use crate::flow::SourceEvent;
+use crate::stats::SelfStats;
+
+/// How often the interface list is re-read to attach to new interfaces.
+pub const RESCAN: Duration = Duration::from_secs(2);
+/// How often the idle thread looks at the stop flag.
+const POLL: Duration = Duration::from_millis(100);
+/// How long `start` waits for loading and the first attach.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The smallest idle timeout derived from the dump interval.
+const MIN_IDLE: Duration = Duration::from_secs(10);
+/// A TCP connection that was reset or closed by both sides ends after this
+/// much quiet (or the idle timeout, if shorter).
+const CLOSED_IDLE: Duration = Duration::from_secs(5);
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// The objects built by build.rs (empty when built without clang/bpftool):
+/// the same programs with a dynamically allocated or a preallocated map.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flow.bpf.o"));
+static OBJECT_PREALLOC: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flow_prealloc.bpf.o"));
+/// `preallocate: auto` preallocates while the map would take at most this.
+const PREALLOC_BUDGET: u64 = 32 << 20;
+/// Kernel bytes per preallocated entry besides the per-CPU values: the
+/// element header, the 44-byte key and the per-CPU pointer, rounded up.
+const ENTRY_OVERHEAD: u64 = 104;
+
+/// How the TC programs are attached.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// TCX links when the kernel has them (6.6+), else clsact.
+    #[default]
+    Auto,
+    /// TCX links only.
+    Tcx,
+    /// clsact qdisc + cls_bpf filters (priority [`TC_PRIORITY`], handle
+    /// [`TC_HANDLE`]); works on older kernels, survives a crash (cleaned up
+    /// by the next start).
+    Netlink,
+}
+
+/// `ebpf:` in the configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EbpfConfig {
+    /// Interfaces to attach to: `*`/`?` globs matched against names.
+    pub interfaces_include: Vec<String>,
+    /// Interfaces never attached to, even when included.
+    pub interfaces_exclude: Vec<String>,
+    /// Entries of the kernel flow map. One connection takes one entry per
+    /// direction and per interface hook that sees it (2 to 4 typically).
+    /// Traffic that finds the map full is counted as overflow, not lost
+    /// silently. An entry takes about 104 + 40 × possible CPUs bytes.
+    pub max_flows: u32,
+    /// Allocate the whole map up front (`true`): inserts never fail below
+    /// `max_flows`, but all of its memory is taken at start. `false`: memory
+    /// follows the live entries, but bursts of new flows can find the
+    /// kernel's allocator empty (counted as overflow). Default (unset):
+    /// preallocate while that takes at most 32 MiB.
+    pub preallocate: Option<bool>,
+    /// Attach to the interfaces of this network namespace (a path such as
+    /// `/var/run/netns/NAME` or `/proc/PID/ns/net`) instead of flowtel's own.
+    pub netns: Option<PathBuf>,
+    pub attach: AttachMode,
+    /// A flow quiet this long is reported ended and removed from the kernel
+    /// map. Default: twice the dump interval, at least 20 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        Self {
+            interfaces_include: vec!["*".into()],
+            interfaces_exclude: vec!["lo".into()],
+            max_flows: 65_536,
+            preallocate: None,
+            netns: None,
+            attach: AttachMode::Auto,
+            idle_timeout: None,
+        }
+    }
+}
+
+/// The source's own counters, for self-metrics. All monotonic unless noted.
+#[derive(Debug, Default)]
+pub struct EbpfStats {
+    /// Packets (wire segments) that found the flow map full and could not
+    /// be recorded. An upper bound of the loss: a packet seen on two hooks
+    /// may be recorded on one and refused on the other.
+    pub overflow_packets: AtomicU64,
+    /// Their L3 bytes.
+    pub overflow_bytes: AtomicU64,
+    /// The share of `overflow_packets` refused because the kernel could not
+    /// allocate an entry (`preallocate: false`) rather than a full map.
+    pub overflow_nomem_packets: AtomicU64,
+    /// Interfaces currently attached to (a gauge).
+    pub interfaces_attached: AtomicU64,
+    /// Interfaces that could not be attached to.
+    pub attach_failures: AtomicU64,
+    /// Entries in the kernel map at the last dump (a gauge).
+    pub map_entries: AtomicU64,
+    /// Connections reported ended and removed from the map after being idle.
+    pub flows_expired: AtomicU64,
+}
+
+/// A running eBPF source. Dropping it without [`stop`](Self::stop) also
+/// ends the thread (which detaches everything), but does not wait for it.
+pub struct EbpfHandle {
+    requests: mpsc::Sender<u64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    mode: Arc<AtomicU8>,
+    stats: Arc<EbpfStats>,
+}
+
+impl EbpfHandle {
+    /// Ask for a full dump tagged `epoch`: the source answers with
+    /// `DumpStarted{epoch}`, one `Flow` per connection, then
+    /// `DumpFinished{epoch, complete}`. False if the source has stopped.
+    pub fn request_dump(&self, epoch: u64) -> bool {
+        !self.stop.load(Ordering::Relaxed) && self.requests.send(epoch).is_ok()
+    }
+
+    /// "tcx" or "clsact": how the programs are attached.
+    pub fn mode(&self) -> &'static str {
+        mode_from_u8(self.mode.load(Ordering::Relaxed)).as_str()
+    }
+
+    /// (packets, bytes) that found the kernel flow map full, as of the last
+    /// dump. Non-zero means `max_flows` is too small.
+    pub fn overflow(&self) -> (u64, u64) {
+        (
+            self.stats.overflow_packets.load(Ordering::Relaxed),
+            self.stats.overflow_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The source's counters, shared so an exporter can read them while the
+    /// handle lives elsewhere.
+    pub fn stats(&self) -> Arc<EbpfStats> {
+        self.stats.clone()
+    }
+
+    /// Stops the thread, which detaches every program it attached; returns
+    /// once that is done (within about [`POLL`] plus the detach time).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("the eBPF source thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for EbpfHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn mode_from_u8(v: u8) -> Mode {
+    if v == 1 {
+        Mode::Clsact
+    } else {
+        Mode::Tcx
+    }
+}
+
+fn mode_to_u8(m: Mode) -> u8 {
+    match m {
+        Mode::Tcx => 0,
+        Mode::Clsact => 1,
+    }
+}
+
+/// Whether this binary carries the eBPF programs.
+pub fn built_with_ebpf() -> bool {
+    !cfg!(flowtel_no_ebpf) && !OBJECT.is_empty() && !OBJECT_PREALLOC.is_empty()
+}
+
+/// Whether the map is preallocated, and its full size in bytes.
+fn allocation(cfg: &EbpfConfig, possible_cpus: usize) -> (bool, u64) {
+    let bytes = u64::from(cfg.max_flows)
+        * (ENTRY_OVERHEAD + std::mem::size_of::<FlowValue>() as u64 * possible_cpus as u64);
+    (cfg.preallocate.unwrap_or(bytes <= PREALLOC_BUDGET), bytes)
+}
+
+/// Starts the source: loads the programs, attaches them to the matching
+/// interfaces and returns once that worked. Every error is one line saying
+/// why and what to do, so `source: auto` can fall back to conntrack.
+pub fn start(
+    cfg: &EbpfConfig,
+    stats: Arc<SelfStats>,
+    tx: tokio::sync::mpsc::Sender<SourceEvent>,
+) -> anyhow::Result<EbpfHandle> {
+    if !built_with_ebpf() {
+        #[cfg(flowtel_no_ebpf)]
+        let why = env!("FLOWTEL_NO_EBPF_REASON");
+        #[cfg(not(flowtel_no_ebpf))]
+        let why = "the embedded object is empty";
+        bail!(
+            "flowtel was built without eBPF support (clang/bpftool missing at build time: {why}); \
+             rebuild with clang, bpftool and libbpf-dev installed, or use source: conntrack"
+        );
+    }
+    if cfg.max_flows == 0 {
+        bail!("ebpf.max_flows must be at least 1");
+    }
+    if cfg.interfaces_include.is_empty() {
+        bail!(
+            "ebpf.interfaces_include is empty: nothing would be counted (the default is [\"*\"])"
+        );
+    }
+    if !Path::new(KERNEL_BTF).exists() {
+        bail!(
+            "the kernel has no BTF ({KERNEL_BTF} is missing): the eBPF source needs a kernel built \
+             with CONFIG_DEBUG_INFO_BTF=y; use source: conntrack on this node"
+        );
+    }
+    let netns = match &cfg.netns {
+        Some(path) => Some(File::open(path).with_context(|| {
+            format!(
+                "cannot open network namespace {} (ebpf.netns); give a path like \
+                 /var/run/netns/NAME or /proc/PID/ns/net that flowtel can read",
+                path.display()
+            )
+        })?),
+        None => None,
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ebpf_stats = Arc::new(EbpfStats::default());
+    let mode = Arc::new(AtomicU8::new(0));
+    let (requests, request_rx) = mpsc::channel::<u64>();
+    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
+    let thread = {
+        let (cfg, stop, ebpf_stats, mode) =
+            (cfg.clone(), stop.clone(), ebpf_stats.clone(), mode.clone());
+        std::thread::Builder::new()
+            .name("ebpf-flows".into())
+            .spawn(move || {
+                let setup = enter_netns(netns.as_ref(), cfg.netns.as_deref())
+                    .and_then(|()| Worker::setup(&cfg, stats, ebpf_stats, mode, tx, stop));
+                match setup {
+                    Ok(mut worker) => {
+                        let _ = ready_tx.send(Ok(()));
+                        worker.run(&request_rx);
+                        worker.shutdown();
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .context("spawning the eBPF source thread")?
+    };
+    let ready = match ready_rx.recv_timeout(START_TIMEOUT) {
+        Ok(r) => r,
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(anyhow!(
+            "the eBPF source did not start within {START_TIMEOUT:?}"
+        )),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            Err(anyhow!("the eBPF source thread exited while starting"))
+        }
+    };
+    if let Err(e) = ready {
+        stop.store(true, Ordering::Relaxed);
+        let _ = thread.join();
+        return Err(e);
+    }
+    let handle = EbpfHandle {
+        requests,
+        stop,
+        thread: Some(thread),
+        mode,
+        stats: ebpf_stats,
+    };
+    tracing::info!(
+        mode = handle.mode(),
+        interfaces = handle.stats.interfaces_attached.load(Ordering::Relaxed),
+        netns = ?cfg.netns,
+        "eBPF source started"
+    );
+    Ok(handle)
+}
+
+/// Moves the calling thread into `ns` (if any).
+fn enter_netns(ns: Option<&File>, path: Option<&Path>) -> anyhow::Result<()> {
+    let Some(ns) = ns else { return Ok(()) };
+    let shown = path.map(|p| p.display().to_string()).unwrap_or_default();
+    setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
+        let hint = match e {
+            nix::errno::Errno::EPERM => {
+                "flowtel needs CAP_SYS_ADMIN to enter another network namespace"
+            }
+            nix::errno::Errno::EINVAL => {
+                "the file is not a network namespace (use /var/run/netns/NAME or /proc/PID/ns/net)"
+            }
+            _ => "check ebpf.netns",
+        };
+        anyhow!("cannot enter network namespace {shown}: {e}; {hint}")
+    })
+}
+
+/// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it;
+/// warns once if refused (harmless on 5.11+, which charge the cgroup).
+fn raise_memlock() {
+    static WARN: Once = Once::new();
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        let e = std::io::Error::last_os_error();
+        WARN.call_once(|| {
+            tracing::warn!(
+                "cannot raise RLIMIT_MEMLOCK ({e}); fine on kernels 5.11 and later, which charge \
+                 BPF memory to the memory cgroup instead"
+            );
+        });
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Explains a load failure in one line.
+fn load_error(e: aya::EbpfError) -> anyhow::Error {
+    use aya::maps::MapError;
+    use aya::programs::ProgramError;
+    use aya::EbpfError;
+    let caps =
+        "flowtel needs CAP_BPF and CAP_NET_ADMIN (or root) for the eBPF source; grant them in \
+         the container's securityContext, or use source: conntrack";
+    match &e {
+        EbpfError::MapError(MapError::CreateError { name, io_error }) => {
+            match io_error.raw_os_error() {
+                Some(libc::EPERM | libc::EACCES) => {
+                    anyhow!("creating BPF map {name} was refused ({io_error}): {caps}")
+                }
+                Some(libc::ENOMEM) => anyhow!(
+                    "creating BPF map {name} failed: out of memory ({io_error}); lower \
+                     ebpf.max_flows, set ebpf.preallocate: false, or raise the container's \
+                     memory limit (BPF maps are charged to it)"
+                ),
+                _ => anyhow!("creating BPF map {name} failed: {io_error}; use source: conntrack"),
+            }
+        }
+        EbpfError::BtfError(_) | EbpfError::BtfRelocationError(_) | EbpfError::NoBTF => anyhow!(
+            "the kernel's BTF could not be used to relocate flowtel's programs ({e}); the eBPF \
+             source needs a kernel with CONFIG_DEBUG_INFO_BTF=y; use source: conntrack"
+        ),
+        EbpfError::ProgramError(ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => load_program_error(io_error, &verifier_log.to_string(), caps),
+        _ => anyhow!("loading flowtel's eBPF object failed: {e}; use source: conntrack"),
+    }
+}
+
+fn load_program_error(io_error: &std::io::Error, log: &str, caps: &str) -> anyhow::Error {
+    if matches!(io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) && log.trim().is_empty()
+    {
+        return anyhow!("loading the TC programs was refused ({io_error}): {caps}");
+    }
+    let tail: Vec<&str> = log.lines().rev().take(4).collect::<Vec<_>>();
+    let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    anyhow!(
+        "the kernel verifier rejected flowtel's TC program ({io_error}; verifier: {tail}); this \
+         kernel ({}) is too old or this is a flowtel bug worth reporting; use source: conntrack",
+        kernel.trim()
+    )
+}
+
+/// The sending side: never blocks past a stop request.
+struct Out {
+    tx: tokio::sync::mpsc::Sender<SourceEvent>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The consumer is gone or a stop was requested.
+struct Halt;
+
+impl Out {
+    fn send(&self, event: SourceEvent) -> Result<(), Halt> {
+        let mut event = match self.tx.try_send(event) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(Halt),
+            Err(TrySendError::Full(event)) => event,
+        };
+        let mut wait = Duration::from_micros(20);
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(Halt);
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_millis(5));
+            event = match self.tx.try_send(event) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Closed(_)) => return Err(Halt),
+                Err(TrySendError::Full(event)) => event,
+            };
+        }
+    }
+}
+
+/// Everything the source thread owns.
+struct Worker {
+    /// Programs (and their links); dropped on this thread, in this netns.
+    bpf: aya::Ebpf,
+    flows: aya::maps::Map,
+    overflow: aya::maps::Map,
+    attacher: attach::Attacher,
+    possible_cpus: usize,
+    idle_timeout: Option<Duration>,
+    /// The longest gap seen between two dump requests (the interval).
+    interval: Option<Duration>,
+    last_request: Option<Instant>,
+    stats: Arc<SelfStats>,
+    ebpf_stats: Arc<EbpfStats>,
+    mode: Arc<AtomicU8>,
+    out: Out,
+}
+
+impl Worker {
+    fn setup(
+        cfg: &EbpfConfig,
+        stats: Arc<SelfStats>,
+        ebpf_stats: Arc<EbpfStats>,
+        mode: Arc<AtomicU8>,
+        tx: tokio::sync::mpsc::Sender<SourceEvent>,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Worker> {
+        raise_memlock();
+        let possible_cpus =
+            aya::util::nr_cpus().map_err(|(what, e)| anyhow!("reading {what}: {e}"))?;
+        let (prealloc, map_bytes) = allocation(cfg, possible_cpus);
+        let mut bpf = aya::EbpfLoader::new()
+            .map_max_entries("flows", cfg.max_flows)
+            .load(if prealloc { OBJECT_PREALLOC } else { OBJECT })
+            .map_err(load_error)?;
+        tracing::info!(
+            max_flows = cfg.max_flows,
+            preallocated = prealloc,
+            full_map_mib = map_bytes >> 20,
+            "eBPF flow map created"
+        );
+        for name in attach::PROGRAMS {
+            let prog: &mut aya::programs::SchedClassifier = bpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} is missing from flowtel's eBPF object"))?
+                .try_into()
+                .map_err(|e| anyhow!("program {name}: {e}"))?;
+            prog.load().map_err(|e| match e {
+                aya::programs::ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } => load_program_error(
+                    &io_error,
+                    &verifier_log.to_string(),
+                    "flowtel needs CAP_BPF and CAP_NET_ADMIN (or root) for the eBPF source; \
+                     grant them, or use source: conntrack",
+                ),
+                e => anyhow!("loading program {name} failed: {e}; use source: conntrack"),
+            })?;
+        }
+        let flows = bpf
+            .take_map("flows")
+            .ok_or_else(|| anyhow!("map `flows` is missing from flowtel's eBPF object"))?;
+        let overflow = bpf
+            .take_map("overflow")
+            .ok_or_else(|| anyhow!("map `overflow` is missing from flowtel's eBPF object"))?;
+        let initial = match cfg.attach {
+            AttachMode::Auto | AttachMode::Tcx
+                if aya::util::KernelVersion::current()
+                    .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+                    .unwrap_or(false) =>
+            {
+                Mode::Tcx
+            }
+            AttachMode::Tcx => bail!(
+                "ebpf.attach: tcx needs kernel 6.6 or later; use ebpf.attach: auto or netlink"
+            ),
+            AttachMode::Auto | AttachMode::Netlink => Mode::Clsact,
+        };
+        let mut attacher = attach::Attacher::new(
+            initial,
+            cfg.attach == AttachMode::Auto,
+            cfg.interfaces_include.clone(),
+            cfg.interfaces_exclude.clone(),
+        );
+        // On error `bpf` is dropped here, on this thread, which detaches
+        // whatever was attached so far.
+        let scan = attacher.rescan(&mut bpf)?;
+        mode.store(mode_to_u8(attacher.mode()), Ordering::Relaxed);
+        ebpf_stats
+            .interfaces_attached
+            .store(attacher.count() as u64, Ordering::Relaxed);
+        SelfStats::add(&ebpf_stats.attach_failures, scan.failed as u64);
+        if attacher.count() == 0 {
+            tracing::warn!(
+                include = ?cfg.interfaces_include,
+                exclude = ?cfg.interfaces_exclude,
+                "no interface matches ebpf.interfaces_include/exclude yet; attaching as they appear"
+            );
+        }
+        stats.byte_counters_available.store(true, Ordering::Relaxed);
+        Ok(Worker {
+            bpf,
+            flows,
+            overflow,
+            attacher,
+            possible_cpus,
+            idle_timeout: cfg.idle_timeout,
+            interval: None,
+            last_request: None,
+            stats,
+            ebpf_stats,
+            mode,
+            out: Out { tx, stop },
+        })
+    }
+
+    fn stopping(&self) -> bool {
+        self.out.stop.load(Ordering::Relaxed)
+    }
+
+    fn run(&mut self, requests: &mpsc::Receiver<u64>) {
+        let mut next_scan = Instant::now() + RESCAN;
+        while !self.stopping() {
+            let wait = next_scan
+                .saturating_duration_since(Instant::now())
+                .min(POLL);
+            match requests.recv_timeout(wait) {
+                Ok(epoch) => {
+                    if self.dump(epoch).is_err() {
+                        return;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if Instant::now() >= next_scan {
+                self.rescan();
+                next_scan = Instant::now() + RESCAN;
+            }
+        }
+    }
+
+    fn rescan(&mut self) {
+        match self.attacher.rescan(&mut self.bpf) {
+            Ok(r) => {
+                if r.attached + r.detached > 0 {
+                    tracing::debug!(
+                        attached = r.attached,
+                        detached = r.detached,
+                        total = self.attacher.count(),
+                        "interfaces changed"
+                    );
+                }
+                SelfStats::add(&self.ebpf_stats.attach_failures, r.failed as u64);
+            }
+            Err(e) => tracing::warn!("re-scanning interfaces failed: {e}"),
+        }
+        self.ebpf_stats
+            .interfaces_attached
+            .store(self.attacher.count() as u64, Ordering::Relaxed);
+        self.mode
+            .store(mode_to_u8(self.attacher.mode()), Ordering::Relaxed);
+    }
+
+    /// The idle timeout in force: configured, or twice the dump interval.
+    fn idle(&self) -> Duration {
+        self.idle_timeout
+            .unwrap_or_else(|| 2 * self.interval.unwrap_or(MIN_IDLE).max(MIN_IDLE))
+    }
+
+    fn dump(&mut self, epoch: u64) -> Result<(), Halt> {
+        let now = Instant::now();
+        if let Some(last) = self.last_request {
+            let gap = now.duration_since(last);
+            self.interval = Some(self.interval.map_or(gap, |i| i.max(gap)));
+        }
+        self.last_request = Some(now);
+        self.out.send(SourceEvent::DumpStarted { epoch })?;
+
+        let started = Instant::now();
+        let (conns, complete, entries) = self.read_flows();
+        self.read_overflow();
+        let now_ns = monotonic_ns();
+        let idle_ns = self.idle().as_nanos() as u64;
+        let closed_ns = CLOSED_IDLE.min(self.idle()).as_nanos() as u64;
+        let mut expired = 0u64;
+        for (key, conn) in &conns.map {
+            let quiet = now_ns.saturating_sub(conn.last_ns());
+            let ended =
+                complete && (quiet >= idle_ns || (quiet >= closed_ns && conn.tcp_closed(key)));
+            let update = if ended {
+                expired += 1;
+                self.take(key, conn).update(key, true)
+            } else {
+                conn.update(key, false)
+            };
+            self.out.send(SourceEvent::Flow(update))?;
+        }
+        SelfStats::add(&self.ebpf_stats.flows_expired, expired);
+        self.ebpf_stats
+            .map_entries
+            .store(entries.saturating_sub(expired), Ordering::Relaxed);
+        if complete {
+            SelfStats::inc(&self.stats.dumps);
+        } else {
+            SelfStats::inc(&self.stats.dump_errors);
+        }
+        tracing::debug!(
+            epoch,
+            entries,
+            connections = conns.map.len(),
+            expired,
+            elapsed = ?started.elapsed(),
+            "eBPF map dump done"
+        );
+        self.out.send(SourceEvent::DumpFinished { epoch, complete })
+    }
+
+    /// Reads every map entry, grouped into connections.
+    fn read_flows(&self) -> (Connections, bool, u64) {
+        let mut conns = Connections::default();
+        let mut malformed = 0u64;
+        if let aya::maps::Map::PerCpuHashMap(data) = &self.flows {
+            let result = maps::for_each_batch(data, self.possible_cpus, |key, values| {
+                if !conns.add(key, &FlowValue::sum(values)) {
+                    malformed += 1;
+                }
+            });
+            SelfStats::add(&self.stats.parse_errors, malformed);
+            match result {
+                Ok(entries) => return (conns, true, entries),
+                // No batch lookups (kernel before 5.6): one entry at a time.
+                Err((e, 0)) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err((e, entries)) => {
+                    tracing::warn!(
+                        "reading the flow map failed after {entries} entries: {e}; nothing is \
+                         removed until the next dump"
+                    );
+                    return (conns, false, entries);
+                }
+            }
+        }
+        let mut entries = 0u64;
+        let view: aya::maps::PerCpuHashMap<&aya::maps::MapData, FlowKey, FlowValue> =
+            match (&self.flows).try_into() {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!("the flow map cannot be read: {e}");
+                    return (conns, false, 0);
+                }
+            };
+        for item in view.iter() {
+            match item {
+                Ok((key, values)) => {
+                    entries += 1;
+                    if !conns.add(&key, &FlowValue::sum(values.iter())) {
+                        SelfStats::inc(&self.stats.parse_errors);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "reading the flow map failed after {entries} entries: {e}; nothing is \
+                         removed until the next dump"
+                    );
+                    return (conns, false, entries);
+                }
+            }
+        }
+        (conns, true, entries)
+    }
+
+    fn read_overflow(&self) {
+        let view: Result<aya::maps::PerCpuArray<&aya::maps::MapData, maps::OverflowValue>, _> =
+            (&self.overflow).try_into();
+        match view.and_then(|v| v.get(&0, 0)) {
+            Ok(values) => {
+                let (p, b, n) = values.iter().fold((0u64, 0u64, 0u64), |(p, b, n), v| {
+                    (
+                        p.saturating_add(v.packets),
+                        b.saturating_add(v.bytes),
+                        n.saturating_add(v.nomem_packets),
+                    )
+                });
+                let before = self.ebpf_stats.overflow_packets.swap(p, Ordering::Relaxed);
+                let nomem_before = self
+                    .ebpf_stats
+                    .overflow_nomem_packets
+                    .swap(n, Ordering::Relaxed);
+                self.ebpf_stats.overflow_bytes.store(b, Ordering::Relaxed);
+                let (new, new_nomem) = (p.saturating_sub(before), n.saturating_sub(nomem_before));
+                if new > new_nomem {
+                    tracing::warn!(
+                        packets = new - new_nomem,
+                        "the eBPF flow map was full: {} packets could not be recorded since the \
+                         last dump; raise ebpf.max_flows",
+                        new - new_nomem
+                    );
+                }
+                if new_nomem > 0 {
+                    tracing::warn!(
+                        packets = new_nomem,
+                        "{new_nomem} packets could not be recorded since the last dump because \
+                         the kernel could not allocate flow entries fast enough; set \
+                         ebpf.preallocate: true"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("reading the overflow counter failed: {e}"),
+        }
+    }
+
+    /// Removes an ended connection's entries, returning it with the final
+    /// values read by the same syscall that deleted them (so nothing counted
+    /// in between is lost). Packets after that start a new entry, which the
+    /// next dump reports as a new flow.
+    fn take(&self, key: &ConnKey, conn: &Connection) -> Connection {
+        let data = match &self.flows {
+            aya::maps::Map::PerCpuHashMap(d) => d,
+            _ => return conn.clone(),
+        };
+        let mut fresh = Connections::default();
+        for k in &conn.keys {
+            match maps::take_percpu(data, k, self.possible_cpus) {
+                Ok(Some(values)) => {
+                    fresh.add(k, &FlowValue::sum(values.iter()));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("removing an idle flow from the kernel map failed: {e}");
+                    return conn.clone();
+                }
+            }
+        }
+        fresh.map.remove(key).unwrap_or_else(|| conn.clone())
+    }
+
+    /// Detaches everything, here on the thread that is in the namespace.
+    fn shutdown(mut self) {
+        self.attacher.detach_all(&mut self.bpf);
+        self.ebpf_stats
+            .interfaces_attached
+            .store(0, Ordering::Relaxed);
+        drop(self.bpf);
+        tracing::info!("eBPF source stopped; all programs detached");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_strictness() {
+        let cfg: EbpfConfig = serde_json::from_str("{}").expect("defaults");
+        assert_eq!(cfg, EbpfConfig::default());
+        assert_eq!(cfg.interfaces_include, vec!["*".to_string()]);
+        assert_eq!(cfg.interfaces_exclude, vec!["lo".to_string()]);
+        let cfg: EbpfConfig =
+            serde_json::from_str(r#"{"attach":"netlink","idle_timeout":"30s","max_flows":10}"#)
+                .expect("explicit values");
+        assert_eq!(cfg.attach, AttachMode::Netlink);
+        assert_eq!(cfg.idle_timeout, Some(Duration::from_secs(30)));
+        assert!(serde_json::from_str::<EbpfConfig>(r#"{"max_flow":1}"#).is_err());
+    }
+
+    #[test]
+    fn bad_settings_are_refused_before_loading() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let cfg = EbpfConfig {
+            max_flows: 0,
+            ..EbpfConfig::default()
+        };
+        let err = start(&cfg, Arc::new(SelfStats::default()), tx)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("max_flows") || err.contains("without eBPF support"),
+            "{err}"
+        );
+    }
+
+    /// Built with FLOWTEL_NO_EBPF=1 (or without clang): one clear line.
+    #[cfg(flowtel_no_ebpf)]
+    #[test]
+    fn start_says_it_was_built_without_ebpf() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let err = start(&EbpfConfig::default(), Arc::new(SelfStats::default()), tx)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with(
+                "flowtel was built without eBPF support (clang/bpftool missing at build time"
+            ),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! Shared harness of flowtel's end-to-end tests: throwaway network
+//! namespaces, traffic of known size, a test-side OTLP receiver, a real
+//! collector (rotel) and the flowtel binary itself.
+//!
+//! Every external program is looked up the same way ([`find_tool`]): an
+//! environment variable naming its path, then `PATH`, then known install
+//! locations. When something a test needs is missing (a tool, or root), the
+//! test fails if `CI` is set and otherwise prints why and passes without
+//! checking anything ([`Prerequisites`]).
+
+// Each test binary uses a different part of the harness.
+#![allow(dead_code)]
+
+pub mod flowtel;
+pub mod netns;
+pub mod otlp_receiver;
+pub mod rotel;
+pub mod scenario;
+pub mod traffic;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// An external program a test runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Tool {
+    /// The program name looked up on `PATH`.
+    pub name: &'static str,
+    /// The environment variable that may name its path.
+    pub env: &'static str,
+    /// Further places to look when it is not on `PATH`.
+    pub fallbacks: &'static [&'static str],
+}
+
+pub const IP: Tool = Tool {
+    name: "ip",
+    env: "IP_BIN",
+    fallbacks: &["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"],
+};
+pub const NFT: Tool = Tool {
+    name: "nft",
+    env: "NFT_BIN",
+    fallbacks: &["/usr/sbin/nft", "/sbin/nft"],
+};
+pub const ROTEL_AGENT: Tool = Tool {
+    name: "rotel-agent",
+    env: "ROTEL_AGENT",
+    fallbacks: &["/opt/flowtel-venv/lib/python3.11/site-packages/rotel/rotel-agent"],
+};
+
+fn is_executable(path: &Path) -> bool {
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Finds `tool`: `$ENV` (which must then be an executable file), else the
+/// first executable `name` on `PATH`, else the first existing fallback.
+pub fn find_tool(tool: &Tool) -> Result<PathBuf, String> {
+    if let Some(value) = std::env::var_os(tool.env).filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(&value);
+        return if is_executable(&path) {
+            Ok(path)
+        } else {
+            Err(format!(
+                "${} is {} which is not an executable file",
+                tool.env,
+                path.display()
+            ))
+        };
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|dir| dir.join(tool.name))
+        .find(|p| is_executable(p));
+    if let Some(p) = on_path {
+        return Ok(p);
+    }
+    tool.fallbacks
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| is_executable(p))
+        .ok_or_else(|| {
+            format!(
+                "`{}` was not found (set ${} to its path, or put it on PATH)",
+                tool.name, tool.env
+            )
+        })
+}
+
+/// What a test needs from the machine, resolved once.
+#[derive(Debug, Clone)]
+pub struct Prerequisites {
+    pub ip: PathBuf,
+    pub nft: PathBuf,
+    pub rotel: Option<PathBuf>,
+}
+
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// Checks root and the tools; `None` means "skip" (after printing why).
+/// Under `CI` a missing prerequisite is a failure instead.
+pub fn prerequisites(test: &str, with_rotel: bool) -> Option<Prerequisites> {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("not running as root (network namespaces need it)".to_string());
+    }
+    let mut get = |tool: &Tool| match find_tool(tool) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            missing.push(e);
+            None
+        }
+    };
+    let ip = get(&IP);
+    let nft = get(&NFT);
+    let rotel = if with_rotel { get(&ROTEL_AGENT) } else { None };
+    for module in ["/proc/sys/net/netfilter/nf_conntrack_acct"] {
+        if !Path::new(module).exists() {
+            missing.push(format!(
+                "{module} does not exist (load nf_conntrack: `modprobe nf_conntrack`)"
+            ));
+        }
+    }
+    if !missing.is_empty() {
+        let why = missing.join("; ");
+        assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
+        println!("skipping {test}: {why}");
+        return None;
+    }
+    Some(Prerequisites {
+        ip: ip?,
+        nft: nft?,
+        rotel,
+    })
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .expect("bind an ephemeral port on 127.0.0.1");
+    l.local_addr().expect("local address of the probe").port()
+}
+
+/// Waits until `ready()` is true, polling every `every`; false on timeout.
+pub fn wait_until(timeout: Duration, every: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Removes ANSI colour sequences (`ESC [ ... m`) from log text.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `|actual - expected| <= tolerance * expected`.
+pub fn within(actual: u64, expected: u64, tolerance: f64) -> bool {
+    (actual as f64 - expected as f64).abs() <= tolerance * expected as f64
+}
+
+/// Relative deviation in percent, for messages.
+pub fn deviation_pct(actual: u64, expected: u64) -> f64 {
+    if expected == 0 {
+        return if actual == 0 { 0.0 } else { f64::INFINITY };
+    }
+    (actual as f64 - expected as f64) / expected as f64 * 100.0
+}

@@ -1,0 +1,453 @@
+//! A test-side OTLP metrics receiver on 127.0.0.1: gRPC `MetricsService/Export`
+//! (tonic, gzip accepted) and HTTP `POST /v1/metrics` (axum, protobuf, gzip
+//! or not). It keeps every request, can be stopped and restarted on the same
+//! ports, and flattens what it got into [`SumPoint`]s.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+use prost::Message;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// An attribute value, typed as OTLP carries it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+    /// Doubles, arrays, maps and bytes, in their debug form.
+    Other(String),
+}
+
+impl std::fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Str(s) => write!(f, "{s:?}"),
+            Self::Int(i) => write!(f, "{i}"),
+            Self::Bool(b) => write!(f, "{b}"),
+            Self::Other(o) => f.write_str(o),
+        }
+    }
+}
+
+/// An attribute set, sorted by key.
+pub type Attrs = BTreeMap<String, AttrValue>;
+
+/// Shows an attribute set on one line.
+pub fn show(attrs: &Attrs) -> String {
+    let parts: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{{{}}}", parts.join(", "))
+}
+
+pub fn attrs_of(kvs: &[KeyValue]) -> Attrs {
+    kvs.iter()
+        .map(|kv| {
+            let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(any_value::Value::StringValue(s)) => AttrValue::Str(s.clone()),
+                Some(any_value::Value::IntValue(i)) => AttrValue::Int(*i),
+                Some(any_value::Value::BoolValue(b)) => AttrValue::Bool(*b),
+                other => AttrValue::Other(format!("{other:?}")),
+            };
+            (kv.key.clone(), v)
+        })
+        .collect()
+}
+
+/// One data point of a Sum metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SumPoint {
+    pub metric: String,
+    pub unit: String,
+    pub monotonic: bool,
+    /// `AggregationTemporality` as its number (2 = cumulative).
+    pub temporality: i32,
+    pub resource: Attrs,
+    pub attrs: Attrs,
+    pub value: u64,
+    pub start_unix_nano: u64,
+    pub time_unix_nano: u64,
+}
+
+pub const CUMULATIVE: i32 = 2;
+
+/// For each attribute set of `metric`, its newest point (by timestamp; the
+/// later one in `points` on a tie).
+pub fn latest(points: &[SumPoint], metric: &str) -> BTreeMap<Attrs, SumPoint> {
+    let mut out: BTreeMap<Attrs, SumPoint> = BTreeMap::new();
+    for p in points.iter().filter(|p| p.metric == metric) {
+        match out.get(&p.attrs) {
+            Some(old) if old.time_unix_nano > p.time_unix_nano => {}
+            _ => {
+                out.insert(p.attrs.clone(), p.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The sum of the values of the series whose attribute `key` is `value`.
+pub fn total_where(series: &BTreeMap<Attrs, SumPoint>, key: &str, value: &str) -> u64 {
+    series
+        .values()
+        .filter(|p| p.attrs.get(key) == Some(&AttrValue::Str(value.to_string())))
+        .map(|p| p.value)
+        .sum()
+}
+
+/// How a request arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Grpc,
+    Http,
+}
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub transport: Transport,
+    pub gzip: bool,
+    pub at: Instant,
+    pub request: ExportMetricsServiceRequest,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// False while stopped: a request that still reaches a lingering
+    /// connection is refused, not stored.
+    up: AtomicBool,
+    received: Mutex<Vec<Received>>,
+}
+
+impl Shared {
+    fn store(&self, r: Received) {
+        if let Ok(mut v) = self.received.lock() {
+            v.push(r);
+        }
+    }
+}
+
+struct Grpc(Arc<Shared>);
+
+#[tonic::async_trait]
+impl MetricsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        if !self.0.up.load(Ordering::SeqCst) {
+            return Err(tonic::Status::unavailable("test receiver stopped"));
+        }
+        let gzip = request
+            .metadata()
+            .get("grpc-encoding")
+            .is_some_and(|v| v == "gzip");
+        self.0.store(Received {
+            transport: Transport::Grpc,
+            gzip,
+            at: Instant::now(),
+            request: request.into_inner(),
+        });
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+async fn http_export(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !shared.up.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "test receiver stopped").into_response();
+    }
+    let gzip = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v == "gzip");
+    let raw = if gzip {
+        let mut out = Vec::new();
+        if let Err(e) = flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out) {
+            return (StatusCode::BAD_REQUEST, format!("bad gzip body: {e}")).into_response();
+        }
+        out
+    } else {
+        body.to_vec()
+    };
+    let request = match ExportMetricsServiceRequest::decode(&raw[..]) {
+        Ok(r) => r,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("bad protobuf body: {e}")).into_response()
+        }
+    };
+    shared.store(Received {
+        transport: Transport::Http,
+        gzip,
+        at: Instant::now(),
+        request,
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-protobuf")],
+        ExportMetricsServiceResponse {
+            partial_success: None,
+        }
+        .encode_to_vec(),
+    )
+        .into_response()
+}
+
+struct Running {
+    stop: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The receiver. Dropping it stops it.
+pub struct OtlpReceiver {
+    rt: Option<tokio::runtime::Runtime>,
+    shared: Arc<Shared>,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    running: Option<Running>,
+}
+
+impl OtlpReceiver {
+    /// Starts on ephemeral ports.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_on(0, 0)
+    }
+
+    /// Starts on the given ports of 127.0.0.1 (0: any free port).
+    pub fn start_on(grpc_port: u16, http_port: u16) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("otlp-receiver")
+            .enable_all()
+            .build()
+            .context("building the receiver's runtime")?;
+        let mut r = OtlpReceiver {
+            rt: Some(rt),
+            shared: Arc::new(Shared::default()),
+            grpc_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, grpc_port)),
+            http_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, http_port)),
+            running: None,
+        };
+        r.serve()?;
+        Ok(r)
+    }
+
+    fn rt(&self) -> anyhow::Result<&tokio::runtime::Runtime> {
+        self.rt.as_ref().context("the receiver's runtime is gone")
+    }
+
+    fn serve(&mut self) -> anyhow::Result<()> {
+        let rt = self.rt()?;
+        let bind = |addr: SocketAddr| {
+            rt.block_on(async move {
+                // After a stop the old socket may take a moment to close.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    match tokio::net::TcpListener::bind(addr).await {
+                        Ok(l) => return Ok(l),
+                        Err(e) if Instant::now() < deadline => {
+                            let _ = e;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            })
+            .with_context(|| format!("binding the OTLP receiver to {addr}"))
+        };
+        let grpc_listener = bind(self.grpc_addr)?;
+        let http_listener = bind(self.http_addr)?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+
+        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
+        let service = MetricsServiceServer::new(Grpc(self.shared.clone()))
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .max_decoding_message_size(64 * 1024 * 1024);
+        let grpc = rt.spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(grpc_listener),
+                    async {
+                        let _ = grpc_stopped.await;
+                    },
+                )
+                .await;
+            if let Err(e) = result {
+                eprintln!("test OTLP gRPC receiver: {e}");
+            }
+        });
+
+        let (http_stop, http_stopped) = oneshot::channel::<()>();
+        let app = axum::Router::new()
+            .route("/v1/metrics", axum::routing::post(http_export))
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
+            .with_state(self.shared.clone());
+        let http = rt.spawn(async move {
+            let result = axum::serve(http_listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = http_stopped.await;
+                })
+                .await;
+            if let Err(e) = result {
+                eprintln!("test OTLP HTTP receiver: {e}");
+            }
+        });
+
+        self.grpc_addr = grpc_addr;
+        self.http_addr = http_addr;
+        self.shared.up.store(true, Ordering::SeqCst);
+        self.running = Some(Running {
+            stop: vec![grpc_stop, http_stop],
+            tasks: vec![grpc, http],
+        });
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:PORT` of the gRPC receiver.
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// `http://127.0.0.1:PORT` of the HTTP receiver (flowtel appends
+    /// `/v1/metrics`).
+    pub fn http_endpoint(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Stops both servers: listeners closed, open connections told to go
+    /// away (and refused if they still send).
+    pub fn stop(&mut self) {
+        self.shared.up.store(false, Ordering::SeqCst);
+        let Some(running) = self.running.take() else {
+            return;
+        };
+        for s in running.stop {
+            let _ = s.send(());
+        }
+        if let Some(rt) = &self.rt {
+            for task in running.tasks {
+                let abort = task.abort_handle();
+                let done =
+                    rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), task).await });
+                if done.is_err() {
+                    abort.abort();
+                }
+            }
+        }
+    }
+
+    /// Starts again on the same ports, keeping what was received before.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.running.is_some() {
+            bail!("the receiver is already running");
+        }
+        self.serve()
+    }
+
+    /// How many export requests were stored so far.
+    pub fn request_count(&self) -> usize {
+        self.shared.received.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// A copy of the stored requests from index `since` on.
+    pub fn received(&self, since: usize) -> Vec<Received> {
+        self.shared
+            .received
+            .lock()
+            .map(|v| v.get(since..).map(<[_]>::to_vec).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Every Sum data point of the requests from index `since` on.
+    pub fn sum_points(&self, since: usize) -> Vec<SumPoint> {
+        let mut out = Vec::new();
+        for r in self.received(since) {
+            for rm in &r.request.resource_metrics {
+                let resource = rm
+                    .resource
+                    .as_ref()
+                    .map(|r| attrs_of(&r.attributes))
+                    .unwrap_or_default();
+                for sm in &rm.scope_metrics {
+                    for m in &sm.metrics {
+                        let Some(metric::Data::Sum(sum)) = &m.data else {
+                            continue;
+                        };
+                        for dp in &sum.data_points {
+                            let value = match dp.value {
+                                Some(number_data_point::Value::AsInt(i)) => {
+                                    u64::try_from(i).unwrap_or(0)
+                                }
+                                Some(number_data_point::Value::AsDouble(d)) => d as u64,
+                                None => 0,
+                            };
+                            out.push(SumPoint {
+                                metric: m.name.clone(),
+                                unit: m.unit.clone(),
+                                monotonic: sum.is_monotonic,
+                                temporality: sum.aggregation_temporality,
+                                resource: resource.clone(),
+                                attrs: attrs_of(&dp.attributes),
+                                value,
+                                start_unix_nano: dp.start_time_unix_nano,
+                                time_unix_nano: dp.time_unix_nano,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The newest point of each series of `metric`, from requests `since` on.
+    pub fn latest(&self, metric: &str, since: usize) -> BTreeMap<Attrs, SumPoint> {
+        latest(&self.sum_points(since), metric)
+    }
+
+    /// The resource attributes of the newest request, if any.
+    pub fn resource_attributes(&self) -> Option<Attrs> {
+        let received = self.shared.received.lock().ok()?;
+        let last = received.last()?;
+        last.request
+            .resource_metrics
+            .first()
+            .and_then(|rm| rm.resource.as_ref())
+            .map(|r| attrs_of(&r.attributes))
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
