@@ -10,18 +10,19 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 
+use crate::source::SourceInfo;
 use crate::stats::SelfStats;
 
 #[derive(Clone)]
 struct HealthState {
     stats: Arc<SelfStats>,
-    source: &'static str,
+    source: SourceInfo,
 }
 
 #[derive(serde::Serialize)]
 struct Readiness {
     ready: bool,
-    source: &'static str,
+    source: SourceInfo,
     stats: crate::stats::StatsSnapshot,
 }
 
@@ -30,7 +31,7 @@ struct Readiness {
 pub async fn serve(
     listen: SocketAddr,
     stats: Arc<SelfStats>,
-    source: &'static str,
+    source: SourceInfo,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {listen} for health checks (health.listen): {e}")

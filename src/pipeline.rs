@@ -20,7 +20,7 @@ use crate::export::transport::SignalTransport;
 use crate::flow::aggregate::{Aggregator, IntervalReport, KeySpec};
 use crate::flow::table::FlowTable;
 use crate::flow::SourceEvent;
-use crate::source::{conntrack, ebpf};
+use crate::source::{conntrack, ebpf, SourceInfo};
 use crate::stats::SelfStats;
 
 /// How long shutdown waits for the final dump before exporting what it has.
@@ -31,8 +31,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let stats = Arc::new(SelfStats::default());
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(65_536);
     let source = Source::start(&cfg, &stats, tx)?;
-    let mode = source.mode();
-    tracing::info!(source = source.name(), mode, interval = ?cfg.interval, "flowtel started");
+    let info = SourceInfo {
+        name: source.name(),
+        mode: source.mode(),
+    };
+    tracing::info!(source = info.name, mode = info.mode, interval = ?cfg.interval, "flowtel started");
 
     if !cfg.health.listen.is_empty() {
         let listen = cfg
@@ -40,7 +43,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             .listen
             .parse()
             .with_context(|| format!("health.listen {:?}", cfg.health.listen))?;
-        let local = crate::health::serve(listen, stats.clone(), mode).await?;
+        let local = crate::health::serve(listen, stats.clone(), info).await?;
         tracing::info!("health checks on http://{local}/healthz and /readyz");
     }
 
@@ -70,7 +73,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
 
     let (report_tx, report_rx) = mpsc::channel::<Arc<IntervalReport>>(2);
-    let exporter = tokio::spawn(export_loop(report_rx, otlp, console, stats.clone(), mode));
+    let exporter = tokio::spawn(export_loop(report_rx, otlp, console, stats.clone(), info));
 
     let mut table = FlowTable::new(cfg.flows.max_flows, stats.clone());
     let mut agg = Aggregator::new(
@@ -228,11 +231,11 @@ async fn export_loop(
     otlp: Option<OtlpMetricsExporter>,
     mut console: Option<ConsoleExporter>,
     stats: Arc<SelfStats>,
-    mode: &'static str,
+    source: SourceInfo,
 ) {
     while let Some(report) = rx.recv().await {
         if let Some(c) = &console {
-            if let Err(e) = c.export(&report, &stats.snapshot(), mode) {
+            if let Err(e) = c.export(&report, &stats.snapshot(), source) {
                 tracing::warn!("stopped printing flows to the terminal: {e}");
                 console = None;
             }

@@ -7,6 +7,7 @@ use std::time::UNIX_EPOCH;
 use crate::config::{ConsoleConfig, ConsoleFormat};
 use crate::export::attributes::{series_attributes, Direction};
 use crate::flow::aggregate::{IntervalReport, SeriesKey, SeriesPoint};
+use crate::source::SourceInfo;
 use crate::stats::StatsSnapshot;
 
 /// Prints finished intervals to stdout.
@@ -29,7 +30,7 @@ impl ConsoleExporter {
         &self,
         report: &IntervalReport,
         stats: &StatsSnapshot,
-        source: &str,
+        source: SourceInfo,
     ) -> std::io::Result<()> {
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
@@ -138,7 +139,7 @@ fn human_bytes(n: u64) -> String {
 pub fn render_table(
     report: &IntervalReport,
     stats: &StatsSnapshot,
-    source: &str,
+    source: SourceInfo,
     rows: usize,
 ) -> String {
     let mut points: Vec<&SeriesPoint> = report.points.iter().collect();

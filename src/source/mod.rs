@@ -3,3 +3,18 @@
 
 pub mod conntrack;
 pub mod ebpf;
+
+/// Which source is running and how, for logs, `/readyz` and the console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SourceInfo {
+    /// `ebpf` or `conntrack`.
+    pub name: &'static str,
+    /// How it reads the kernel: `tcx`/`clsact` or `netlink`/`procfs`.
+    pub mode: &'static str,
+}
+
+impl std::fmt::Display for SourceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name, self.mode)
+    }
+}
