@@ -3,6 +3,7 @@
 
 pub mod conntrack;
 pub mod ebpf;
+pub mod netns;
 
 /// Which source is running and how, for logs, `/readyz` and the console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

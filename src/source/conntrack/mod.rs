@@ -22,7 +22,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use nix::sched::{setns, CloneFlags};
 use tokio::sync::mpsc::error::TrySendError;
 
 pub use decode::{decode_message, encode_message, DecodeError, MessageKind};
@@ -30,6 +29,7 @@ pub use procfs::{parse_proc_line, ProcParseError};
 
 use crate::config::{ConntrackConfig, ConntrackMode};
 use crate::flow::SourceEvent;
+use crate::source::netns;
 use crate::stats::SelfStats;
 
 /// How often idle threads look at the stop flag.
@@ -116,7 +116,7 @@ pub fn start(
         std::thread::Builder::new()
             .name("ct-dump".into())
             .spawn(move || {
-                let setup = enter_netns(netns.as_deref(), cfg.netns.as_deref())
+                let setup = netns::enter(netns.as_deref(), cfg.netns.as_deref(), "conntrack.netns")
                     .and_then(|()| sysctl::ensure_accounting(cfg.enable_accounting, &stats))
                     .and_then(|_| choose_mode(&cfg, &proc_path));
                 let mode = match setup {
@@ -166,7 +166,7 @@ pub fn start(
         let spawned = std::thread::Builder::new()
             .name("ct-events".into())
             .spawn(move || {
-                let setup = enter_netns(netns.as_deref(), netns_path.as_deref()).and_then(|()| {
+                let setup = netns::enter(netns.as_deref(), netns_path.as_deref(), "conntrack.netns").and_then(|()| {
                     netlink::NlSocket::open_events(buffer).map_err(|e| {
                         anyhow!(
                             "cannot subscribe to conntrack events: {e}; grant CAP_NET_ADMIN or set \
@@ -236,24 +236,6 @@ impl Mode {
             Self::Procfs => "procfs",
         }
     }
-}
-
-/// Moves the calling thread into `ns` (if any).
-fn enter_netns(ns: Option<&File>, path: Option<&Path>) -> anyhow::Result<()> {
-    let Some(ns) = ns else { return Ok(()) };
-    let shown = path.map(|p| p.display().to_string()).unwrap_or_default();
-    setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
-        let hint = match e {
-            nix::errno::Errno::EPERM => {
-                "flowtel needs CAP_SYS_ADMIN to enter another network namespace"
-            }
-            nix::errno::Errno::EINVAL => {
-                "the file is not a network namespace (use /var/run/netns/NAME or /proc/PID/ns/net)"
-            }
-            _ => "check conntrack.netns",
-        };
-        anyhow!("cannot enter network namespace {shown}: {e}; {hint}")
-    })
 }
 
 /// Picks netlink or procfs according to `cfg.mode` and what the kernel allows.

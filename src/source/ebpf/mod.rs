@@ -25,7 +25,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use nix::sched::{setns, CloneFlags};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -34,6 +33,7 @@ pub use maps::{FlowKey, FlowValue};
 pub use merge::{ConnKey, Connection, Connections};
 
 use crate::flow::SourceEvent;
+use crate::source::netns;
 use crate::stats::SelfStats;
 
 /// How often the interface list is re-read to attach to new interfaces.
@@ -277,7 +277,7 @@ pub fn start(
         std::thread::Builder::new()
             .name("ebpf-flows".into())
             .spawn(move || {
-                let setup = enter_netns(netns.as_ref(), cfg.netns.as_deref())
+                let setup = netns::enter(netns.as_ref(), cfg.netns.as_deref(), "ebpf.netns")
                     .and_then(|()| Worker::setup(&cfg, stats, ebpf_stats, mode, tx, stop));
                 match setup {
                     Ok(mut worker) => {
@@ -320,24 +320,6 @@ pub fn start(
         "eBPF source started"
     );
     Ok(handle)
-}
-
-/// Moves the calling thread into `ns` (if any).
-fn enter_netns(ns: Option<&File>, path: Option<&Path>) -> anyhow::Result<()> {
-    let Some(ns) = ns else { return Ok(()) };
-    let shown = path.map(|p| p.display().to_string()).unwrap_or_default();
-    setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
-        let hint = match e {
-            nix::errno::Errno::EPERM => {
-                "flowtel needs CAP_SYS_ADMIN to enter another network namespace"
-            }
-            nix::errno::Errno::EINVAL => {
-                "the file is not a network namespace (use /var/run/netns/NAME or /proc/PID/ns/net)"
-            }
-            _ => "check ebpf.netns",
-        };
-        anyhow!("cannot enter network namespace {shown}: {e}; {hint}")
-    })
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it;
