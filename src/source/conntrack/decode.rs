@@ -219,21 +219,38 @@ struct Tuple {
     icmp_id: u16,
 }
 
+/// The (source, destination) endpoints of one conntrack tuple, shared by the
+/// netlink and procfs decoders. ICMP has no ports: the echo id goes on the
+/// client's side (the source of the original direction, the destination of
+/// the reply), 0 on the server's.
+pub(super) fn tuple_endpoints(
+    (src, dst): (IpAddr, IpAddr),
+    (sport, dport): (u16, u16),
+    icmp_id: u16,
+    transport: Transport,
+    reply: bool,
+) -> Option<(Endpoint, Endpoint)> {
+    let (sport, dport) = match transport {
+        t if t.has_ports() => (sport, dport),
+        Transport::Icmp | Transport::Icmpv6 if reply => (0, icmp_id),
+        Transport::Icmp | Transport::Icmpv6 => (icmp_id, 0),
+        _ => (0, 0),
+    };
+    Some((Endpoint::new(src, sport), Endpoint::new(dst, dport)))
+}
+
 impl Tuple {
     /// (source, destination) endpoints. ICMP has no ports: the echo id goes
     /// on the client's side (the source of the original direction, the
     /// destination of the reply), 0 on the server's.
     fn endpoints(&self, transport: Transport, reply: bool) -> Option<(Endpoint, Endpoint)> {
-        let (sport, dport) = match transport {
-            t if t.has_ports() => (self.sport, self.dport),
-            Transport::Icmp | Transport::Icmpv6 if reply => (0, self.icmp_id),
-            Transport::Icmp | Transport::Icmpv6 => (self.icmp_id, 0),
-            _ => (0, 0),
-        };
-        Some((
-            Endpoint::new(self.src?, sport),
-            Endpoint::new(self.dst?, dport),
-        ))
+        tuple_endpoints(
+            (self.src?, self.dst?),
+            (self.sport, self.dport),
+            self.icmp_id,
+            transport,
+            reply,
+        )
     }
 }
 

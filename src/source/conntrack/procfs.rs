@@ -31,16 +31,13 @@ impl Side {
     /// (source, destination), with the ICMP id on the client's side as in
     /// the netlink decoder.
     fn endpoints(&self, transport: Transport, reply: bool) -> Option<(Endpoint, Endpoint)> {
-        let (sport, dport) = match transport {
-            t if t.has_ports() => (self.sport, self.dport),
-            Transport::Icmp | Transport::Icmpv6 if reply => (0, self.id),
-            Transport::Icmp | Transport::Icmpv6 => (self.id, 0),
-            _ => (0, 0),
-        };
-        Some((
-            Endpoint::new(self.src?, sport),
-            Endpoint::new(self.dst?, dport),
-        ))
+        super::decode::tuple_endpoints(
+            (self.src?, self.dst?),
+            (self.sport, self.dport),
+            self.id,
+            transport,
+            reply,
+        )
     }
 }
 
