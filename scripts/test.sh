@@ -8,4 +8,8 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked --all-targets
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --locked --all-targets 2>&1 | tee "$log"
+# One closing line over every test binary (cargo prints one per binary).
+awk '/^test result:/ {p += $4; f += $6; i += $8} END {printf "%d passed, %d failed, %d skipped\n", p, f, i}' "$log"
