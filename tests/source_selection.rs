@@ -1,0 +1,692 @@
+//! Which kernel source flowtel picks, end to end through the binary.
+//!
+//! * `auto_without_bpf_capability_falls_back_to_conntrack`: flowtel runs as
+//!   root but without CAP_BPF, CAP_SYS_ADMIN and CAP_PERFMON (setpriv drops
+//!   them from every capability set), keeping CAP_NET_ADMIN. `--source auto`
+//!   must then warn that eBPF is unavailable, count with conntrack and
+//!   export conntrack series whose totals match the veth counters.
+//!
+//!   Without CAP_SYS_ADMIN flowtel cannot `setns` into another network
+//!   namespace (the kernel requires it for CLONE_NEWNET), so `--netns A`
+//!   would make the conntrack fallback fail as well. flowtel is therefore
+//!   started inside A (`ip netns exec A setpriv ... flowtel run --source
+//!   auto`, no `--netns`), and the test OTLP receiver listens on A's
+//!   loopback. The export and health-check connections on A's loopback are
+//!   also flows conntrack sees; only the series of A's veth address are
+//!   compared with the veth.
+//!
+//! * `ebpf_sigterm_exports_final_interval_and_detaches`: `--source ebpf`
+//!   with a 30 s interval; known TCP traffic, then SIGTERM before the first
+//!   tick. flowtel must exit 0 after exporting the final interval (eBPF
+//!   series whose bytes match the veth's L3 bytes within 1 % and whose
+//!   packets match the receiving IP layer within 1 %), and leave no TCX
+//!   link, no tc filter and none of its programs behind.
+//!
+//! Needs root, `ip`, `nft`, `setpriv` (test 1), `bpftool`, `tc` and a
+//! binary built with eBPF on a kernel with BTF (test 2). Missing → skip with
+//! the reason, or fail under `CI`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::flowtel::{Flowtel, FlowtelArgs};
+use common::netns::Netns;
+use common::otlp_receiver::{AttrValue, Attrs, OtlpReceiver, SumPoint};
+use common::scenario::{self, Lab, Plan, Series, Totals};
+use common::{deviation_pct, find_tool, strip_ansi, wait_until, within, Prerequisites, Tool};
+
+/// Both tests compare counters on two shared CPUs; one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const SETPRIV: Tool = Tool {
+    name: "setpriv",
+    env: "SETPRIV_BIN",
+    fallbacks: &["/usr/bin/setpriv", "/bin/setpriv"],
+};
+const BPFTOOL: Tool = Tool {
+    name: "bpftool",
+    env: "BPFTOOL_BIN",
+    fallbacks: &["/usr/sbin/bpftool", "/sbin/bpftool"],
+};
+const TC: Tool = Tool {
+    name: "tc",
+    env: "TC_BIN",
+    fallbacks: &["/usr/sbin/tc", "/sbin/tc"],
+};
+
+/// Capabilities flowtel runs without in test 1.
+const DROPPED_CAPS: &str = "-bpf,-sys_admin,-perfmon";
+
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// The harness's prerequisites plus `extra` tools and conditions; `None`
+/// means skip (after printing why), a failure under `CI`.
+fn prerequisites(
+    test: &str,
+    extra: &[Tool],
+    conditions: &[(bool, &str)],
+) -> Option<(Prerequisites, Vec<PathBuf>)> {
+    let tools = common::prerequisites(test, false)?;
+    let mut missing = Vec::new();
+    let mut found = Vec::new();
+    for tool in extra {
+        match find_tool(tool) {
+            Ok(p) => found.push(p),
+            Err(e) => missing.push(e),
+        }
+    }
+    for (ok, why) in conditions {
+        if !ok {
+            missing.push(why.to_string());
+        }
+    }
+    if !missing.is_empty() {
+        let why = missing.join("; ");
+        assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
+        println!("skipping {test}: {why}");
+        return None;
+    }
+    Some((tools, found))
+}
+
+/// The series whose client is one of `clients` (A's veth addresses).
+fn series_of_clients(points: &[SumPoint], clients: &[&str]) -> Series {
+    let mut s = Series::from_points(points);
+    let keep = |attrs: &Attrs| matches!(attrs.get("client.address"), Some(AttrValue::Str(c)) if clients.contains(&c.as_str()));
+    s.bytes.retain(|a, _| keep(a));
+    s.packets.retain(|a, _| keep(a));
+    s
+}
+
+/// The values of `flowtel.source` on the series.
+fn sources(series: &Series) -> Vec<String> {
+    let mut v: Vec<String> = series
+        .bytes
+        .keys()
+        .filter_map(|a| match a.get("flowtel.source") {
+            Some(AttrValue::Str(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// flowtel started as `ip netns exec NS setpriv ... flowtel run ...`: in
+/// the namespace itself, without the dropped capabilities.
+struct Unprivileged {
+    child: Child,
+    dir: tempfile::TempDir,
+    ns: Netns,
+    health: SocketAddr,
+    exited: Option<ExitStatus>,
+}
+
+impl Unprivileged {
+    fn start(ns: &Netns, setpriv: &PathBuf, endpoint: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        // Any port is free on the fresh namespace's loopback.
+        let health = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+        let stdout = std::fs::File::create(dir.path().join("stdout.log"))?;
+        let stderr = std::fs::File::create(dir.path().join("stderr.log"))?;
+        let health_arg = health.to_string();
+        let mut cmd = ns.command(
+            setpriv,
+            &[
+                &format!("--inh-caps={DROPPED_CAPS}"),
+                &format!("--ambient-caps={DROPPED_CAPS}"),
+                &format!("--bounding-set={DROPPED_CAPS}"),
+                "--",
+                env!("CARGO_BIN_EXE_flowtel"),
+                "run",
+                "--source",
+                "auto",
+                "--interval",
+                "1s",
+                "--endpoint",
+                endpoint,
+                "--protocol",
+                "grpc",
+                "--health-listen",
+                &health_arg,
+            ],
+        );
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("FLOWTEL_") || k.starts_with("OTEL_") {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.env("RUST_LOG", "info,flowtel=debug");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()?;
+        Ok(Unprivileged {
+            child,
+            dir,
+            ns: ns.clone(),
+            health,
+            exited: None,
+        })
+    }
+
+    fn exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    fn stderr(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default())
+    }
+
+    /// `GET /readyz` on the namespace's loopback: the status code.
+    fn readyz(&self) -> Option<u16> {
+        let health = self.health;
+        self.ns
+            .in_ns(move || -> std::io::Result<String> {
+                let mut s = TcpStream::connect_timeout(&health, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                write!(
+                    s,
+                    "GET /readyz HTTP/1.1\r\nHost: {health}\r\nConnection: close\r\n\r\n"
+                )?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            })
+            .ok()?
+            .ok()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let ready = wait_until(timeout, Duration::from_millis(50), || {
+            self.exit_status().is_some() || self.readyz() == Some(200)
+        });
+        assert!(
+            ready && self.exit_status().is_none(),
+            "flowtel (without {DROPPED_CAPS}) not ready after {timeout:?} (exit {:?}):\n{}",
+            self.exit_status(),
+            self.stderr()
+        );
+    }
+
+    /// SIGTERM to `ip netns exec` (which exec'd setpriv, which exec'd
+    /// flowtel: one process), SIGKILL after `grace`.
+    fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if self.exit_status().is_none() {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            if !wait_until(grace, Duration::from_millis(20), || {
+                self.exit_status().is_some()
+            }) {
+                let _ = self.child.kill();
+                self.exited = self.child.wait().ok();
+            }
+        }
+        self.exited
+    }
+}
+
+impl Drop for Unprivileged {
+    fn drop(&mut self) {
+        let status = self.stop(Duration::from_secs(10));
+        if std::thread::panicking() {
+            eprintln!("flowtel ({status:?}) stderr:\n{}", self.stderr());
+        }
+    }
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// The `Name` and `CapEff` of /proc/PID/status.
+fn effective_caps(pid: u32) -> (String, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+            .to_string()
+    };
+    let caps = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff is hex");
+    (field("Name:"), caps)
+}
+
+#[test]
+fn auto_without_bpf_capability_falls_back_to_conntrack() {
+    const TEST: &str = "auto_without_bpf_capability_falls_back_to_conntrack";
+    let Some((tools, extra)) = prerequisites(TEST, &[SETPRIV], &[]) else {
+        return;
+    };
+    let _serial = serial();
+    let t0 = Instant::now();
+    let setpriv = &extra[0];
+    let lab = Lab::new(&tools).expect("setting up the namespaces");
+    // The receiver's sockets are made in A, so flowtel reaches it on A's
+    // loopback.
+    let receiver = lab
+        .a
+        .in_ns(OtlpReceiver::start)
+        .expect("entering A")
+        .expect("starting the test OTLP receiver in A");
+    let endpoint = receiver.grpc_endpoint();
+    let mut flowtel = Unprivileged::start(&lab.a, setpriv, &endpoint).expect("starting flowtel");
+    flowtel.wait_ready(Duration::from_secs(20));
+    let (name, caps) = effective_caps(flowtel.child.id());
+    println!("{TEST}: process {name:?}, CapEff {caps:#x}");
+    assert_eq!(
+        name, "flowtel",
+        "ip netns exec and setpriv exec flowtel in place"
+    );
+    for (bit, cap, want) in [
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN", false),
+        (CAP_PERFMON, "CAP_PERFMON", false),
+        (CAP_BPF, "CAP_BPF", false),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN", true),
+    ] {
+        assert_eq!(
+            caps & (1 << bit) != 0,
+            want,
+            "flowtel's effective capabilities {caps:#x}: {cap} should be {}",
+            if want { "kept" } else { "dropped" }
+        );
+    }
+    println!(
+        "{TEST}: {:.1}s: flowtel {} ready in {} without {DROPPED_CAPS}, exporting to {endpoint}",
+        t0.elapsed().as_secs_f64(),
+        flowtel.child.id(),
+        lab.a.name
+    );
+
+    let plan = Plan {
+        tcp4: Some((4 << 20, 4 << 20)),
+        tcp6: None,
+        nat: None,
+        udp4: Some((500, 1200, 1200)),
+        udp6: None,
+        short: None,
+    };
+    let before = lab.counters().expect("reading A's veth counters");
+    let servers = lab.servers().expect("starting the servers in B");
+    let flows = scenario::run(&lab, &plan).expect("making the traffic");
+    let traffic_end = Instant::now();
+    let server_errors = servers.errors();
+    drop(servers);
+    assert!(
+        server_errors.is_empty(),
+        "servers in B failed: {server_errors:?}"
+    );
+    for f in &flows {
+        println!("{TEST}: sent {:<5} {:?}", f.name, f.payload);
+    }
+
+    let series = scenario::wait_stable(
+        "receiver",
+        traffic_end,
+        Duration::from_secs(3),
+        Duration::from_secs(3),
+        Duration::from_secs(30),
+        || series_of_clients(&receiver.sum_points(0), &[scenario::A_V4, scenario::A_V6]),
+    );
+    let after = lab.counters().expect("reading A's veth counters");
+    let truth = Totals::from_counters(&before, &after);
+    println!("{TEST}: expected (veth {}, L3): {truth}", scenario::IF_A);
+    println!(
+        "{TEST}: receiver series (A's veth address):\n{}",
+        series.describe()
+    );
+
+    let stderr = flowtel.stderr();
+    let warn = stderr
+        .lines()
+        .find(|l| l.contains("eBPF source unavailable"))
+        .unwrap_or_else(|| panic!("no \"eBPF source unavailable\" warning in:\n{stderr}"));
+    println!("{TEST}: {warn}");
+    assert!(
+        warn.contains("WARN"),
+        "the fallback is logged at warn level: {warn}"
+    );
+    assert!(
+        stderr.lines().any(
+            |l| l.contains("flowtel started") && l.contains("source=\"conntrack\"")
+                || l.contains("flowtel started") && l.contains("source=conntrack")
+        ),
+        "flowtel did not log that it started with conntrack:\n{stderr}"
+    );
+    assert_eq!(
+        sources(&series),
+        ["conntrack"],
+        "every exported flow series must carry flowtel.source=conntrack\n{}",
+        series.describe()
+    );
+    scenario::check_totals("receiver", &series.totals(), &truth, &series);
+    scenario::check_flows("receiver", &flows, &series);
+
+    assert!(
+        flowtel.exit_status().is_none(),
+        "flowtel exited early: {:?}\n{}",
+        flowtel.exit_status(),
+        flowtel.stderr()
+    );
+    let status = flowtel.stop(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "flowtel did not exit cleanly on SIGTERM: {status:?}\n{}",
+        flowtel.stderr()
+    );
+    println!("{TEST}: passed in {:?}", t0.elapsed());
+}
+
+/// Program ids of loaded programs named like flowtel's (bpf/flow.bpf.c:
+/// flowtel_in_eth, flowtel_out_eth, flowtel_in_ip, flowtel_out_ip; the
+/// kernel keeps the first 15 characters).
+fn flowtel_prog_ids(bpftool: &PathBuf) -> Vec<u64> {
+    let out = Command::new(bpftool)
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("running bpftool prog show");
+    assert!(out.status.success(), "bpftool prog show: {out:?}");
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("flowtel_"))
+        })
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// `bpftool link show` (run in `ns`): the links that run one of `progs`,
+/// and the tcx links of any program.
+fn links(ns: &Netns, bpftool: &PathBuf, progs: &[u64]) -> (usize, String) {
+    let out = ns
+        .run(bpftool, &["-j", "link", "show"])
+        .expect("bpftool link show");
+    let all: serde_json::Value = serde_json::from_str(&out).expect("bpftool json");
+    let ours = all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| progs.contains(&id)))
+        .count();
+    (ours, out)
+}
+
+fn tc_filters(ns: &Netns, tc: &PathBuf) -> String {
+    ["ingress", "egress"]
+        .map(|hook| {
+            ns.run(tc, &["filter", "show", "dev", scenario::IF_A, hook])
+                .unwrap_or_else(|e| panic!("tc filter show {hook}: {e}"))
+        })
+        .join("")
+}
+
+/// Wire packets `ns`'s IPv4 layer received (all ECN codepoints), which
+/// counts GSO segments the way the eBPF source does.
+fn ipv4_in_packets(ns: &Netns) -> u64 {
+    let out = ns
+        .run("cat", &["/proc/net/netstat"])
+        .expect("/proc/net/netstat");
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("IpExt:")).collect();
+    assert_eq!(lines.len(), 2, "IpExt lines in /proc/net/netstat");
+    lines[0]
+        .split_whitespace()
+        .zip(lines[1].split_whitespace())
+        .filter(|(n, _)| ["InNoECTPkts", "InECT1Pkts", "InECT0Pkts", "InCEPkts"].contains(n))
+        .map(|(_, v)| v.parse::<u64>().expect("counter is a number"))
+        .sum()
+}
+
+#[test]
+fn ebpf_sigterm_exports_final_interval_and_detaches() {
+    const TEST: &str = "ebpf_sigterm_exports_final_interval_and_detaches";
+    let Some((tools, extra)) = prerequisites(
+        TEST,
+        &[BPFTOOL, TC],
+        &[
+            (
+                flowtel::source::ebpf::built_with_ebpf(),
+                "flowtel was built without eBPF support (clang/bpftool missing)",
+            ),
+            (
+                std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+                "the kernel has no BTF (/sys/kernel/btf/vmlinux)",
+            ),
+        ],
+    ) else {
+        return;
+    };
+    let _serial = serial();
+    let (bpftool, tc) = (&extra[0], &extra[1]);
+    let t0 = Instant::now();
+    let lab = Lab::new(&tools).expect("setting up the namespaces");
+    let receiver = OtlpReceiver::start().expect("starting the test OTLP receiver");
+    let endpoint = receiver.grpc_endpoint();
+    let netns = lab.a.path();
+    let progs_before = flowtel_prog_ids(bpftool);
+    let filters_before = tc_filters(&lab.a, tc);
+
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "ebpf",
+        netns: &netns,
+        endpoint: &endpoint,
+        protocol: "grpc",
+        interval: "30s",
+        env: Vec::new(),
+    })
+    .expect("starting flowtel");
+    flowtel
+        .wait_ready(Duration::from_secs(20))
+        .expect("flowtel becomes ready");
+    let started = Instant::now();
+    let ours: Vec<u64> = flowtel_prog_ids(bpftool)
+        .into_iter()
+        .filter(|id| !progs_before.contains(id))
+        .collect();
+    let (our_links, _) = links(&lab.a, bpftool, &ours);
+    let filters = tc_filters(&lab.a, tc);
+    println!(
+        "{TEST}: {:.1}s: flowtel {} ready on {}, programs {ours:?}, {our_links} links, \
+         tc filters: {:?}",
+        t0.elapsed().as_secs_f64(),
+        flowtel.pid(),
+        lab.a.name,
+        filters.trim()
+    );
+    assert!(
+        !ours.is_empty(),
+        "no flowtel_* program loaded while running"
+    );
+    assert!(
+        our_links == 2 || filters.matches("flowtel_").count() == 2,
+        "expected flowtel on {}'s ingress and egress (2 tcx links or 2 tc filters): \
+         {our_links} links, filters {filters:?}",
+        scenario::IF_A
+    );
+
+    let plan = Plan {
+        tcp4: Some((6 << 20, 3 << 20)),
+        tcp6: None,
+        nat: None,
+        udp4: None,
+        udp6: None,
+        short: None,
+    };
+    let before = lab.counters().expect("reading A's veth counters");
+    let (a_in0, b_in0) = (ipv4_in_packets(&lab.a), ipv4_in_packets(&lab.b));
+    let servers = lab.servers().expect("starting the servers in B");
+    let flows = scenario::run(&lab, &plan).expect("making the traffic");
+    let server_errors = servers.errors();
+    drop(servers);
+    assert!(
+        server_errors.is_empty(),
+        "servers in B failed: {server_errors:?}"
+    );
+    // Let the FINs and last ACKs cross before the counters are read.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = lab.counters().expect("reading A's veth counters");
+    let (a_in, b_in) = (
+        ipv4_in_packets(&lab.a) - a_in0,
+        ipv4_in_packets(&lab.b) - b_in0,
+    );
+    for f in &flows {
+        println!("{TEST}: sent {:<5} {:?}", f.name, f.payload);
+    }
+    let before_signal = receiver.request_count();
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the traffic took too long: the first 30 s tick may come before SIGTERM"
+    );
+
+    let status = flowtel.stop(Duration::from_secs(15));
+    let stopped = Instant::now();
+    println!(
+        "{TEST}: {:.1}s: SIGTERM after {:.1}s of running: {status:?}; {before_signal} \
+         exports before the signal, {} after",
+        t0.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        receiver.request_count() - before_signal
+    );
+    assert!(
+        status.is_some_and(|s| s.code() == Some(0)),
+        "flowtel did not exit 0 on SIGTERM: {status:?}\n{}",
+        flowtel.output()
+    );
+
+    let points = receiver.sum_points(before_signal);
+    let series = series_of_clients(&points, &[scenario::A_V4, scenario::B_V4]);
+    println!("{TEST}: final interval series:\n{}", series.describe());
+    assert!(
+        !series.bytes.is_empty(),
+        "the receiver got no flow series after SIGTERM (final interval missing); \
+         all points: {}\n{}",
+        points.len(),
+        flowtel.output()
+    );
+    assert_eq!(
+        sources(&series),
+        ["ebpf"],
+        "every exported flow series must carry flowtel.source=ebpf\n{}",
+        series.describe()
+    );
+    let got = series.totals();
+    let veth = Totals::from_counters(&before, &after);
+    let rows = [
+        (
+            "client_to_server bytes",
+            got.c2s_bytes,
+            veth.c2s_bytes,
+            "veth tx L3",
+        ),
+        (
+            "server_to_client bytes",
+            got.s2c_bytes,
+            veth.s2c_bytes,
+            "veth rx L3",
+        ),
+        (
+            "client_to_server packets",
+            got.c2s_packets,
+            b_in,
+            "B IPv4 in",
+        ),
+        (
+            "server_to_client packets",
+            got.s2c_packets,
+            a_in,
+            "A IPv4 in",
+        ),
+    ];
+    for (what, g, t, basis) in rows {
+        println!(
+            "{TEST}: {what}: expected ({basis}) {t}, reported {g} ({:+.3} %)",
+            deviation_pct(g, t)
+        );
+    }
+    for (what, g, t, basis) in rows {
+        assert!(
+            within(g, t, 0.01),
+            "{what}: expected {t} ({basis}) ±1 %, flowtel reported {g} ({:+.3} %)\n{}",
+            deviation_pct(g, t),
+            series.describe()
+        );
+    }
+
+    // Nothing of flowtel is left on A's veth. Links and filters go with
+    // the process; the kernel frees the programs after an RCU grace period.
+    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        flowtel_prog_ids(bpftool)
+            .iter()
+            .all(|id| !ours.contains(id))
+    });
+    let left: Vec<u64> = flowtel_prog_ids(bpftool)
+        .into_iter()
+        .filter(|id| ours.contains(id))
+        .collect();
+    assert!(
+        gone,
+        "flowtel's programs still loaded 5 s after exit: {left:?}"
+    );
+    let (our_links, all_links) = links(&lab.a, bpftool, &ours);
+    assert_eq!(
+        our_links, 0,
+        "flowtel's links left after exit:\n{all_links}"
+    );
+    let net = lab
+        .a
+        .run(bpftool, &["net", "show", "dev", scenario::IF_A])
+        .expect("bpftool net show");
+    assert!(
+        !net.contains("tcx") && !net.contains("flowtel"),
+        "bpftool net show dev {} in A still shows attachments:\n{net}",
+        scenario::IF_A
+    );
+    let filters = tc_filters(&lab.a, tc);
+    assert!(
+        !filters.contains("flowtel"),
+        "tc filters left on {}: {filters}",
+        scenario::IF_A
+    );
+    assert_eq!(filters, filters_before, "the tc filters changed");
+    println!(
+        "{TEST}: {:.1}s after exit: no flowtel program ({} before), link, tcx attachment or tc \
+         filter left; bpftool net show dev {}: {:?}",
+        stopped.elapsed().as_secs_f64(),
+        ours.len(),
+        scenario::IF_A,
+        net.trim()
+    );
+    println!("{TEST}: passed in {:?}", t0.elapsed());
+}
