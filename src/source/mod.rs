@@ -4,6 +4,7 @@
 pub mod conntrack;
 pub mod ebpf;
 pub mod netns;
+pub mod out;
 
 /// Which source is running and how, for logs, `/readyz` and the console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -22,7 +22,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use tokio::sync::mpsc::error::TrySendError;
 
 pub use decode::{decode_message, encode_message, DecodeError, MessageKind};
 pub use procfs::{parse_proc_line, ProcParseError};
@@ -30,6 +29,7 @@ pub use procfs::{parse_proc_line, ProcParseError};
 use crate::config::{ConntrackConfig, ConntrackMode};
 use crate::flow::SourceEvent;
 use crate::source::netns;
+use crate::source::out::Out;
 use crate::stats::SelfStats;
 
 /// How often idle threads look at the stop flag.
@@ -395,47 +395,6 @@ fn procfs_dump(path: &Path, out: &Out, stats: &SelfStats) -> Option<bool> {
                 path.display()
             );
             Some(false)
-        }
-    }
-}
-
-/// The sending side shared by the threads: never blocks past a stop request,
-/// even if the consumer stopped reading.
-#[derive(Clone)]
-pub(crate) struct Out {
-    tx: tokio::sync::mpsc::Sender<SourceEvent>,
-    stop: Arc<AtomicBool>,
-}
-
-/// The consumer is gone or a stop was requested.
-#[derive(Debug)]
-pub(crate) struct Halt;
-
-impl Out {
-    pub(crate) fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    /// Sends like `blocking_send`, but waits for room in short sleeps so a
-    /// stop request is noticed even when the channel stays full.
-    pub(crate) fn send(&self, event: SourceEvent) -> Result<(), Halt> {
-        let mut event = match self.tx.try_send(event) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Closed(_)) => return Err(Halt),
-            Err(TrySendError::Full(event)) => event,
-        };
-        let mut wait = Duration::from_micros(20);
-        loop {
-            if self.stopping() {
-                return Err(Halt);
-            }
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(Duration::from_millis(5));
-            event = match self.tx.try_send(event) {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Closed(_)) => return Err(Halt),
-                Err(TrySendError::Full(event)) => event,
-            };
         }
     }
 }

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc::error::TrySendError;
 
 pub use attach::{glob_match, Mode, TC_HANDLE, TC_PRIORITY};
 pub use maps::{FlowKey, FlowValue};
@@ -34,6 +33,7 @@ pub use merge::{ConnKey, Connection, Connections};
 
 use crate::flow::SourceEvent;
 use crate::source::netns;
+use crate::source::out::{Halt, Out};
 use crate::stats::SelfStats;
 
 /// How often the interface list is re-read to attach to new interfaces.
@@ -402,38 +402,6 @@ fn load_program_error(io_error: &std::io::Error, log: &str, caps: &str) -> anyho
          kernel ({}) is too old or this is a flowtel bug worth reporting; use source: conntrack",
         kernel.trim()
     )
-}
-
-/// The sending side: never blocks past a stop request.
-struct Out {
-    tx: tokio::sync::mpsc::Sender<SourceEvent>,
-    stop: Arc<AtomicBool>,
-}
-
-/// The consumer is gone or a stop was requested.
-struct Halt;
-
-impl Out {
-    fn send(&self, event: SourceEvent) -> Result<(), Halt> {
-        let mut event = match self.tx.try_send(event) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Closed(_)) => return Err(Halt),
-            Err(TrySendError::Full(event)) => event,
-        };
-        let mut wait = Duration::from_micros(20);
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return Err(Halt);
-            }
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(Duration::from_millis(5));
-            event = match self.tx.try_send(event) {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Closed(_)) => return Err(Halt),
-                Err(TrySendError::Full(event)) => event,
-            };
-        }
-    }
 }
 
 /// Everything the source thread owns.
