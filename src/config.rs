@@ -739,6 +739,12 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
     if cfg.ebpf.max_flows == 0 {
         return Err(ConfigError::new("ebpf.max_flows", "must be at least 1"));
     }
+    if cfg.ebpf.nat_max_entries == 0 && cfg.ebpf.nat != crate::source::ebpf::NatMode::Off {
+        return Err(ConfigError::new(
+            "ebpf.nat_max_entries",
+            "must be at least 1 (or set ebpf.nat: off)",
+        ));
+    }
     if cfg.ebpf.interfaces_include.is_empty() {
         return Err(ConfigError::new(
             "ebpf.interfaces_include",

@@ -143,6 +143,18 @@ const CASES: &[Case] = &[
         env: &[],
         key: "`source`",
     },
+    Case {
+        name: "unknown ebpf nat mode",
+        yaml: Some("ebpf:\n  nat: iptables\n"),
+        env: &[],
+        key: "`ebpf.nat`",
+    },
+    Case {
+        name: "no room for NAT translations",
+        yaml: Some("ebpf:\n  nat_max_entries: 0\n"),
+        env: &[],
+        key: "`ebpf.nat_max_entries`",
+    },
 ];
 
 fn run(subcommand: &str, case: &Case, dir: &std::path::Path) -> std::process::Output {

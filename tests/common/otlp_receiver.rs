@@ -426,6 +426,32 @@ impl OtlpReceiver {
         out
     }
 
+    /// The integer values of gauge `metric` in the requests from index
+    /// `since` on, in the order they arrived (self-metrics such as
+    /// `flowtel.ebpf.map.entries`).
+    pub fn gauge_values(&self, metric: &str, since: usize) -> Vec<i64> {
+        let mut out = Vec::new();
+        for r in self.received(since) {
+            let metrics = r
+                .request
+                .resource_metrics
+                .iter()
+                .flat_map(|rm| &rm.scope_metrics)
+                .flat_map(|sm| &sm.metrics)
+                .filter(|m| m.name == metric);
+            for m in metrics {
+                let Some(metric::Data::Gauge(g)) = &m.data else {
+                    continue;
+                };
+                out.extend(g.data_points.iter().filter_map(|dp| match dp.value {
+                    Some(number_data_point::Value::AsInt(i)) => Some(i),
+                    _ => None,
+                }));
+            }
+        }
+        out
+    }
+
     /// The newest point of each series of `metric`, from requests `since` on.
     pub fn latest(&self, metric: &str, since: usize) -> BTreeMap<Attrs, SumPoint> {
         latest(&self.sum_points(since), metric)

@@ -242,6 +242,57 @@ pub fn tcp_connections(
     })?
 }
 
+/// One TCP connection from `ns` to `dst` that sends `up` bytes (plus the
+/// 16-byte header) in `pieces` parts with `pause` between them, then
+/// receives `down`: a transfer that stays open across several intervals.
+pub fn tcp_paced(
+    ns: &Netns,
+    dst: SocketAddr,
+    up: u64,
+    down: u64,
+    pieces: u64,
+    pause: Duration,
+) -> anyhow::Result<Payload> {
+    ns.in_ns(|| -> anyhow::Result<Payload> {
+        let mut s = TcpStream::connect_timeout(&dst, IO_TIMEOUT)
+            .with_context(|| format!("connecting to {dst}"))?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        let mut header = [0u8; 16];
+        header[..8].copy_from_slice(&up.to_be_bytes());
+        header[8..].copy_from_slice(&down.to_be_bytes());
+        s.write_all(&header)?;
+        let pieces = pieces.max(1);
+        for i in 0..pieces {
+            if i > 0 {
+                std::thread::sleep(pause);
+            }
+            let part = up / pieces + u64::from(i < up % pieces);
+            write_n(&mut s, part, b'u').with_context(|| format!("sending to {dst}"))?;
+        }
+        let mut buf = vec![0u8; CHUNK];
+        let mut got = 0u64;
+        loop {
+            let n = s
+                .read(&mut buf)
+                .with_context(|| format!("receiving from {dst}"))?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        if got != down {
+            bail!("{dst} sent {got} bytes, expected {down}");
+        }
+        Ok(Payload {
+            to_server: 16 + up,
+            to_client: down,
+            exchanges: 1,
+            lost: 0,
+        })
+    })?
+}
+
 /// `count` UDP requests of `up` bytes from `ns` to `dst`, each answered by
 /// `down` bytes; waits up to a second for each reply.
 pub fn udp_exchange(

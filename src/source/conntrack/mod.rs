@@ -88,6 +88,36 @@ pub fn start(
     stats: Arc<SelfStats>,
     tx: tokio::sync::mpsc::Sender<SourceEvent>,
 ) -> anyhow::Result<ConntrackHandle> {
+    start_reader(cfg, stats, tx, Reader::Counters)
+}
+
+/// Starts a reader whose consumer needs only the tuples (the eBPF source's
+/// NAT table), not the byte counters: it neither turns on
+/// `nf_conntrack_acct` nor warns that it is off, since the eBPF source
+/// counts the bytes itself.
+pub fn start_translations(
+    cfg: &ConntrackConfig,
+    stats: Arc<SelfStats>,
+    tx: tokio::sync::mpsc::Sender<SourceEvent>,
+) -> anyhow::Result<ConntrackHandle> {
+    start_reader(cfg, stats, tx, Reader::Translations)
+}
+
+/// What the consumer of a conntrack reader uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// Counters and tuples: the conntrack flow source.
+    Counters,
+    /// Tuples only.
+    Translations,
+}
+
+fn start_reader(
+    cfg: &ConntrackConfig,
+    stats: Arc<SelfStats>,
+    tx: tokio::sync::mpsc::Sender<SourceEvent>,
+    reader: Reader,
+) -> anyhow::Result<ConntrackHandle> {
     let netns = match &cfg.netns {
         Some(path) => Some(Arc::new(File::open(path).with_context(|| {
             format!(
@@ -117,8 +147,13 @@ pub fn start(
             .name("ct-dump".into())
             .spawn(move || {
                 let setup = netns::enter(netns.as_deref(), cfg.netns.as_deref(), "conntrack.netns")
-                    .and_then(|()| sysctl::ensure_accounting(cfg.enable_accounting, &stats))
-                    .and_then(|_| choose_mode(&cfg, &proc_path));
+                    .and_then(|()| match reader {
+                        Reader::Counters => {
+                            sysctl::ensure_accounting(cfg.enable_accounting, &stats).map(drop)
+                        }
+                        Reader::Translations => sysctl::check_loaded(),
+                    })
+                    .and_then(|()| choose_mode(&cfg, &proc_path));
                 let mode = match setup {
                     Ok(mode) => mode,
                     Err(e) => {
@@ -201,7 +236,16 @@ pub fn start(
         tracing::info!("conntrack events need netlink; relying on periodic procfs dumps only");
     }
 
-    tracing::info!(mode = mode.as_str(), netns = ?cfg.netns, "conntrack source started");
+    match reader {
+        Reader::Counters => {
+            tracing::info!(mode = mode.as_str(), netns = ?cfg.netns, "conntrack source started")
+        }
+        Reader::Translations => tracing::info!(
+            mode = mode.as_str(),
+            netns = ?cfg.netns,
+            "conntrack reader for NAT translations started"
+        ),
+    }
     Ok(ConntrackHandle {
         requests,
         stop,

@@ -6,12 +6,18 @@
 //! side ingress then the egress device, a VLAN and its parent, ...) lands in
 //! one entry per hook. Per direction the connection's counters are the
 //! MAXIMUM over its sightings, so each packet counts once. See bpf/README.md.
+//!
+//! NAT: a connection translated between two hooks is seen under two tuples.
+//! [`Connections::fold_nat`] folds the translated one into the original one
+//! (by the same maximum rule) using conntrack's translations, so it is
+//! reported once, under the tuple the client used, with its [`Nat`].
 
 use std::collections::HashMap;
 
-use crate::flow::{Counters, Endpoint, FlowId, FlowUpdate, Nat, SourceKind, Transport};
+use crate::flow::{Counters, Endpoint, FlowId, FlowUpdate, SourceKind, Transport};
 
 use super::maps::{FlowKey, FlowValue, FLAG_SYN_ONLY, TCP_FIN, TCP_RST};
+use super::nat::{NatTable, Translation};
 
 /// Ports below this are "well known": such a side is the server.
 const WELL_KNOWN: u16 = 1024;
@@ -41,6 +47,19 @@ impl Direction {
         self.flags |= v.flags;
     }
 
+    /// Folds in the same direction as seen under another tuple: the same
+    /// maximum rule as between sightings.
+    fn merge(&mut self, other: &Direction) {
+        self.add_sighting(&FlowValue {
+            bytes: other.counters.bytes,
+            packets: other.counters.packets,
+            first_ns: other.first_ns,
+            last_ns: other.last_ns,
+            flags: other.flags,
+            pad: 0,
+        });
+    }
+
     fn seen(&self) -> bool {
         self.first_ns != 0 || !self.counters.is_zero()
     }
@@ -55,14 +74,26 @@ pub struct ConnKey {
     pub b: Endpoint,
 }
 
+impl ConnKey {
+    /// The key of the connection between `x` and `y`, in either order.
+    pub fn new(transport: Transport, x: Endpoint, y: Endpoint) -> ConnKey {
+        let (a, b) = if x <= y { (x, y) } else { (y, x) };
+        ConnKey { transport, a, b }
+    }
+}
+
 /// All entries of one connection.
 #[derive(Clone, Debug, Default)]
 pub struct Connection {
     /// Packets from `a` to `b`.
     pub ab: Direction,
     pub ba: Direction,
-    /// Every map key that belongs to the connection (to delete it).
+    /// Every map key that belongs to the connection (to delete it), under
+    /// both tuples when it was NAT'ed.
     pub keys: Vec<FlowKey>,
+    /// conntrack's translation, when the connection was NAT'ed on this node:
+    /// it fixes which side is the client and is reported with the flow.
+    pub nat: Option<Translation>,
 }
 
 /// Entries grouped into connections.
@@ -87,32 +118,69 @@ impl Connections {
         }
         true
     }
+
+    /// Applies conntrack's translations: a connection seen under a
+    /// translated tuple (beyond a DNAT or SNAT on this node) is folded into
+    /// its original connection, which is created if no hook saw the
+    /// original tuple; an original connection whose translated tuple was
+    /// not seen still gets the translation.
+    pub fn fold_nat(&mut self, table: &NatTable) {
+        if table.is_empty() {
+            return;
+        }
+        let translated: Vec<Translation> = self
+            .map
+            .keys()
+            .filter_map(|key| table.by_translated(key))
+            .collect();
+        for t in &translated {
+            self.fold(t);
+        }
+        for (key, conn) in &mut self.map {
+            if conn.nat.is_none() {
+                conn.nat = table.by_original(key);
+            }
+        }
+    }
+
+    /// Folds the connection under `t`'s translated tuple (if any) into the
+    /// one under its original tuple, and marks the latter with `t`.
+    pub fn fold(&mut self, t: &Translation) {
+        let (original, translated) = (t.original_key(), t.translated_key());
+        let moved = if original == translated {
+            None
+        } else {
+            self.map.remove(&translated)
+        };
+        if moved.is_none() && !self.map.contains_key(&original) {
+            return;
+        }
+        let into = self.map.entry(original).or_default();
+        into.nat = Some(*t);
+        let Some(from) = moved else { return };
+        // Each side's packets, named by the side that sent them.
+        let (from_client, from_server) = if t.translated_client() == translated.a {
+            (&from.ab, &from.ba)
+        } else {
+            (&from.ba, &from.ab)
+        };
+        let (to_client_side, to_server_side) = if t.original.client == original.a {
+            (&mut into.ab, &mut into.ba)
+        } else {
+            (&mut into.ba, &mut into.ab)
+        };
+        to_client_side.merge(from_client);
+        to_server_side.merge(from_server);
+        into.keys.extend_from_slice(&from.keys);
+    }
 }
 
 /// The connection a key belongs to, and whether the key runs a→b.
 pub fn conn_key(key: &FlowKey) -> Option<(ConnKey, bool)> {
     let src = Endpoint::new(key.src_ip()?, key.sport);
     let dst = Endpoint::new(key.dst_ip()?, key.dport);
-    let transport = Transport::from_protocol(key.proto);
-    Some(if src <= dst {
-        (
-            ConnKey {
-                transport,
-                a: src,
-                b: dst,
-            },
-            true,
-        )
-    } else {
-        (
-            ConnKey {
-                transport,
-                a: dst,
-                b: src,
-            },
-            false,
-        )
-    })
+    let key = ConnKey::new(Transport::from_protocol(key.proto), src, dst);
+    Some((key, key.a == src))
 }
 
 impl Connection {
@@ -132,6 +200,10 @@ impl Connection {
     /// change once seen (flags, ports, first-packet times), so a connection
     /// keeps its orientation from one dump to the next.
     pub fn client_is_a(&self, key: &ConnKey) -> bool {
+        // conntrack saw the first packet: its original tuple decides.
+        if let Some(t) = &self.nat {
+            return t.original.client == key.a;
+        }
         let (a, b) = (key.a.port, key.b.port);
         match key.transport {
             // Echo: the requester's id is its "port", the responder's is 0.
@@ -192,7 +264,7 @@ impl Connection {
                 zone: 0,
             },
             generation: 0,
-            nat: Nat::default(),
+            nat: self.nat.map(|t| t.nat).unwrap_or_default(),
             to_server,
             to_client,
             ended,
@@ -206,6 +278,7 @@ mod tests {
     use std::net::{IpAddr, Ipv6Addr};
 
     use super::*;
+    use crate::flow::{Nat, SourceEvent};
     use crate::source::ebpf::maps::{DIR_EGRESS, DIR_INGRESS};
 
     fn v4key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> FlowKey {
@@ -336,6 +409,195 @@ mod tests {
         conns.add(&v4key(S, 80, C, 40000, 6), &val(1, 1, 1, TCP_FIN | 0x10));
         let (k, c) = conns.map.iter().next().expect("one");
         assert!(c.tcp_closed(k));
+    }
+
+    /// conntrack's report of `client` → `server` translated to `nat`.
+    fn translations(client: Endpoint, server: Endpoint, nat: Nat) -> NatTable {
+        let mut table = NatTable::new(16);
+        table.apply(SourceEvent::Flow(FlowUpdate {
+            id: FlowId {
+                transport: Transport::Tcp,
+                client,
+                server,
+                zone: 0,
+            },
+            generation: 1,
+            nat,
+            to_server: Counters::default(),
+            to_client: Counters::default(),
+            ended: false,
+            source: SourceKind::Conntrack,
+        }));
+        table
+    }
+
+    fn ep(ip: [u8; 4], port: u16) -> Endpoint {
+        Endpoint::new(IpAddr::V4(ip.into()), port)
+    }
+
+    const VIP: [u8; 4] = [198, 18, 100, 1];
+    const POD: [u8; 4] = [198, 19, 0, 4];
+
+    /// A dialled VIP:80, DNATed to POD:8080 between the two hooks.
+    fn dnat_table() -> NatTable {
+        translations(
+            ep(C, 40000),
+            ep(VIP, 80),
+            Nat {
+                server: Some(ep(POD, 8080)),
+                client: None,
+            },
+        )
+    }
+
+    fn sighting(mut k: FlowKey, dir: u8, ifindex: u32) -> FlowKey {
+        k.dir = dir;
+        k.ifindex = ifindex;
+        k
+    }
+
+    #[test]
+    fn dnat_sides_fold_into_one_flow_with_the_backend() {
+        let mut conns = Connections::default();
+        // Client side (ifindex 5): before DNAT on the way in, after the
+        // reverse translation on the way out.
+        let req = v4key(C, 40000, VIP, 80, 6);
+        let rep = v4key(VIP, 80, C, 40000, 6);
+        conns.add(
+            &sighting(req, DIR_INGRESS, 5),
+            &val(10_000, 20, 1, FLAG_SYN_ONLY | 0x02),
+        );
+        conns.add(&sighting(rep, DIR_EGRESS, 5), &val(50_000, 40, 2, 0x12));
+        // Server side (ifindex 7): the translated tuple.
+        let req = v4key(C, 40000, POD, 8080, 6);
+        let rep = v4key(POD, 8080, C, 40000, 6);
+        conns.add(
+            &sighting(req, DIR_EGRESS, 7),
+            &val(10_040, 20, 1, FLAG_SYN_ONLY | 0x02),
+        );
+        conns.add(&sighting(rep, DIR_INGRESS, 7), &val(49_000, 39, 2, 0x12));
+        assert_eq!(conns.map.len(), 2, "two tuples before folding");
+        conns.fold_nat(&dnat_table());
+        let u = one(&conns);
+        assert_eq!(u.id.client, ep(C, 40000));
+        assert_eq!(u.id.server, ep(VIP, 80));
+        assert_eq!(u.nat.server, Some(ep(POD, 8080)));
+        assert_eq!(u.nat.client, None);
+        // The maximum per direction over all four sightings, not the sum.
+        assert_eq!(u.to_server, Counters::new(10_040, 20));
+        assert_eq!(u.to_client, Counters::new(50_000, 40));
+        let keys = conns.map.values().next().map(|c| c.keys.len());
+        assert_eq!(keys, Some(4), "every kernel key, to delete them at expiry");
+    }
+
+    #[test]
+    fn snat_reply_direction_maps_across_a_different_sort_order() {
+        // P (198.18.0.1) → S (198.18.50.5):443, masqueraded to
+        // M (203.0.113.9):61000. Sorted, P < S but S < M: the original key
+        // runs a=client, the translated one a=server.
+        let s = [198, 18, 50, 5];
+        let m = [203, 0, 113, 9];
+        let table = translations(
+            ep(C, 51000),
+            ep(s, 443),
+            Nat {
+                server: None,
+                client: Some(ep(m, 61000)),
+            },
+        );
+        let mut conns = Connections::default();
+        conns.add(&v4key(C, 51000, s, 443, 6), &val(700, 7, 1, 0x10));
+        conns.add(&v4key(s, 443, C, 51000, 6), &val(9_000, 9, 2, 0x10));
+        conns.add(&v4key(m, 61000, s, 443, 6), &val(800, 8, 1, 0x10));
+        conns.add(&v4key(s, 443, m, 61000, 6), &val(8_000, 8, 2, 0x10));
+        conns.fold_nat(&table);
+        let u = one(&conns);
+        assert_eq!((u.id.client, u.id.server), (ep(C, 51000), ep(s, 443)));
+        assert_eq!(u.nat.client, Some(ep(m, 61000)));
+        assert_eq!(u.to_server, Counters::new(800, 8));
+        assert_eq!(u.to_client, Counters::new(9_000, 9));
+    }
+
+    #[test]
+    fn conntrack_orientation_wins_over_the_heuristics() {
+        // Mid-stream, no SYN; the "client" uses a well-known port and the
+        // server an ephemeral one, and the server spoke first: every
+        // heuristic says C:80 is the server. conntrack says otherwise.
+        let table = translations(
+            ep(C, 80),
+            ep(VIP, 40000),
+            Nat {
+                server: Some(ep(POD, 40001)),
+                client: None,
+            },
+        );
+        let mut conns = Connections::default();
+        conns.add(&v4key(POD, 40001, C, 80, 6), &val(30, 1, 1, 0x10));
+        conns.add(&v4key(C, 80, POD, 40001, 6), &val(20, 1, 5, 0x10));
+        conns.fold_nat(&table);
+        let u = one(&conns);
+        assert_eq!((u.id.client, u.id.server), (ep(C, 80), ep(VIP, 40000)));
+        assert_eq!(u.to_server, Counters::new(20, 1));
+        assert_eq!(u.to_client, Counters::new(30, 1));
+        // The same tuples over UDP are another connection.
+        let mut udp = Connections::default();
+        udp.add(&v4key(POD, 40001, C, 80, 17), &val(30, 1, 1, 0));
+        udp.fold_nat(&table);
+        assert_eq!(one(&udp).nat, Nat::default());
+    }
+
+    #[test]
+    fn one_side_alone_still_carries_the_translation() {
+        // Only the server-side hook is attached: the flow is reported as
+        // the client dialled it.
+        let mut conns = Connections::default();
+        conns.add(&v4key(C, 40000, POD, 8080, 6), &val(100, 2, 1, 0x10));
+        conns.add(&v4key(POD, 8080, C, 40000, 6), &val(200, 3, 2, 0x10));
+        conns.fold_nat(&dnat_table());
+        let u = one(&conns);
+        assert_eq!(u.id.server, ep(VIP, 80));
+        assert_eq!(u.nat.server, Some(ep(POD, 8080)));
+        assert_eq!(
+            (u.to_server, u.to_client),
+            (Counters::new(100, 2), Counters::new(200, 3))
+        );
+        // Only the client-side hook: the translation is attached as well.
+        let mut conns = Connections::default();
+        conns.add(&v4key(C, 40000, VIP, 80, 6), &val(100, 2, 1, 0x10));
+        conns.fold_nat(&dnat_table());
+        let u = one(&conns);
+        assert_eq!(u.id.server, ep(VIP, 80));
+        assert_eq!(u.nat.server, Some(ep(POD, 8080)));
+    }
+
+    #[test]
+    fn unrelated_flows_and_an_empty_table_change_nothing() {
+        let mut conns = Connections::default();
+        conns.add(&v4key(C, 40000, S, 443, 6), &val(100, 2, 1, 0x10));
+        conns.fold_nat(&dnat_table());
+        conns.fold_nat(&NatTable::new(1));
+        let u = one(&conns);
+        assert_eq!(u.nat, Nat::default());
+        assert_eq!(u.id.server, ep(S, 443));
+    }
+
+    #[test]
+    fn refolding_one_translation_rebuilds_the_same_flow() {
+        // What expiry does with the final values read while deleting.
+        let table = dnat_table();
+        let t = table
+            .by_translated(&ConnKey::new(Transport::Tcp, ep(C, 40000), ep(POD, 8080)))
+            .expect("translation");
+        let mut fresh = Connections::default();
+        fresh.add(&v4key(C, 40000, VIP, 80, 6), &val(100, 2, 1, 0x10));
+        fresh.add(&v4key(POD, 8080, C, 40000, 6), &val(300, 4, 2, 0x10));
+        fresh.fold(&t);
+        let u = one(&fresh);
+        assert_eq!(u.id.server, ep(VIP, 80));
+        assert_eq!(
+            (u.to_server, u.to_client),
+            (Counters::new(100, 2), Counters::new(300, 4))
+        );
     }
 
     #[test]

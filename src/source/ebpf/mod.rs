@@ -11,12 +11,15 @@
 //! as long as their file descriptors, which this thread owns.
 //!
 //! Counting rule (each packet once per node): see `bpf/README.md` and
-//! [`merge`].
+//! [`merge`]. Connections NAT'ed on this node are seen under two tuples;
+//! conntrack's translations ([`nat`]) fold them into one.
 
 mod attach;
 mod maps;
 mod merge;
+mod nat;
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -30,6 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use attach::{glob_match, Mode, TC_HANDLE, TC_PRIORITY};
 pub use maps::{FlowKey, FlowValue};
 pub use merge::{ConnKey, Connection, Connections};
+pub use nat::{NatTable, Translation};
 
 use crate::flow::SourceEvent;
 use crate::source::netns;
@@ -75,6 +79,20 @@ pub enum AttachMode {
     Netlink,
 }
 
+/// Where the eBPF source learns about NAT on this node.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NatMode {
+    /// conntrack when it can be opened; otherwise one warning, and NAT'ed
+    /// flows may be reported once per side of the translation.
+    #[default]
+    Auto,
+    /// conntrack, or the source does not start.
+    Conntrack,
+    /// No translations: each side of a NAT is its own flow.
+    Off,
+}
+
 /// `ebpf:` in the configuration.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -102,6 +120,16 @@ pub struct EbpfConfig {
     /// map. Default: twice the dump interval, at least 20 s.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+    /// Where NAT translations come from. A connection DNATed or SNATed on
+    /// this node crosses the hooks under two tuples; with conntrack's
+    /// translation it is reported once, as the client dialled it, with the
+    /// translated ends. Reading conntrack needs CAP_NET_ADMIN, which
+    /// attaching TC programs needs anyway.
+    pub nat: NatMode,
+    /// Translations kept at most, allocated as used (up to about 0.5 KiB
+    /// each with the hash tables' slack). Past it, NAT'ed connections are
+    /// reported once per side, and counted.
+    pub nat_max_entries: u32,
 }
 
 impl Default for EbpfConfig {
@@ -114,6 +142,8 @@ impl Default for EbpfConfig {
             netns: None,
             attach: AttachMode::Auto,
             idle_timeout: None,
+            nat: NatMode::Auto,
+            nat_max_entries: 65_536,
         }
     }
 }
@@ -138,6 +168,11 @@ pub struct EbpfStats {
     pub map_entries: AtomicU64,
     /// Connections reported ended and removed from the map after being idle.
     pub flows_expired: AtomicU64,
+    /// NAT translations held for folding (a gauge).
+    pub nat_translations: AtomicU64,
+    /// NAT translations not kept because `nat_max_entries` were held: those
+    /// connections are reported once per side of the translation.
+    pub nat_refused: AtomicU64,
 }
 
 /// A running eBPF source. Dropping it without [`stop`](Self::stop) also
@@ -243,6 +278,9 @@ pub fn start(
     }
     if cfg.max_flows == 0 {
         bail!("ebpf.max_flows must be at least 1");
+    }
+    if cfg.nat_max_entries == 0 && cfg.nat != NatMode::Off {
+        bail!("ebpf.nat_max_entries must be at least 1 (or set ebpf.nat: off)");
     }
     if cfg.interfaces_include.is_empty() {
         bail!(
@@ -419,6 +457,8 @@ struct Worker {
     stats: Arc<SelfStats>,
     ebpf_stats: Arc<EbpfStats>,
     mode: Arc<AtomicU8>,
+    /// conntrack's NAT translations (`ebpf.nat`), if in use.
+    nat: Option<nat::Translations>,
     out: Out,
 }
 
@@ -504,6 +544,8 @@ impl Worker {
                 "no interface matches ebpf.interfaces_include/exclude yet; attaching as they appear"
             );
         }
+        // After attaching: a source that cannot attach needs no translations.
+        let nat = nat::Translations::start(cfg)?;
         stats.byte_counters_available.store(true, Ordering::Relaxed);
         Ok(Worker {
             bpf,
@@ -517,6 +559,7 @@ impl Worker {
             stats,
             ebpf_stats,
             mode,
+            nat,
             out: Out { tx, stop },
         })
     }
@@ -543,6 +586,10 @@ impl Worker {
             if Instant::now() >= next_scan {
                 self.rescan();
                 next_scan = Instant::now() + RESCAN;
+            }
+            // Keeps the reader's channel from filling between dumps.
+            if let Some(nat) = &mut self.nat {
+                nat.drain(&self.stats, &self.ebpf_stats);
             }
         }
     }
@@ -585,12 +632,22 @@ impl Worker {
         self.out.send(SourceEvent::DumpStarted { epoch })?;
 
         let started = Instant::now();
-        let (conns, complete, entries) = self.read_flows();
+        let (mut conns, complete, entries) = self.read_flows();
         self.read_overflow();
+        // Drained after reading the map: conntrack announces a connection
+        // (NEW, at its first packet's confirmation) before that packet
+        // reaches TC egress, so every translated tuple in the map read is
+        // known here unless its event is still in flight.
+        if let Some(nat) = &mut self.nat {
+            nat.drain(&self.stats, &self.ebpf_stats);
+            conns.fold_nat(nat.table());
+        }
         let now_ns = monotonic_ns();
         let idle_ns = self.idle().as_nanos() as u64;
         let closed_ns = CLOSED_IDLE.min(self.idle()).as_nanos() as u64;
         let mut expired = 0u64;
+        // Translated tuples whose traffic stays in the map.
+        let mut live = HashSet::new();
         for (key, conn) in &conns.map {
             let quiet = now_ns.saturating_sub(conn.last_ns());
             let ended =
@@ -599,9 +656,18 @@ impl Worker {
                 expired += 1;
                 self.take(key, conn).update(key, true)
             } else {
+                if let Some(t) = &conn.nat {
+                    live.insert(t.translated_key());
+                }
                 conn.update(key, false)
             };
             self.out.send(SourceEvent::Flow(update))?;
+        }
+        if let Some(nat) = &mut self.nat {
+            if complete {
+                nat.retire(&live);
+            }
+            nat.request_dump();
         }
         SelfStats::add(&self.ebpf_stats.flows_expired, expired);
         self.ebpf_stats
@@ -716,10 +782,11 @@ impl Worker {
         }
     }
 
-    /// Removes an ended connection's entries, returning it with the final
-    /// values read by the same syscall that deleted them (so nothing counted
-    /// in between is lost). Packets after that start a new entry, which the
-    /// next dump reports as a new flow.
+    /// Removes an ended connection's entries (under both tuples when it was
+    /// NAT'ed), returning it with the final values read by the same syscall
+    /// that deleted them (so nothing counted in between is lost). Packets
+    /// after that start a new entry, which the next dump reports as a new
+    /// flow.
     fn take(&self, key: &ConnKey, conn: &Connection) -> Connection {
         let data = match &self.flows {
             aya::maps::Map::PerCpuHashMap(d) => d,
@@ -738,11 +805,17 @@ impl Worker {
                 }
             }
         }
+        if let Some(t) = &conn.nat {
+            fresh.fold(t);
+        }
         fresh.map.remove(key).unwrap_or_else(|| conn.clone())
     }
 
     /// Detaches everything, here on the thread that is in the namespace.
     fn shutdown(mut self) {
+        if let Some(nat) = self.nat.take() {
+            nat.stop();
+        }
         self.attacher.detach_all(&mut self.bpf);
         self.ebpf_stats
             .interfaces_attached
@@ -768,23 +841,51 @@ mod tests {
         assert_eq!(cfg.attach, AttachMode::Netlink);
         assert_eq!(cfg.idle_timeout, Some(Duration::from_secs(30)));
         assert!(serde_json::from_str::<EbpfConfig>(r#"{"max_flow":1}"#).is_err());
+        let defaults = EbpfConfig::default();
+        assert_eq!(defaults.nat, NatMode::Auto);
+        assert_eq!(defaults.nat_max_entries, 65_536);
+        for (text, mode) in [
+            ("auto", NatMode::Auto),
+            ("conntrack", NatMode::Conntrack),
+            ("off", NatMode::Off),
+        ] {
+            let cfg: EbpfConfig =
+                serde_json::from_str(&format!(r#"{{"nat":"{text}","nat_max_entries":5}}"#))
+                    .expect("nat settings");
+            assert_eq!((cfg.nat, cfg.nat_max_entries), (mode, 5));
+        }
+        assert!(serde_json::from_str::<EbpfConfig>(r#"{"nat":"iptables"}"#).is_err());
     }
 
     #[test]
     fn bad_settings_are_refused_before_loading() {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let cfg = EbpfConfig {
-            max_flows: 0,
-            ..EbpfConfig::default()
-        };
-        let err = start(&cfg, Arc::new(SelfStats::default()), tx)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            err.contains("max_flows") || err.contains("without eBPF support"),
-            "{err}"
-        );
+        let cases = [
+            (
+                EbpfConfig {
+                    max_flows: 0,
+                    ..EbpfConfig::default()
+                },
+                "max_flows",
+            ),
+            (
+                EbpfConfig {
+                    nat_max_entries: 0,
+                    ..EbpfConfig::default()
+                },
+                "nat_max_entries",
+            ),
+        ];
+        for (cfg, key) in cases {
+            let (tx, _rx) = tokio::sync::mpsc::channel(1);
+            let err = start(&cfg, Arc::new(SelfStats::default()), tx)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains(key) || err.contains("without eBPF support"),
+                "{err}"
+            );
+        }
     }
 
     /// Built with FLOWTEL_NO_EBPF=1 (or without clang): one clear line.
