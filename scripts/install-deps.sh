@@ -4,8 +4,11 @@
 set -euo pipefail
 
 TOOLS_DIR="${TOOLS_DIR:-/opt/flowtel-tools}"
+# softflowd (about 160 KiB plus libpcap) is the libpcap peer of bench/ebpf_overhead.sh.
+# pmacct, the other one, is left out: it pulls in MariaDB, PostgreSQL, Kafka and
+# ZeroMQ client libraries (the benchmark says how to install it).
 PACKAGES=(clang llvm libbpf-dev bpftool conntrack iperf3 nftables iproute2 procps util-linux
-          prometheus python3-venv ca-certificates)
+          prometheus python3-venv ca-certificates softflowd)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: run as root (it installs Debian packages and loads kernel modules)" >&2
