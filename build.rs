@@ -18,6 +18,7 @@ use std::process::Command;
 const OBJECTS: &[(&str, &str, &[&str])] = &[
     ("flow.bpf", "flow.bpf.o", &[]),
     ("flow.bpf", "flow_prealloc.bpf.o", &["-DFT_PREALLOC"]),
+    ("tcp.bpf", "tcp.bpf.o", &[]),
 ];
 
 fn main() {

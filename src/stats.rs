@@ -26,6 +26,9 @@ pub struct SelfStats {
     pub series_active: AtomicU64,
     /// Kernel events lost (netlink ENOBUFS overruns).
     pub events_lost: AtomicU64,
+    /// RTT and connection-duration samples not kept because an interval
+    /// already held `MAX_SAMPLES_PER_INTERVAL` (the counts are still exact).
+    pub tcp_samples_dropped: AtomicU64,
     /// Source messages that could not be decoded and were skipped.
     pub parse_errors: AtomicU64,
     /// Table dumps that failed.
@@ -64,6 +67,7 @@ impl SelfStats {
             series_overflowed: Self::get(&self.series_overflowed),
             series_active: Self::get(&self.series_active),
             events_lost: Self::get(&self.events_lost),
+            tcp_samples_dropped: Self::get(&self.tcp_samples_dropped),
             parse_errors: Self::get(&self.parse_errors),
             dump_errors: Self::get(&self.dump_errors),
             dumps: Self::get(&self.dumps),
@@ -85,6 +89,7 @@ pub struct StatsSnapshot {
     pub series_overflowed: u64,
     pub series_active: u64,
     pub events_lost: u64,
+    pub tcp_samples_dropped: u64,
     pub parse_errors: u64,
     pub dump_errors: u64,
     pub dumps: u64,

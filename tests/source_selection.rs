@@ -15,6 +15,11 @@
 //!   also flows conntrack sees; only the series of A's veth address are
 //!   compared with the veth.
 //!
+//! * `ebpf_runs_with_only_the_documented_capabilities`: as above but with
+//!   every capability dropped except CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN
+//!   (what the Helm chart grants). `--source ebpf` must start, attach its TC
+//!   and TCP health programs, and count A's traffic within 1 %.
+//!
 //! * `ebpf_sigterm_exports_final_interval_and_detaches`: `--source ebpf`
 //!   with a 30 s interval; known TCP traffic, then SIGTERM before the first
 //!   tick. flowtel must exit 0 after exporting the final interval (eBPF
@@ -37,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use common::flowtel::{Flowtel, FlowtelArgs};
 use common::netns::Netns;
-use common::otlp_receiver::{AttrValue, Attrs, OtlpReceiver, SumPoint};
+use common::otlp_receiver::{AttrValue, OtlpReceiver};
 use common::scenario::{self, Lab, Plan, Series, Totals};
 use common::{deviation_pct, find_tool, strip_ansi, wait_until, within, Prerequisites, Tool};
 
@@ -66,6 +71,9 @@ const TC: Tool = Tool {
 
 /// Capabilities flowtel runs without in test 1.
 const DROPPED_CAPS: &str = "-bpf,-sys_admin,-perfmon";
+/// The whole capability set the eBPF source is documented to need
+/// (README, "Capabilities"): nothing else is left in any set.
+const EBPF_CAPS: &str = "-all,+bpf,+perfmon,+net_admin";
 
 fn in_ci() -> bool {
     std::env::var_os("CI").is_some_and(|v| !v.is_empty())
@@ -101,42 +109,26 @@ fn prerequisites(
     Some((tools, found))
 }
 
-/// The series whose client is one of `clients` (A's veth addresses).
-fn series_of_clients(points: &[SumPoint], clients: &[&str]) -> Series {
-    let mut s = Series::from_points(points);
-    let keep = |attrs: &Attrs| matches!(attrs.get("client.address"), Some(AttrValue::Str(c)) if clients.contains(&c.as_str()));
-    s.bytes.retain(|a, _| keep(a));
-    s.packets.retain(|a, _| keep(a));
-    s
-}
-
-/// The values of `flowtel.source` on the series.
-fn sources(series: &Series) -> Vec<String> {
-    let mut v: Vec<String> = series
-        .bytes
-        .keys()
-        .filter_map(|a| match a.get("flowtel.source") {
-            Some(AttrValue::Str(s)) => Some(s.clone()),
-            _ => None,
-        })
-        .collect();
-    v.sort();
-    v.dedup();
-    v
-}
-
 /// flowtel started as `ip netns exec NS setpriv ... flowtel run ...`: in
-/// the namespace itself, without the dropped capabilities.
+/// the namespace itself (as a hostNetwork pod is in the node's), with the
+/// capability sets changed by `caps` (setpriv syntax, e.g. `-bpf`).
 struct Unprivileged {
     child: Child,
     dir: tempfile::TempDir,
     ns: Netns,
     health: SocketAddr,
+    caps: &'static str,
     exited: Option<ExitStatus>,
 }
 
 impl Unprivileged {
-    fn start(ns: &Netns, setpriv: &PathBuf, endpoint: &str) -> anyhow::Result<Self> {
+    fn start(
+        ns: &Netns,
+        setpriv: &PathBuf,
+        endpoint: &str,
+        caps: &'static str,
+        source: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         // Any port is free on the fresh namespace's loopback.
         let health = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
@@ -146,14 +138,14 @@ impl Unprivileged {
         let mut cmd = ns.command(
             setpriv,
             &[
-                &format!("--inh-caps={DROPPED_CAPS}"),
-                &format!("--ambient-caps={DROPPED_CAPS}"),
-                &format!("--bounding-set={DROPPED_CAPS}"),
+                &format!("--inh-caps={caps}"),
+                &format!("--ambient-caps={caps}"),
+                &format!("--bounding-set={caps}"),
                 "--",
                 env!("CARGO_BIN_EXE_flowtel"),
                 "run",
                 "--source",
-                "auto",
+                source,
                 "--interval",
                 "1s",
                 "--endpoint",
@@ -181,6 +173,7 @@ impl Unprivileged {
             dir,
             ns: ns.clone(),
             health,
+            caps,
             exited: None,
         })
     }
@@ -223,10 +216,11 @@ impl Unprivileged {
         let ready = wait_until(timeout, Duration::from_millis(50), || {
             self.exit_status().is_some() || self.readyz() == Some(200)
         });
+        let exit = self.exit_status();
         assert!(
-            ready && self.exit_status().is_none(),
-            "flowtel (without {DROPPED_CAPS}) not ready after {timeout:?} (exit {:?}):\n{}",
-            self.exit_status(),
+            ready && exit.is_none(),
+            "flowtel (capabilities {}) not ready after {timeout:?} (exit {exit:?}):\n{}",
+            self.caps,
             self.stderr()
         );
     }
@@ -298,7 +292,8 @@ fn auto_without_bpf_capability_falls_back_to_conntrack() {
         .expect("entering A")
         .expect("starting the test OTLP receiver in A");
     let endpoint = receiver.grpc_endpoint();
-    let mut flowtel = Unprivileged::start(&lab.a, setpriv, &endpoint).expect("starting flowtel");
+    let mut flowtel = Unprivileged::start(&lab.a, setpriv, &endpoint, DROPPED_CAPS, "auto")
+        .expect("starting flowtel");
     flowtel.wait_ready(Duration::from_secs(20));
     let (name, caps) = effective_caps(flowtel.child.id());
     println!("{TEST}: process {name:?}, CapEff {caps:#x}");
@@ -354,7 +349,7 @@ fn auto_without_bpf_capability_falls_back_to_conntrack() {
         Duration::from_secs(3),
         Duration::from_secs(3),
         Duration::from_secs(30),
-        || series_of_clients(&receiver.sum_points(0), &[scenario::A_V4, scenario::A_V6]),
+        || Series::of_clients(&receiver.sum_points(0), &[scenario::A_V4, scenario::A_V6]),
     );
     let after = lab.counters().expect("reading A's veth counters");
     let truth = Totals::from_counters(&before, &after);
@@ -382,7 +377,7 @@ fn auto_without_bpf_capability_falls_back_to_conntrack() {
         "flowtel did not log that it started with conntrack:\n{stderr}"
     );
     assert_eq!(
-        sources(&series),
+        series.sources(),
         ["conntrack"],
         "every exported flow series must carry flowtel.source=conntrack\n{}",
         series.describe()
@@ -403,6 +398,104 @@ fn auto_without_bpf_capability_falls_back_to_conntrack() {
         flowtel.stderr()
     );
     println!("{TEST}: passed in {:?}", t0.elapsed());
+}
+
+#[test]
+fn ebpf_runs_with_only_the_documented_capabilities() {
+    const TEST: &str = "ebpf_runs_with_only_the_documented_capabilities";
+    let Some((tools, extra)) = prerequisites(
+        TEST,
+        &[SETPRIV],
+        &[(
+            flowtel::source::ebpf::built_with_ebpf(),
+            "flowtel was built without eBPF support (clang/bpftool missing)",
+        )],
+    ) else {
+        return;
+    };
+    let _serial = serial();
+    let setpriv = &extra[0];
+    let lab = Lab::new(&tools).expect("setting up the namespaces");
+    let receiver = lab
+        .a
+        .in_ns(OtlpReceiver::start)
+        .expect("entering A")
+        .expect("starting the test OTLP receiver in A");
+    let endpoint = receiver.grpc_endpoint();
+    let mut flowtel = Unprivileged::start(&lab.a, setpriv, &endpoint, EBPF_CAPS, "ebpf")
+        .expect("starting flowtel");
+    flowtel.wait_ready(Duration::from_secs(20));
+    let (name, caps) = effective_caps(flowtel.child.id());
+    let wanted = (1u64 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN);
+    println!("{TEST}: process {name:?}, CapEff {caps:#x} (wanted {wanted:#x})");
+    assert_eq!(name, "flowtel");
+    assert_eq!(
+        caps, wanted,
+        "flowtel must hold exactly CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
+    );
+    let stderr = flowtel.stderr();
+    assert!(
+        stderr.contains("eBPF source started"),
+        "the eBPF source did not start with {EBPF_CAPS}:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("TCP health unavailable"),
+        "the TCP health programs need more than {EBPF_CAPS}:\n{stderr}"
+    );
+
+    let plan = Plan {
+        tcp4: Some((4 << 20, 1 << 20)),
+        tcp6: None,
+        nat: None,
+        udp4: Some((500, 1200, 1200)),
+        udp6: None,
+        short: None,
+    };
+    let before = lab.counters().expect("reading A's veth counters");
+    let servers = lab.servers().expect("starting the servers in B");
+    scenario::run(&lab, &plan).expect("making the traffic");
+    let traffic_end = Instant::now();
+    drop(servers);
+    let series = scenario::wait_stable(
+        "receiver",
+        traffic_end,
+        Duration::from_secs(3),
+        Duration::from_secs(3),
+        Duration::from_secs(30),
+        || Series::of_clients(&receiver.sum_points(0), &[scenario::A_V4]),
+    );
+    let after = lab.counters().expect("reading A's veth counters");
+    let truth = Totals::from_counters(&before, &after);
+    let got = series.totals();
+    assert_eq!(series.sources(), ["ebpf"], "{}", series.describe());
+    for (what, g, t) in [
+        ("client_to_server bytes", got.c2s_bytes, truth.c2s_bytes),
+        ("server_to_client bytes", got.s2c_bytes, truth.s2c_bytes),
+    ] {
+        println!(
+            "{TEST}: {what}: expected (veth L3) {t}, reported {g} ({:+.3} %)",
+            deviation_pct(g, t)
+        );
+        assert!(
+            within(g, t, 0.01),
+            "{what}: {g} is not within 1 % of {t}\n{}",
+            series.describe()
+        );
+    }
+    let opened: u64 = receiver
+        .latest("flowtel.tcp.connections.opened", 0)
+        .iter()
+        .filter(|(a, _)| a.get("client.address") == Some(&AttrValue::Str(scenario::A_V4.into())))
+        .map(|(_, p)| p.value)
+        .sum();
+    println!("{TEST}: TCP connections opened from A: {opened}");
+    assert!(opened >= 1, "TCP health reported no connection from A");
+    let status = flowtel.stop(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "flowtel did not exit cleanly on SIGTERM: {status:?}\n{}",
+        flowtel.stderr()
+    );
 }
 
 /// Program ids of loaded programs named like flowtel's (bpf/flow.bpf.c:
@@ -430,18 +523,24 @@ fn flowtel_prog_ids(bpftool: &PathBuf) -> Vec<u64> {
 
 /// `bpftool link show` (run in `ns`): the links that run one of `progs`,
 /// and the tcx links of any program.
-fn links(ns: &Netns, bpftool: &PathBuf, progs: &[u64]) -> (usize, String) {
+/// How many BPF links of `progs` exist, and how many of those are TCX
+/// links (the others are the TCP health tracepoints).
+fn links(ns: &Netns, bpftool: &PathBuf, progs: &[u64]) -> (usize, usize, String) {
     let out = ns
         .run(bpftool, &["-j", "link", "show"])
         .expect("bpftool link show");
     let all: serde_json::Value = serde_json::from_str(&out).expect("bpftool json");
-    let ours = all
+    let ours: Vec<&serde_json::Value> = all
         .as_array()
         .into_iter()
         .flatten()
         .filter(|l| l["prog_id"].as_u64().is_some_and(|id| progs.contains(&id)))
+        .collect();
+    let tcx = ours
+        .iter()
+        .filter(|l| l["type"] == "tcx" || l["type"] == 11)
         .count();
-    (ours, out)
+    (ours.len(), tcx, out)
 }
 
 fn tc_filters(ns: &Netns, tc: &PathBuf) -> String {
@@ -515,7 +614,7 @@ fn ebpf_sigterm_exports_final_interval_and_detaches() {
         .into_iter()
         .filter(|id| !progs_before.contains(id))
         .collect();
-    let (our_links, _) = links(&lab.a, bpftool, &ours);
+    let (_, our_links, _) = links(&lab.a, bpftool, &ours);
     let filters = tc_filters(&lab.a, tc);
     println!(
         "{TEST}: {:.1}s: flowtel {} ready on {}, programs {ours:?}, {our_links} links, \
@@ -586,7 +685,7 @@ fn ebpf_sigterm_exports_final_interval_and_detaches() {
     );
 
     let points = receiver.sum_points(before_signal);
-    let series = series_of_clients(&points, &[scenario::A_V4, scenario::B_V4]);
+    let series = Series::of_clients(&points, &[scenario::A_V4, scenario::B_V4]);
     println!("{TEST}: final interval series:\n{}", series.describe());
     assert!(
         !series.bytes.is_empty(),
@@ -596,7 +695,7 @@ fn ebpf_sigterm_exports_final_interval_and_detaches() {
         flowtel.output()
     );
     assert_eq!(
-        sources(&series),
+        series.sources(),
         ["ebpf"],
         "every exported flow series must carry flowtel.source=ebpf\n{}",
         series.describe()
@@ -659,7 +758,7 @@ fn ebpf_sigterm_exports_final_interval_and_detaches() {
         gone,
         "flowtel's programs still loaded 5 s after exit: {left:?}"
     );
-    let (our_links, all_links) = links(&lab.a, bpftool, &ours);
+    let (our_links, _, all_links) = links(&lab.a, bpftool, &ours);
     assert_eq!(
         our_links, 0,
         "flowtel's links left after exit:\n{all_links}"

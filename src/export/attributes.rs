@@ -3,7 +3,7 @@
 
 use opentelemetry::KeyValue;
 
-use crate::flow::aggregate::SeriesKey;
+use crate::flow::aggregate::{DropKey, SeriesKey};
 
 pub const NETWORK_TRANSPORT: &str = "network.transport";
 pub const NETWORK_TYPE: &str = "network.type";
@@ -18,6 +18,9 @@ pub const NAT_CLIENT_ADDRESS: &str = "flowtel.nat.client.address";
 pub const NAT_CLIENT_PORT: &str = "flowtel.nat.client.port";
 pub const SOURCE: &str = "flowtel.source";
 pub const OVERFLOW: &str = "otel.metric.overflow";
+pub const TCP_CLOSE_CAUSE: &str = "flowtel.tcp.close.cause";
+pub const TCP_FAILURE: &str = "flowtel.tcp.failure";
+pub const DROP_REASON: &str = "flowtel.drop.reason";
 
 /// Which way the bytes of a data point travelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +73,18 @@ pub fn series_attributes(key: &SeriesKey, direction: Option<Direction>) -> Vec<K
     }
     if let Some(d) = direction {
         attrs.push(KeyValue::new(FLOW_DIRECTION, d.as_str()));
+    }
+    attrs
+}
+
+/// The attributes of one drop series.
+pub fn drop_attributes(key: &DropKey) -> Vec<KeyValue> {
+    let mut attrs = vec![
+        KeyValue::new(DROP_REASON, key.reason),
+        KeyValue::new(NETWORK_TRANSPORT, key.transport.as_str()),
+    ];
+    if let Some(nt) = key.network_type {
+        attrs.push(KeyValue::new(NETWORK_TYPE, nt));
     }
     attrs
 }

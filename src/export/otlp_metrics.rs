@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry::metrics::{Histogram, Meter, MeterProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::MetricExporter;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -24,10 +24,13 @@ use opentelemetry_sdk::metrics::{
 };
 
 use crate::config::{Config, Protocol, Temporality};
-use crate::export::attributes::{series_attributes, Direction};
+use crate::export::attributes::{
+    drop_attributes, series_attributes, Direction, TCP_CLOSE_CAUSE, TCP_FAILURE,
+};
 use crate::export::resource;
 use crate::export::transport::SignalTransport;
-use crate::flow::aggregate::IntervalReport;
+use crate::flow::aggregate::{IntervalReport, TcpCounters};
+use crate::flow::{TcpClose, TcpFailure};
 use crate::source::ebpf::EbpfStats;
 use crate::stats::SelfStats;
 
@@ -39,10 +42,34 @@ struct PreparedPoint {
     packets: u64,
 }
 
+/// The latest interval in the shape the SDK callbacks read.
+#[derive(Debug, Default)]
+struct Prepared {
+    flows: Vec<PreparedPoint>,
+    /// Per TCP series: its attributes and counts.
+    tcp: Vec<(Vec<KeyValue>, TcpCounters)>,
+    /// Per drop series: its attributes and dropped packets.
+    drops: Vec<(Vec<KeyValue>, u64)>,
+}
+
+type Latest = Arc<Mutex<Arc<Prepared>>>;
+
+/// Histogram bucket bounds for RTTs, in seconds: 50 µs (same host) to 5 s.
+const RTT_BOUNDS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+];
+/// Connection durations, in seconds: 1 ms to 1 h.
+const DURATION_BOUNDS: &[f64] = &[
+    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
 /// Ships each finished interval to an OTLP collector.
 pub struct OtlpMetricsExporter {
     provider: SdkMeterProvider,
-    latest: Arc<Mutex<Arc<Vec<PreparedPoint>>>>,
+    latest: Latest,
+    rtt: Histogram<f64>,
+    duration: Histogram<f64>,
 }
 
 impl OtlpMetricsExporter {
@@ -96,8 +123,7 @@ impl OtlpMetricsExporter {
             .with_resource(resource::build(&cfg.resource))
             .with_reader(reader)
             .with_view(move |i: &Instrument| {
-                i.name()
-                    .starts_with("flowtel.flow.")
+                (i.name().starts_with("flowtel.flow.") || i.name().starts_with("flowtel.tcp."))
                     .then(|| {
                         Stream::builder()
                             .with_cardinality_limit(series_limit)
@@ -107,14 +133,35 @@ impl OtlpMetricsExporter {
                     .flatten()
             })
             .build();
-        let latest: Arc<Mutex<Arc<Vec<PreparedPoint>>>> = Arc::default();
+        let latest: Latest = Arc::default();
         let meter = provider.meter("flowtel");
         register_flow_instruments(&meter, &latest);
+        register_health_instruments(&meter, &latest);
         register_self_instruments(&meter, stats);
         if let Some(e) = ebpf_stats {
             register_ebpf_instruments(&meter, e);
         }
-        Ok(Self { provider, latest })
+        let rtt = meter
+            .f64_histogram("flowtel.tcp.rtt")
+            .with_unit("s")
+            .with_description(
+                "Smoothed round-trip time of TCP connections: one sample per connection and \
+                 interval in which it received data, and one at its close",
+            )
+            .with_boundaries(RTT_BOUNDS.to_vec())
+            .build();
+        let duration = meter
+            .f64_histogram("flowtel.tcp.connection.duration")
+            .with_unit("s")
+            .with_description("How long TCP connections lasted, from SYN to close")
+            .with_boundaries(DURATION_BOUNDS.to_vec())
+            .build();
+        Ok(Self {
+            provider,
+            latest,
+            rtt,
+            duration,
+        })
     }
 
     /// Publishes a finished interval and exports it now.
@@ -122,6 +169,18 @@ impl OtlpMetricsExporter {
         let prepared = Arc::new(prepare(report));
         if let Ok(mut latest) = self.latest.lock() {
             *latest = prepared;
+        }
+        for p in &report.tcp {
+            if p.rtt.is_empty() && p.durations.is_empty() {
+                continue;
+            }
+            let attributes = series_attributes(&p.key, None);
+            for v in &p.rtt {
+                self.rtt.record(*v, &attributes);
+            }
+            for v in &p.durations {
+                self.duration.record(*v, &attributes);
+            }
         }
         let provider = self.provider.clone();
         // force_flush blocks until the export (with its retries) is done.
@@ -141,7 +200,25 @@ impl OtlpMetricsExporter {
     }
 }
 
-fn prepare(report: &IntervalReport) -> Vec<PreparedPoint> {
+fn prepare(report: &IntervalReport) -> Prepared {
+    let tcp = report
+        .tcp
+        .iter()
+        .map(|p| (series_attributes(&p.key, None), p.cumulative))
+        .collect();
+    let drops = report
+        .drops
+        .iter()
+        .map(|p| (drop_attributes(&p.key), p.counters.packets))
+        .collect();
+    Prepared {
+        flows: prepare_flows(report),
+        tcp,
+        drops,
+    }
+}
+
+fn prepare_flows(report: &IntervalReport) -> Vec<PreparedPoint> {
     let mut out = Vec::with_capacity(report.points.len() * 2);
     for p in &report.points {
         if report.spec.direction {
@@ -167,17 +244,18 @@ fn prepare(report: &IntervalReport) -> Vec<PreparedPoint> {
     out
 }
 
-fn register_flow_instruments(meter: &Meter, latest: &Arc<Mutex<Arc<Vec<PreparedPoint>>>>) {
-    let snapshot = |latest: &Arc<Mutex<Arc<Vec<PreparedPoint>>>>| {
-        latest.lock().map(|l| Arc::clone(&l)).unwrap_or_default()
-    };
+fn snapshot(latest: &Latest) -> Arc<Prepared> {
+    latest.lock().map(|l| Arc::clone(&l)).unwrap_or_default()
+}
+
+fn register_flow_instruments(meter: &Meter, latest: &Latest) {
     let l = latest.clone();
     meter
         .u64_observable_counter("flowtel.flow.bytes")
         .with_unit("By")
         .with_description("Bytes carried by flows (L3, IP headers included), by direction")
         .with_callback(move |o| {
-            for p in snapshot(&l).iter() {
+            for p in &snapshot(&l).flows {
                 o.observe(p.bytes, &p.attributes);
             }
         })
@@ -188,15 +266,110 @@ fn register_flow_instruments(meter: &Meter, latest: &Arc<Mutex<Arc<Vec<PreparedP
         .with_unit("{packet}")
         .with_description("Packets carried by flows, by direction")
         .with_callback(move |o| {
-            for p in snapshot(&l).iter() {
+            for p in &snapshot(&l).flows {
                 o.observe(p.packets, &p.attributes);
             }
         })
         .build();
 }
 
+/// Reads one count of a TCP series.
+type Pick = fn(&TcpCounters) -> u64;
+/// One TCP counter: name, unit, description, and per extra attribute (none,
+/// or one key and value) the count it reports.
+type HealthCounter = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Vec<(Option<(&'static str, &'static str)>, Pick)>,
+);
+
+/// TCP connection counters and drops, read from the latest interval.
+fn register_health_instruments(meter: &Meter, latest: &Latest) {
+    let with = |attrs: &[KeyValue], extra: Option<(&'static str, &'static str)>| {
+        let mut a = attrs.to_vec();
+        if let Some((k, v)) = extra {
+            a.push(KeyValue::new(k, v));
+        }
+        a
+    };
+    let counters: [HealthCounter; 4] = [
+        (
+            "flowtel.tcp.connections.opened",
+            "{connection}",
+            "TCP connections that completed the handshake",
+            vec![(None, |c| c.opened)],
+        ),
+        (
+            "flowtel.tcp.connections.closed",
+            "{connection}",
+            "TCP connections that ended, by how (FIN, reset or timeout)",
+            vec![
+                (Some((TCP_CLOSE_CAUSE, TcpClose::Fin.as_str())), |c| {
+                    c.closed_fin
+                }),
+                (Some((TCP_CLOSE_CAUSE, TcpClose::Reset.as_str())), |c| {
+                    c.closed_reset
+                }),
+                (Some((TCP_CLOSE_CAUSE, TcpClose::Timeout.as_str())), |c| {
+                    c.closed_timeout
+                }),
+            ],
+        ),
+        (
+            "flowtel.tcp.connections.failed",
+            "{connection}",
+            "TCP connection attempts that never opened, by why (refused or no answer)",
+            vec![
+                (Some((TCP_FAILURE, TcpFailure::Refused.as_str())), |c| {
+                    c.failed_refused
+                }),
+                (Some((TCP_FAILURE, TcpFailure::NoAnswer.as_str())), |c| {
+                    c.failed_no_answer
+                }),
+            ],
+        ),
+        (
+            "flowtel.tcp.retransmits",
+            "{segment}",
+            "TCP segments retransmitted, both ends of a connection summed",
+            vec![(None, |c| c.retransmits)],
+        ),
+    ];
+    for (name, unit, description, parts) in counters {
+        let l = latest.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |o| {
+                for (attrs, c) in &snapshot(&l).tcp {
+                    for (extra, pick) in &parts {
+                        let v = pick(c);
+                        // A series that never saw this outcome stays absent.
+                        if v > 0 || (extra.is_none() && c.opened > 0) {
+                            o.observe(v, &with(attrs, *extra));
+                        }
+                    }
+                }
+            })
+            .build();
+    }
+    let l = latest.clone();
+    meter
+        .u64_observable_counter("flowtel.packet.drops")
+        .with_unit("{packet}")
+        .with_description("Packets the kernel dropped, by its drop reason")
+        .with_callback(move |o| {
+            for (attrs, packets) in &snapshot(&l).drops {
+                o.observe(*packets, attrs);
+            }
+        })
+        .build();
+}
+
 fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
-    let counters: [AtomicMetric<SelfStats>; 8] = [
+    let counters: [AtomicMetric<SelfStats>; 9] = [
         ("flowtel.flows.untracked", "{update}", "Flow updates not tracked because the flow table was full; those flows are counted at their end", |s| &s.flows_untracked),
         ("flowtel.flows.ended_unseen", "{flow}", "Flows that ended without a final event; traffic after their last dump was missed", |s| &s.flows_ended_unseen),
         ("flowtel.series.overflowed", "{flow}", "Flow deltas folded into the overflow series because the series budget was used up", |s| &s.series_overflowed),
@@ -205,6 +378,7 @@ fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
         ("flowtel.source.dumps.failed", "{dump}", "Table dumps that failed", |s| &s.dump_errors),
         ("flowtel.source.dumps", "{dump}", "Table dumps completed", |s| &s.dumps),
         ("flowtel.export.failures", "{request}", "OTLP export requests that failed after retries", |s| &s.exports_failed),
+        ("flowtel.tcp.samples.dropped", "{sample}", "RTT and duration samples not kept because an interval already held the maximum; counts stay exact", |s| &s.tcp_samples_dropped),
     ];
     observe_atomics(meter, &stats, &counters, false);
     let gauges: [AtomicMetric<SelfStats>; 2] = [
@@ -238,7 +412,7 @@ fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
 }
 
 fn register_ebpf_instruments(meter: &Meter, stats: Arc<EbpfStats>) {
-    let counters: [AtomicMetric<EbpfStats>; 5] = [
+    let counters: [AtomicMetric<EbpfStats>; 9] = [
         (
             "flowtel.ebpf.overflow.packets",
             "{packet}",
@@ -269,9 +443,33 @@ fn register_ebpf_instruments(meter: &Meter, stats: Arc<EbpfStats>) {
             "Idle flows reported ended and removed from the kernel map",
             |s| &s.flows_expired,
         ),
+        (
+            "flowtel.ebpf.nat.refused",
+            "{translation}",
+            "NAT translations not kept because ebpf.nat_max_entries were held; those connections are reported once per side",
+            |s| &s.nat_refused,
+        ),
+        (
+            "flowtel.ebpf.tcp.events.lost",
+            "{event}",
+            "TCP open/close/fail events lost because the ring buffer was full",
+            |s| &s.health.events_lost,
+        ),
+        (
+            "flowtel.ebpf.tcp.sockets.untracked",
+            "{attempt}",
+            "Times a TCP socket could not be followed because ebpf.tcp.max_sockets were",
+            |s| &s.health.sockets_untracked,
+        ),
+        (
+            "flowtel.ebpf.drops.unrecorded",
+            "{packet}",
+            "Dropped packets not recorded because ebpf.drops.max_entries pairs were held",
+            |s| &s.health.drops_unrecorded,
+        ),
     ];
     observe_atomics(meter, &stats, &counters, false);
-    let gauges: [AtomicMetric<EbpfStats>; 2] = [
+    let gauges: [AtomicMetric<EbpfStats>; 4] = [
         (
             "flowtel.ebpf.interfaces",
             "{interface}",
@@ -283,6 +481,18 @@ fn register_ebpf_instruments(meter: &Meter, stats: Arc<EbpfStats>) {
             "{entry}",
             "Entries in the kernel flow map at the last dump",
             |s| &s.map_entries,
+        ),
+        (
+            "flowtel.ebpf.nat.translations",
+            "{translation}",
+            "NAT translations held to fold the two tuples of NAT'ed connections",
+            |s| &s.nat_translations,
+        ),
+        (
+            "flowtel.ebpf.tcp.sockets",
+            "{socket}",
+            "TCP sockets followed at the last dump",
+            |s| &s.health.sockets_tracked,
         ),
     ];
     observe_atomics(meter, &stats, &gauges, true);

@@ -15,7 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::KeyField;
-use crate::flow::{Counters, Endpoint, FlowId, Nat, SourceKind, Transport};
+use crate::flow::{
+    Counters, DropRecord, Endpoint, FlowId, Nat, SourceKind, TcpClose, TcpEvent, TcpEventKind,
+    TcpFailure, Transport,
+};
 use crate::stats::SelfStats;
 
 /// Which flow fields identify a series, resolved once from the config.
@@ -146,10 +149,69 @@ pub struct SeriesPoint {
     pub start: SystemTime,
 }
 
+/// TCP connection counts of a series, cumulative.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    pub opened: u64,
+    pub closed_fin: u64,
+    pub closed_reset: u64,
+    pub closed_timeout: u64,
+    pub failed_refused: u64,
+    pub failed_no_answer: u64,
+    /// Retransmitted segments.
+    pub retransmits: u64,
+}
+
+#[derive(Debug)]
+struct TcpState {
+    cumulative: TcpCounters,
+    rtt: Vec<f64>,
+    durations: Vec<f64>,
+    start: SystemTime,
+    last_active: Instant,
+}
+
+/// One series' TCP health as exported at the end of an interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpPoint {
+    pub key: SeriesKey,
+    pub cumulative: TcpCounters,
+    /// Smoothed RTT samples taken during the interval, in seconds.
+    pub rtt: Vec<f64>,
+    /// Durations of the connections that closed during the interval, in
+    /// seconds.
+    pub durations: Vec<f64>,
+    pub start: SystemTime,
+}
+
+/// What identifies a drop series: few values, so no budget is needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DropKey {
+    pub reason: &'static str,
+    pub transport: Transport,
+    /// `ipv4`, `ipv6`, or `None` for packets that were not IP.
+    pub network_type: Option<&'static str>,
+}
+
+/// Dropped packets of one drop series, cumulative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropPoint {
+    pub key: DropKey,
+    pub counters: Counters,
+    pub start: SystemTime,
+}
+
+/// RTT and duration samples kept per interval over all series: bounds the
+/// memory a burst of short connections can take. Samples past it are
+/// counted in `SelfStats::tcp_samples_dropped`.
+pub const MAX_SAMPLES_PER_INTERVAL: usize = 65_536;
+
 /// Everything the exporters need about one finished interval.
 #[derive(Debug, Clone)]
 pub struct IntervalReport {
     pub points: Vec<SeriesPoint>,
+    pub tcp: Vec<TcpPoint>,
+    pub drops: Vec<DropPoint>,
     pub spec: KeySpec,
     pub start: SystemTime,
     pub end: SystemTime,
@@ -162,6 +224,9 @@ pub struct Aggregator {
     max_series: usize,
     idle_timeout: Duration,
     series: HashMap<SeriesKey, SeriesState, RandomState>,
+    tcp: HashMap<SeriesKey, TcpState, RandomState>,
+    drops: HashMap<DropKey, (Counters, SystemTime), RandomState>,
+    samples: usize,
     interval_start: SystemTime,
     stats: Arc<SelfStats>,
 }
@@ -178,6 +243,9 @@ impl Aggregator {
             max_series: max_series.max(2),
             idle_timeout,
             series: HashMap::default(),
+            tcp: HashMap::default(),
+            drops: HashMap::default(),
+            samples: 0,
             interval_start: SystemTime::now(),
             stats,
         }
@@ -223,6 +291,82 @@ impl Aggregator {
         state.last_active = now;
     }
 
+    /// Adds one TCP health observation to its series (the flow series key
+    /// of the connection), within the same series budget as flows.
+    pub fn record_tcp(&mut self, event: &TcpEvent) {
+        let key = self
+            .spec
+            .key_of(&event.id, &Nat::default(), SourceKind::Ebpf);
+        let now = Instant::now();
+        let key = if self.tcp.contains_key(&key) || self.tcp.len() + 1 < self.max_series {
+            key
+        } else {
+            SelfStats::inc(&self.stats.series_overflowed);
+            SeriesKey::overflow(SourceKind::Ebpf)
+        };
+        let state = self.tcp.entry(key).or_insert_with(|| TcpState {
+            cumulative: TcpCounters::default(),
+            rtt: Vec::new(),
+            durations: Vec::new(),
+            start: SystemTime::now(),
+            last_active: now,
+        });
+        state.last_active = now;
+        let c = &mut state.cumulative;
+        let sample = match event.kind {
+            TcpEventKind::Opened => {
+                c.opened += 1;
+                None
+            }
+            TcpEventKind::Closed { cause, duration } => {
+                match cause {
+                    TcpClose::Fin => c.closed_fin += 1,
+                    TcpClose::Reset => c.closed_reset += 1,
+                    TcpClose::Timeout => c.closed_timeout += 1,
+                }
+                duration.map(|d| (&mut state.durations, d))
+            }
+            TcpEventKind::Failed(TcpFailure::Refused) => {
+                c.failed_refused += 1;
+                None
+            }
+            TcpEventKind::Failed(TcpFailure::NoAnswer) => {
+                c.failed_no_answer += 1;
+                None
+            }
+            TcpEventKind::Retransmits(n) => {
+                c.retransmits = c.retransmits.saturating_add(n);
+                None
+            }
+            TcpEventKind::Rtt(rtt) => Some((&mut state.rtt, rtt)),
+        };
+        if let Some((samples, value)) = sample {
+            if self.samples < MAX_SAMPLES_PER_INTERVAL {
+                self.samples += 1;
+                samples.push(value.as_secs_f64());
+            } else {
+                SelfStats::inc(&self.stats.tcp_samples_dropped);
+            }
+        }
+    }
+
+    /// Adds dropped packets to their reason's series.
+    pub fn record_drop(&mut self, record: &DropRecord) {
+        let network_type = record
+            .src
+            .map(|e| if e.ip.is_ipv4() { "ipv4" } else { "ipv6" });
+        let key = DropKey {
+            reason: record.reason,
+            transport: record.transport,
+            network_type,
+        };
+        self.drops
+            .entry(key)
+            .or_insert_with(|| (Counters::default(), SystemTime::now()))
+            .0
+            .add(record.counters);
+    }
+
     /// Closes the interval: returns every live series and forgets the ones
     /// idle for longer than the idle timeout.
     pub fn finish_interval(&mut self) -> IntervalReport {
@@ -230,6 +374,29 @@ impl Aggregator {
         let idle = self.idle_timeout;
         self.series
             .retain(|_, s| now.duration_since(s.last_active) < idle);
+        self.tcp
+            .retain(|_, s| now.duration_since(s.last_active) < idle);
+        self.samples = 0;
+        let tcp = self
+            .tcp
+            .iter_mut()
+            .map(|(key, s)| TcpPoint {
+                key: *key,
+                cumulative: s.cumulative,
+                rtt: std::mem::take(&mut s.rtt),
+                durations: std::mem::take(&mut s.durations),
+                start: s.start,
+            })
+            .collect();
+        let drops = self
+            .drops
+            .iter()
+            .map(|(key, (counters, start))| DropPoint {
+                key: *key,
+                counters: *counters,
+                start: *start,
+            })
+            .collect();
         let mut points = Vec::with_capacity(self.series.len());
         for (key, state) in self.series.iter_mut() {
             points.push(SeriesPoint {
@@ -246,6 +413,8 @@ impl Aggregator {
         let end = SystemTime::now();
         let report = IntervalReport {
             points,
+            tcp,
+            drops,
             spec: self.spec,
             start: self.interval_start,
             end,

@@ -5,4 +5,7 @@ pub mod aggregate;
 pub mod model;
 pub mod table;
 
-pub use model::{Counters, Endpoint, FlowId, FlowUpdate, Nat, SourceEvent, SourceKind, Transport};
+pub use model::{
+    Counters, DropRecord, Endpoint, FlowId, FlowUpdate, Nat, SourceEvent, SourceKind, TcpClose,
+    TcpEvent, TcpEventKind, TcpFailure, Transport,
+};

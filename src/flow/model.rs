@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -188,10 +189,94 @@ pub struct FlowUpdate {
     pub source: SourceKind,
 }
 
+/// Why a TCP connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TcpClose {
+    /// Closed with FINs (either side may have closed first).
+    Fin,
+    /// A reset was sent or received, or the connection was aborted.
+    Reset,
+    /// The kernel gave up on an unanswered connection (retransmission or
+    /// keepalive timeout).
+    Timeout,
+}
+
+impl TcpClose {
+    /// The value of the `flowtel.tcp.close.cause` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fin => "fin",
+            Self::Reset => "reset",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// Why a TCP connection never opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TcpFailure {
+    /// The peer answered the SYN with a reset: nothing listens there (or a
+    /// firewall rejects with resets).
+    Refused,
+    /// No usable answer before the connect gave up: timed out, unreachable,
+    /// or abandoned by the application.
+    NoAnswer,
+}
+
+impl TcpFailure {
+    /// The value of the `flowtel.tcp.failure` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::NoAnswer => "no_answer",
+        }
+    }
+}
+
+/// Something that happened to a TCP connection, as seen from its socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpEventKind {
+    Opened,
+    Closed {
+        cause: TcpClose,
+        /// From the SYN to the close; `None` when the connection predates
+        /// flowtel.
+        duration: Option<Duration>,
+    },
+    Failed(TcpFailure),
+    /// Segments retransmitted since the last report of this connection.
+    Retransmits(u64),
+    /// The connection's smoothed RTT (one sample per connection and interval
+    /// in which it received data, and one at its close).
+    Rtt(Duration),
+}
+
+/// A TCP health observation about one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpEvent {
+    pub id: FlowId,
+    pub kind: TcpEventKind,
+}
+
+/// Packets the kernel dropped, summed per tuple and reason over part of an
+/// interval. Addresses are `None` when the packet was not IP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropRecord {
+    /// The kernel's `enum skb_drop_reason` name without its
+    /// `SKB_DROP_REASON_` prefix, e.g. `NETFILTER_DROP`, `NO_SOCKET`.
+    pub reason: &'static str,
+    pub transport: Transport,
+    pub src: Option<Endpoint>,
+    pub dst: Option<Endpoint>,
+    pub counters: Counters,
+}
+
 /// What a source sends down its channel to the flow table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SourceEvent {
     Flow(FlowUpdate),
+    Tcp(TcpEvent),
+    Drop(DropRecord),
     /// A full table dump begins; every live flow will be reported before the
     /// matching `DumpFinished`.
     DumpStarted {

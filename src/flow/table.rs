@@ -74,6 +74,8 @@ impl FlowTable {
     pub fn apply(&mut self, event: SourceEvent, agg: &mut Aggregator) {
         match event {
             SourceEvent::Flow(update) => self.apply_update(update, agg),
+            SourceEvent::Tcp(event) => agg.record_tcp(&event),
+            SourceEvent::Drop(record) => agg.record_drop(&record),
             SourceEvent::DumpStarted { epoch } => self.epoch = epoch,
             SourceEvent::DumpFinished { epoch, complete } => {
                 if complete {

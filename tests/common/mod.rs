@@ -11,7 +11,9 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod delayline;
 pub mod flowtel;
+pub mod histogram;
 pub mod netns;
 pub mod otlp_receiver;
 pub mod rotel;

@@ -319,6 +319,30 @@ impl Series {
         }
     }
 
+    /// The series whose client is one of `clients` (A's veth addresses).
+    pub fn of_clients(points: &[SumPoint], clients: &[&str]) -> Series {
+        let mut s = Series::from_points(points);
+        let keep = |attrs: &Attrs| matches!(attrs.get("client.address"), Some(AttrValue::Str(c)) if clients.contains(&c.as_str()));
+        s.bytes.retain(|a, _| keep(a));
+        s.packets.retain(|a, _| keep(a));
+        s
+    }
+
+    /// The values of `flowtel.source` on the series.
+    pub fn sources(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .bytes
+            .keys()
+            .filter_map(|a| match a.get("flowtel.source") {
+                Some(AttrValue::Str(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Sums over all series, per direction.
     pub fn totals(&self) -> Totals {
         Totals {

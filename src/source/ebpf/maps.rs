@@ -113,11 +113,13 @@ unsafe impl aya::Pod for OverflowValue {}
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a per-CPU hash map: reads a key's
 /// final per-CPU values and removes it in one step, so no packet counted
 /// between a read and a delete is lost. `Ok(None)` when the key is gone.
-pub fn take_percpu(
+/// `V` must be the map's value type, a multiple of 8 bytes (the kernel's
+/// per-CPU stride).
+pub fn take_percpu<K: aya::Pod, V: aya::Pod + Default>(
     map: &MapData,
-    key: &FlowKey,
+    key: &K,
     possible_cpus: usize,
-) -> io::Result<Option<Vec<FlowValue>>> {
+) -> io::Result<Option<Vec<V>>> {
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     /// The `map_elem` member of `union bpf_attr`.
     #[repr(C)]
@@ -128,12 +130,12 @@ pub fn take_percpu(
         value: u64,
         flags: u64,
     }
-    // FlowValue is 40 bytes, a multiple of 8: the kernel's per-CPU stride.
-    let mut values = vec![FlowValue::default(); possible_cpus];
+    const { assert!(std::mem::size_of::<V>().is_multiple_of(8)) };
+    let mut values = vec![V::default(); possible_cpus];
     let attr = MapElemAttr {
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
         pad: 0,
-        key: key as *const FlowKey as u64,
+        key: key as *const K as u64,
         value: values.as_mut_ptr() as u64,
         flags: 0,
     };

@@ -15,6 +15,7 @@
 //! conntrack's translations ([`nat`]) fold them into one.
 
 mod attach;
+mod health;
 mod maps;
 mod merge;
 mod nat;
@@ -31,6 +32,7 @@ use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 
 pub use attach::{glob_match, Mode, TC_HANDLE, TC_PRIORITY};
+pub use health::{drop_reason_name, DropsConfig, HealthStats, TcpHealthConfig};
 pub use maps::{FlowKey, FlowValue};
 pub use merge::{ConnKey, Connection, Connections};
 pub use nat::{NatTable, Translation};
@@ -130,6 +132,10 @@ pub struct EbpfConfig {
     /// each with the hash tables' slack). Past it, NAT'ed connections are
     /// reported once per side, and counted.
     pub nat_max_entries: u32,
+    /// TCP health: connections opened/closed/failed, retransmits, RTT.
+    pub tcp: TcpHealthConfig,
+    /// Packets the kernel dropped, with its reason.
+    pub drops: DropsConfig,
 }
 
 impl Default for EbpfConfig {
@@ -144,6 +150,8 @@ impl Default for EbpfConfig {
             idle_timeout: None,
             nat: NatMode::Auto,
             nat_max_entries: 65_536,
+            tcp: TcpHealthConfig::default(),
+            drops: DropsConfig::default(),
         }
     }
 }
@@ -173,6 +181,8 @@ pub struct EbpfStats {
     /// NAT translations not kept because `nat_max_entries` were held: those
     /// connections are reported once per side of the translation.
     pub nat_refused: AtomicU64,
+    /// The TCP health and drop programs' counters.
+    pub health: Arc<HealthStats>,
 }
 
 /// A running eBPF source. Dropping it without [`stop`](Self::stop) also
@@ -360,6 +370,58 @@ pub fn start(
     Ok(handle)
 }
 
+/// Loads the TCP health and drop programs. They are extras: when the kernel
+/// refuses them, flows are still counted, and one warning says why.
+fn start_health(
+    cfg: &EbpfConfig,
+    possible_cpus: usize,
+    ebpf_stats: &Arc<EbpfStats>,
+    stats: &Arc<SelfStats>,
+) -> Option<health::Health> {
+    use std::os::unix::fs::MetadataExt;
+    // Tracepoints fire in every namespace: with ebpf.netns, only that one
+    // (this thread has entered it) is followed.
+    let netns_ino = match &cfg.netns {
+        None => 0,
+        Some(_) => match std::fs::metadata("/proc/thread-self/ns/net") {
+            Ok(m) => m.ino() as u32,
+            Err(e) => {
+                tracing::warn!(
+                    "TCP health unavailable: cannot identify the network namespace of \
+                     ebpf.netns ({e})"
+                );
+                return None;
+            }
+        },
+    };
+    match health::Health::start(
+        &cfg.tcp,
+        &cfg.drops,
+        netns_ino,
+        possible_cpus,
+        ebpf_stats.health.clone(),
+        stats.clone(),
+    ) {
+        Ok(h) => {
+            if h.is_some() {
+                tracing::info!(
+                    tcp = cfg.tcp.enabled,
+                    drops = cfg.drops.enabled,
+                    "TCP health and drop tracepoints attached"
+                );
+            }
+            h
+        }
+        Err(e) => {
+            tracing::warn!(
+                "TCP health unavailable (flows are still counted): {e:#}; set ebpf.tcp.enabled \
+                 and ebpf.drops.enabled to false to silence this"
+            );
+            None
+        }
+    }
+}
+
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it;
 /// warns once if refused (harmless on 5.11+, which charge the cgroup).
 fn raise_memlock() {
@@ -399,7 +461,7 @@ fn load_error(e: aya::EbpfError) -> anyhow::Error {
     use aya::programs::ProgramError;
     use aya::EbpfError;
     let caps =
-        "flowtel needs CAP_BPF and CAP_NET_ADMIN (or root) for the eBPF source; grant them in \
+        "flowtel needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root) for the eBPF source; grant them in \
          the container's securityContext, or use source: conntrack";
     match &e {
         EbpfError::MapError(MapError::CreateError { name, io_error }) => {
@@ -459,6 +521,8 @@ struct Worker {
     mode: Arc<AtomicU8>,
     /// conntrack's NAT translations (`ebpf.nat`), if in use.
     nat: Option<nat::Translations>,
+    /// The TCP health and drop programs, when enabled and loadable.
+    health: Option<health::Health>,
     out: Out,
 }
 
@@ -498,7 +562,7 @@ impl Worker {
                 } => load_program_error(
                     &io_error,
                     &verifier_log.to_string(),
-                    "flowtel needs CAP_BPF and CAP_NET_ADMIN (or root) for the eBPF source; \
+                    "flowtel needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root) for the eBPF source; \
                      grant them, or use source: conntrack",
                 ),
                 e => anyhow!("loading program {name} failed: {e}; use source: conntrack"),
@@ -546,6 +610,7 @@ impl Worker {
         }
         // After attaching: a source that cannot attach needs no translations.
         let nat = nat::Translations::start(cfg)?;
+        let health = start_health(cfg, possible_cpus, &ebpf_stats, &stats);
         stats.byte_counters_available.store(true, Ordering::Relaxed);
         Ok(Worker {
             bpf,
@@ -560,6 +625,7 @@ impl Worker {
             ebpf_stats,
             mode,
             nat,
+            health,
             out: Out { tx, stop },
         })
     }
@@ -590,6 +656,12 @@ impl Worker {
             // Keeps the reader's channel from filling between dumps.
             if let Some(nat) = &mut self.nat {
                 nat.drain(&self.stats, &self.ebpf_stats);
+            }
+            // Keeps the ring buffer of connection events from filling.
+            if let Some(health) = &mut self.health {
+                if health.poll(&self.out).is_err() {
+                    return;
+                }
             }
         }
     }
@@ -686,6 +758,9 @@ impl Worker {
             elapsed = ?started.elapsed(),
             "eBPF map dump done"
         );
+        if let Some(health) = &mut self.health {
+            health.dump(&self.out)?;
+        }
         self.out.send(SourceEvent::DumpFinished { epoch, complete })
     }
 
@@ -816,6 +891,8 @@ impl Worker {
         if let Some(nat) = self.nat.take() {
             nat.stop();
         }
+        // Closes the tracepoint links.
+        drop(self.health.take());
         self.attacher.detach_all(&mut self.bpf);
         self.ebpf_stats
             .interfaces_attached

@@ -1,0 +1,797 @@
+//! TCP health and packet drops from BTF tracepoints (`bpf/tcp.bpf.c`):
+//! connections opened, closed (by FIN or reset) and failed, retransmitted
+//! segments, smoothed RTT, and the packets the kernel dropped with its
+//! reason. Loaded beside the TC flow counter but separately, so a kernel
+//! that refuses these programs still gets flow counts.
+//!
+//! One connection has a socket at each end, and both can be on this node
+//! (pod to pod). Connection counts and RTT samples are taken once per
+//! connection: from the client socket when it is here, else from the server
+//! socket. Retransmits are summed over both, since each side retransmits its
+//! own segments.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use aya::maps::{MapData, RingBuf};
+use serde::{Deserialize, Serialize};
+
+use super::maps;
+use crate::flow::{
+    Counters, DropRecord, Endpoint, FlowId, SourceEvent, TcpClose, TcpEvent, TcpEventKind,
+    TcpFailure, Transport,
+};
+use crate::source::out::{Halt, Out};
+use crate::stats::SelfStats;
+
+/// Built by build.rs from `bpf/tcp.bpf.c` (empty without clang).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp.bpf.o"));
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// `ebpf.tcp:` in the configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpHealthConfig {
+    /// Connection lifecycle, retransmits and RTT from TCP tracepoints.
+    pub enabled: bool,
+    /// TCP sockets followed at once (about 100 bytes each in the kernel).
+    /// Sockets past it are counted (`flowtel.ebpf.tcp.sockets.untracked`)
+    /// and still reported when they open and close, without RTT.
+    pub max_sockets: u32,
+}
+
+impl Default for TcpHealthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_sockets: 65_536,
+        }
+    }
+}
+
+/// `ebpf.drops:` in the configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DropsConfig {
+    /// Packets dropped by the kernel, by reason, from `skb/kfree_skb`.
+    pub enabled: bool,
+    /// Distinct (tuple, reason) pairs summed in the kernel per interval.
+    /// Drops past it are counted (`flowtel.ebpf.drops.unrecorded`).
+    pub max_entries: u32,
+}
+
+impl Default for DropsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_entries: 16_384,
+        }
+    }
+}
+
+/// The health programs' own counters. Monotonic unless noted.
+#[derive(Debug, Default)]
+pub struct HealthStats {
+    /// Connection events lost because the ring buffer was full.
+    pub events_lost: AtomicU64,
+    /// Times a socket could not be followed because `max_sockets` were.
+    pub sockets_untracked: AtomicU64,
+    /// Dropped packets not recorded because `drops.max_entries` was reached.
+    pub drops_unrecorded: AtomicU64,
+    /// Sockets followed at the last dump (a gauge).
+    pub sockets_tracked: AtomicU64,
+}
+
+const EV_OPENED: u8 = 1;
+const EV_CLOSED: u8 = 2;
+const EV_FAILED: u8 = 3;
+const ROLE_CLIENT: u8 = 1;
+const ROLE_SERVER: u8 = 2;
+const RST_RECEIVED: u8 = 1;
+const TIMED_OUT: u8 = 8;
+/// Indexes of the kernel's `lost` array.
+const LOST_EVENTS: u32 = 0;
+const LOST_SOCKS: u32 = 1;
+const LOST_DROPS: u32 = 2;
+
+/// `struct ft_sock`: one socket as the kernel follows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+    pub lport: u16,
+    pub rport: u16,
+    pub family: u8,
+    pub role: u8,
+    pub rst: u8,
+    pub established: u8,
+    pub open_ns: u64,
+    pub retransmits: u32,
+    pub srtt_us: u32,
+    pub rtt_updates: u64,
+}
+
+// SAFETY: plain integers and byte arrays, no padding (64 bytes).
+unsafe impl aya::Pod for SockState {}
+
+/// `struct ft_tcp_event`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RawEvent {
+    s: SockState,
+    sk: u64,
+    ts_ns: u64,
+    kind: u8,
+    oldstate: u8,
+    pad: [u8; 6],
+}
+
+/// `struct ft_drop_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RawDropKey {
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    reason: u32,
+    proto: u8,
+    family: u8,
+    pad: [u8; 2],
+}
+
+// SAFETY: plain integers and byte arrays, no padding (44 bytes).
+unsafe impl aya::Pod for RawDropKey {}
+
+/// `struct ft_drop_val`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RawDropValue {
+    packets: u64,
+    bytes: u64,
+}
+
+// SAFETY: two u64s.
+unsafe impl aya::Pod for RawDropValue {}
+
+fn address(family: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        4 => Some(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        6 => {
+            let v6 = Ipv6Addr::from(*bytes);
+            // A dual-stack socket talking IPv4: the wire (and TC) sees IPv4.
+            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+        }
+        _ => None,
+    }
+}
+
+impl SockState {
+    /// The connection this socket is one end of, oriented client → server.
+    fn flow_id(&self) -> Option<FlowId> {
+        let local = Endpoint::new(address(self.family, &self.laddr)?, self.lport);
+        let remote = Endpoint::new(address(self.family, &self.raddr)?, self.rport);
+        let local_is_client = match self.role {
+            ROLE_CLIENT => true,
+            ROLE_SERVER => false,
+            // Opened before flowtel: the lower port is the service's.
+            _ => self.lport > self.rport,
+        };
+        let (client, server) = if local_is_client {
+            (local, remote)
+        } else {
+            (remote, local)
+        };
+        Some(FlowId {
+            transport: Transport::Tcp,
+            client,
+            server,
+            zone: 0,
+        })
+    }
+}
+
+/// What userspace remembers of a socket between reports.
+#[derive(Debug, Clone, Copy)]
+struct SockMemo {
+    id: FlowId,
+    /// Whether this socket speaks for its connection (see the module docs).
+    counted: bool,
+    /// Retransmits and RTT refreshes already reported.
+    retransmits: u32,
+    rtt_updates: u64,
+}
+
+/// The loaded programs and what userspace keeps about live sockets.
+pub struct Health {
+    /// Owns the programs and their tracepoint links: dropping it detaches.
+    _bpf: aya::Ebpf,
+    events: Option<RingBuf<MapData>>,
+    socks: Option<aya::maps::HashMap<MapData, u64, SockState>>,
+    drops: Option<aya::maps::Map>,
+    lost: aya::maps::PerCpuArray<MapData, u64>,
+    possible_cpus: usize,
+    memo: HashMap<u64, SockMemo>,
+    /// Client sockets open on this node, by connection: a server socket of
+    /// the same connection then does not count it again.
+    local_clients: HashMap<FlowId, u64>,
+    lost_seen: [u64; 3],
+    stats: Arc<HealthStats>,
+    self_stats: Arc<SelfStats>,
+}
+
+/// (program, tracepoint, is a TCP program rather than the drop program).
+const PROGRAMS: &[(&str, &str, bool)] = &[
+    ("flowtel_tcp_state", "inet_sock_set_state", true),
+    ("flowtel_tcp_rst_in", "tcp_receive_reset", true),
+    ("flowtel_tcp_rst_out", "tcp_send_reset", true),
+    ("flowtel_tcp_probe", "tcp_probe", true),
+    ("flowtel_tcp_retransmit", "tcp_retransmit_skb", true),
+    ("flowtel_drop", "kfree_skb", false),
+];
+
+impl Health {
+    /// Loads and attaches the enabled programs. `netns_ino` restricts them
+    /// to one network namespace (0: all, what a node agent wants).
+    /// `Ok(None)` when both parts are disabled.
+    pub fn start(
+        tcp: &TcpHealthConfig,
+        drops: &DropsConfig,
+        netns_ino: u32,
+        possible_cpus: usize,
+        stats: Arc<HealthStats>,
+        self_stats: Arc<SelfStats>,
+    ) -> anyhow::Result<Option<Health>> {
+        if !tcp.enabled && !drops.enabled {
+            return Ok(None);
+        }
+        if OBJECT.is_empty() {
+            return Err(anyhow!(
+                "flowtel was built without its TCP health programs (clang missing at build time)"
+            ));
+        }
+        if tcp.max_sockets == 0 || drops.max_entries == 0 {
+            return Err(anyhow!(
+                "ebpf.tcp.max_sockets and ebpf.drops.max_entries must be at least 1"
+            ));
+        }
+        let mut bpf = aya::EbpfLoader::new()
+            .override_global("netns_ino", &netns_ino, true)
+            .map_max_entries("socks", tcp.max_sockets)
+            .map_max_entries("drops", drops.max_entries)
+            .load(OBJECT)
+            .map_err(|e| anyhow!("loading the TCP health programs failed: {e}"))?;
+        let btf = aya::Btf::from_sys_fs()
+            .with_context(|| format!("reading the kernel's BTF from {KERNEL_BTF}"))?;
+        for &(name, tracepoint, is_tcp) in PROGRAMS {
+            if (is_tcp && !tcp.enabled) || (!is_tcp && !drops.enabled) {
+                continue;
+            }
+            let prog: &mut aya::programs::BtfTracePoint = bpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} is missing from flowtel's TCP object"))?
+                .try_into()
+                .map_err(|e| anyhow!("program {name}: {e}"))?;
+            prog.load(tracepoint, &btf).map_err(|e| {
+                anyhow!(
+                    "loading {name} for tracepoint {tracepoint} failed: {e} (needs CAP_BPF and \
+                     CAP_PERFMON, and a kernel with BTF tracepoints, 5.5+)"
+                )
+            })?;
+            prog.attach()
+                .map_err(|e| anyhow!("attaching {name} to tracepoint {tracepoint} failed: {e}"))?;
+        }
+        let take = |bpf: &mut aya::Ebpf, name: &str| {
+            bpf.take_map(name)
+                .ok_or_else(|| anyhow!("map `{name}` is missing from flowtel's TCP object"))
+        };
+        let events = if tcp.enabled {
+            Some(
+                RingBuf::try_from(take(&mut bpf, "tcp_events")?)
+                    .map_err(|e| anyhow!("map tcp_events: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let socks = if tcp.enabled {
+            Some(
+                aya::maps::HashMap::try_from(take(&mut bpf, "socks")?)
+                    .map_err(|e| anyhow!("map socks: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let drops_map = if drops.enabled {
+            Some(take(&mut bpf, "drops")?)
+        } else {
+            None
+        };
+        let lost = aya::maps::PerCpuArray::try_from(take(&mut bpf, "lost")?)
+            .map_err(|e| anyhow!("map lost: {e}"))?;
+        // Resolve the drop reason names now, so a problem shows at start.
+        drop_reason_name(0);
+        Ok(Some(Health {
+            _bpf: bpf,
+            events,
+            socks,
+            drops: drops_map,
+            lost,
+            possible_cpus,
+            memo: HashMap::new(),
+            local_clients: HashMap::new(),
+            lost_seen: [0; 3],
+            stats,
+            self_stats,
+        }))
+    }
+
+    /// Handles every connection event waiting in the ring buffer.
+    pub(crate) fn poll(&mut self, out: &Out) -> Result<(), Halt> {
+        let mut batch = Vec::new();
+        if let Some(ring) = self.events.as_mut() {
+            while let Some(item) = ring.next() {
+                if item.len() < std::mem::size_of::<RawEvent>() {
+                    SelfStats::inc(&self.self_stats.parse_errors);
+                    continue;
+                }
+                // SAFETY: the length was checked; RawEvent is plain data
+                // and read_unaligned copes with the ring's 8-byte alignment.
+                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) });
+            }
+        }
+        for raw in &batch {
+            self.on_event(raw, out)?;
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, raw: &RawEvent, out: &Out) -> Result<(), Halt> {
+        let Some(id) = raw.s.flow_id() else {
+            SelfStats::inc(&self.self_stats.parse_errors);
+            return Ok(());
+        };
+        let send = |kind| out.send(SourceEvent::Tcp(TcpEvent { id, kind }));
+        match raw.kind {
+            EV_OPENED => {
+                let counted = self.speaks_for(raw.sk, &raw.s, &id);
+                let memo = self.memo.entry(raw.sk).or_insert(SockMemo {
+                    id,
+                    counted,
+                    retransmits: raw.s.retransmits,
+                    rtt_updates: raw.s.rtt_updates,
+                });
+                memo.counted = counted;
+                if counted {
+                    send(TcpEventKind::Opened)?;
+                }
+            }
+            EV_CLOSED | EV_FAILED => {
+                tracing::trace!(
+                    kind = raw.kind,
+                    oldstate = raw.oldstate,
+                    flags = raw.s.rst,
+                    %id.client,
+                    %id.server,
+                    "TCP socket closed"
+                );
+                let memo = self.memo.remove(&raw.sk);
+                let id = memo.map_or(id, |m| m.id);
+                let counted = match memo {
+                    Some(m) => m.counted,
+                    None => self.speaks_for(raw.sk, &raw.s, &id),
+                };
+                if self.local_clients.get(&id) == Some(&raw.sk) {
+                    self.local_clients.remove(&id);
+                }
+                let send = |kind| out.send(SourceEvent::Tcp(TcpEvent { id, kind }));
+                // Retransmits not reported yet; for a socket that predates
+                // flowtel and was never seen, its history is not ours.
+                let already = match memo {
+                    Some(m) => m.retransmits,
+                    None if raw.s.open_ns == 0 => raw.s.retransmits,
+                    None => 0,
+                };
+                let fresh = raw.s.retransmits.saturating_sub(already);
+                if fresh > 0 {
+                    send(TcpEventKind::Retransmits(u64::from(fresh)))?;
+                }
+                if !counted {
+                    return Ok(());
+                }
+                if raw.kind == EV_FAILED {
+                    let cause = if raw.s.rst & RST_RECEIVED != 0 {
+                        TcpFailure::Refused
+                    } else {
+                        TcpFailure::NoAnswer
+                    };
+                    return send(TcpEventKind::Failed(cause));
+                }
+                let rtt_fresh = memo.is_none_or(|m| m.rtt_updates != raw.s.rtt_updates);
+                if raw.s.srtt_us > 0 && rtt_fresh {
+                    send(TcpEventKind::Rtt(Duration::from_micros(u64::from(
+                        raw.s.srtt_us,
+                    ))))?;
+                }
+                let cause = if raw.s.rst & TIMED_OUT != 0 {
+                    TcpClose::Timeout
+                } else if raw.s.rst != 0 {
+                    TcpClose::Reset
+                } else {
+                    TcpClose::Fin
+                };
+                let duration = (raw.s.open_ns != 0)
+                    .then(|| Duration::from_nanos(raw.ts_ns.saturating_sub(raw.s.open_ns)));
+                send(TcpEventKind::Closed { cause, duration })?;
+            }
+            _ => SelfStats::inc(&self.self_stats.parse_errors),
+        }
+        Ok(())
+    }
+
+    /// Whether this socket reports its connection's opens, closes and RTT:
+    /// a client always; a server only when the client is not on this node.
+    fn speaks_for(&mut self, sk: u64, s: &SockState, id: &FlowId) -> bool {
+        if s.role == ROLE_CLIENT {
+            self.local_clients.insert(*id, sk);
+            return true;
+        }
+        !self.local_clients.contains_key(id)
+    }
+
+    /// Reports retransmits and RTT of the live sockets, the drops summed
+    /// since the last dump, and what the kernel could not record.
+    pub(crate) fn dump(&mut self, out: &Out) -> Result<(), Halt> {
+        self.poll(out)?;
+        self.dump_sockets(out)?;
+        self.dump_drops(out)?;
+        self.read_lost();
+        Ok(())
+    }
+
+    fn dump_sockets(&mut self, out: &Out) -> Result<(), Halt> {
+        let Some(socks) = self.socks.as_ref() else {
+            return Ok(());
+        };
+        let mut live = Vec::new();
+        for item in socks.iter() {
+            match item {
+                Ok((sk, s)) => live.push((sk, s)),
+                Err(e) => {
+                    tracing::warn!("reading the TCP socket map failed: {e}");
+                    break;
+                }
+            }
+        }
+        let mut present = HashSet::with_capacity(live.len());
+        for (sk, s) in live {
+            if s.established == 0 || !present.insert(sk) {
+                continue;
+            }
+            let memo = match self.memo.get(&sk) {
+                Some(m) => *m,
+                None => {
+                    let Some(id) = s.flow_id() else {
+                        continue;
+                    };
+                    let counted = self.speaks_for(sk, &s, &id);
+                    SockMemo {
+                        id,
+                        counted,
+                        // A socket older than flowtel: its past is not ours.
+                        retransmits: if s.open_ns == 0 { s.retransmits } else { 0 },
+                        rtt_updates: 0,
+                    }
+                }
+            };
+            let mut next = memo;
+            if s.retransmits > memo.retransmits {
+                next.retransmits = s.retransmits;
+                out.send(SourceEvent::Tcp(TcpEvent {
+                    id: memo.id,
+                    kind: TcpEventKind::Retransmits(u64::from(s.retransmits - memo.retransmits)),
+                }))?;
+            }
+            if s.rtt_updates != memo.rtt_updates && s.srtt_us > 0 {
+                next.rtt_updates = s.rtt_updates;
+                if memo.counted {
+                    out.send(SourceEvent::Tcp(TcpEvent {
+                        id: memo.id,
+                        kind: TcpEventKind::Rtt(Duration::from_micros(u64::from(s.srtt_us))),
+                    }))?;
+                }
+            }
+            self.memo.insert(sk, next);
+        }
+        // Sockets gone without a close event (the ring buffer was full).
+        self.memo.retain(|sk, _| present.contains(sk));
+        self.local_clients.retain(|_, sk| present.contains(sk));
+        self.stats
+            .sockets_tracked
+            .store(present.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn dump_drops(&mut self, out: &Out) -> Result<(), Halt> {
+        let Some(map) = self.drops.as_ref() else {
+            return Ok(());
+        };
+        let aya::maps::Map::PerCpuHashMap(data) = map else {
+            tracing::warn!("the drop map is not a per-CPU hash map");
+            return Ok(());
+        };
+        let view: aya::maps::PerCpuHashMap<&MapData, RawDropKey, RawDropValue> =
+            match map.try_into() {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!("the drop map cannot be read: {e}");
+                    return Ok(());
+                }
+            };
+        let keys: Vec<RawDropKey> = view.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            // Read and remove in one step: drops counted meanwhile either
+            // land in these values or in a new entry for the next dump.
+            let values: Vec<RawDropValue> = match maps::take_percpu(data, &key, self.possible_cpus)
+            {
+                Ok(Some(v)) => v,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("removing a drop record from the kernel map failed: {e}");
+                    return Ok(());
+                }
+            };
+            let counters = values.iter().fold(Counters::default(), |mut c, v| {
+                c.add(Counters::new(v.bytes, v.packets));
+                c
+            });
+            let src = address(key.family, &key.src).map(|ip| Endpoint::new(ip, key.sport));
+            let dst = address(key.family, &key.dst).map(|ip| Endpoint::new(ip, key.dport));
+            out.send(SourceEvent::Drop(DropRecord {
+                reason: drop_reason_name(key.reason),
+                transport: Transport::from_protocol(key.proto),
+                src,
+                dst,
+                counters,
+            }))?;
+        }
+        Ok(())
+    }
+
+    fn read_lost(&mut self) {
+        let counters = [
+            (LOST_EVENTS, &self.stats.events_lost),
+            (LOST_SOCKS, &self.stats.sockets_untracked),
+            (LOST_DROPS, &self.stats.drops_unrecorded),
+        ];
+        for (index, counter) in counters {
+            match self.lost.get(&index, 0) {
+                Ok(values) => {
+                    let total = values.iter().fold(0u64, |t, v| t.saturating_add(*v));
+                    let slot = &mut self.lost_seen[index as usize];
+                    let fresh = total.saturating_sub(*slot);
+                    *slot = total;
+                    counter.store(total, Ordering::Relaxed);
+                    if fresh > 0 {
+                        let what = match index {
+                            LOST_EVENTS => "TCP connection events were lost (ring buffer full)",
+                            LOST_SOCKS => {
+                                "TCP sockets could not be followed; raise ebpf.tcp.max_sockets"
+                            }
+                            _ => "dropped packets were not recorded; raise ebpf.drops.max_entries",
+                        };
+                        tracing::warn!(count = fresh, "{fresh} {what}");
+                    }
+                }
+                Err(e) => tracing::warn!("reading the eBPF loss counters failed: {e}"),
+            }
+        }
+    }
+}
+
+/// The running kernel's name for a drop reason, e.g. `NETFILTER_DROP`, read
+/// from its BTF (`enum skb_drop_reason`): the numbers differ between kernel
+/// versions, so a table built into flowtel would lie.
+pub fn drop_reason_name(reason: u32) -> &'static str {
+    static NAMES: OnceLock<HashMap<u32, String>> = OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        match std::fs::read(KERNEL_BTF)
+            .map_err(|e| e.to_string())
+            .and_then(|data| enum_members(&data, "skb_drop_reason"))
+        {
+            Ok(members) => members
+                .into_iter()
+                .map(|(name, value)| {
+                    let short = name
+                        .strip_prefix("SKB_DROP_REASON_")
+                        .or_else(|| name.strip_prefix("SKB_"))
+                        .unwrap_or(&name)
+                        .to_string();
+                    (value, short)
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(
+                    "drop reasons are reported as UNKNOWN: enum skb_drop_reason could not be read \
+                     from {KERNEL_BTF}: {e}"
+                );
+                HashMap::new()
+            }
+        }
+    });
+    names.get(&reason).map_or("UNKNOWN", String::as_str)
+}
+
+/// The members of the enum called `name` in a raw BTF blob (the format of
+/// `/sys/kernel/btf/vmlinux`). Hand-read because aya's BTF parser does not
+/// expose enum members and the BTF crates on crates.io are LGPL.
+pub fn enum_members(data: &[u8], name: &str) -> Result<Vec<(String, u32)>, String> {
+    let u32_at = |off: usize| -> Result<u32, String> {
+        data.get(off..off + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .ok_or_else(|| format!("BTF truncated at byte {off}"))
+    };
+    if data.get(0..2) != Some(&[0x9f, 0xeb]) {
+        return Err("not little-endian BTF (bad magic)".into());
+    }
+    let hdr_len = u32_at(4)? as usize;
+    let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
+    let str_off = u32_at(16)? as usize;
+    let (types, strings) = (hdr_len + type_off, hdr_len + str_off);
+    let string = |off: u32| -> Result<String, String> {
+        let start = strings + off as usize;
+        let rest = data
+            .get(start..)
+            .ok_or_else(|| format!("BTF string offset {off} out of range"))?;
+        let end = rest
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| format!("BTF string at offset {off} is not terminated"))?;
+        Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
+    };
+    let mut pos = types;
+    while pos < types + type_len {
+        let (name_off, info) = (u32_at(pos)?, u32_at(pos + 4)?);
+        let vlen = (info & 0xffff) as usize;
+        let kind = (info >> 24) & 0x1f;
+        pos += 12;
+        let extra = match kind {
+            1 | 14 | 17 => 4,   // int, var, decl_tag
+            3 => 12,            // array
+            4 | 5 => 12 * vlen, // struct, union
+            6 => 8 * vlen,      // enum
+            13 => 8 * vlen,     // func_proto
+            15 => 12 * vlen,    // datasec
+            19 => 12 * vlen,    // enum64
+            2 | 7..=12 | 16 | 18 => 0,
+            k => return Err(format!("unknown BTF kind {k} at byte {pos}")),
+        };
+        if (kind == 6 || kind == 19) && string(name_off)? == name {
+            let step = if kind == 6 { 8 } else { 12 };
+            return (0..vlen)
+                .map(|i| {
+                    let m = pos + i * step;
+                    Ok((string(u32_at(m)?)?, u32_at(m + 4)?))
+                })
+                .collect();
+        }
+        pos += extra;
+    }
+    Err(format!("enum {name} not found"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_c_structs() {
+        assert_eq!(std::mem::size_of::<SockState>(), 64);
+        assert_eq!(std::mem::size_of::<RawEvent>(), 88);
+        assert_eq!(std::mem::size_of::<RawDropKey>(), 44);
+        assert_eq!(std::mem::size_of::<RawDropValue>(), 16);
+    }
+
+    #[test]
+    fn socket_orientation_follows_its_role() {
+        let mut s = SockState {
+            family: 4,
+            lport: 40_000,
+            rport: 80,
+            role: ROLE_SERVER,
+            ..SockState::default()
+        };
+        s.laddr[..4].copy_from_slice(&[198, 18, 0, 1]);
+        s.raddr[..4].copy_from_slice(&[198, 18, 0, 2]);
+        let id = s.flow_id().expect("valid");
+        assert_eq!(id.server.port, 40_000, "a server socket is the server");
+        s.role = ROLE_CLIENT;
+        assert_eq!(s.flow_id().expect("valid").server.port, 80);
+        s.role = 0;
+        assert_eq!(s.flow_id().expect("valid").server.port, 80, "lower port");
+        s.family = 9;
+        assert!(s.flow_id().is_none(), "unknown family is refused");
+    }
+
+    #[test]
+    fn v4_mapped_addresses_become_ipv4() {
+        let mut b = [0u8; 16];
+        b[10] = 0xff;
+        b[11] = 0xff;
+        b[12..].copy_from_slice(&[198, 18, 0, 9]);
+        assert_eq!(
+            address(6, &b),
+            Some(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)))
+        );
+    }
+
+    /// A hand-made BTF blob: an int, then the enum.
+    fn blob() -> Vec<u8> {
+        let strings = b"\0int\0drops\0SKB_NOT_DROPPED_YET\0SKB_DROP_REASON_NO_SOCKET\0";
+        let mut types = Vec::new();
+        let push = |t: &mut Vec<u8>, v: u32| t.extend_from_slice(&v.to_le_bytes());
+        // int: name "int" (1), kind 1, size 4, then its 4-byte encoding.
+        push(&mut types, 1);
+        push(&mut types, 1 << 24);
+        push(&mut types, 4);
+        push(&mut types, 32);
+        // enum "drops" (5) with two members.
+        push(&mut types, 5);
+        push(&mut types, (6 << 24) | 2);
+        push(&mut types, 4);
+        push(&mut types, 11);
+        push(&mut types, 0);
+        push(&mut types, 31);
+        push(&mut types, 3);
+        let mut out = vec![0x9f, 0xeb, 1, 0];
+        push(&mut out, 24);
+        push(&mut out, 0);
+        push(&mut out, types.len() as u32);
+        push(&mut out, types.len() as u32);
+        push(&mut out, strings.len() as u32);
+        out.extend_from_slice(&types);
+        out.extend_from_slice(strings);
+        out
+    }
+
+    #[test]
+    fn enum_members_are_read_from_btf() {
+        let members = enum_members(&blob(), "drops").expect("parses");
+        assert_eq!(
+            members,
+            vec![
+                ("SKB_NOT_DROPPED_YET".to_string(), 0),
+                ("SKB_DROP_REASON_NO_SOCKET".to_string(), 3)
+            ]
+        );
+        assert!(enum_members(&blob(), "other").is_err());
+    }
+
+    #[test]
+    fn bad_btf_is_an_error_not_a_panic() {
+        let data = blob();
+        for cut in [0, 3, 10, 30, 45, data.len() - 5] {
+            assert!(enum_members(&data[..cut], "drops").is_err(), "cut {cut}");
+        }
+        assert!(enum_members(b"\x00\x00garbage", "drops").is_err());
+    }
+
+    #[test]
+    fn this_kernel_names_its_drop_reasons() {
+        if !std::path::Path::new(KERNEL_BTF).exists() {
+            return;
+        }
+        let data = std::fs::read(KERNEL_BTF).expect("readable");
+        let members = enum_members(&data, "skb_drop_reason").expect("found");
+        assert!(members
+            .iter()
+            .any(|(n, _)| n == "SKB_DROP_REASON_NETFILTER_DROP"));
+    }
+}
