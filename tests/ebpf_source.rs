@@ -841,6 +841,10 @@ fn stop_leaves_nothing_attached() {
     for (attach, want_mode) in [(AttachMode::Tcx, "tcx"), (AttachMode::Netlink, "clsact")] {
         let mut cfg = config(&na, &["fta"]);
         cfg.attach = attach;
+        // The TC programs only; tests/source_selection.rs checks that the
+        // tracepoint programs go too.
+        cfg.tcp.enabled = false;
+        cfg.drops.enabled = false;
         let src = Source::start(cfg);
         assert_eq!(src.handle().mode(), want_mode);
         let ours: Vec<u64> = flowtel_prog_ids(&t)
