@@ -32,7 +32,6 @@ use common::histogram::{histogram_points, latest_histograms, HistPoint};
 use common::netns::{NetnsGuard, VethEnd};
 use common::otlp_receiver::{show, AttrValue, Attrs, OtlpReceiver, SumPoint};
 use common::traffic::{self, TrafficServer};
-use common::Prerequisites;
 
 const A_V4: &str = "198.18.4.1";
 const RA_V4: &str = "198.18.4.254";
@@ -49,31 +48,6 @@ const LOSS_PERMILLE: u32 = 20;
 const SHORT: u64 = 5;
 const REFUSED: u64 = 3;
 const UDP_DROPPED: u64 = 10;
-
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-}
-
-fn prerequisites(test: &str) -> Option<Prerequisites> {
-    let tools = common::prerequisites(test, false)?;
-    let mut missing: Vec<String> = Vec::new();
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        missing.push("/dev/net/tun is missing (the delay line needs a TUN device)".into());
-    }
-    if !flowtel::source::ebpf::built_with_ebpf() {
-        missing.push("flowtel was built without eBPF support (clang/bpftool missing)".into());
-    }
-    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
-        missing.push("the kernel has no BTF (/sys/kernel/btf/vmlinux)".into());
-    }
-    if missing.is_empty() {
-        return Some(tools);
-    }
-    let why = missing.join("; ");
-    assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
-    println!("skipping {test}: {why}");
-    None
-}
 
 fn end(ifname: &str, mac: &str, v4: &str, v6: &str) -> VethEnd {
     VethEnd {
@@ -155,7 +129,12 @@ fn rtt_of(points: &[HistPoint], port: u16) -> Option<HistPoint> {
 #[test]
 fn tcp_health_and_drops_match_what_was_done() {
     const TEST: &str = "tcp_health_and_drops_match_what_was_done";
-    let Some(tools) = prerequisites(TEST) else {
+    let [ebpf_built, btf] = common::ebpf_conditions();
+    let tun = (
+        std::path::Path::new("/dev/net/tun").exists(),
+        "/dev/net/tun is missing (the delay line needs a TUN device)",
+    );
+    let Some((tools, _)) = common::prerequisites_with(TEST, &[], &[ebpf_built, btf, tun]) else {
         return;
     };
     let mut guard = NetnsGuard::new(&tools);

@@ -44,7 +44,7 @@ use common::flowtel::{Flowtel, FlowtelArgs};
 use common::netns::Netns;
 use common::otlp_receiver::{AttrValue, OtlpReceiver};
 use common::scenario::{self, Lab, Plan, Series, Totals};
-use common::{deviation_pct, find_tool, strip_ansi, wait_until, within, Prerequisites, Tool};
+use common::{deviation_pct, strip_ansi, wait_until, within, Tool};
 
 /// Both tests compare counters on two shared CPUs; one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -74,40 +74,6 @@ const DROPPED_CAPS: &str = "-bpf,-sys_admin,-perfmon";
 /// The whole capability set the eBPF source is documented to need
 /// (README, "Capabilities"): nothing else is left in any set.
 const EBPF_CAPS: &str = "-all,+bpf,+perfmon,+net_admin";
-
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-}
-
-/// The harness's prerequisites plus `extra` tools and conditions; `None`
-/// means skip (after printing why), a failure under `CI`.
-fn prerequisites(
-    test: &str,
-    extra: &[Tool],
-    conditions: &[(bool, &str)],
-) -> Option<(Prerequisites, Vec<PathBuf>)> {
-    let tools = common::prerequisites(test, false)?;
-    let mut missing = Vec::new();
-    let mut found = Vec::new();
-    for tool in extra {
-        match find_tool(tool) {
-            Ok(p) => found.push(p),
-            Err(e) => missing.push(e),
-        }
-    }
-    for (ok, why) in conditions {
-        if !ok {
-            missing.push(why.to_string());
-        }
-    }
-    if !missing.is_empty() {
-        let why = missing.join("; ");
-        assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
-        println!("skipping {test}: {why}");
-        return None;
-    }
-    Some((tools, found))
-}
 
 /// flowtel started as `ip netns exec NS setpriv ... flowtel run ...`: in
 /// the namespace itself (as a hostNetwork pod is in the node's), with the
@@ -277,7 +243,7 @@ fn effective_caps(pid: u32) -> (String, u64) {
 #[test]
 fn auto_without_bpf_capability_falls_back_to_conntrack() {
     const TEST: &str = "auto_without_bpf_capability_falls_back_to_conntrack";
-    let Some((tools, extra)) = prerequisites(TEST, &[SETPRIV], &[]) else {
+    let Some((tools, extra)) = common::prerequisites_with(TEST, &[SETPRIV], &[]) else {
         return;
     };
     let _serial = serial();
@@ -403,7 +369,7 @@ fn auto_without_bpf_capability_falls_back_to_conntrack() {
 #[test]
 fn ebpf_runs_with_only_the_documented_capabilities() {
     const TEST: &str = "ebpf_runs_with_only_the_documented_capabilities";
-    let Some((tools, extra)) = prerequisites(
+    let Some((tools, extra)) = common::prerequisites_with(
         TEST,
         &[SETPRIV],
         &[(
@@ -552,26 +518,10 @@ fn tc_filters(ns: &Netns, tc: &PathBuf) -> String {
         .join("")
 }
 
-/// Wire packets `ns`'s IPv4 layer received (all ECN codepoints), which
-/// counts GSO segments the way the eBPF source does.
-fn ipv4_in_packets(ns: &Netns) -> u64 {
-    let out = ns
-        .run("cat", &["/proc/net/netstat"])
-        .expect("/proc/net/netstat");
-    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("IpExt:")).collect();
-    assert_eq!(lines.len(), 2, "IpExt lines in /proc/net/netstat");
-    lines[0]
-        .split_whitespace()
-        .zip(lines[1].split_whitespace())
-        .filter(|(n, _)| ["InNoECTPkts", "InECT1Pkts", "InECT0Pkts", "InCEPkts"].contains(n))
-        .map(|(_, v)| v.parse::<u64>().expect("counter is a number"))
-        .sum()
-}
-
 #[test]
 fn ebpf_sigterm_exports_final_interval_and_detaches() {
     const TEST: &str = "ebpf_sigterm_exports_final_interval_and_detaches";
-    let Some((tools, extra)) = prerequisites(
+    let Some((tools, extra)) = common::prerequisites_with(
         TEST,
         &[BPFTOOL, TC],
         &[
@@ -644,7 +594,10 @@ fn ebpf_sigterm_exports_final_interval_and_detaches() {
         short: None,
     };
     let before = lab.counters().expect("reading A's veth counters");
-    let (a_in0, b_in0) = (ipv4_in_packets(&lab.a), ipv4_in_packets(&lab.b));
+    let (a_in0, b_in0) = (
+        scenario::ip_in_packets(&lab.a, false),
+        scenario::ip_in_packets(&lab.b, false),
+    );
     let servers = lab.servers().expect("starting the servers in B");
     let flows = scenario::run(&lab, &plan).expect("making the traffic");
     let server_errors = servers.errors();
@@ -657,8 +610,8 @@ fn ebpf_sigterm_exports_final_interval_and_detaches() {
     std::thread::sleep(Duration::from_millis(500));
     let after = lab.counters().expect("reading A's veth counters");
     let (a_in, b_in) = (
-        ipv4_in_packets(&lab.a) - a_in0,
-        ipv4_in_packets(&lab.b) - b_in0,
+        scenario::ip_in_packets(&lab.a, false) - a_in0,
+        scenario::ip_in_packets(&lab.b, false) - b_in0,
     );
     for f in &flows {
         println!("{TEST}: sent {:<5} {:?}", f.name, f.payload);
@@ -700,48 +653,8 @@ fn ebpf_sigterm_exports_final_interval_and_detaches() {
         "every exported flow series must carry flowtel.source=ebpf\n{}",
         series.describe()
     );
-    let got = series.totals();
     let veth = Totals::from_counters(&before, &after);
-    let rows = [
-        (
-            "client_to_server bytes",
-            got.c2s_bytes,
-            veth.c2s_bytes,
-            "veth tx L3",
-        ),
-        (
-            "server_to_client bytes",
-            got.s2c_bytes,
-            veth.s2c_bytes,
-            "veth rx L3",
-        ),
-        (
-            "client_to_server packets",
-            got.c2s_packets,
-            b_in,
-            "B IPv4 in",
-        ),
-        (
-            "server_to_client packets",
-            got.s2c_packets,
-            a_in,
-            "A IPv4 in",
-        ),
-    ];
-    for (what, g, t, basis) in rows {
-        println!(
-            "{TEST}: {what}: expected ({basis}) {t}, reported {g} ({:+.3} %)",
-            deviation_pct(g, t)
-        );
-    }
-    for (what, g, t, basis) in rows {
-        assert!(
-            within(g, t, 0.01),
-            "{what}: expected {t} ({basis}) ±1 %, flowtel reported {g} ({:+.3} %)\n{}",
-            deviation_pct(g, t),
-            series.describe()
-        );
-    }
+    scenario::check_wire_totals(TEST, &series, &veth, a_in, b_in);
 
     // Nothing of flowtel is left on A's veth. Links and filters go with
     // the process; the kernel frees the programs after an RCU grace period.

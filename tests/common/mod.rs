@@ -143,6 +143,51 @@ pub fn prerequisites(test: &str, with_rotel: bool) -> Option<Prerequisites> {
     })
 }
 
+/// [`prerequisites`] plus `extra` tools and `conditions` (met, or why
+/// not); the tools are returned in the order asked.
+pub fn prerequisites_with(
+    test: &str,
+    extra: &[Tool],
+    conditions: &[(bool, &str)],
+) -> Option<(Prerequisites, Vec<PathBuf>)> {
+    let tools = prerequisites(test, false)?;
+    let mut missing = Vec::new();
+    let mut found = Vec::new();
+    for tool in extra {
+        match find_tool(tool) {
+            Ok(p) => found.push(p),
+            Err(e) => missing.push(e),
+        }
+    }
+    for (ok, why) in conditions {
+        if !ok {
+            missing.push(why.to_string());
+        }
+    }
+    if !missing.is_empty() {
+        let why = missing.join("; ");
+        assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
+        println!("skipping {test}: {why}");
+        return None;
+    }
+    Some((tools, found))
+}
+
+/// What the eBPF source needs from the build and the kernel, as conditions
+/// for [`prerequisites_with`].
+pub fn ebpf_conditions() -> [(bool, &'static str); 2] {
+    [
+        (
+            ::flowtel::source::ebpf::built_with_ebpf(),
+            "flowtel was built without eBPF support (clang/bpftool missing)",
+        ),
+        (
+            Path::new("/sys/kernel/btf/vmlinux").exists(),
+            "the kernel has no BTF (/sys/kernel/btf/vmlinux)",
+        ),
+    ]
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))

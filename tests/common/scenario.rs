@@ -550,3 +550,79 @@ pub fn check_self_stats(what: &str, stats: &serde_json::Value) {
          counted those events in full again ({stats})"
     );
 }
+
+/// Wire packets `ns`'s IP layer received: IPv4 (`IpExt`), plus IPv6
+/// (`Ip6`) when `v6`, summed over the four ECN codepoints. The kernel adds
+/// `max(1, gso_segs)` per skb there, so these are GSO segments, as the eBPF
+/// source counts them (the veth counts skbs).
+pub fn ip_in_packets(ns: &Netns, v6: bool) -> u64 {
+    const FIELDS: [&str; 4] = ["InNoECTPkts", "InECT1Pkts", "InECT0Pkts", "InCEPkts"];
+    let netstat = ns
+        .run("cat", &["/proc/net/netstat"])
+        .expect("/proc/net/netstat");
+    let lines: Vec<&str> = netstat
+        .lines()
+        .filter(|l| l.starts_with("IpExt:"))
+        .collect();
+    assert_eq!(lines.len(), 2, "IpExt lines in /proc/net/netstat");
+    let v4: u64 = lines[0]
+        .split_whitespace()
+        .zip(lines[1].split_whitespace())
+        .filter(|(n, _)| FIELDS.contains(n))
+        .map(|(_, v)| v.parse::<u64>().expect("counter is a number"))
+        .sum();
+    if !v6 {
+        return v4;
+    }
+    let snmp6 = ns
+        .run("cat", &["/proc/net/snmp6"])
+        .expect("/proc/net/snmp6");
+    let v6: u64 = snmp6
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next()?.strip_prefix("Ip6")?;
+            FIELDS
+                .contains(&name)
+                .then(|| it.next()?.parse::<u64>().ok())?
+        })
+        .sum();
+    v4 + v6
+}
+
+/// Asserts the eBPF source's totals within 1 % per direction: bytes against
+/// A's veth (L3), packets against the receiving IP layers (`b_in` for
+/// client to server, `a_in` for server to client; see [`ip_in_packets`]).
+pub fn check_wire_totals(what: &str, series: &Series, veth: &Totals, a_in: u64, b_in: u64) {
+    let got = series.totals();
+    let rows = [
+        (
+            "client_to_server bytes",
+            got.c2s_bytes,
+            veth.c2s_bytes,
+            "veth tx L3",
+        ),
+        (
+            "server_to_client bytes",
+            got.s2c_bytes,
+            veth.s2c_bytes,
+            "veth rx L3",
+        ),
+        ("client_to_server packets", got.c2s_packets, b_in, "B IP in"),
+        ("server_to_client packets", got.s2c_packets, a_in, "A IP in"),
+    ];
+    for (row, g, t, basis) in rows {
+        println!(
+            "{what}: {row}: expected ({basis}) {t}, reported {g} ({:+.3} %)",
+            deviation_pct(g, t)
+        );
+    }
+    for (row, g, t, basis) in rows {
+        assert!(
+            within(g, t, 0.01),
+            "{what}: {row}: expected {t} ({basis}) ±1 %, flowtel reported {g} ({:+.3} %)\n{}",
+            deviation_pct(g, t),
+            series.describe()
+        );
+    }
+}
