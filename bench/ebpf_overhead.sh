@@ -24,8 +24,12 @@
 #
 # Measured per run: iperf3's received throughput; the whole machine's busy
 # CPU time from /proc/stat; the agent's utime+stime (its process and its
-# children) from /proc/PID/stat; for flowtel, the run time of its TC programs
-# (kernel.bpf_stats_enabled=1 for the duration, restored on exit). The table
+# children) from /proc/PID/stat. The throughput and CPU runs are made with
+# kernel.bpf_stats_enabled=0: the statistics read the clock twice for every
+# program run, which on this VM costs about 100 ns a run, as much as the TC
+# program itself. The run time of flowtel's programs is then measured in a
+# separate pass, one run of each traffic kind with the statistics on, and in
+# the many-flows window (restored to its old value on exit). The table
 # shows medians. Everything it created is removed on exit, also on failure or
 # Ctrl-C.
 #
@@ -35,7 +39,7 @@
 #   ACTIVE_FLOWS (multiple of 100, default 10000), ACTIVE_SECONDS (window for
 #   the many-flows run, default 30, at least 30), PEERS (libpcap peers to run,
 #   default: those installed of "softflowd pmacctd"), BPF_STATS (1 default; 0
-#   leaves kernel.bpf_stats_enabled alone and shows no BPF column figures),
+#   skips the run-time pass and shows no BPF column figures),
 #   QUIET_PCT and QUIET_WAIT (before each run, wait at most QUIET_WAIT s,
 #   default 180, for the machine to be below QUIET_PCT % busy, default 10,
 #   so that another build or test run does not land in the figures),
@@ -259,10 +263,8 @@ for i in $(seq 0 $((MANY_CLIENTS - 1))); do
     wait_for 10 "iperf3 server $i" "$WORK/iperf3-server-$i.log" listening "$NS_RCV" $((IPERF_BASE + i))
 done
 
-if ((BPF_STATS)); then
-    SAVED_BPF_STATS=$(sysctl -n kernel.bpf_stats_enabled)
-    sysctl -qw kernel.bpf_stats_enabled=1
-fi
+SAVED_BPF_STATS=$(sysctl -n kernel.bpf_stats_enabled)
+sysctl -qw kernel.bpf_stats_enabled=0
 
 # --- measuring helpers -----------------------------------------------------------------
 CLK_TCK=$(getconf CLK_TCK)
@@ -463,7 +465,7 @@ declare -A R
 DISTURBED=0
 KEPT_DISTURBED=0
 RUNS=0
-STATS_LOST=0
+STATS_ON=0
 
 # run_traffic PATTERN: iperf3 clients in the sender namespace; prints
 # "bytes gbit_per_s" summed over the clients.
@@ -506,14 +508,13 @@ PY
 }
 
 measure() { # measure SCENARIO PATTERN: one run, repeated while disturbed
-    local scen=$1 pat=$2 m0 m1 a0=0 a1=0 b0=0 b1=0 t0 t1 out nbytes gbps busy total foreign top attempt
+    local scen=$1 pat=$2 m0 m1 a0=0 a1=0 t0 t1 out nbytes gbps busy total foreign top attempt
     for attempt in $(seq 0 "$RETRIES"); do
         quiet
         if [[ -n $AGENT_PID ]] && ! kill -0 "$AGENT_PID" 2>/dev/null; then
             die "$scen died: $(tail -n 5 "$WORK/agent-$scen.log")"
         fi
         python3 "$WORK/procsnap.py" snap $$ "$WORK/snap.json"
-        [[ $scen == flowtel ]] && b0=$(bpf_ns)
         [[ -n $AGENT_PID ]] && a0=$(proc_ticks "$AGENT_PID")
         m0=$(machine_us)
         t0=${EPOCHREALTIME/./}
@@ -521,7 +522,6 @@ measure() { # measure SCENARIO PATTERN: one run, repeated while disturbed
         t1=${EPOCHREALTIME/./}
         m1=$(machine_us)
         [[ -n $AGENT_PID ]] && a1=$(proc_ticks "$AGENT_PID")
-        [[ $scen == flowtel ]] && b1=$(bpf_ns)
         read -r foreign top < <(python3 "$WORK/procsnap.py" diff "$WORK/snap.json" $$)
         busy=$((${m1% *} - ${m0% *}))
         total=$((${m1#* } - ${m0#* }))
@@ -539,18 +539,29 @@ measure() { # measure SCENARIO PATTERN: one run, repeated while disturbed
     read -r nbytes gbps <<<"$out"
     RUNS=$((RUNS + 1))
     R[$scen|$pat|background]+="$QUIET_LAST "
-    if [[ $scen == flowtel && $BPF_STATS == 1 && $(sysctl -n kernel.bpf_stats_enabled) != 1 ]]; then
-        # Someone else switched the stats off during the run.
-        STATS_LOST=$((STATS_LOST + 1))
-        sysctl -qw kernel.bpf_stats_enabled=1
+    if [[ $(sysctl -n kernel.bpf_stats_enabled) != 0 ]]; then
+        # Someone else switched the statistics on during the run.
+        STATS_ON=$((STATS_ON + 1))
+        sysctl -qw kernel.bpf_stats_enabled=0
     fi
     local k="$scen|$pat"
     R[$k|gbps]+="$gbps "
     R[$k|machine]+="$(awk -v b="$busy" -v t="$total" 'BEGIN { printf "%.2f", 100 * b / t }') "
     R[$k|cpu_per_gb]+="$(awk -v b="$busy" -v n="$nbytes" 'BEGIN { printf "%.4f", (b / 1e6) / (n / 1e9) }') "
     R[$k|agent]+="$(awk -v a=$((a1 - a0)) -v hz="$CLK_TCK" -v us=$((t1 - t0)) 'BEGIN { printf "%.3f", 100 * (a / hz) / (us / 1e6) }') "
-    R[$k|bpf]+="$(awk -v ns=$((b1 - b0)) -v us=$((t1 - t0)) 'BEGIN { printf "%.4f", 100 * ns / (us * 1000) }') "
-    note "  $scen $pat: $(awk -v g="$gbps" 'BEGIN { printf "%.2f", g }') Gbit/s, machine $(awk -v b="$busy" -v t="$total" 'BEGIN { printf "%.0f", 100 * b / t }') %, agent $((a1 - a0)) ticks, bpf $(((b1 - b0) / 1000000)) ms"
+    note "  $scen $pat: $(awk -v g="$gbps" 'BEGIN { printf "%.2f", g }') Gbit/s, machine $(awk -v b="$busy" -v t="$total" 'BEGIN { printf "%.0f", 100 * b / t }') %, agent $((a1 - a0)) ticks"
+}
+
+measure_bpf() { # measure_bpf PATTERN: run time of flowtel's programs, statistics on
+    local pat=$1 b0 b1 t0 t1
+    quiet
+    b0=$(bpf_ns)
+    t0=${EPOCHREALTIME/./}
+    run_traffic "$pat" >/dev/null
+    t1=${EPOCHREALTIME/./}
+    b1=$(bpf_ns)
+    R[flowtel|$pat|bpf]="$(awk -v ns=$((b1 - b0)) -v us=$((t1 - t0)) 'BEGIN { printf "%.4f", 100 * ns / (us * 1000) }')"
+    note "  flowtel $pat, statistics on: bpf $(((b1 - b0) / 1000000)) ms"
 }
 
 SCENARIOS=(none flowtel "${PEER_LIST[@]}")
@@ -570,6 +581,17 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 READYZ_TCP=$FT_READYZ
+
+if ((BPF_STATS)); then
+    note "run time of flowtel's programs: one run of each traffic kind with kernel.bpf_stats_enabled=1"
+    sysctl -qw kernel.bpf_stats_enabled=1
+    start_agent flowtel
+    for pat in "${PATTERNS[@]}"; do
+        measure_bpf "$pat"
+        sleep 1
+    done
+    stop_agent
+fi
 
 # --- flowtel with ACTIVE_FLOWS active UDP flows ----------------------------------------
 # 100 sender sockets x ACTIVE_FLOWS/100 server ports: ACTIVE_FLOWS distinct
@@ -731,7 +753,7 @@ iperf_ver=$(iperf3 --version | head -n 1 | cut -d' ' -f2)
     ((BPF_STATS)) && bpf_active="$ACTIVE_BPF %"
     echo "| ${NAME[flowtel]}, ${ACTIVE_SECONDS} s window | $ACTIVE_FLOWS UDP, 1 datagram/s each way ($ACTIVE_TRACKED tracked, $ACTIVE_SERIES series) | – | – | $ACTIVE_MACHINE % (of which generator and echo $ACTIVE_GEN % of 1 core) | – | **$ACTIVE_AGENT %** | $bpf_active |"
     echo
-    echo "Machine CPU: all CPUs' time over the run minus their idle and iowait time from /proc/stat (exact on a tickless kernel, unlike the tick-sampled user and system figures), so it includes iperf3 itself and all packet processing. On the unlimited runs it is near 100 % whatever the agent: compare CPU-s per GB there, and machine CPU on the fixed-rate runs. Agent process CPU: utime+stime of the agent and its children (pmacctd forks its plugin); the kernel's copying of packets to libpcap and the run time of TC programs are not in it, but are in machine CPU. BPF programs: run_time_ns of flowtel's TC programs from bpftool (kernel.bpf_stats_enabled=1, which itself adds a little to each run)."
+    echo "Machine CPU: all CPUs' time over the run minus their idle and iowait time from /proc/stat (exact on a tickless kernel, unlike the tick-sampled user and system figures), so it includes iperf3 itself and all packet processing. On the unlimited runs it is near 100 % whatever the agent: compare CPU-s per GB there, and machine CPU on the fixed-rate runs. Agent process CPU: utime+stime of the agent and its children (pmacctd forks its plugin); the kernel's copying of packets to libpcap and the run time of TC programs are not in it, but are in machine CPU. BPF programs: run_time_ns of all of flowtel's programs (TC and tracepoints) from bpftool, in a separate run of each traffic kind with kernel.bpf_stats_enabled=1; every other column comes from runs with the statistics off, since they add two clock reads to each program run."
 
     # Targets, computed from the medians above.
     echo
@@ -753,7 +775,7 @@ iperf_ver=$(iperf3 --version | head -n 1 | cut -d' ' -f2)
     echo
     read -r sink_n sink_b <<<"$SINK_COUNT"
     echo "Checks: NetFlow sink received $sink_n datagrams ($sink_b bytes) from the libpcap peers; flowtel /readyz after the last TCP round: $(python3 -c 'import json, sys; s = json.loads(sys.argv[1])["stats"]; print(", ".join(f"{k}={s[k]}" for k in ("dumps", "exports_ok", "exports_failed", "flows_untracked", "events_lost")))' "$READYZ_TCP" 2>/dev/null || echo "?"); at $ACTIVE_FLOWS flows: exports_ok=$ACTIVE_EXPORTS exports_failed=$ACTIVE_EXPORT_FAIL flows_untracked=$ACTIVE_UNTRACKED."
-    echo "Other processes (another session's builds or tests): $DISTURBED of $((RUNS + DISTURBED - KEPT_DISTURBED)) iperf3 runs saw them use more than ${FOREIGN_PCT} % of the machine and were repeated; $KEPT_DISTURBED disturbed runs were kept after $RETRIES repeats; during the ${ACTIVE_FLOWS}-flow window they used ${ACTIVE_FOREIGN} %.$( ((STATS_LOST)) && echo " kernel.bpf_stats_enabled was switched off by someone else during $STATS_LOST flowtel runs.")"
+    echo "Other processes (another session's builds or tests): $DISTURBED of $((RUNS + DISTURBED - KEPT_DISTURBED)) iperf3 runs saw them use more than ${FOREIGN_PCT} % of the machine and were repeated; $KEPT_DISTURBED disturbed runs were kept after $RETRIES repeats; during the ${ACTIVE_FLOWS}-flow window they used ${ACTIVE_FOREIGN} %.$( ((STATS_ON)) && echo " kernel.bpf_stats_enabled was switched on by someone else during $STATS_ON runs.")"
     # shellcheck disable=SC2046 # one number a run
     echo "Background before each run (1 s, no traffic): median $(median $(for k in "${!R[@]}"; do [[ $k == *'|background' ]] && echo "${R[$k]}"; done)) % busy; waited ${QUIET_WAITED} s in all for the machine to be below ${QUIET_PCT} %."
 }

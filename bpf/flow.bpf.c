@@ -66,7 +66,7 @@ struct flow_key {
 struct flow_val {
 	__u64 bytes; /* L3: skb->len minus the L2 header */
 	__u64 packets; /* wire packets: gso_segs, 1 when not GSO */
-	__u64 first_ns; /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u64 first_ns; /* bpf_ktime_get_coarse_ns (CLOCK_MONOTONIC, jiffies) */
 	__u64 last_ns;
 	__u32 flags; /* TCP flags OR'ed, plus FT_FLAG_SYN_ONLY */
 	__u32 pad;
@@ -130,13 +130,34 @@ struct ft_ipv6 {
 	__u8 daddr[16];
 };
 
+/* Headers as deep as this are read in place; deeper ones (long IPv6
+ * extension chains) through bpf_skb_load_bytes. */
+#define FT_MAX_DIRECT_OFF 256
+
+/* Copies `len` bytes at `off`: straight from the packet when they are in
+ * its linear part (the usual case, and several times cheaper than a helper
+ * call), else with bpf_skb_load_bytes, which also reads paged data. */
+static __always_inline int load(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off < FT_MAX_DIRECT_OFF && data + off + len <= end) {
+		__builtin_memcpy(to, data + off, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
 static __always_inline void record(struct __sk_buff *skb, struct flow_key *key,
 				   __u32 l2_len, __u32 flags)
 {
 	__u32 len = skb->len;
 	__u64 bytes = len > l2_len ? len - l2_len : 0;
 	__u64 segs = skb->gso_segs;
-	__u64 now = bpf_ktime_get_ns();
+	/* The coarse clock (jiffies resolution) is enough for first and last
+	 * seen and costs a third of bpf_ktime_get_ns, which reads the TSC. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct flow_val *v;
 	long err;
 
@@ -190,16 +211,16 @@ static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off,
 	__u8 p = key->proto;
 
 	if (p == FT_PROTO_TCP) {
-		if (bpf_skb_load_bytes(skb, off, b, 14) < 0)
+		if (load(skb, off, b, 14) < 0)
 			return;
 		*flags = b[13];
 		if ((b[13] & (FT_TCP_SYN | FT_TCP_ACK)) == FT_TCP_SYN)
 			*flags |= FT_FLAG_SYN_ONLY;
 	} else if (p == FT_PROTO_UDP || p == FT_PROTO_UDPLITE || p == FT_PROTO_SCTP) {
-		if (bpf_skb_load_bytes(skb, off, b, 4) < 0)
+		if (load(skb, off, b, 4) < 0)
 			return;
 	} else if (p == FT_PROTO_ICMP || p == FT_PROTO_ICMPV6) {
-		if (bpf_skb_load_bytes(skb, off, b, 8) < 0)
+		if (load(skb, off, b, 8) < 0)
 			return;
 		/* The echo id is the client's "port" and the server's is 0, so
 		 * request and reply pair up; other ICMP types keep 0 and 0. */
@@ -222,7 +243,7 @@ static __always_inline void count_ipv4(struct __sk_buff *skb, __u32 l2_len, __u8
 	__u32 flags = 0;
 	__u32 ihl;
 
-	if (bpf_skb_load_bytes(skb, l2_len, &ip, sizeof(ip)) < 0)
+	if (load(skb, l2_len, &ip, sizeof(ip)) < 0)
 		return;
 	if ((ip.vhl >> 4) != 4)
 		return;
@@ -250,7 +271,7 @@ static __always_inline void count_ipv6(struct __sk_buff *skb, __u32 l2_len, __u8
 	__u8 nh;
 	int fragment = 0;
 
-	if (bpf_skb_load_bytes(skb, l2_len, &ip, sizeof(ip)) < 0)
+	if (load(skb, l2_len, &ip, sizeof(ip)) < 0)
 		return;
 	if ((bpf_ntohl(ip.vtc_flow) >> 28) != 6)
 		return;
@@ -268,7 +289,7 @@ static __always_inline void count_ipv6(struct __sk_buff *skb, __u32 l2_len, __u8
 		if (nh != FT_NH_HOPOPTS && nh != FT_NH_ROUTING && nh != FT_NH_DSTOPTS &&
 		    nh != FT_NH_FRAGMENT && nh != FT_NH_AH)
 			break;
-		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)) < 0)
+		if (load(skb, off, ext, sizeof(ext)) < 0)
 			break;
 		if (nh == FT_NH_FRAGMENT) {
 			/* Offset != 0: a later fragment, without transport header. */

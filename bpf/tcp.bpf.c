@@ -149,7 +149,10 @@ static __always_inline int netns_ok(const struct sock *sk)
 {
 	if (!netns_ino)
 		return 1;
-	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum) == netns_ino;
+	/* Direct loads: the arguments of BTF tracepoints are typed kernel
+	 * pointers, and a load costs far less than bpf_probe_read_kernel,
+	 * which matters in tcp_probe (every segment received). */
+	return sk->__sk_common.skc_net.net->ns.inum == netns_ino;
 }
 
 /* The socket's addresses and ports. The local port is only known once
@@ -181,8 +184,8 @@ static __always_inline void read_health(const struct sock *sk, struct ft_sock *s
 
 	if (!tp)
 		return;
-	s->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
-	s->retransmits = BPF_CORE_READ(tp, total_retrans);
+	s->srtt_us = tp->srtt_us >> 3;
+	s->retransmits = tp->total_retrans;
 }
 
 static __always_inline void emit(__u8 kind, __u8 oldstate, const struct sock *sk,

@@ -34,6 +34,10 @@ fi
 if ! "$TOOLS_DIR/venv/bin/python" -c 'import rotel' 2>/dev/null; then
   "$TOOLS_DIR/venv/bin/pip" install -q rotel
 fi
+# kubernetes-validate: the Kubernetes schemas, to check the manifests in deploy/.
+if [ ! -x "$TOOLS_DIR/venv/bin/kubernetes-validate" ]; then
+  "$TOOLS_DIR/venv/bin/pip" install -q kubernetes-validate
+fi
 
 # conntrack must be loaded for the conntrack source.
 modprobe nf_conntrack 2>/dev/null || true

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/env.sh
 . scripts/env.sh
 cargo fmt --all -- --check
+# The manifests in deploy/ against the Kubernetes 1.33 schemas.
+"$TOOLS_DIR/venv/bin/kubernetes-validate" --strict -k 1.33.0 deploy/*.yaml
 cargo clippy --locked --all-targets -- -D warnings
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

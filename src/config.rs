@@ -26,6 +26,10 @@ pub struct Config {
     pub conntrack: ConntrackConfig,
     pub ebpf: crate::source::ebpf::EbpfConfig,
     pub flows: FlowsConfig,
+    /// How both ends of a flow are named.
+    pub enrich: crate::enrich::EnrichConfig,
+    /// The Kubernetes API, read to name pods, workloads, services and nodes.
+    pub kubernetes: crate::enrich::kubernetes::KubernetesConfig,
     pub export: ExportConfig,
     pub resource: ResourceConfig,
     pub health: HealthConfig,
@@ -40,6 +44,8 @@ impl Default for Config {
             conntrack: ConntrackConfig::default(),
             ebpf: crate::source::ebpf::EbpfConfig::default(),
             flows: FlowsConfig::default(),
+            enrich: crate::enrich::EnrichConfig::default(),
+            kubernetes: crate::enrich::kubernetes::KubernetesConfig::default(),
             export: ExportConfig::default(),
             resource: ResourceConfig::default(),
             health: HealthConfig::default(),
@@ -160,6 +166,16 @@ impl Default for FlowsConfig {
 pub struct ExportConfig {
     pub otlp: OtlpConfig,
     pub console: ConsoleConfig,
+    pub prometheus: PrometheusConfig,
+}
+
+/// The Prometheus exposition endpoint, for stacks that scrape instead of
+/// running a Collector. Off by default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    /// Where `/metrics` listens, e.g. `0.0.0.0:9811`; empty disables it.
+    pub listen: String,
 }
 
 /// OTLP wire protocol, named as in `OTEL_EXPORTER_OTLP_PROTOCOL`.
@@ -662,6 +678,11 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
             "must be at least one interval, or every series would be forgotten before it is exported",
         ));
     }
+    if let Err(e) =
+        crate::enrich::cidr::NamedNetworks::new(&cfg.enrich.networks, &cfg.enrich.unmatched_network)
+    {
+        return Err(ConfigError::new("enrich.networks", e));
+    }
     if cfg.conntrack.event_buffer_bytes < 65_536 {
         return Err(ConfigError::new(
             "conntrack.event_buffer_bytes",
@@ -672,6 +693,17 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::new(
             "export.console.rows",
             "must be at least 1",
+        ));
+    }
+    if !cfg.export.prometheus.listen.is_empty()
+        && cfg.export.prometheus.listen.parse::<SocketAddr>().is_err()
+    {
+        return Err(ConfigError::new(
+            "export.prometheus.listen",
+            format!(
+                "{:?} is not an address and port, e.g. \"0.0.0.0:9811\"",
+                cfg.export.prometheus.listen
+            ),
         ));
     }
     let otlp = &cfg.export.otlp;

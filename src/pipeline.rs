@@ -14,6 +14,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ConsoleMode, SourceChoice};
+use crate::enrich::{kubernetes, Namer};
 use crate::export::console::ConsoleExporter;
 use crate::export::otlp_metrics::OtlpMetricsExporter;
 use crate::export::transport::SignalTransport;
@@ -47,23 +48,33 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tracing::info!("health checks on http://{local}/healthz and /readyz");
     }
 
-    let otlp = match SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.metrics, "metrics")
-    {
-        Some(t) => {
-            tracing::info!(endpoint = %t.url, protocol = ?t.protocol, "exporting OTLP metrics");
-            Some(OtlpMetricsExporter::build(
+    let kube = kubernetes::start(&cfg.kubernetes).context("starting the Kubernetes cache")?;
+    if kube.is_some() {
+        tracing::info!(node = ?cfg.resource.node_name, "naming flow ends from the Kubernetes API");
+    }
+    let transport = SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.metrics, "metrics");
+    if let Some(t) = &transport {
+        tracing::info!(endpoint = %t.url, protocol = ?t.protocol, "exporting OTLP metrics");
+    }
+    let otlp = if transport.is_some() || !cfg.export.prometheus.listen.is_empty() {
+        Some(
+            OtlpMetricsExporter::build(
                 &cfg,
-                &t,
+                transport.as_ref(),
                 stats.clone(),
                 source.ebpf_stats(),
-            )?)
-        }
-        None => None,
+                kube.as_ref().map(|k| k.stats()),
+            )
+            .await?,
+        )
+    } else {
+        None
     };
     let console = match cfg.export.console.mode {
         ConsoleMode::Always => true,
         ConsoleMode::Never => false,
-        ConsoleMode::Auto => otlp.is_none(),
+        // A Prometheus-only node should not also flood its log with tables.
+        ConsoleMode::Auto => transport.is_none() && cfg.export.prometheus.listen.is_empty(),
     }
     .then(|| ConsoleExporter::new(&cfg.export.console));
     if otlp.is_none() && console.is_none() {
@@ -75,13 +86,26 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let (report_tx, report_rx) = mpsc::channel::<Arc<IntervalReport>>(2);
     let exporter = tokio::spawn(export_loop(report_rx, otlp, console, stats.clone(), info));
 
+    let namer = Namer::new(
+        &cfg.enrich,
+        kube.is_some(),
+        cfg.resource.node_name.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!("enrich.networks: {e}"))?;
     let mut table = FlowTable::new(cfg.flows.max_flows, stats.clone());
     let mut agg = Aggregator::new(
         KeySpec::from_fields(&cfg.flows.key),
         cfg.flows.max_series,
         cfg.flows.series_idle_timeout,
         stats.clone(),
-    );
+    )
+    .with_namer(namer);
+    let refresh_names = |agg: &mut Aggregator| {
+        if let Some(k) = &kube {
+            agg.set_snapshot(k.snapshot());
+        }
+    };
+    refresh_names(&mut agg);
     let mut epoch = 1;
     source.request_dump(epoch);
     let mut pending = Some(epoch);
@@ -114,6 +138,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                     report_due = false;
                 } else {
                     epoch += 1;
+                    refresh_names(&mut agg);
                     if source.request_dump(epoch) {
                         pending = Some(epoch);
                         report_due = true;
@@ -145,6 +170,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     tokio::task::spawn_blocking(move || source.stop())
         .await
         .ok();
+    if let Some(k) = kube {
+        k.stop().await;
+    }
     Ok(())
 }
 

@@ -38,6 +38,10 @@ pub struct SelfStats {
     /// Export requests that succeeded / failed (after the exporter's retries).
     pub exports_ok: AtomicU64,
     pub exports_failed: AtomicU64,
+    /// Flow ends the Kubernetes cache named (a pod, Service or node) and
+    /// ends it did not know, counted when a flow is named.
+    pub k8s_ends_named: AtomicU64,
+    pub k8s_ends_unknown: AtomicU64,
     /// Whether the kernel reports byte and packet counters (conntrack accounting).
     pub byte_counters_available: AtomicBool,
     /// Set once the first dump of any source has completed.
@@ -73,6 +77,8 @@ impl SelfStats {
             dumps: Self::get(&self.dumps),
             exports_ok: Self::get(&self.exports_ok),
             exports_failed: Self::get(&self.exports_failed),
+            k8s_ends_named: Self::get(&self.k8s_ends_named),
+            k8s_ends_unknown: Self::get(&self.k8s_ends_unknown),
             byte_counters_available: self.byte_counters_available.load(Ordering::Relaxed),
             ready: self.ready.load(Ordering::Relaxed),
         }
@@ -95,6 +101,8 @@ pub struct StatsSnapshot {
     pub dumps: u64,
     pub exports_ok: u64,
     pub exports_failed: u64,
+    pub k8s_ends_named: u64,
+    pub k8s_ends_unknown: u64,
     pub byte_counters_available: bool,
     pub ready: bool,
 }

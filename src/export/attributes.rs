@@ -3,7 +3,8 @@
 
 use opentelemetry::KeyValue;
 
-use crate::flow::aggregate::{DropKey, SeriesKey};
+use crate::enrich::{EndName, Role};
+use crate::flow::aggregate::{DropKey, SeriesKey, ZoneKey};
 
 pub const NETWORK_TRANSPORT: &str = "network.transport";
 pub const NETWORK_TYPE: &str = "network.type";
@@ -21,6 +22,89 @@ pub const OVERFLOW: &str = "otel.metric.overflow";
 pub const TCP_CLOSE_CAUSE: &str = "flowtel.tcp.close.cause";
 pub const TCP_FAILURE: &str = "flowtel.tcp.failure";
 pub const DROP_REASON: &str = "flowtel.drop.reason";
+pub const LOCAL_ROLE: &str = "flowtel.local.role";
+pub const K8S_NAMESPACE: &str = "k8s.namespace.name";
+pub const K8S_POD: &str = "k8s.pod.name";
+pub const K8S_POD_UID: &str = "k8s.pod.uid";
+pub const K8S_WORKLOAD_KIND: &str = "flowtel.k8s.workload.kind";
+pub const K8S_WORKLOAD: &str = "flowtel.k8s.workload.name";
+pub const K8S_SERVICE: &str = "flowtel.k8s.service.name";
+pub const ZONE: &str = "cloud.availability_zone";
+pub const NETWORK: &str = "flowtel.network";
+pub const PEER_K8S_NAMESPACE: &str = "flowtel.peer.k8s.namespace.name";
+pub const PEER_K8S_POD: &str = "flowtel.peer.k8s.pod.name";
+pub const PEER_K8S_WORKLOAD_KIND: &str = "flowtel.peer.k8s.workload.kind";
+pub const PEER_K8S_WORKLOAD: &str = "flowtel.peer.k8s.workload.name";
+pub const PEER_K8S_SERVICE: &str = "flowtel.peer.k8s.service.name";
+pub const PEER_K8S_NODE: &str = "flowtel.peer.k8s.node.name";
+pub const PEER_ZONE: &str = "flowtel.peer.zone";
+pub const PEER_NETWORK: &str = "flowtel.peer.network";
+pub const ENRICHMENT_PENDING: &str = "flowtel.enrichment.pending";
+pub const ZONE_CROSSING: &str = "flowtel.zone.crossing";
+
+/// The semantic-conventions attribute naming a workload of this kind
+/// (`k8s.deployment.name`, ...), for the end on this node.
+fn workload_attribute(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "Deployment" => "k8s.deployment.name",
+        "StatefulSet" => "k8s.statefulset.name",
+        "DaemonSet" => "k8s.daemonset.name",
+        "ReplicaSet" => "k8s.replicaset.name",
+        "Job" => "k8s.job.name",
+        "CronJob" => "k8s.cronjob.name",
+        _ => return None,
+    })
+}
+
+/// The end on this node: semantic-conventions names, as a Collector's
+/// k8sattributes processor would set them for a pod-local signal.
+fn local_attributes(end: &EndName, attrs: &mut Vec<KeyValue>) {
+    let mut put = |key: &'static str, v: &Option<std::sync::Arc<str>>| {
+        if let Some(v) = v {
+            attrs.push(KeyValue::new(key, v.to_string()));
+        }
+    };
+    put(K8S_NAMESPACE, &end.namespace);
+    put(K8S_POD, &end.pod);
+    put(K8S_POD_UID, &end.pod_uid);
+    put(K8S_WORKLOAD_KIND, &end.workload_kind);
+    put(K8S_WORKLOAD, &end.workload);
+    put(K8S_SERVICE, &end.service);
+    put(ZONE, &end.zone);
+    put(NETWORK, &end.network);
+    if let (Some(kind), Some(name)) = (&end.workload_kind, &end.workload) {
+        if let Some(key) = workload_attribute(kind) {
+            attrs.push(KeyValue::new(key, name.to_string()));
+        }
+    }
+    for (k, v) in end.labels.iter() {
+        attrs.push(KeyValue::new(format!("k8s.pod.label.{k}"), v.to_string()));
+    }
+}
+
+/// The other end: `flowtel.peer.*`, since no convention names a peer's
+/// Kubernetes identity.
+fn peer_attributes(end: &EndName, attrs: &mut Vec<KeyValue>) {
+    let mut put = |key: &'static str, v: &Option<std::sync::Arc<str>>| {
+        if let Some(v) = v {
+            attrs.push(KeyValue::new(key, v.to_string()));
+        }
+    };
+    put(PEER_K8S_NAMESPACE, &end.namespace);
+    put(PEER_K8S_POD, &end.pod);
+    put(PEER_K8S_WORKLOAD_KIND, &end.workload_kind);
+    put(PEER_K8S_WORKLOAD, &end.workload);
+    put(PEER_K8S_SERVICE, &end.service);
+    put(PEER_K8S_NODE, &end.node);
+    put(PEER_ZONE, &end.zone);
+    put(PEER_NETWORK, &end.network);
+    for (k, v) in end.labels.iter() {
+        attrs.push(KeyValue::new(
+            format!("flowtel.peer.k8s.pod.label.{k}"),
+            v.to_string(),
+        ));
+    }
+}
 
 /// Which way the bytes of a data point travelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +132,7 @@ pub fn series_attributes(key: &SeriesKey, direction: Option<Direction>) -> Vec<K
     if let Some(t) = key.transport {
         attrs.push(KeyValue::new(NETWORK_TRANSPORT, t.as_str()));
     }
-    if let Some(nt) = key.network_type() {
+    if let Some(nt) = key.network_type {
         attrs.push(KeyValue::new(NETWORK_TYPE, nt));
     }
     if let Some(ip) = key.client {
@@ -74,6 +158,24 @@ pub fn series_attributes(key: &SeriesKey, direction: Option<Direction>) -> Vec<K
     if let Some(d) = direction {
         attrs.push(KeyValue::new(FLOW_DIRECTION, d.as_str()));
     }
+    if key.pending {
+        attrs.push(KeyValue::new(ENRICHMENT_PENDING, true));
+    }
+    if key.client_name.is_some() || key.server_name.is_some() {
+        // Routed traffic (neither end here) is described from the client.
+        let role = key.local.unwrap_or(Role::Client);
+        let (local, peer) = match role {
+            Role::Client => (&key.client_name, &key.server_name),
+            Role::Server => (&key.server_name, &key.client_name),
+        };
+        attrs.push(KeyValue::new(LOCAL_ROLE, role.as_str()));
+        if let Some(end) = local {
+            local_attributes(end, &mut attrs);
+        }
+        if let Some(end) = peer {
+            peer_attributes(end, &mut attrs);
+        }
+    }
     attrs
 }
 
@@ -87,4 +189,19 @@ pub fn drop_attributes(key: &DropKey) -> Vec<KeyValue> {
         attrs.push(KeyValue::new(NETWORK_TYPE, nt));
     }
     attrs
+}
+
+/// The attributes of one zone pair and direction.
+pub fn zone_attributes(key: &ZoneKey, direction: Direction) -> Vec<KeyValue> {
+    let crossing = if key.local == key.peer {
+        "same_zone"
+    } else {
+        "cross_zone"
+    };
+    vec![
+        KeyValue::new(ZONE, key.local.to_string()),
+        KeyValue::new(PEER_ZONE, key.peer.to_string()),
+        KeyValue::new(ZONE_CROSSING, crossing),
+        KeyValue::new(FLOW_DIRECTION, direction.as_str()),
+    ]
 }

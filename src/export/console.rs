@@ -113,8 +113,15 @@ fn describe(key: &SeriesKey) -> (String, String, String, String) {
         .transport
         .map(|t| t.to_string())
         .unwrap_or_else(|| "*".into());
-    let client = endpoint_text(key.client, key.client_port);
-    let server = endpoint_text(key.server, key.server_port);
+    let end = |name: &Option<std::sync::Arc<crate::enrich::EndName>>, ip, port| match name {
+        Some(n) => match port {
+            Some(port) => format!("{}:{port}", n.label()),
+            None => n.label(),
+        },
+        None => endpoint_text(ip, port),
+    };
+    let client = end(&key.client_name, key.client, key.client_port);
+    let server = end(&key.server_name, key.server, key.server_port);
     let nat = key.nat_server.map(|e| format!("→ {e}")).unwrap_or_default();
     (transport, client, server, nat)
 }

@@ -5,5 +5,6 @@
 pub mod attributes;
 pub mod console;
 pub mod otlp_metrics;
+pub mod prometheus;
 pub mod resource;
 pub mod transport;

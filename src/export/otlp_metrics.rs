@@ -6,6 +6,10 @@
 //! export follows each finished interval and series that were forgotten stop
 //! being exported. The SDK turns them into deltas when delta temporality is
 //! configured.
+//!
+//! The same meter provider feeds the Prometheus endpoint when it is on
+//! ([`crate::export::prometheus`]): a second, pull reader that is collected
+//! at each scrape, so both see exactly the same instruments.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,9 +28,11 @@ use opentelemetry_sdk::metrics::{
 };
 
 use crate::config::{Config, Protocol, Temporality};
+use crate::enrich::kubernetes::KubeStats;
 use crate::export::attributes::{
-    drop_attributes, series_attributes, Direction, TCP_CLOSE_CAUSE, TCP_FAILURE,
+    drop_attributes, series_attributes, zone_attributes, Direction, TCP_CLOSE_CAUSE, TCP_FAILURE,
 };
+use crate::export::prometheus::PrometheusEndpoint;
 use crate::export::resource;
 use crate::export::transport::SignalTransport;
 use crate::flow::aggregate::{IntervalReport, TcpCounters};
@@ -50,6 +56,8 @@ struct Prepared {
     tcp: Vec<(Vec<KeyValue>, TcpCounters)>,
     /// Per drop series: its attributes and dropped packets.
     drops: Vec<(Vec<KeyValue>, u64)>,
+    /// Per zone pair and direction: its attributes and bytes.
+    zones: Vec<(Vec<KeyValue>, u64)>,
 }
 
 type Latest = Arc<Mutex<Arc<Prepared>>>;
@@ -64,7 +72,8 @@ const DURATION_BOUNDS: &[f64] = &[
     0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];
 
-/// Ships each finished interval to an OTLP collector.
+/// Ships each finished interval to an OTLP collector, and publishes it to
+/// the Prometheus endpoint when that is on.
 pub struct OtlpMetricsExporter {
     provider: SdkMeterProvider,
     latest: Latest,
@@ -73,55 +82,19 @@ pub struct OtlpMetricsExporter {
 }
 
 impl OtlpMetricsExporter {
-    /// Builds the exporter; must run inside the tokio runtime (tonic needs it).
-    pub fn build(
+    /// Builds the exporter, with an OTLP reader when `transport` is set and a
+    /// Prometheus endpoint when `export.prometheus.listen` is; must run inside
+    /// the tokio runtime (tonic and the listener need it).
+    pub async fn build(
         cfg: &Config,
-        transport: &SignalTransport,
+        transport: Option<&SignalTransport>,
         stats: Arc<SelfStats>,
         ebpf_stats: Option<Arc<EbpfStats>>,
+        kube_stats: Option<Arc<KubeStats>>,
     ) -> anyhow::Result<Self> {
-        let temporality = match cfg.export.otlp.temporality {
-            Temporality::Cumulative => SdkTemporality::Cumulative,
-            Temporality::Delta => SdkTemporality::Delta,
-        };
-        let exporter = match transport.protocol {
-            Protocol::Grpc => transport
-                .apply_tonic(
-                    MetricExporter::builder()
-                        .with_tonic()
-                        .with_temporality(temporality),
-                )?
-                .build(),
-            Protocol::HttpProtobuf => transport
-                .apply_http(
-                    MetricExporter::builder()
-                        .with_http()
-                        .with_temporality(temporality),
-                )?
-                .build(),
-        }
-        .with_context(|| format!("building the OTLP metrics exporter for {}", transport.url))?;
-        let attempts = cfg.export.otlp.retry.max_attempts;
-        let export_budget = (transport.timeout + cfg.export.otlp.retry.max_backoff) * attempts
-            + Duration::from_secs(1);
-        let reader = PeriodicReader::builder(
-            CountingExporter {
-                inner: exporter,
-                stats: stats.clone(),
-                failing: AtomicBool::new(false),
-                url: transport.url.clone(),
-            },
-            opentelemetry_sdk::runtime::Tokio,
-        )
-        // Exports are driven by `export` after each interval; the timer is a
-        // backstop only.
-        .with_interval(Duration::from_secs(3600))
-        .with_timeout(export_budget)
-        .build();
         let series_limit = cfg.flows.max_series * 2 + 2;
-        let provider = SdkMeterProvider::builder()
+        let mut builder = SdkMeterProvider::builder()
             .with_resource(resource::build(&cfg.resource))
-            .with_reader(reader)
             .with_view(move |i: &Instrument| {
                 (i.name().starts_with("flowtel.flow.") || i.name().starts_with("flowtel.tcp."))
                     .then(|| {
@@ -131,12 +104,30 @@ impl OtlpMetricsExporter {
                             .ok()
                     })
                     .flatten()
-            })
-            .build();
+            });
+        if let Some(transport) = transport {
+            builder = builder.with_reader(otlp_reader(cfg, transport, &stats)?);
+        }
+        let prometheus = match cfg.export.prometheus.listen.as_str() {
+            "" => None,
+            listen => {
+                let addr = listen
+                    .parse()
+                    .with_context(|| format!("export.prometheus.listen {listen:?}"))?;
+                Some(PrometheusEndpoint::bind(addr).await?)
+            }
+        };
+        if let Some(p) = &prometheus {
+            builder = builder.with_reader(p.reader());
+        }
+        let provider = builder.build();
         let latest: Latest = Arc::default();
         let meter = provider.meter("flowtel");
         register_flow_instruments(&meter, &latest);
         register_health_instruments(&meter, &latest);
+        if let Some(k) = kube_stats {
+            register_kube_instruments(&meter, k, stats.clone());
+        }
         register_self_instruments(&meter, stats);
         if let Some(e) = ebpf_stats {
             register_ebpf_instruments(&meter, e);
@@ -156,6 +147,10 @@ impl OtlpMetricsExporter {
             .with_description("How long TCP connections lasted, from SYN to close")
             .with_boundaries(DURATION_BOUNDS.to_vec())
             .build();
+        if let Some(p) = prometheus {
+            let local = p.serve()?;
+            tracing::info!("Prometheus metrics on http://{local}/metrics");
+        }
         Ok(Self {
             provider,
             latest,
@@ -200,6 +195,52 @@ impl OtlpMetricsExporter {
     }
 }
 
+/// The periodic reader that pushes to the collector. Exports are driven by
+/// [`OtlpMetricsExporter::export`] after each interval; its timer is a
+/// backstop only.
+fn otlp_reader(
+    cfg: &Config,
+    transport: &SignalTransport,
+    stats: &Arc<SelfStats>,
+) -> anyhow::Result<PeriodicReader<CountingExporter>> {
+    let temporality = match cfg.export.otlp.temporality {
+        Temporality::Cumulative => SdkTemporality::Cumulative,
+        Temporality::Delta => SdkTemporality::Delta,
+    };
+    let exporter = match transport.protocol {
+        Protocol::Grpc => transport
+            .apply_tonic(
+                MetricExporter::builder()
+                    .with_tonic()
+                    .with_temporality(temporality),
+            )?
+            .build(),
+        Protocol::HttpProtobuf => transport
+            .apply_http(
+                MetricExporter::builder()
+                    .with_http()
+                    .with_temporality(temporality),
+            )?
+            .build(),
+    }
+    .with_context(|| format!("building the OTLP metrics exporter for {}", transport.url))?;
+    let attempts = cfg.export.otlp.retry.max_attempts;
+    let export_budget =
+        (transport.timeout + cfg.export.otlp.retry.max_backoff) * attempts + Duration::from_secs(1);
+    Ok(PeriodicReader::builder(
+        CountingExporter {
+            inner: exporter,
+            stats: stats.clone(),
+            failing: AtomicBool::new(false),
+            url: transport.url.clone(),
+        },
+        opentelemetry_sdk::runtime::Tokio,
+    )
+    .with_interval(Duration::from_secs(3600))
+    .with_timeout(export_budget)
+    .build())
+}
+
 fn prepare(report: &IntervalReport) -> Prepared {
     let tcp = report
         .tcp
@@ -211,10 +252,22 @@ fn prepare(report: &IntervalReport) -> Prepared {
         .iter()
         .map(|p| (drop_attributes(&p.key), p.counters.packets))
         .collect();
+    let zones = report
+        .zones
+        .iter()
+        .flat_map(|p| {
+            [
+                (Direction::ClientToServer, p.counters.to_server.bytes),
+                (Direction::ServerToClient, p.counters.to_client.bytes),
+            ]
+            .map(|(d, bytes)| (zone_attributes(&p.key, d), bytes))
+        })
+        .collect();
     Prepared {
         flows: prepare_flows(report),
         tcp,
         drops,
+        zones,
     }
 }
 
@@ -257,6 +310,19 @@ fn register_flow_instruments(meter: &Meter, latest: &Latest) {
         .with_callback(move |o| {
             for p in &snapshot(&l).flows {
                 o.observe(p.bytes, &p.attributes);
+            }
+        })
+        .build();
+    let l = latest.clone();
+    meter
+        .u64_observable_counter("flowtel.zone.bytes")
+        .with_unit("By")
+        .with_description(
+            "Bytes between this node's zone and each peer zone, same-zone and cross-zone",
+        )
+        .with_callback(move |o| {
+            for (attributes, bytes) in &snapshot(&l).zones {
+                o.observe(*bytes, attributes);
             }
         })
         .build();
@@ -409,6 +475,68 @@ fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
             )
         })
         .build();
+}
+
+/// A counter read from the Kubernetes cache: name, unit, description, getter.
+type KubeCounter = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&KubeStats) -> u64,
+);
+
+/// The Kubernetes cache's health and how many flow ends it could name.
+fn register_kube_instruments(meter: &Meter, kube: Arc<KubeStats>, stats: Arc<SelfStats>) {
+    let sums: [KubeCounter; 3] = [
+        (
+            "flowtel.k8s.watch.errors",
+            "{error}",
+            "Failed Kubernetes list, watch or connection attempts (each retried)",
+            KubeStats::watch_errors,
+        ),
+        (
+            "flowtel.k8s.relists",
+            "{list}",
+            "Complete re-lists after a 410 Gone, an API server restart or a broken watch",
+            KubeStats::relists,
+        ),
+        (
+            "flowtel.k8s.objects.rejected",
+            "{object}",
+            "Kubernetes objects skipped because a field flowtel needs was missing or malformed",
+            KubeStats::objects_rejected,
+        ),
+    ];
+    for (name, unit, description, read) in sums {
+        let k = kube.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |o| o.observe(read(&k), &[]))
+            .build();
+    }
+    meter
+        .u64_observable_gauge("flowtel.k8s.synced")
+        .with_unit("1")
+        .with_description("1 once every watched kind has been listed completely, 0 before")
+        .with_callback(move |o| o.observe(u64::from(kube.synced()), &[]))
+        .build();
+    let counters: [AtomicMetric<SelfStats>; 2] = [
+        (
+            "flowtel.k8s.ends.named",
+            "{end}",
+            "Flow ends the Kubernetes cache named as a pod, Service or node",
+            |s| &s.k8s_ends_named,
+        ),
+        (
+            "flowtel.k8s.ends.unknown",
+            "{end}",
+            "Flow ends no Kubernetes object claimed, named by their network instead",
+            |s| &s.k8s_ends_unknown,
+        ),
+    ];
+    observe_atomics(meter, &stats, &counters, false);
 }
 
 fn register_ebpf_instruments(meter: &Meter, stats: Arc<EbpfStats>) {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::KeyField;
+use crate::enrich::{EndName, FlowNames, Namer, Role};
 use crate::flow::{
     Counters, DropRecord, Endpoint, FlowId, Nat, SourceKind, TcpClose, TcpEvent, TcpEventKind,
     TcpFailure, Transport,
@@ -47,17 +48,50 @@ impl KeySpec {
         }
     }
 
-    /// The series a flow belongs to.
-    pub fn key_of(&self, id: &FlowId, nat: &Nat, source: SourceKind) -> SeriesKey {
+    /// The series a flow belongs to. An end that `names` identifies is
+    /// keyed by its name instead of its address (and, behind NAT, the
+    /// translated address is left out too: the name says who answered).
+    pub fn key_of(
+        &self,
+        id: &FlowId,
+        nat: &Nat,
+        source: SourceKind,
+        names: Option<&FlowNames>,
+    ) -> SeriesKey {
         let ports = id.transport.has_ports();
+        let named = |end: Option<&Arc<EndName>>| end.filter(|n| n.is_named()).cloned();
+        let client_name = named(names.map(|n| &n.client));
+        let server_name = named(names.map(|n| &n.server));
         SeriesKey {
             transport: self.transport.then_some(id.transport),
-            client: self.client_address.then_some(id.client.ip),
+            client: (self.client_address && client_name.is_none()).then_some(id.client.ip),
             client_port: (self.client_port && ports).then_some(id.client.port),
-            server: self.server_address.then_some(id.server.ip),
+            server: (self.server_address && server_name.is_none()).then_some(id.server.ip),
             server_port: (self.server_port && ports).then_some(id.server.port),
-            nat_server: if self.nat { nat.server } else { None },
-            nat_client: if self.nat { nat.client } else { None },
+            nat_server: if self.nat && server_name.is_none() {
+                nat.server
+            } else {
+                None
+            },
+            nat_client: if self.nat && client_name.is_none() {
+                nat.client
+            } else {
+                None
+            },
+            client_name,
+            server_name,
+            local: names.and_then(|n| n.local),
+            pending: names.is_some_and(|n| !n.settled),
+            // Kept whenever an address could have been: a name that stands
+            // in for the address keeps its family.
+            network_type: (self.client_address
+                || self.server_address
+                || (self.nat && nat.server.is_some()))
+            .then_some(if id.client.ip.is_ipv4() {
+                "ipv4"
+            } else {
+                "ipv6"
+            }),
             source,
             overflow: false,
         }
@@ -65,7 +99,7 @@ impl KeySpec {
 }
 
 /// The identity of one exported series. Fields left out of the key are `None`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SeriesKey {
     pub transport: Option<Transport>,
     pub client: Option<IpAddr>,
@@ -74,6 +108,17 @@ pub struct SeriesKey {
     pub server_port: Option<u16>,
     pub nat_server: Option<Endpoint>,
     pub nat_client: Option<Endpoint>,
+    /// What the client is, when enrichment named it (its address is then
+    /// left out).
+    pub client_name: Option<Arc<EndName>>,
+    pub server_name: Option<Arc<EndName>>,
+    /// Which end is on this node, when enrichment could tell.
+    pub local: Option<Role>,
+    /// Named before the Kubernetes cache had synced: the names may be
+    /// missing, and are retried.
+    pub pending: bool,
+    /// `ipv4` or `ipv6` (the `network.type` attribute).
+    pub network_type: Option<&'static str>,
     pub source: SourceKind,
     /// The series that holds everything past the series budget.
     pub overflow: bool,
@@ -89,19 +134,14 @@ impl SeriesKey {
             server_port: None,
             nat_server: None,
             nat_client: None,
+            client_name: None,
+            server_name: None,
+            local: None,
+            pending: false,
+            network_type: None,
             source,
             overflow: true,
         }
-    }
-
-    /// `ipv4` or `ipv6` (the `network.type` attribute), from whichever
-    /// address the key kept.
-    pub fn network_type(&self) -> Option<&'static str> {
-        let ip = self
-            .server
-            .or(self.client)
-            .or(self.nat_server.map(|e| e.ip))?;
-        Some(if ip.is_ipv4() { "ipv4" } else { "ipv6" })
     }
 }
 
@@ -138,7 +178,7 @@ struct SeriesState {
 }
 
 /// One series as exported at the end of an interval.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeriesPoint {
     pub key: SeriesKey,
     /// Since `start` (cumulative temporality).
@@ -193,6 +233,23 @@ pub struct DropKey {
     pub network_type: Option<&'static str>,
 }
 
+/// Traffic between this node's zone and a peer's, for the cost of
+/// cross-zone transfer. Only flows whose two ends have a zone count.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ZoneKey {
+    /// The zone of the end on this node.
+    pub local: Arc<str>,
+    pub peer: Arc<str>,
+}
+
+/// Bytes and packets between two zones, cumulative.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZonePoint {
+    pub key: ZoneKey,
+    pub counters: DirectionalCounters,
+    pub start: SystemTime,
+}
+
 /// Dropped packets of one drop series, cumulative.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DropPoint {
@@ -212,6 +269,7 @@ pub struct IntervalReport {
     pub points: Vec<SeriesPoint>,
     pub tcp: Vec<TcpPoint>,
     pub drops: Vec<DropPoint>,
+    pub zones: Vec<ZonePoint>,
     pub spec: KeySpec,
     pub start: SystemTime,
     pub end: SystemTime,
@@ -226,8 +284,10 @@ pub struct Aggregator {
     series: HashMap<SeriesKey, SeriesState, RandomState>,
     tcp: HashMap<SeriesKey, TcpState, RandomState>,
     drops: HashMap<DropKey, (Counters, SystemTime), RandomState>,
+    zones: HashMap<ZoneKey, (DirectionalCounters, SystemTime), RandomState>,
     samples: usize,
     interval_start: SystemTime,
+    namer: Option<Namer>,
     stats: Arc<SelfStats>,
 }
 
@@ -245,10 +305,54 @@ impl Aggregator {
             series: HashMap::default(),
             tcp: HashMap::default(),
             drops: HashMap::default(),
+            zones: HashMap::default(),
             samples: 0,
             interval_start: SystemTime::now(),
+            namer: None,
             stats,
         }
+    }
+
+    /// Names both ends of every flow from now on.
+    pub fn with_namer(mut self, namer: Option<Namer>) -> Self {
+        self.namer = namer;
+        self
+    }
+
+    /// Names flows seen from now on with this view of the cluster.
+    pub fn set_snapshot(&mut self, snapshot: Arc<crate::enrich::kubernetes::Snapshot>) {
+        if let Some(n) = &mut self.namer {
+            n.set_snapshot(snapshot);
+        }
+    }
+
+    /// The names of a flow: `cached` (the flow table's copy) unless it is
+    /// missing or not yet settled, in which case the flow is named afresh
+    /// and the cache updated.
+    pub fn names(
+        &mut self,
+        id: &FlowId,
+        nat: &Nat,
+        cached: &mut Option<Arc<FlowNames>>,
+    ) -> Option<Arc<FlowNames>> {
+        let namer = self.namer.as_ref()?;
+        match cached {
+            Some(n) if n.settled => {}
+            _ => {
+                let names = namer.name(id, nat);
+                if namer.uses_kubernetes() {
+                    for end in [&names.client, &names.server] {
+                        SelfStats::inc(if end.is_kubernetes() {
+                            &self.stats.k8s_ends_named
+                        } else {
+                            &self.stats.k8s_ends_unknown
+                        });
+                    }
+                }
+                *cached = Some(Arc::new(names));
+            }
+        }
+        cached.clone()
     }
 
     pub fn spec(&self) -> KeySpec {
@@ -256,17 +360,28 @@ impl Aggregator {
     }
 
     /// Adds one flow's delta to its series (or to the overflow series).
+    /// `names` is the flow table's cache of the flow's names (see
+    /// [`Aggregator::names`]); pass `&mut None` for a flow it does not keep.
     pub fn record(
         &mut self,
         id: &FlowId,
         nat: &Nat,
         source: SourceKind,
         delta: DirectionalCounters,
+        names: &mut Option<Arc<FlowNames>>,
     ) {
         if delta.is_zero() {
             return;
         }
-        let key = self.spec.key_of(id, nat, source);
+        let names = self.names(id, nat, names);
+        if let Some(zone) = names.as_deref().and_then(zone_key) {
+            self.zones
+                .entry(zone)
+                .or_insert_with(|| (DirectionalCounters::default(), SystemTime::now()))
+                .0
+                .add(delta);
+        }
+        let key = self.spec.key_of(id, nat, source, names.as_deref());
         let now = Instant::now();
         if let Some(state) = self.series.get_mut(&key) {
             state.cumulative.add(delta);
@@ -294,9 +409,13 @@ impl Aggregator {
     /// Adds one TCP health observation to its series (the flow series key
     /// of the connection), within the same series budget as flows.
     pub fn record_tcp(&mut self, event: &TcpEvent) {
-        let key = self
-            .spec
-            .key_of(&event.id, &Nat::default(), SourceKind::Ebpf);
+        let names = self.names(&event.id, &Nat::default(), &mut None);
+        let key = self.spec.key_of(
+            &event.id,
+            &Nat::default(),
+            SourceKind::Ebpf,
+            names.as_deref(),
+        );
         let now = Instant::now();
         let key = if self.tcp.contains_key(&key) || self.tcp.len() + 1 < self.max_series {
             key
@@ -381,7 +500,7 @@ impl Aggregator {
             .tcp
             .iter_mut()
             .map(|(key, s)| TcpPoint {
-                key: *key,
+                key: key.clone(),
                 cumulative: s.cumulative,
                 rtt: std::mem::take(&mut s.rtt),
                 durations: std::mem::take(&mut s.durations),
@@ -397,10 +516,19 @@ impl Aggregator {
                 start: *start,
             })
             .collect();
+        let zones = self
+            .zones
+            .iter()
+            .map(|(key, (counters, start))| ZonePoint {
+                key: key.clone(),
+                counters: *counters,
+                start: *start,
+            })
+            .collect();
         let mut points = Vec::with_capacity(self.series.len());
         for (key, state) in self.series.iter_mut() {
             points.push(SeriesPoint {
-                key: *key,
+                key: key.clone(),
                 cumulative: state.cumulative,
                 interval: state.interval,
                 start: state.start,
@@ -415,6 +543,7 @@ impl Aggregator {
             points,
             tcp,
             drops,
+            zones,
             spec: self.spec,
             start: self.interval_start,
             end,
@@ -422,6 +551,19 @@ impl Aggregator {
         self.interval_start = end;
         report
     }
+}
+
+/// The zones of a flow's two ends, the local one first (the client's when
+/// neither end is on this node).
+fn zone_key(names: &FlowNames) -> Option<ZoneKey> {
+    let (local, peer) = match names.local.unwrap_or(Role::Client) {
+        Role::Client => (&names.client, &names.server),
+        Role::Server => (&names.server, &names.client),
+    };
+    Some(ZoneKey {
+        local: local.zone.clone()?,
+        peer: peer.zone.clone()?,
+    })
 }
 
 #[cfg(test)]
@@ -463,6 +605,7 @@ mod tests {
                 &Nat::default(),
                 SourceKind::Conntrack,
                 delta(10),
+                &mut None,
             );
         }
         let report = a.finish_interval();
@@ -478,6 +621,35 @@ mod tests {
     }
 
     #[test]
+    fn named_ends_replace_addresses() {
+        let stats = Arc::new(SelfStats::default());
+        let spec = KeySpec::from_fields(&crate::config::FlowsConfig::default().key);
+        let cfg = crate::enrich::EnrichConfig {
+            unknown_addresses: crate::enrich::UnknownAddresses::Network,
+            ..Default::default()
+        };
+        let namer = Namer::new(&cfg, false, None).expect("default networks are valid");
+        let mut a = Aggregator::new(spec, 100, Duration::from_secs(60), stats).with_namer(namer);
+        for server in 1..=10 {
+            a.record(
+                &flow(40_000 + u16::from(server), server),
+                &Nat::default(),
+                SourceKind::Conntrack,
+                delta(3),
+                &mut None,
+            );
+        }
+        let report = a.finish_interval();
+        assert_eq!(report.points.len(), 1, "ten servers, one network");
+        let key = &report.points[0].key;
+        assert_eq!((key.client, key.server), (None, None));
+        let network = |n: &Option<Arc<EndName>>| n.as_ref().and_then(|n| n.network.clone());
+        assert_eq!(network(&key.server_name).as_deref(), Some("internet"));
+        assert_eq!(network(&key.client_name).as_deref(), Some("internet"));
+        assert_eq!(report.points[0].cumulative.to_server.bytes, 30);
+    }
+
+    #[test]
     fn budget_folds_into_overflow_and_counts() {
         let (mut a, stats) = agg(4);
         for server in 1..=10 {
@@ -486,6 +658,7 @@ mod tests {
                 &Nat::default(),
                 SourceKind::Conntrack,
                 delta(5),
+                &mut None,
             );
         }
         let report = a.finish_interval();
@@ -510,6 +683,7 @@ mod tests {
             &Nat::default(),
             SourceKind::Conntrack,
             delta(10),
+            &mut None,
         );
         let first = a.finish_interval();
         assert_eq!(first.points[0].interval.to_server.bytes, 10);
@@ -518,6 +692,7 @@ mod tests {
             &Nat::default(),
             SourceKind::Conntrack,
             delta(5),
+            &mut None,
         );
         let second = a.finish_interval();
         assert_eq!(second.points[0].interval.to_server.bytes, 5);

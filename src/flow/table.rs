@@ -16,6 +16,7 @@ use foldhash::fast::RandomState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::enrich::FlowNames;
 use crate::flow::aggregate::{Aggregator, DirectionalCounters};
 use crate::flow::{Counters, FlowId, FlowUpdate, SourceEvent};
 use crate::stats::SelfStats;
@@ -27,6 +28,8 @@ struct Tracked {
     to_client: Counters,
     /// The epoch of the latest dump started when this flow was last reported.
     epoch_seen: u64,
+    /// Both ends named when the flow was first seen (see `crate::enrich`).
+    names: Option<Arc<FlowNames>>,
 }
 
 #[derive(Debug)]
@@ -100,7 +103,7 @@ impl FlowTable {
                             to_server: u.to_server.since(ts).unwrap_or_default(),
                             to_client: u.to_client.since(tc).unwrap_or_default(),
                         };
-                        agg.record(&u.id, &u.nat, u.source, delta);
+                        agg.record(&u.id, &u.nat, u.source, delta, &mut None);
                     }
                     // Otherwise a stale dump entry (or duplicate end) of a
                     // connection already counted to its end.
@@ -113,6 +116,7 @@ impl FlowTable {
             to_client: u.to_client,
         };
         let room = self.flows.len() < self.max_flows;
+        let mut names = None;
         let delta = match self.flows.get_mut(&u.id) {
             Some(t) => {
                 let delta = if t.generation == u.generation {
@@ -137,24 +141,25 @@ impl FlowTable {
                         SelfStats::inc(&self.stats.flows_ended_unseen);
                     }
                     t.generation = u.generation;
+                    t.names = None;
                     fresh
                 };
                 t.to_server = u.to_server;
                 t.to_client = u.to_client;
                 t.epoch_seen = self.epoch;
+                names = agg.names(&u.id, &u.nat, &mut t.names);
                 delta
             }
             None if u.ended => fresh,
             None if room => {
-                self.flows.insert(
-                    u.id,
-                    Tracked {
-                        generation: u.generation,
-                        to_server: u.to_server,
-                        to_client: u.to_client,
-                        epoch_seen: self.epoch,
-                    },
-                );
+                let t = self.flows.entry(u.id).or_insert(Tracked {
+                    generation: u.generation,
+                    to_server: u.to_server,
+                    to_client: u.to_client,
+                    epoch_seen: self.epoch,
+                    names: None,
+                });
+                names = agg.names(&u.id, &u.nat, &mut t.names);
                 fresh
             }
             None => {
@@ -176,7 +181,7 @@ impl FlowTable {
                 );
             }
         }
-        agg.record(&u.id, &u.nat, u.source, delta);
+        agg.record(&u.id, &u.nat, u.source, delta, &mut names);
     }
 
     fn sweep(&mut self, epoch: u64) {

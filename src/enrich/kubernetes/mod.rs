@@ -1,0 +1,168 @@
+//! The Kubernetes cache: who owns an IP address, and since when.
+//!
+//! [`start`] spawns one task that watches Pods, Services, EndpointSlices
+//! and Nodes (whole objects) and ReplicaSets and Jobs (metadata only, to
+//! name workloads) with kube-runtime watchers. It keeps a compact record of
+//! each ([`PodInfo`], [`ServiceInfo`], [`NodeInfo`]), far smaller than the
+//! objects, and publishes an immutable [`Snapshot`] at most every 250 ms
+//! while something changes. Readers take the current snapshot with
+//! [`KubeHandle::snapshot`] and look addresses up without locking.
+//!
+//! Workloads are named by following `ownerReferences` with
+//! `controller: true` (Pod → ReplicaSet → Deployment, Pod → Job → CronJob,
+//! Pod → StatefulSet/DaemonSet), never by guessing from names.
+//!
+//! # Addresses over time
+//!
+//! Each address keeps a short history of holders, so a flow is named after
+//! the pod that had the address when the flow was seen ([`Snapshot::lookup`]
+//! takes that time):
+//!
+//! * a holder lets an address go when flowtel sees it deleted, finished
+//!   (`Succeeded`/`Failed` pods keep `podIP` in the API but not the
+//!   address), missing from a re-list, or replaced by a newcomer whose
+//!   address it still claimed; that old claim is kept for `ip_retention`;
+//! * the next holder's claim starts at that moment, or at the beginning of
+//!   time when flowtel knows of no earlier holder. Kubernetes timestamps
+//!   are not used: they come from the API server's clock, flows are timed
+//!   by the node's, and a pod gets its address some unknown time after
+//!   both; the order of holders is what flowtel sees itself.
+//!
+//! Nothing about the API server is fatal: unreachable at start, gone
+//! mid-run, `410 Gone`, a re-list: the watchers retry with client-go's
+//! backoff and the last snapshot stays in use meanwhile. How the task is
+//! doing is in [`KubeStats`].
+//!
+//! The RBAC rules this needs are in `deploy/rbac.yaml`.
+
+mod cache;
+mod config;
+mod convert;
+mod index;
+mod intern;
+mod model;
+mod owners;
+mod watch;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kube::config::Kubeconfig;
+use tokio::sync::{oneshot, watch as channel};
+use tokio::task::JoinHandle;
+
+pub use config::{KubernetesConfig, KubernetesMode};
+pub use index::{Counts, Snapshot};
+pub use model::{
+    NodeInfo, Peer, PodInfo, Protocol, ServiceInfo, ServicePort, Workload, WorkloadKind,
+};
+
+/// How the cache task is doing, for self-telemetry and `/readyz`. Every
+/// counter only grows.
+#[derive(Debug, Default)]
+pub struct KubeStats {
+    watch_errors: AtomicU64,
+    relists: AtomicU64,
+    applied: AtomicU64,
+    rejected: AtomicU64,
+    synced: AtomicBool,
+}
+
+impl KubeStats {
+    /// Failed list, watch or connection attempts (each retried).
+    pub fn watch_errors(&self) -> u64 {
+        self.watch_errors.load(Ordering::Relaxed)
+    }
+
+    /// Complete lists after the first of each kind: after a `410 Gone`, an
+    /// API server restart or a broken watch that could not resume.
+    pub fn relists(&self) -> u64 {
+        self.relists.load(Ordering::Relaxed)
+    }
+
+    /// Objects listed, added, modified or deleted that the cache took in.
+    pub fn objects_applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    /// Objects skipped because a field flowtel needs is missing or wrong
+    /// (a missing name, an address that does not parse).
+    pub fn objects_rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Every kind has been listed completely at least once.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+}
+
+/// The running cache. Dropping it stops the task too; [`KubeHandle::stop`]
+/// also waits for it to end.
+#[derive(Debug)]
+pub struct KubeHandle {
+    snapshots: channel::Receiver<Arc<Snapshot>>,
+    stats: Arc<KubeStats>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl KubeHandle {
+    /// The latest snapshot: empty and not [`Snapshot::synced`] until the
+    /// first lists are in.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// The task's counters.
+    pub fn stats(&self) -> Arc<KubeStats> {
+        self.stats.clone()
+    }
+
+    /// Stops the watchers and waits for the task to end.
+    pub async fn stop(self) {
+        let Self { stop, task, .. } = self;
+        // The task may have ended already; then there is nothing to stop.
+        let _ = stop.send(());
+        if let Err(e) = task.await {
+            tracing::warn!("the Kubernetes cache task ended abnormally: {e}");
+        }
+    }
+}
+
+/// Starts the cache when `cfg` enables it (`None` otherwise). Must be
+/// called within a tokio runtime. Returns at once: the API server is only
+/// contacted by the spawned task, and one that cannot be reached is
+/// retried, never an error. Only a configured kubeconfig file that cannot
+/// be read is.
+pub fn start(cfg: &KubernetesConfig) -> anyhow::Result<Option<KubeHandle>> {
+    if !cfg.is_enabled() {
+        return Ok(None);
+    }
+    let source = match &cfg.kubeconfig {
+        Some(path) => watch::ClientSource::File(Box::new(
+            Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?,
+        )),
+        None => watch::ClientSource::Infer,
+    };
+    let runtime = tokio::runtime::Handle::try_current()
+        .context("the Kubernetes cache must be started within a tokio runtime")?;
+    // kube's TLS uses the process-wide rustls provider; flowtel's is ring.
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: one is installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let cache = cache::Cache::new(&cfg.pod_labels, cfg.ip_retention);
+    let (publish, snapshots) = channel::channel(Arc::new(Snapshot::default()));
+    let stats = Arc::new(KubeStats::default());
+    let (stop, stopped) = oneshot::channel();
+    let task = runtime.spawn(watch::run(source, cache, publish, stats.clone(), stopped));
+    Ok(Some(KubeHandle {
+        snapshots,
+        stats,
+        stop,
+        task,
+    }))
+}
