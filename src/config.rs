@@ -167,6 +167,27 @@ pub struct ExportConfig {
     pub otlp: OtlpConfig,
     pub console: ConsoleConfig,
     pub prometheus: PrometheusConfig,
+    /// OTLP log events: flow records, connection and drop events.
+    pub logs: crate::export::otlp_logs::LogsConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// How metrics are shaped, whichever way they leave (OTLP or Prometheus).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Per metric, the attributes it keeps; the others are summed over.
+    /// A list, because metric names hold dots that a map key would split.
+    pub attributes: Vec<AttributeSelection>,
+}
+
+/// One metric's kept attributes, e.g.
+/// `{metric: flowtel.flow.packets, keep: [server.port, network.transport]}`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeSelection {
+    pub metric: String,
+    pub keep: Vec<String>,
 }
 
 /// The Prometheus exposition endpoint, for stacks that scrape instead of
@@ -706,6 +727,28 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
             ),
         ));
     }
+    for (i, AttributeSelection { metric, keep }) in cfg.export.metrics.attributes.iter().enumerate()
+    {
+        if !crate::export::selection::SELECTABLE.contains(&metric.as_str()) {
+            return Err(ConfigError::new(
+                format!("export.metrics.attributes[{i}].metric"),
+                format!(
+                    "is not a metric whose attributes can be selected; one of: {}",
+                    crate::export::selection::SELECTABLE.join(", ")
+                ),
+            ));
+        }
+        if keep.iter().any(|k| k.trim().is_empty()) {
+            return Err(ConfigError::new(
+                format!("export.metrics.attributes[{i}].keep"),
+                "lists an empty attribute name",
+            ));
+        }
+    }
+    cfg.export
+        .logs
+        .validate()
+        .map_err(|e| ConfigError::new(e.key, e.reason))?;
     let otlp = &cfg.export.otlp;
     if !otlp.endpoint.is_empty() {
         check_url("export.otlp.endpoint", &otlp.endpoint)?;

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 
+use crate::enrich::kubernetes::KubeStats;
 use crate::source::SourceInfo;
 use crate::stats::SelfStats;
 
@@ -17,6 +18,7 @@ use crate::stats::SelfStats;
 struct HealthState {
     stats: Arc<SelfStats>,
     source: SourceInfo,
+    kube: Option<Arc<KubeStats>>,
 }
 
 #[derive(serde::Serialize)]
@@ -24,6 +26,18 @@ struct Readiness {
     ready: bool,
     source: SourceInfo,
     stats: crate::stats::StatsSnapshot,
+    /// The Kubernetes cache, when enrichment is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kubernetes: Option<KubeReadiness>,
+}
+
+/// The Kubernetes cache's counters, as in the `flowtel.k8s.*` metrics.
+#[derive(serde::Serialize)]
+struct KubeReadiness {
+    synced: bool,
+    watch_errors: u64,
+    relists: u64,
+    objects_rejected: u64,
 }
 
 /// Binds the listener now (so a port clash is a start-up error) and serves in
@@ -32,6 +46,7 @@ pub async fn serve(
     listen: SocketAddr,
     stats: Arc<SelfStats>,
     source: SourceInfo,
+    kube: Option<Arc<KubeStats>>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {listen} for health checks (health.listen): {e}")
@@ -40,7 +55,11 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(HealthState { stats, source });
+        .with_state(HealthState {
+            stats,
+            source,
+            kube,
+        });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("health endpoint stopped: {e}");
@@ -62,6 +81,12 @@ async fn readyz(State(state): State<HealthState>) -> (StatusCode, Json<Readiness
             ready: stats.ready,
             source: state.source,
             stats,
+            kubernetes: state.kube.map(|k| KubeReadiness {
+                synced: k.synced(),
+                watch_errors: k.watch_errors(),
+                relists: k.relists(),
+                objects_rejected: k.objects_rejected(),
+            }),
         }),
     )
 }

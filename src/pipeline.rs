@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, ConsoleMode, SourceChoice};
 use crate::enrich::{kubernetes, Namer};
 use crate::export::console::ConsoleExporter;
+use crate::export::otlp_logs::OtlpLogsExporter;
 use crate::export::otlp_metrics::OtlpMetricsExporter;
 use crate::export::transport::SignalTransport;
 use crate::flow::aggregate::{Aggregator, IntervalReport, KeySpec};
@@ -38,19 +39,24 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     };
     tracing::info!(source = info.name, mode = info.mode, interval = ?cfg.interval, "flowtel started");
 
+    let kube = kubernetes::start(&cfg.kubernetes).context("starting the Kubernetes cache")?;
+    if kube.is_some() {
+        tracing::info!(node = ?cfg.resource.node_name, "naming flow ends from the Kubernetes API");
+    }
     if !cfg.health.listen.is_empty() {
         let listen = cfg
             .health
             .listen
             .parse()
             .with_context(|| format!("health.listen {:?}", cfg.health.listen))?;
-        let local = crate::health::serve(listen, stats.clone(), info).await?;
+        let local = crate::health::serve(
+            listen,
+            stats.clone(),
+            info,
+            kube.as_ref().map(|k| k.stats()),
+        )
+        .await?;
         tracing::info!("health checks on http://{local}/healthz and /readyz");
-    }
-
-    let kube = kubernetes::start(&cfg.kubernetes).context("starting the Kubernetes cache")?;
-    if kube.is_some() {
-        tracing::info!(node = ?cfg.resource.node_name, "naming flow ends from the Kubernetes API");
     }
     let transport = SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.metrics, "metrics");
     if let Some(t) = &transport {
@@ -64,11 +70,24 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                 stats.clone(),
                 source.ebpf_stats(),
                 kube.as_ref().map(|k| k.stats()),
+                info,
             )
             .await?,
         )
     } else {
         None
+    };
+    let logs = if cfg.export.logs.enabled {
+        SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.logs, "logs")
+    } else {
+        None
+    };
+    let logs = match logs {
+        Some(t) => {
+            tracing::info!(endpoint = %t.url, protocol = ?t.protocol, "exporting OTLP log events");
+            Some(OtlpLogsExporter::build(&cfg, &t, stats.clone())?)
+        }
+        None => None,
     };
     let console = match cfg.export.console.mode {
         ConsoleMode::Always => true,
@@ -84,7 +103,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
 
     let (report_tx, report_rx) = mpsc::channel::<Arc<IntervalReport>>(2);
-    let exporter = tokio::spawn(export_loop(report_rx, otlp, console, stats.clone(), info));
+    let records = logs.as_ref().map_or(0, |_| cfg.export.logs.max_records);
+    let exporter = tokio::spawn(export_loop(
+        report_rx,
+        Exporters {
+            otlp,
+            logs,
+            console,
+        },
+        stats.clone(),
+        info,
+    ));
 
     let namer = Namer::new(
         &cfg.enrich,
@@ -99,7 +128,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cfg.flows.series_idle_timeout,
         stats.clone(),
     )
-    .with_namer(namer);
+    .with_namer(namer)
+    .with_records(records);
     let refresh_names = |agg: &mut Aggregator| {
         if let Some(k) = &kube {
             agg.set_snapshot(k.snapshot());
@@ -254,25 +284,49 @@ fn send_report(tx: &mpsc::Sender<Arc<IntervalReport>>, agg: &mut Aggregator) {
     }
 }
 
+/// Where finished intervals go.
+struct Exporters {
+    otlp: Option<OtlpMetricsExporter>,
+    logs: Option<OtlpLogsExporter>,
+    console: Option<ConsoleExporter>,
+}
+
 async fn export_loop(
     mut rx: mpsc::Receiver<Arc<IntervalReport>>,
-    otlp: Option<OtlpMetricsExporter>,
-    mut console: Option<ConsoleExporter>,
+    mut to: Exporters,
     stats: Arc<SelfStats>,
     source: SourceInfo,
 ) {
     while let Some(report) = rx.recv().await {
-        if let Some(c) = &console {
+        if let Some(c) = &to.console {
             if let Err(e) = c.export(&report, &stats.snapshot(), source) {
                 tracing::warn!("stopped printing flows to the terminal: {e}");
-                console = None;
+                to.console = None;
             }
         }
-        if let Some(o) = &otlp {
-            o.export(&report).await;
+        let metrics = async {
+            if let Some(o) = &to.otlp {
+                o.export(&report).await;
+            }
+        };
+        let logs = async {
+            if let Some(l) = &mut to.logs {
+                l.export(&report).await;
+            }
+        };
+        tokio::join!(metrics, logs);
+    }
+    // The final interval's records were flushed above; shutdown releases
+    // the exporters once nothing is left.
+    let metrics = async {
+        if let Some(o) = to.otlp {
+            o.shutdown().await;
         }
-    }
-    if let Some(o) = otlp {
-        o.shutdown().await;
-    }
+    };
+    let logs = async {
+        if let Some(l) = to.logs {
+            l.shutdown().await;
+        }
+    };
+    tokio::join!(metrics, logs);
 }

@@ -12,6 +12,8 @@ pub struct SelfStats {
     pub flows_tracked: AtomicU64,
     /// Source updates applied to the flow table.
     pub flow_updates: AtomicU64,
+    /// Connections seen for the first time (tracked or not).
+    pub flows_seen: AtomicU64,
     /// New flows not tracked because the flow table was at `flows.max_flows`;
     /// their counters are still counted once, at their end, if the source
     /// reports the end.
@@ -38,6 +40,12 @@ pub struct SelfStats {
     /// Export requests that succeeded / failed (after the exporter's retries).
     pub exports_ok: AtomicU64,
     pub exports_failed: AtomicU64,
+    /// Flow records, connection events and drop events not kept for the
+    /// log exporter because an interval already held `export.logs.max_records`.
+    pub records_dropped: AtomicU64,
+    /// Log records (flow records, connection and drop events) that passed
+    /// the filters but not `export.logs.rate_limit`.
+    pub log_records_rate_limited: AtomicU64,
     /// Flow ends the Kubernetes cache named (a pod, Service or node) and
     /// ends it did not know, counted when a flow is named.
     pub k8s_ends_named: AtomicU64,
@@ -66,6 +74,7 @@ impl SelfStats {
         StatsSnapshot {
             flows_tracked: Self::get(&self.flows_tracked),
             flow_updates: Self::get(&self.flow_updates),
+            flows_seen: Self::get(&self.flows_seen),
             flows_untracked: Self::get(&self.flows_untracked),
             flows_ended_unseen: Self::get(&self.flows_ended_unseen),
             series_overflowed: Self::get(&self.series_overflowed),
@@ -77,6 +86,8 @@ impl SelfStats {
             dumps: Self::get(&self.dumps),
             exports_ok: Self::get(&self.exports_ok),
             exports_failed: Self::get(&self.exports_failed),
+            records_dropped: Self::get(&self.records_dropped),
+            log_records_rate_limited: Self::get(&self.log_records_rate_limited),
             k8s_ends_named: Self::get(&self.k8s_ends_named),
             k8s_ends_unknown: Self::get(&self.k8s_ends_unknown),
             byte_counters_available: self.byte_counters_available.load(Ordering::Relaxed),
@@ -90,6 +101,7 @@ impl SelfStats {
 pub struct StatsSnapshot {
     pub flows_tracked: u64,
     pub flow_updates: u64,
+    pub flows_seen: u64,
     pub flows_untracked: u64,
     pub flows_ended_unseen: u64,
     pub series_overflowed: u64,
@@ -101,6 +113,8 @@ pub struct StatsSnapshot {
     pub dumps: u64,
     pub exports_ok: u64,
     pub exports_failed: u64,
+    pub records_dropped: u64,
+    pub log_records_rate_limited: u64,
     pub k8s_ends_named: u64,
     pub k8s_ends_unknown: u64,
     pub byte_counters_available: bool,

@@ -4,7 +4,9 @@
 
 pub mod attributes;
 pub mod console;
+pub mod otlp_logs;
 pub mod otlp_metrics;
 pub mod prometheus;
 pub mod resource;
+pub mod selection;
 pub mod transport;

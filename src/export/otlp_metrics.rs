@@ -11,6 +11,7 @@
 //! ([`crate::export::prometheus`]): a second, pull reader that is collected
 //! at each scrape, so both see exactly the same instruments.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,34 +31,33 @@ use opentelemetry_sdk::metrics::{
 use crate::config::{Config, Protocol, Temporality};
 use crate::enrich::kubernetes::KubeStats;
 use crate::export::attributes::{
-    drop_attributes, series_attributes, zone_attributes, Direction, TCP_CLOSE_CAUSE, TCP_FAILURE,
+    drop_attributes, series_attributes, zone_attributes, Direction, SOURCE, TCP_CLOSE_CAUSE,
+    TCP_FAILURE,
 };
 use crate::export::prometheus::PrometheusEndpoint;
 use crate::export::resource;
+use crate::export::selection::Selection;
 use crate::export::transport::SignalTransport;
 use crate::flow::aggregate::{IntervalReport, TcpCounters};
 use crate::flow::{TcpClose, TcpFailure};
 use crate::source::ebpf::EbpfStats;
+use crate::source::SourceInfo;
 use crate::stats::SelfStats;
 
-/// One data point ready for the SDK callback.
-#[derive(Debug, Clone)]
-struct PreparedPoint {
-    attributes: Vec<KeyValue>,
-    bytes: u64,
-    packets: u64,
-}
+/// Data points of one metric: attributes and cumulative value.
+type Points = Vec<(Vec<KeyValue>, u64)>;
 
-/// The latest interval in the shape the SDK callbacks read.
+/// The latest interval in the shape the SDK callbacks read: per counter
+/// metric, its points with `export.metrics.attributes` applied.
 #[derive(Debug, Default)]
 struct Prepared {
-    flows: Vec<PreparedPoint>,
-    /// Per TCP series: its attributes and counts.
-    tcp: Vec<(Vec<KeyValue>, TcpCounters)>,
-    /// Per drop series: its attributes and dropped packets.
-    drops: Vec<(Vec<KeyValue>, u64)>,
-    /// Per zone pair and direction: its attributes and bytes.
-    zones: Vec<(Vec<KeyValue>, u64)>,
+    counters: HashMap<&'static str, Points>,
+}
+
+impl Prepared {
+    fn points(&self, metric: &str) -> &[(Vec<KeyValue>, u64)] {
+        self.counters.get(metric).map_or(&[], Vec::as_slice)
+    }
 }
 
 type Latest = Arc<Mutex<Arc<Prepared>>>;
@@ -79,6 +79,7 @@ pub struct OtlpMetricsExporter {
     latest: Latest,
     rtt: Histogram<f64>,
     duration: Histogram<f64>,
+    selection: Selection,
 }
 
 impl OtlpMetricsExporter {
@@ -91,6 +92,7 @@ impl OtlpMetricsExporter {
         stats: Arc<SelfStats>,
         ebpf_stats: Option<Arc<EbpfStats>>,
         kube_stats: Option<Arc<KubeStats>>,
+        source: SourceInfo,
     ) -> anyhow::Result<Self> {
         let series_limit = cfg.flows.max_series * 2 + 2;
         let mut builder = SdkMeterProvider::builder()
@@ -129,6 +131,20 @@ impl OtlpMetricsExporter {
             register_kube_instruments(&meter, k, stats.clone());
         }
         register_self_instruments(&meter, stats);
+        meter
+            .u64_observable_gauge("flowtel.source.active")
+            .with_unit("1")
+            .with_description("1 for the kernel source in use, with its name and mode")
+            .with_callback(move |o| {
+                o.observe(
+                    1,
+                    &[
+                        KeyValue::new(SOURCE, source.name),
+                        KeyValue::new("flowtel.source.mode", source.mode),
+                    ],
+                )
+            })
+            .build();
         if let Some(e) = ebpf_stats {
             register_ebpf_instruments(&meter, e);
         }
@@ -156,12 +172,13 @@ impl OtlpMetricsExporter {
             latest,
             rtt,
             duration,
+            selection: Selection::new(&cfg.export.metrics.attributes),
         })
     }
 
     /// Publishes a finished interval and exports it now.
     pub async fn export(&self, report: &IntervalReport) {
-        let prepared = Arc::new(prepare(report));
+        let prepared = Arc::new(prepare(report, &self.selection));
         if let Ok(mut latest) = self.latest.lock() {
             *latest = prepared;
         }
@@ -170,11 +187,15 @@ impl OtlpMetricsExporter {
                 continue;
             }
             let attributes = series_attributes(&p.key, None);
+            let rtt_attributes = self.selection.filter("flowtel.tcp.rtt", &attributes);
             for v in &p.rtt {
-                self.rtt.record(*v, &attributes);
+                self.rtt.record(*v, &rtt_attributes);
             }
+            let duration_attributes = self
+                .selection
+                .filter("flowtel.tcp.connection.duration", &attributes);
             for v in &p.durations {
-                self.duration.record(*v, &attributes);
+                self.duration.record(*v, &duration_attributes);
             }
         }
         let provider = self.provider.clone();
@@ -241,17 +262,39 @@ fn otlp_reader(
     .build())
 }
 
-fn prepare(report: &IntervalReport) -> Prepared {
-    let tcp = report
+fn prepare(report: &IntervalReport, selection: &Selection) -> Prepared {
+    let mut counters = HashMap::new();
+    let (bytes, packets) = prepare_flows(report);
+    counters.insert("flowtel.flow.bytes", bytes);
+    counters.insert("flowtel.flow.packets", packets);
+    let tcp: Vec<_> = report
         .tcp
         .iter()
         .map(|p| (series_attributes(&p.key, None), p.cumulative))
         .collect();
+    for (name, _, _, parts) in health_counters() {
+        let mut points = Vec::new();
+        for (attrs, c) in &tcp {
+            for (extra, pick) in &parts {
+                let v = pick(c);
+                // A series that never saw this outcome stays absent.
+                if v > 0 || (extra.is_none() && c.opened > 0) {
+                    let mut a = attrs.clone();
+                    if let Some((k, value)) = extra {
+                        a.push(KeyValue::new(*k, *value));
+                    }
+                    points.push((a, v));
+                }
+            }
+        }
+        counters.insert(name, points);
+    }
     let drops = report
         .drops
         .iter()
         .map(|p| (drop_attributes(&p.key), p.counters.packets))
         .collect();
+    counters.insert("flowtel.packet.drops", drops);
     let zones = report
         .zones
         .iter()
@@ -263,38 +306,36 @@ fn prepare(report: &IntervalReport) -> Prepared {
             .map(|(d, bytes)| (zone_attributes(&p.key, d), bytes))
         })
         .collect();
-    Prepared {
-        flows: prepare_flows(report),
-        tcp,
-        drops,
-        zones,
-    }
+    counters.insert("flowtel.zone.bytes", zones);
+    let counters = counters
+        .into_iter()
+        .map(|(name, points)| (name, selection.apply(name, points)))
+        .collect();
+    Prepared { counters }
 }
 
-fn prepare_flows(report: &IntervalReport) -> Vec<PreparedPoint> {
-    let mut out = Vec::with_capacity(report.points.len() * 2);
+/// Bytes and packets of every flow series, per direction when the key has
+/// one.
+fn prepare_flows(report: &IntervalReport) -> (Points, Points) {
+    let mut bytes = Vec::with_capacity(report.points.len() * 2);
+    let mut packets = Vec::with_capacity(report.points.len() * 2);
+    let mut push = |attributes: Vec<KeyValue>, c: crate::flow::Counters| {
+        packets.push((attributes.clone(), c.packets));
+        bytes.push((attributes, c.bytes));
+    };
     for p in &report.points {
         if report.spec.direction {
             for (direction, c) in [
                 (Direction::ClientToServer, p.cumulative.to_server),
                 (Direction::ServerToClient, p.cumulative.to_client),
             ] {
-                out.push(PreparedPoint {
-                    attributes: series_attributes(&p.key, Some(direction)),
-                    bytes: c.bytes,
-                    packets: c.packets,
-                });
+                push(series_attributes(&p.key, Some(direction)), c);
             }
         } else {
-            let c = p.cumulative.total();
-            out.push(PreparedPoint {
-                attributes: series_attributes(&p.key, None),
-                bytes: c.bytes,
-                packets: c.packets,
-            });
+            push(series_attributes(&p.key, None), p.cumulative.total());
         }
     }
-    out
+    (bytes, packets)
 }
 
 fn snapshot(latest: &Latest) -> Arc<Prepared> {
@@ -308,8 +349,8 @@ fn register_flow_instruments(meter: &Meter, latest: &Latest) {
         .with_unit("By")
         .with_description("Bytes carried by flows (L3, IP headers included), by direction")
         .with_callback(move |o| {
-            for p in &snapshot(&l).flows {
-                o.observe(p.bytes, &p.attributes);
+            for (attributes, v) in snapshot(&l).points("flowtel.flow.bytes") {
+                o.observe(*v, attributes);
             }
         })
         .build();
@@ -321,8 +362,8 @@ fn register_flow_instruments(meter: &Meter, latest: &Latest) {
             "Bytes between this node's zone and each peer zone, same-zone and cross-zone",
         )
         .with_callback(move |o| {
-            for (attributes, bytes) in &snapshot(&l).zones {
-                o.observe(*bytes, attributes);
+            for (attributes, v) in snapshot(&l).points("flowtel.zone.bytes") {
+                o.observe(*v, attributes);
             }
         })
         .build();
@@ -332,8 +373,8 @@ fn register_flow_instruments(meter: &Meter, latest: &Latest) {
         .with_unit("{packet}")
         .with_description("Packets carried by flows, by direction")
         .with_callback(move |o| {
-            for p in &snapshot(&l).flows {
-                o.observe(p.packets, &p.attributes);
+            for (attributes, v) in snapshot(&l).points("flowtel.flow.packets") {
+                o.observe(*v, attributes);
             }
         })
         .build();
@@ -350,16 +391,9 @@ type HealthCounter = (
     Vec<(Option<(&'static str, &'static str)>, Pick)>,
 );
 
-/// TCP connection counters and drops, read from the latest interval.
-fn register_health_instruments(meter: &Meter, latest: &Latest) {
-    let with = |attrs: &[KeyValue], extra: Option<(&'static str, &'static str)>| {
-        let mut a = attrs.to_vec();
-        if let Some((k, v)) = extra {
-            a.push(KeyValue::new(k, v));
-        }
-        a
-    };
-    let counters: [HealthCounter; 4] = [
+/// The TCP counters, each with the outcomes it splits into.
+fn health_counters() -> [HealthCounter; 4] {
+    [
         (
             "flowtel.tcp.connections.opened",
             "{connection}",
@@ -401,22 +435,20 @@ fn register_health_instruments(meter: &Meter, latest: &Latest) {
             "TCP segments retransmitted, both ends of a connection summed",
             vec![(None, |c| c.retransmits)],
         ),
-    ];
-    for (name, unit, description, parts) in counters {
+    ]
+}
+
+/// TCP connection counters and drops, read from the latest interval.
+fn register_health_instruments(meter: &Meter, latest: &Latest) {
+    for (name, unit, description, _) in health_counters() {
         let l = latest.clone();
         meter
             .u64_observable_counter(name)
             .with_unit(unit)
             .with_description(description)
             .with_callback(move |o| {
-                for (attrs, c) in &snapshot(&l).tcp {
-                    for (extra, pick) in &parts {
-                        let v = pick(c);
-                        // A series that never saw this outcome stays absent.
-                        if v > 0 || (extra.is_none() && c.opened > 0) {
-                            o.observe(v, &with(attrs, *extra));
-                        }
-                    }
+                for (attributes, v) in snapshot(&l).points(name) {
+                    o.observe(*v, attributes);
                 }
             })
             .build();
@@ -427,15 +459,19 @@ fn register_health_instruments(meter: &Meter, latest: &Latest) {
         .with_unit("{packet}")
         .with_description("Packets the kernel dropped, by its drop reason")
         .with_callback(move |o| {
-            for (attrs, packets) in &snapshot(&l).drops {
-                o.observe(*packets, attrs);
+            for (attributes, v) in snapshot(&l).points("flowtel.packet.drops") {
+                o.observe(*v, attributes);
             }
         })
         .build();
 }
 
 fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
-    let counters: [AtomicMetric<SelfStats>; 9] = [
+    let counters: [AtomicMetric<SelfStats>; 13] = [
+        ("flowtel.logs.records.rate_limited", "{record}", "Log records dropped by export.logs.rate_limit", |s| &s.log_records_rate_limited),
+        ("flowtel.flows.seen", "{flow}", "Connections seen for the first time", |s| &s.flows_seen),
+        ("flowtel.export.successes", "{request}", "OTLP metric export requests that succeeded", |s| &s.exports_ok),
+        ("flowtel.logs.records.dropped", "{record}", "Flow records, connection and drop events not kept because an interval already held export.logs.max_records", |s| &s.records_dropped),
         ("flowtel.flows.untracked", "{update}", "Flow updates not tracked because the flow table was full; those flows are counted at their end", |s| &s.flows_untracked),
         ("flowtel.flows.ended_unseen", "{flow}", "Flows that ended without a final event; traffic after their last dump was missed", |s| &s.flows_ended_unseen),
         ("flowtel.series.overflowed", "{flow}", "Flow deltas folded into the overflow series because the series budget was used up", |s| &s.series_overflowed),

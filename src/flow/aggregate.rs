@@ -1,10 +1,15 @@
 //! Aggregation of flow deltas into a bounded set of metric series.
 //!
 //! A series is what the configured key keeps of a flow (by default no client
-//! port, so ephemeral ports never become cardinality). The set is capped at
-//! `flows.max_series`: once full, new series fold into one overflow series
-//! marked `otel.metric.overflow=true`, and `series_overflowed` counts every
-//! delta folded that way, so nothing is lost silently and memory stays bounded.
+//! port, so ephemeral ports never become cardinality). At most
+//! `flows.max_series` are exported: at the end of each interval the series
+//! that carried the most bytes in it are kept and the rest fold into one
+//! overflow series marked `otel.metric.overflow=true` (their cumulative
+//! counts move with them, so totals stay exact and monotonic). Between two
+//! ends of interval, half a budget more series may wait as candidates; past
+//! that, new series go straight to the overflow series. `series_overflowed`
+//! counts every flow update folded either way, so nothing is lost silently
+//! and memory stays bounded whatever a port scan does.
 
 use std::collections::HashMap;
 
@@ -175,6 +180,28 @@ struct SeriesState {
     interval: DirectionalCounters,
     start: SystemTime,
     last_active: Instant,
+    /// Flow updates recorded into the series, counted as overflowed if it
+    /// is ever folded.
+    updates: u64,
+}
+
+impl SeriesState {
+    fn new(now: Instant) -> Self {
+        Self {
+            cumulative: DirectionalCounters::default(),
+            interval: DirectionalCounters::default(),
+            start: SystemTime::now(),
+            last_active: now,
+            updates: 0,
+        }
+    }
+
+    fn add(&mut self, delta: DirectionalCounters, updates: u64, now: Instant) {
+        self.cumulative.add(delta);
+        self.interval.add(delta);
+        self.last_active = now;
+        self.updates += updates;
+    }
 }
 
 /// One series as exported at the end of an interval.
@@ -263,6 +290,41 @@ pub struct DropPoint {
 /// counted in `SelfStats::tcp_samples_dropped`.
 pub const MAX_SAMPLES_PER_INTERVAL: usize = 65_536;
 
+/// One flow's traffic in one interval, for the flow-record log events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowRecord {
+    pub id: FlowId,
+    pub nat: Nat,
+    pub source: SourceKind,
+    pub names: Option<Arc<FlowNames>>,
+    /// Bytes and packets during the interval.
+    pub delta: DirectionalCounters,
+    /// The connection ended during the interval (this is its last record).
+    pub ended: bool,
+    /// The latest smoothed RTT sample of the connection in the interval.
+    pub rtt: Option<Duration>,
+    /// Segments retransmitted during the interval.
+    pub retransmits: u64,
+}
+
+/// A TCP connection opened, closed or failed (not RTT or retransmit
+/// samples), for the connection log events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionEvent {
+    pub event: TcpEvent,
+    pub names: Option<Arc<FlowNames>>,
+    pub at: SystemTime,
+}
+
+/// What the log events of one interval are built from. Empty unless
+/// [`Aggregator::with_records`] turned it on.
+#[derive(Debug, Clone, Default)]
+pub struct Records {
+    pub flows: Vec<FlowRecord>,
+    pub connections: Vec<ConnectionEvent>,
+    pub drops: Vec<DropRecord>,
+}
+
 /// Everything the exporters need about one finished interval.
 #[derive(Debug, Clone)]
 pub struct IntervalReport {
@@ -270,6 +332,7 @@ pub struct IntervalReport {
     pub tcp: Vec<TcpPoint>,
     pub drops: Vec<DropPoint>,
     pub zones: Vec<ZonePoint>,
+    pub records: Records,
     pub spec: KeySpec,
     pub start: SystemTime,
     pub end: SystemTime,
@@ -288,6 +351,11 @@ pub struct Aggregator {
     samples: usize,
     interval_start: SystemTime,
     namer: Option<Namer>,
+    /// At most this many flow records, and as many connection and drop
+    /// events, per interval; 0 keeps none.
+    max_records: usize,
+    flow_records: HashMap<FlowId, FlowRecord, RandomState>,
+    records: Records,
     stats: Arc<SelfStats>,
 }
 
@@ -309,7 +377,80 @@ impl Aggregator {
             samples: 0,
             interval_start: SystemTime::now(),
             namer: None,
+            max_records: 0,
+            flow_records: HashMap::default(),
+            records: Records::default(),
             stats,
+        }
+    }
+
+    /// Keeps up to `max` flow records, connection events and drop events
+    /// per interval for the log exporter; past that they are counted in
+    /// `SelfStats::records_dropped`.
+    pub fn with_records(mut self, max: usize) -> Self {
+        self.max_records = max;
+        self
+    }
+
+    /// Adds a flow's delta to its record of the interval.
+    pub fn record_flow(
+        &mut self,
+        u: &crate::flow::FlowUpdate,
+        delta: DirectionalCounters,
+        names: Option<Arc<FlowNames>>,
+    ) {
+        if self.max_records == 0 || (delta.is_zero() && !u.ended) {
+            return;
+        }
+        if let Some(r) = self.flow_records.get_mut(&u.id) {
+            r.delta.add(delta);
+            r.ended |= u.ended;
+            return;
+        }
+        if self.flow_records.len() >= self.max_records {
+            SelfStats::inc(&self.stats.records_dropped);
+            return;
+        }
+        self.flow_records.insert(
+            u.id,
+            FlowRecord {
+                id: u.id,
+                nat: u.nat,
+                source: u.source,
+                names,
+                delta,
+                ended: u.ended,
+                rtt: None,
+                retransmits: 0,
+            },
+        );
+    }
+
+    /// Keeps a connection event, or joins an RTT or retransmit sample to
+    /// the connection's flow record.
+    fn record_tcp_event(&mut self, event: &TcpEvent, names: Option<Arc<FlowNames>>) {
+        if self.max_records == 0 {
+            return;
+        }
+        match event.kind {
+            TcpEventKind::Rtt(rtt) => {
+                if let Some(r) = self.flow_records.get_mut(&event.id) {
+                    r.rtt = Some(rtt);
+                }
+            }
+            TcpEventKind::Retransmits(n) => {
+                if let Some(r) = self.flow_records.get_mut(&event.id) {
+                    r.retransmits = r.retransmits.saturating_add(n);
+                }
+            }
+            _ if self.records.connections.len() < self.max_records => {
+                self.records.connections.push(ConnectionEvent {
+                    event: *event,
+                    names,
+                    at: SystemTime::now(),
+                });
+            }
+            _ => SelfStats::inc(&self.stats.records_dropped),
         }
     }
 
@@ -384,32 +525,69 @@ impl Aggregator {
         let key = self.spec.key_of(id, nat, source, names.as_deref());
         let now = Instant::now();
         if let Some(state) = self.series.get_mut(&key) {
-            state.cumulative.add(delta);
-            state.interval.add(delta);
-            state.last_active = now;
+            state.add(delta, 1, now);
             return;
         }
-        let state = if self.series.len() + 1 < self.max_series {
+        let state = if self.series.len() < self.admission_limit() {
             self.series.entry(key)
         } else {
             SelfStats::inc(&self.stats.series_overflowed);
             self.series.entry(SeriesKey::overflow(source))
         };
-        let state = state.or_insert_with(|| SeriesState {
-            cumulative: DirectionalCounters::default(),
-            interval: DirectionalCounters::default(),
-            start: SystemTime::now(),
-            last_active: now,
-        });
-        state.cumulative.add(delta);
-        state.interval.add(delta);
-        state.last_active = now;
+        state
+            .or_insert_with(|| SeriesState::new(now))
+            .add(delta, 1, now);
+    }
+
+    /// Series held between two ends of interval: the budget plus half a
+    /// budget of candidates for the top.
+    fn admission_limit(&self) -> usize {
+        self.max_series + self.max_series / 2
+    }
+
+    /// Keeps the `max_series - 1` series that carried the most bytes in the
+    /// interval (ties: the most since they started) and folds the others
+    /// into the overflow series of their source.
+    fn keep_top(&mut self) {
+        let keep = self.max_series - 1;
+        let mut live: Vec<(u64, u64, SeriesKey)> = self
+            .series
+            .iter()
+            .filter(|(k, _)| !k.overflow)
+            .map(|(k, s)| {
+                (
+                    s.interval.total().bytes,
+                    s.cumulative.total().bytes,
+                    k.clone(),
+                )
+            })
+            .collect();
+        if live.len() <= keep {
+            return;
+        }
+        live.sort_unstable_by_key(|(interval, cumulative, _)| (*interval, *cumulative));
+        let excess = live.len() - keep;
+        for (_, _, key) in live.into_iter().take(excess) {
+            let Some(folded) = self.series.remove(&key) else {
+                continue;
+            };
+            SelfStats::add(&self.stats.series_overflowed, folded.updates);
+            let overflow = self
+                .series
+                .entry(SeriesKey::overflow(key.source))
+                .or_insert_with(|| SeriesState::new(folded.last_active));
+            overflow.cumulative.add(folded.cumulative);
+            overflow.interval.add(folded.interval);
+            overflow.updates += folded.updates;
+            overflow.last_active = overflow.last_active.max(folded.last_active);
+        }
     }
 
     /// Adds one TCP health observation to its series (the flow series key
     /// of the connection), within the same series budget as flows.
     pub fn record_tcp(&mut self, event: &TcpEvent) {
         let names = self.names(&event.id, &Nat::default(), &mut None);
+        self.record_tcp_event(event, names.clone());
         let key = self.spec.key_of(
             &event.id,
             &Nat::default(),
@@ -471,6 +649,13 @@ impl Aggregator {
 
     /// Adds dropped packets to their reason's series.
     pub fn record_drop(&mut self, record: &DropRecord) {
+        if self.max_records > 0 {
+            if self.records.drops.len() < self.max_records {
+                self.records.drops.push(*record);
+            } else {
+                SelfStats::inc(&self.stats.records_dropped);
+            }
+        }
         let network_type = record
             .src
             .map(|e| if e.ip.is_ipv4() { "ipv4" } else { "ipv6" });
@@ -495,6 +680,7 @@ impl Aggregator {
             .retain(|_, s| now.duration_since(s.last_active) < idle);
         self.tcp
             .retain(|_, s| now.duration_since(s.last_active) < idle);
+        self.keep_top();
         self.samples = 0;
         let tcp = self
             .tcp
@@ -544,6 +730,10 @@ impl Aggregator {
             tcp,
             drops,
             zones,
+            records: Records {
+                flows: self.flow_records.drain().map(|(_, r)| r).collect(),
+                ..std::mem::take(&mut self.records)
+            },
             spec: self.spec,
             start: self.interval_start,
             end,
@@ -673,6 +863,64 @@ mod tests {
             .map(|p| p.cumulative.to_server.bytes)
             .sum();
         assert_eq!(total, 50, "nothing lost");
+    }
+
+    #[test]
+    fn the_heaviest_series_of_the_interval_are_kept() {
+        let (mut a, stats) = agg(4);
+        let heavy = flow(1000, 6);
+        for server in 1..=5 {
+            a.record(
+                &flow(1000, server),
+                &Nat::default(),
+                SourceKind::Ebpf,
+                delta(1),
+                &mut None,
+            );
+        }
+        a.record(
+            &heavy,
+            &Nat::default(),
+            SourceKind::Ebpf,
+            delta(100),
+            &mut None,
+        );
+        let report = a.finish_interval();
+        assert_eq!(report.points.len(), 4, "3 series plus overflow");
+        assert!(
+            report
+                .points
+                .iter()
+                .any(|p| p.key.server == Some(heavy.server.ip)),
+            "the series with the most bytes must be kept: {:?}",
+            report.points
+        );
+        assert_eq!(
+            SelfStats::get(&stats.series_overflowed),
+            3,
+            "3 light series folded"
+        );
+        let total: u64 = report
+            .points
+            .iter()
+            .map(|p| p.cumulative.to_server.bytes)
+            .sum();
+        assert_eq!(total, 105, "nothing lost");
+        // A later interval: the folded series stay folded, totals keep growing.
+        a.record(
+            &flow(1000, 1),
+            &Nat::default(),
+            SourceKind::Ebpf,
+            delta(1),
+            &mut None,
+        );
+        let next = a.finish_interval();
+        let total: u64 = next
+            .points
+            .iter()
+            .map(|p| p.cumulative.to_server.bytes)
+            .sum();
+        assert!(total >= 106, "cumulative totals never go back: {total}");
     }
 
     #[test]

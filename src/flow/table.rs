@@ -103,7 +103,9 @@ impl FlowTable {
                             to_server: u.to_server.since(ts).unwrap_or_default(),
                             to_client: u.to_client.since(tc).unwrap_or_default(),
                         };
-                        agg.record(&u.id, &u.nat, u.source, delta, &mut None);
+                        let mut names = None;
+                        agg.record(&u.id, &u.nat, u.source, delta, &mut names);
+                        agg.record_flow(&u, delta, names);
                     }
                     // Otherwise a stale dump entry (or duplicate end) of a
                     // connection already counted to its end.
@@ -150,8 +152,12 @@ impl FlowTable {
                 names = agg.names(&u.id, &u.nat, &mut t.names);
                 delta
             }
-            None if u.ended => fresh,
+            None if u.ended => {
+                SelfStats::inc(&self.stats.flows_seen);
+                fresh
+            }
             None if room => {
+                SelfStats::inc(&self.stats.flows_seen);
                 let t = self.flows.entry(u.id).or_insert(Tracked {
                     generation: u.generation,
                     to_server: u.to_server,
@@ -163,7 +169,8 @@ impl FlowTable {
                 fresh
             }
             None => {
-                // Table full: this connection is counted once, at its end.
+                // Table full: this connection is counted once, at its end
+                // (and seen then).
                 SelfStats::inc(&self.stats.flows_untracked);
                 return;
             }
@@ -182,6 +189,7 @@ impl FlowTable {
             }
         }
         agg.record(&u.id, &u.nat, u.source, delta, &mut names);
+        agg.record_flow(&u, delta, names);
     }
 
     fn sweep(&mut self, epoch: u64) {

@@ -1,7 +1,8 @@
-//! A test-side OTLP metrics receiver on 127.0.0.1: gRPC `MetricsService/Export`
-//! (tonic, gzip accepted) and HTTP `POST /v1/metrics` (axum, protobuf, gzip
-//! or not). It keeps every request, can be stopped and restarted on the same
-//! ports, and flattens what it got into [`SumPoint`]s.
+//! A test-side OTLP receiver on 127.0.0.1: gRPC `MetricsService/Export` and
+//! `LogsService/Export` (tonic, gzip accepted) and HTTP `POST /v1/metrics`
+//! and `/v1/logs` (axum, protobuf, gzip or not). It keeps every request, can
+//! be stopped and restarted on the same ports, and flattens what it got into
+//! [`SumPoint`]s and [`LogEvent`]s.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -15,13 +16,19 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
+    LogsService, LogsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use prost::Message;
 use tokio::sync::oneshot;
@@ -57,18 +64,51 @@ pub fn show(attrs: &Attrs) -> String {
     format!("{{{}}}", parts.join(", "))
 }
 
+fn value_of(v: Option<&AnyValue>) -> AttrValue {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => AttrValue::Str(s.clone()),
+        Some(any_value::Value::IntValue(i)) => AttrValue::Int(*i),
+        Some(any_value::Value::BoolValue(b)) => AttrValue::Bool(*b),
+        Some(any_value::Value::DoubleValue(d)) => AttrValue::Other(format!("Double({d})")),
+        other => AttrValue::Other(format!("{other:?}")),
+    }
+}
+
 pub fn attrs_of(kvs: &[KeyValue]) -> Attrs {
     kvs.iter()
-        .map(|kv| {
-            let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-                Some(any_value::Value::StringValue(s)) => AttrValue::Str(s.clone()),
-                Some(any_value::Value::IntValue(i)) => AttrValue::Int(*i),
-                Some(any_value::Value::BoolValue(b)) => AttrValue::Bool(*b),
-                other => AttrValue::Other(format!("{other:?}")),
-            };
-            (kv.key.clone(), v)
-        })
+        .map(|kv| (kv.key.clone(), value_of(kv.value.as_ref())))
         .collect()
+}
+
+/// One OTLP log record, flattened. Doubles show as `Other("Double(x)")`,
+/// the way rotel prints them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEvent {
+    pub resource: Attrs,
+    pub event_name: String,
+    pub severity_number: i32,
+    pub severity_text: String,
+    pub body: String,
+    pub attrs: Attrs,
+    pub time_unix_nano: u64,
+}
+
+impl LogEvent {
+    /// The attribute `key` as a string, if it is one.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        match self.attrs.get(key) {
+            Some(AttrValue::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The attribute `key` as an integer, if it is one.
+    pub fn int(&self, key: &str) -> Option<i64> {
+        match self.attrs.get(key) {
+            Some(AttrValue::Int(i)) => Some(*i),
+            _ => None,
+        }
+    }
 }
 
 /// One data point of a Sum metric.
@@ -133,11 +173,18 @@ struct Shared {
     /// connection is refused, not stored.
     up: AtomicBool,
     received: Mutex<Vec<Received>>,
+    logs: Mutex<Vec<ExportLogsServiceRequest>>,
 }
 
 impl Shared {
     fn store(&self, r: Received) {
         if let Ok(mut v) = self.received.lock() {
+            v.push(r);
+        }
+    }
+
+    fn store_logs(&self, r: ExportLogsServiceRequest) {
+        if let Ok(mut v) = self.logs.lock() {
             v.push(r);
         }
     }
@@ -170,13 +217,36 @@ impl MetricsService for Grpc {
     }
 }
 
-async fn http_export(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+struct GrpcLogs(Arc<Shared>);
+
+#[tonic::async_trait]
+impl LogsService for GrpcLogs {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        if !self.0.up.load(Ordering::SeqCst) {
+            return Err(tonic::Status::unavailable("test receiver stopped"));
+        }
+        self.0.store_logs(request.into_inner());
+        Ok(tonic::Response::new(ExportLogsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// The protobuf request of an HTTP export (and whether it was gzipped), or
+/// why it is refused.
+fn decode_http<M: Message + Default>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(M, bool), (StatusCode, String)> {
     if !shared.up.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "test receiver stopped").into_response();
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "test receiver stopped".into(),
+        ));
     }
     let gzip = headers
         .get(header::CONTENT_ENCODING)
@@ -184,17 +254,48 @@ async fn http_export(
     let raw = if gzip {
         let mut out = Vec::new();
         if let Err(e) = flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out) {
-            return (StatusCode::BAD_REQUEST, format!("bad gzip body: {e}")).into_response();
+            return Err((StatusCode::BAD_REQUEST, format!("bad gzip body: {e}")));
         }
         out
     } else {
         body.to_vec()
     };
-    let request = match ExportMetricsServiceRequest::decode(&raw[..]) {
-        Ok(r) => r,
-        Err(e) => {
-            return (StatusCode::BAD_REQUEST, format!("bad protobuf body: {e}")).into_response()
+    M::decode(&raw[..])
+        .map(|m| (m, gzip))
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad protobuf body: {e}")))
+}
+
+async fn http_export_logs(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match decode_http::<ExportLogsServiceRequest>(&shared, &headers, &body) {
+        Ok((request, _)) => {
+            shared.store_logs(request);
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/x-protobuf")],
+                ExportLogsServiceResponse {
+                    partial_success: None,
+                }
+                .encode_to_vec(),
+            )
+                .into_response()
         }
+        Err(refused) => refused.into_response(),
+    }
+}
+
+async fn http_export(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (request, gzip) = match decode_http::<ExportMetricsServiceRequest>(&shared, &headers, &body)
+    {
+        Ok(r) => r,
+        Err(refused) => return refused.into_response(),
     };
     shared.store(Received {
         transport: Transport::Http,
@@ -284,9 +385,13 @@ impl OtlpReceiver {
         let service = MetricsServiceServer::new(Grpc(self.shared.clone()))
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
             .max_decoding_message_size(64 * 1024 * 1024);
+        let logs = LogsServiceServer::new(GrpcLogs(self.shared.clone()))
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .max_decoding_message_size(64 * 1024 * 1024);
         let grpc = rt.spawn(async move {
             let result = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(logs)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(grpc_listener),
                     async {
@@ -302,6 +407,7 @@ impl OtlpReceiver {
         let (http_stop, http_stopped) = oneshot::channel::<()>();
         let app = axum::Router::new()
             .route("/v1/metrics", axum::routing::post(http_export))
+            .route("/v1/logs", axum::routing::post(http_export_logs))
             .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(self.shared.clone());
         let http = rt.spawn(async move {
@@ -447,6 +553,42 @@ impl OtlpReceiver {
                     Some(number_data_point::Value::AsInt(i)) => Some(i),
                     _ => None,
                 }));
+            }
+        }
+        out
+    }
+
+    /// Every log record received so far.
+    pub fn log_events(&self) -> Vec<LogEvent> {
+        let requests = self
+            .shared
+            .logs
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for request in &requests {
+            for rl in &request.resource_logs {
+                let resource = rl
+                    .resource
+                    .as_ref()
+                    .map(|r| attrs_of(&r.attributes))
+                    .unwrap_or_default();
+                for record in rl.scope_logs.iter().flat_map(|sl| &sl.log_records) {
+                    let body = match value_of(record.body.as_ref()) {
+                        AttrValue::Str(s) => s,
+                        other => other.to_string(),
+                    };
+                    out.push(LogEvent {
+                        resource: resource.clone(),
+                        event_name: record.event_name.clone(),
+                        severity_number: record.severity_number,
+                        severity_text: record.severity_text.clone(),
+                        body,
+                        attrs: attrs_of(&record.attributes),
+                        time_unix_nano: record.time_unix_nano,
+                    });
+                }
             }
         }
         out

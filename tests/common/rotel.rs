@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::otlp_receiver::{AttrValue, Attrs, SumPoint, CUMULATIVE};
+use super::otlp_receiver::{AttrValue, Attrs, LogEvent, SumPoint, CUMULATIVE};
 use super::{free_port, strip_ansi, wait_until};
 
 /// A running rotel-agent; killed on drop.
@@ -108,6 +108,11 @@ impl Rotel {
     /// The Sum data points rotel's debug exporter printed.
     pub fn sum_points(&self) -> Vec<SumPoint> {
         parse_debug_log(&self.log())
+    }
+
+    /// The log records rotel's debug exporter printed.
+    pub fn log_events(&self) -> Vec<LogEvent> {
+        parse_debug_logs(&self.log())
     }
 }
 
@@ -245,5 +250,72 @@ pub fn parse_debug_log(log: &str) -> Vec<SumPoint> {
             }
         }
     }
+    out
+}
+
+/// Parses the Collector-style debug output of logs (`ResourceLog #0`,
+/// `Resource attributes:`, `LogRecord #0`, `Timestamp: ...`,
+/// `SeverityText: WARN`, `SeverityNumber: SEVERITY_NUMBER_WARN(13)`,
+/// `EventName: ...`, `Body: Str(...)`, `Attributes:`) into records.
+pub fn parse_debug_logs(log: &str) -> Vec<LogEvent> {
+    let mut out: Vec<LogEvent> = Vec::new();
+    let mut resource = Attrs::new();
+    let mut in_resource = false;
+    let mut current: Option<LogEvent> = None;
+    let mut in_attrs = false;
+    for line in log.lines() {
+        let t = line.trim();
+        if t.starts_with("ResourceLog #") {
+            out.extend(current.take());
+            resource.clear();
+            in_resource = false;
+            in_attrs = false;
+        } else if t == "Resource attributes:" {
+            in_resource = true;
+        } else if t.starts_with("LogRecord #") {
+            out.extend(current.take());
+            in_resource = false;
+            in_attrs = false;
+            current = Some(LogEvent {
+                resource: resource.clone(),
+                event_name: String::new(),
+                severity_number: 0,
+                severity_text: String::new(),
+                body: String::new(),
+                attrs: Attrs::new(),
+                time_unix_nano: 0,
+            });
+        } else if let Some(kv) = t.strip_prefix("-> ") {
+            let Some((k, v)) = kv.split_once(": ") else {
+                continue;
+            };
+            if in_resource {
+                resource.insert(k.to_string(), parse_value(v));
+            } else if let (true, Some(r)) = (in_attrs, current.as_mut()) {
+                r.attrs.insert(k.to_string(), parse_value(v));
+            }
+        } else if let Some(r) = current.as_mut() {
+            in_attrs = t == "Attributes:";
+            if let Some(v) = t.strip_prefix("Timestamp: ") {
+                r.time_unix_nano = v.parse().unwrap_or(0);
+            } else if let Some(v) = t.strip_prefix("SeverityText: ") {
+                r.severity_text = v.to_string();
+            } else if let Some(v) = t.strip_prefix("SeverityNumber: ") {
+                r.severity_number = v
+                    .rsplit_once('(')
+                    .and_then(|(_, n)| n.strip_suffix(')'))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+            } else if let Some(v) = t.strip_prefix("EventName: ") {
+                r.event_name = v.to_string();
+            } else if let Some(v) = t.strip_prefix("Body: ") {
+                r.body = match parse_value(v) {
+                    AttrValue::Str(s) => s,
+                    other => other.to_string(),
+                };
+            }
+        }
+    }
+    out.extend(current);
     out
 }

@@ -1,0 +1,110 @@
+//! Per-metric attribute selection (`export.metrics.attributes`): a metric
+//! can be exported with fewer attributes than its series key has, its
+//! points summed over the attributes left out. Fewer attributes, fewer
+//! series in the backend, and the totals stay exact.
+
+use std::collections::{BTreeMap, HashMap};
+
+use opentelemetry::KeyValue;
+
+use crate::config::AttributeSelection;
+
+/// The metrics whose attributes can be selected.
+pub const SELECTABLE: &[&str] = &[
+    "flowtel.flow.bytes",
+    "flowtel.flow.packets",
+    "flowtel.zone.bytes",
+    "flowtel.tcp.connections.opened",
+    "flowtel.tcp.connections.closed",
+    "flowtel.tcp.connections.failed",
+    "flowtel.tcp.retransmits",
+    "flowtel.tcp.rtt",
+    "flowtel.tcp.connection.duration",
+    "flowtel.packet.drops",
+];
+
+/// Which attributes each configured metric keeps.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    keep: BTreeMap<String, Vec<String>>,
+}
+
+impl Selection {
+    pub fn new(selections: &[AttributeSelection]) -> Self {
+        Self {
+            keep: selections
+                .iter()
+                .map(|s| (s.metric.clone(), s.keep.clone()))
+                .collect(),
+        }
+    }
+
+    /// `attrs` without the attributes `metric` does not keep.
+    pub fn filter(&self, metric: &str, attrs: &[KeyValue]) -> Vec<KeyValue> {
+        match self.keep.get(metric) {
+            Some(keep) => attrs
+                .iter()
+                .filter(|kv| keep.iter().any(|k| k.as_str() == kv.key.as_str()))
+                .cloned()
+                .collect(),
+            None => attrs.to_vec(),
+        }
+    }
+
+    /// The points of `metric` with its selection applied: points that
+    /// become equal are summed, so no value is lost or counted twice.
+    pub fn apply(
+        &self,
+        metric: &str,
+        points: Vec<(Vec<KeyValue>, u64)>,
+    ) -> Vec<(Vec<KeyValue>, u64)> {
+        if !self.keep.contains_key(metric) {
+            return points;
+        }
+        let mut merged: HashMap<String, (Vec<KeyValue>, u64)> = HashMap::new();
+        for (attrs, value) in points {
+            let mut kept = self.filter(metric, &attrs);
+            kept.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
+            let id = kept
+                .iter()
+                .map(|kv| format!("{}={}", kv.key, kv.value))
+                .collect::<Vec<_>>()
+                .join("\u{1f}");
+            merged.entry(id).or_insert_with(|| (kept, 0)).1 += value;
+        }
+        merged.into_values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_attributes_are_summed_over() {
+        let s = Selection::new(&[AttributeSelection {
+            metric: "flowtel.flow.bytes".into(),
+            keep: vec!["server.port".into()],
+        }]);
+        let point = |client: &str, port: i64, v: u64| {
+            (
+                vec![
+                    KeyValue::new("client.address", client.to_string()),
+                    KeyValue::new("server.port", port),
+                ],
+                v,
+            )
+        };
+        let mut out = s.apply(
+            "flowtel.flow.bytes",
+            vec![point("a", 80, 1), point("b", 80, 2), point("a", 443, 4)],
+        );
+        out.sort_by_key(|(_, v)| *v);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0], (vec![KeyValue::new("server.port", 80)], 3));
+        assert_eq!(out[1], (vec![KeyValue::new("server.port", 443)], 4));
+        let untouched = s.apply("flowtel.flow.packets", vec![point("a", 80, 1)]);
+        assert_eq!(untouched.len(), 1);
+        assert_eq!(untouched[0].0.len(), 2);
+    }
+}
