@@ -2,9 +2,13 @@
 //! [`SourceEvent`](crate::flow::SourceEvent)s down a bounded channel.
 
 pub mod conntrack;
+pub mod detect;
 pub mod ebpf;
+pub mod felix;
+pub mod istio;
 pub mod netns;
 pub mod out;
+pub mod scrape;
 
 /// Which source is running and how, for logs, `/readyz` and the console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

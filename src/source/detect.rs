@@ -1,0 +1,389 @@
+//! What the node runs besides the kernel: which CNI plugin wires its pods
+//! (from the CNI configuration directory, read the way the container runtime
+//! reads it), whether Cilium's Hubble socket and Calico Felix's metrics port
+//! are there, and which pods carry an Istio proxy. The richer sources are
+//! used only when this finds them; the kernel source is always on.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Where detection looks.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    /// The CNI configuration directory kubelet's runtime reads.
+    pub cni_dir: PathBuf,
+    /// The Cilium agent's local Hubble Observer socket.
+    pub hubble_socket: PathBuf,
+    /// Felix's Prometheus endpoint on the node (host network).
+    pub felix_address: SocketAddr,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        Self {
+            cni_dir: PathBuf::from("/etc/cni/net.d"),
+            hubble_socket: PathBuf::from("/var/run/cilium/hubble.sock"),
+            felix_address: SocketAddr::from(([127, 0, 0, 1], 9091)),
+        }
+    }
+}
+
+/// How long the Felix port gets to accept a connection: it is local, so
+/// anything slower means it is not there.
+pub const FELIX_CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// How often [`watch`] re-checks by default.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Config files larger than this are not CNI configurations; the cap keeps a
+/// stray big file in the directory from being read whole.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The CNI plugin that wires the node's pods.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CniKind {
+    Cilium,
+    Calico,
+    /// Calico for policy and pod plumbing, Flannel for the overlay.
+    Canal,
+    Flannel,
+    Weave,
+    AwsVpc,
+    Azure,
+    /// The reference `bridge` plugin (kind, containerd's default, kubenet-like setups).
+    Bridge,
+    /// Anything else, named by the first plugin's `type`.
+    Other(String),
+}
+
+impl CniKind {
+    /// The value of `flowtel.cni.name`.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Cilium => "cilium",
+            Self::Calico => "calico",
+            Self::Canal => "canal",
+            Self::Flannel => "flannel",
+            Self::Weave => "weave",
+            Self::AwsVpc => "aws-vpc-cni",
+            Self::Azure => "azure-cni",
+            Self::Bridge => "bridge",
+            Self::Other(kind) => kind,
+        }
+    }
+}
+
+impl std::fmt::Display for CniKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The active CNI configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniConfig {
+    /// The file the runtime uses: the lexicographically first valid one.
+    pub file: PathBuf,
+    /// The network's `name`.
+    pub network: String,
+    pub kind: CniKind,
+    /// When Cilium runs chained after another plugin (e.g. on AWS VPC CNI),
+    /// the plugin that owns the pod addresses.
+    pub chained_on: Option<CniKind>,
+    /// Every plugin `type`, in chain order (delegates included).
+    pub plugins: Vec<String>,
+}
+
+/// A candidate file that is not a usable CNI configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedFile {
+    pub file: PathBuf,
+    pub reason: String,
+}
+
+/// What the CNI configuration directory says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CniDetection {
+    /// `None` when the directory is missing or holds no valid configuration
+    /// (a node whose CNI has not been installed yet).
+    pub active: Option<CniConfig>,
+    /// Candidates before or after the active one that could not be used.
+    pub skipped: Vec<SkippedFile>,
+    /// Why the directory itself could not be read, if it could not.
+    pub dir_error: Option<String>,
+}
+
+/// Everything detection found on the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Detection {
+    pub cni: CniDetection,
+    /// The Hubble socket exists and is a Unix socket.
+    pub hubble: bool,
+    /// Something accepts connections on the Felix metrics address.
+    pub felix: bool,
+}
+
+/// Reads `dir` as kubelet's runtime does: files ending in `.conf`,
+/// `.conflist` or `.json`, sorted by name, the first that parses is active.
+/// Never fails: unreadable or malformed files are listed with a reason.
+pub fn detect_cni(dir: &Path) -> CniDetection {
+    let mut out = CniDetection::default();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            out.dir_error = Some(format!("{}: {e}", dir.display()));
+            return out;
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("conf" | "conflist" | "json")
+            )
+        })
+        .collect();
+    files.sort();
+    for file in files {
+        match load(&file) {
+            Ok(config) if out.active.is_none() => out.active = Some(config),
+            Ok(_) => {}
+            Err(reason) => out.skipped.push(SkippedFile { file, reason }),
+        }
+    }
+    out
+}
+
+fn load(file: &Path) -> Result<CniConfig, String> {
+    let meta = std::fs::metadata(file).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(format!("larger than {MAX_CONFIG_BYTES} bytes"));
+    }
+    let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let object = value.as_object().ok_or("not a JSON object")?;
+    let is_list = file.extension().and_then(|e| e.to_str()) == Some("conflist")
+        || object.contains_key("plugins");
+    let mut plugins = Vec::new();
+    if is_list {
+        let list = object
+            .get("plugins")
+            .and_then(|p| p.as_array())
+            .ok_or("a .conflist needs a \"plugins\" array")?;
+        if list.is_empty() {
+            return Err("\"plugins\" is empty".into());
+        }
+        for (i, plugin) in list.iter().enumerate() {
+            collect_types(plugin, &mut plugins).map_err(|e| format!("plugins[{i}]: {e}"))?;
+        }
+    } else {
+        collect_types(&value, &mut plugins)?;
+    }
+    let (kind, chained_on) = classify(&value, &plugins);
+    Ok(CniConfig {
+        file: file.to_path_buf(),
+        network: object
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or_default()
+            .to_owned(),
+        kind,
+        chained_on,
+        plugins,
+    })
+}
+
+/// Appends the `type` of one plugin and of the plugins it delegates to
+/// (Flannel's `delegate`, Multus' `delegates`), which do the real wiring.
+fn collect_types(plugin: &serde_json::Value, out: &mut Vec<String>) -> Result<(), String> {
+    let kind = plugin
+        .get("type")
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+        .ok_or("no \"type\"")?;
+    out.push(kind.to_owned());
+    if let Some(delegate) = plugin.get("delegate").filter(|d| d.get("type").is_some()) {
+        collect_types(delegate, out)?;
+    }
+    for delegate in plugin
+        .get("delegates")
+        .and_then(|d| d.as_array())
+        .into_iter()
+        .flatten()
+    {
+        match delegate.get("plugins").and_then(|p| p.as_array()) {
+            Some(list) => {
+                for inner in list {
+                    collect_types(inner, out)?;
+                }
+            }
+            None => collect_types(delegate, out)?,
+        }
+    }
+    Ok(())
+}
+
+/// Names the CNI from its plugin types; `config` is the whole file, needed
+/// only to tell Canal's Calico (host-local IPAM on the Flannel-owned pod
+/// CIDR) from Calico's own (calico-ipam).
+fn classify(config: &serde_json::Value, types: &[String]) -> (CniKind, Option<CniKind>) {
+    let has = |t: &str| types.iter().any(|x| x == t);
+    let primary = if has("calico") {
+        if has("flannel") || calico_on_pod_cidr(config) {
+            CniKind::Canal
+        } else {
+            CniKind::Calico
+        }
+    } else if has("flannel") {
+        CniKind::Flannel
+    } else if has("aws-cni") {
+        CniKind::AwsVpc
+    } else if types.iter().any(|t| t.starts_with("azure-vnet")) {
+        CniKind::Azure
+    } else if types
+        .iter()
+        .any(|t| t == "weave-net" || t.starts_with("weave-plugin"))
+    {
+        CniKind::Weave
+    } else if has("cilium-cni") {
+        return (CniKind::Cilium, None);
+    } else if types.first().is_some_and(|t| t == "bridge") {
+        CniKind::Bridge
+    } else {
+        CniKind::Other(types.first().cloned().unwrap_or_default())
+    };
+    if has("cilium-cni") {
+        (CniKind::Cilium, Some(primary))
+    } else {
+        (primary, None)
+    }
+}
+
+fn calico_on_pod_cidr(config: &serde_json::Value) -> bool {
+    let single = std::slice::from_ref(config);
+    let plugins = config
+        .get("plugins")
+        .and_then(|p| p.as_array())
+        .map_or(single, Vec::as_slice);
+    plugins.iter().any(|p| {
+        p.get("type").and_then(|t| t.as_str()) == Some("calico")
+            && p.pointer("/ipam/type").and_then(|t| t.as_str()) == Some("host-local")
+            && p.pointer("/ipam/subnet").and_then(|s| s.as_str()) == Some("usePodCidr")
+    })
+}
+
+/// Whether `path` is a Unix socket (a stale regular file left behind is not).
+pub fn hubble_present(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Whether something accepts TCP connections on `address` within
+/// [`FELIX_CONNECT_TIMEOUT`].
+pub async fn felix_present(address: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(
+            FELIX_CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(address)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+/// Runs every check once.
+pub async fn detect(config: &DetectConfig) -> Detection {
+    let dir = config.cni_dir.clone();
+    let cni = match tokio::task::spawn_blocking(move || detect_cni(&dir)).await {
+        Ok(cni) => cni,
+        Err(e) => CniDetection {
+            dir_error: Some(format!("the directory scan failed: {e}")),
+            ..CniDetection::default()
+        },
+    };
+    Detection {
+        cni,
+        hubble: hubble_present(&config.hubble_socket),
+        felix: felix_present(config.felix_address).await,
+    }
+}
+
+/// Detects once, then re-checks every `interval` and publishes a new
+/// [`Detection`] whenever anything changed (the CNI directory is re-read
+/// whole, so a file rewritten in place within the same second is seen too).
+/// The task ends when every receiver is dropped.
+pub async fn watch(
+    config: DetectConfig,
+    interval: Duration,
+) -> (watch::Receiver<Detection>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(detect(&config).await);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tick.tick() => {}
+            }
+            let next = detect(&config).await;
+            tx.send_if_modified(|current| {
+                if *current == next {
+                    return false;
+                }
+                *current = next;
+                true
+            });
+        }
+    });
+    (rx, task)
+}
+
+/// How a pod takes part in an Istio mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MeshRole {
+    /// An injected Envoy sidecar (`istio-proxy`), scraped on its own port.
+    IstioSidecar,
+    /// Ambient mode: ztunnel on the node carries the pod's traffic, so the
+    /// pod has no proxy to scrape.
+    IstioAmbient,
+    /// The node's ztunnel itself, scraped for every ambient pod.
+    IstioZtunnel,
+}
+
+/// The container Istio injects, and ztunnel's own container name.
+const ISTIO_PROXY: &str = "istio-proxy";
+
+/// Tells a pod's mesh role from its container names (init containers
+/// included, since native sidecars are init containers), annotations and
+/// labels. The pod cache keeps none of these today; it would need container
+/// names, the annotations `sidecar.istio.io/status`,
+/// `ambient.istio.io/redirection`, `prometheus.io/port` and
+/// `prometheus.io/path`, and the `app` label.
+pub fn mesh_of(
+    containers: &[&str],
+    annotations: &[(&str, &str)],
+    labels: &[(&str, &str)],
+) -> Option<MeshRole> {
+    let annotation = |key: &str| annotations.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    let has_proxy = containers.contains(&ISTIO_PROXY);
+    if has_proxy && labels.contains(&("app", "ztunnel")) {
+        Some(MeshRole::IstioZtunnel)
+    } else if has_proxy && annotation("sidecar.istio.io/status").is_some() {
+        Some(MeshRole::IstioSidecar)
+    } else if annotation("ambient.istio.io/redirection") == Some("enabled") {
+        Some(MeshRole::IstioAmbient)
+    } else {
+        None
+    }
+}

@@ -1,0 +1,738 @@
+//! Scraping Prometheus endpoints (Envoy sidecars, ztunnel, Calico Felix) and
+//! turning the families flowtel keeps into a small model an OTLP exporter
+//! can use directly.
+//!
+//! The parser is our own: the published crates either drop or mis-split
+//! lines with escaped label values (`response_flags="UF,URX"`), reject
+//! ztunnel's OpenMetrics output (`# TYPE x counter` over `x_total`, `{}`),
+//! or are LGPL and an order of magnitude slower. It reads both the
+//! Prometheus text format 0.0.4 and OpenMetrics 1.0, validates every line,
+//! but allocates only for the families asked for.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Largest response accepted; Envoy's full stats on a busy sidecar stay
+/// well under this.
+pub const DEFAULT_MAX_BYTES: usize = 16 << 20;
+
+/// Time allowed for a whole scrape, connection to last byte.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Caps on one scrape: a misbehaving endpoint costs at most this much memory
+/// and time, whatever it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScrapeLimits {
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+impl Default for ScrapeLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_BYTES,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Why a scrape produced nothing. Each is counted by [`ScrapeError::kind`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScrapeError {
+    #[error("could not build the HTTP client: {0}")]
+    Client(String),
+    #[error("request failed: {0}")]
+    Request(String),
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("unexpected content type {0:?}")]
+    ContentType(String),
+    #[error("response larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("no complete response within {0:?}")]
+    Timeout(Duration),
+    #[error("response truncated: {0}")]
+    Truncated(String),
+    #[error("response is not UTF-8 (invalid byte at offset {offset})")]
+    NotUtf8 { offset: usize },
+    #[error("line {line}: {reason}")]
+    Parse { line: usize, reason: &'static str },
+}
+
+impl ScrapeError {
+    /// A short stable name, for counting errors by kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Client(_) => "client",
+            Self::Request(_) => "request",
+            Self::Status(_) => "status",
+            Self::ContentType(_) => "content_type",
+            Self::TooLarge { .. } => "too_large",
+            Self::Timeout(_) => "timeout",
+            Self::Truncated(_) => "truncated",
+            Self::NotUtf8 { .. } => "not_utf8",
+            Self::Parse { .. } => "parse",
+        }
+    }
+}
+
+/// Counts scrape errors between two log lines, so that a target failing on
+/// every scrape is logged once per interval rather than once per scrape.
+#[derive(Debug, Default)]
+pub struct ScrapeErrorTally {
+    by_kind: Vec<(&'static str, u64, String)>,
+}
+
+impl ScrapeErrorTally {
+    /// Counts one error, keeping the first message of its kind.
+    pub fn record(&mut self, error: &ScrapeError) {
+        let kind = error.kind();
+        match self.by_kind.iter_mut().find(|(k, _, _)| *k == kind) {
+            Some((_, count, _)) => *count += 1,
+            None => self.by_kind.push((kind, 1, error.to_string())),
+        }
+    }
+
+    /// The counts since the last call, as (kind, count, first message), and
+    /// a fresh start.
+    pub fn take(&mut self) -> Vec<(&'static str, u64, String)> {
+        std::mem::take(&mut self.by_kind)
+    }
+}
+
+/// The exposition format, from the response's content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `text/plain; version=0.0.4` (Envoy, Go clients such as Felix).
+    Text,
+    /// `application/openmetrics-text` (ztunnel): must end with `# EOF`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format a `Content-Type` header announces.
+    pub fn from_content_type(content_type: &str) -> Result<Self, ScrapeError> {
+        let media = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        match media.as_str() {
+            "text/plain" => Ok(Self::Text),
+            "application/openmetrics-text" => Ok(Self::OpenMetrics),
+            _ => Err(ScrapeError::ContentType(content_type.to_owned())),
+        }
+    }
+}
+
+/// The OTel instrument kind a family is exported as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MetricKind {
+    /// Monotonic, cumulative.
+    Counter,
+    Gauge,
+    /// Explicit-bucket, cumulative.
+    Histogram,
+}
+
+/// A family to keep, and how it is named in OTel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FamilySpec {
+    /// The Prometheus family name without `_total` (`istio_requests`); both
+    /// `x` and `x_total` samples are accepted for counters, because Go and
+    /// Envoy clients write one and OpenMetrics the other.
+    pub source: &'static str,
+    /// The OTel name, chosen so that the standard OTLP→Prometheus
+    /// translation (unit suffix, `_total`) gives back the source name.
+    pub name: &'static str,
+    pub kind: MetricKind,
+    /// UCUM unit (`ms`, `By`, `{request}`).
+    pub unit: &'static str,
+    pub description: &'static str,
+}
+
+/// One kept family, with every series it had in the scrape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScrapedFamily {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub kind: MetricKind,
+    pub unit: &'static str,
+    pub points: Vec<Point>,
+}
+
+/// One series: its labels, in the order the endpoint wrote them, and value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub labels: Vec<(String, String)>,
+    pub value: PointValue,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PointValue {
+    Number(f64),
+    Histogram(HistogramValue),
+}
+
+/// A histogram in OTel's explicit-bucket form: `counts[i]` observations fell
+/// in `(bounds[i-1], bounds[i]]`, the last count above every bound (the
+/// exposition format's buckets are cumulative; these are not).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramValue {
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+/// A scrape's body, checked for size, time, type and encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Body {
+    pub text: String,
+    pub format: Format,
+}
+
+/// An HTTP client for scrapes; cheap to clone and share between targets.
+#[derive(Debug, Clone)]
+pub struct Scraper {
+    client: reqwest::Client,
+    limits: ScrapeLimits,
+}
+
+const ACCEPT: &str =
+    "text/plain;version=0.0.4;q=0.9,application/openmetrics-text;version=1.0.0;q=0.5";
+
+impl Scraper {
+    pub fn new(limits: ScrapeLimits) -> Result<Self, ScrapeError> {
+        // reqwest is built without a crypto provider of its own; scrapes are
+        // plain HTTP, but the builder still wants one installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(limits.timeout)
+            .timeout(limits.timeout)
+            // Pod and node addresses must never go through a proxy set for
+            // the exporter's egress.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ScrapeError::Client(e.to_string()))?;
+        Ok(Self { client, limits })
+    }
+
+    pub fn limits(&self) -> ScrapeLimits {
+        self.limits
+    }
+
+    /// GETs `url` within the limits: the whole exchange is cut at
+    /// `timeout` (a server trickling bytes cannot hold it), and reading
+    /// stops as soon as the body passes `max_bytes`.
+    pub async fn fetch(&self, url: &str) -> Result<Body, ScrapeError> {
+        let timeout = self.limits.timeout;
+        match tokio::time::timeout(timeout, self.fetch_unbounded(url)).await {
+            Ok(result) => result,
+            Err(_) => Err(ScrapeError::Timeout(timeout)),
+        }
+    }
+
+    async fn fetch_unbounded(&self, url: &str) -> Result<Body, ScrapeError> {
+        let timeout = self.limits.timeout;
+        let request_error = |e: reqwest::Error| {
+            if e.is_timeout() {
+                ScrapeError::Timeout(timeout)
+            } else {
+                ScrapeError::Request(error_chain(&e))
+            }
+        };
+        let mut response = self
+            .client
+            .get(url)
+            .header(reqwest::header::ACCEPT, ACCEPT)
+            .send()
+            .await
+            .map_err(request_error)?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(ScrapeError::Status(status.as_u16()));
+        }
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let format = Format::from_content_type(&content_type)?;
+        let limit = self.limits.max_bytes;
+        let declared = response.content_length();
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ScrapeError::TooLarge { limit });
+        }
+        let capacity = declared.map_or(64 << 10, |n| n as usize);
+        let mut buf = Vec::with_capacity(capacity.min(limit));
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if buf.len() + chunk.len() > limit {
+                        return Err(ScrapeError::TooLarge { limit });
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => return Err(ScrapeError::Timeout(timeout)),
+                Err(e) => return Err(ScrapeError::Truncated(error_chain(&e))),
+            }
+        }
+        let text = String::from_utf8(buf).map_err(|e| ScrapeError::NotUtf8 {
+            offset: e.utf8_error().valid_up_to(),
+        })?;
+        Ok(Body { text, format })
+    }
+
+    /// Fetches and parses, keeping the families in `specs`.
+    pub async fn scrape(
+        &self,
+        url: &str,
+        specs: &[FamilySpec],
+    ) -> Result<Vec<ScrapedFamily>, ScrapeError> {
+        let body = self.fetch(url).await?;
+        parse(&body.text, body.format, specs)
+    }
+}
+
+/// reqwest's top-level message hides the cause ("error sending request").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// Which part of a family a sample line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Value,
+    Bucket,
+    Sum,
+    Count,
+}
+
+fn resolve(name: &str, specs: &[FamilySpec]) -> Option<(usize, Part)> {
+    specs.iter().enumerate().find_map(|(i, spec)| {
+        let rest = name.strip_prefix(spec.source)?;
+        let part = match (spec.kind, rest) {
+            (MetricKind::Counter, "" | "_total") | (MetricKind::Gauge, "") => Part::Value,
+            (MetricKind::Histogram, "_bucket") => Part::Bucket,
+            (MetricKind::Histogram, "_sum") => Part::Sum,
+            (MetricKind::Histogram, "_count") => Part::Count,
+            _ => return None,
+        };
+        Some((i, part))
+    })
+}
+
+/// One histogram series while its lines are read.
+#[derive(Debug)]
+struct HistogramSeries {
+    labels: Vec<(String, String)>,
+    /// (upper bound, cumulative count).
+    buckets: Vec<(f64, f64)>,
+    sum: f64,
+    count: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+struct FamilyBuilder {
+    points: Vec<Point>,
+    histograms: Vec<HistogramSeries>,
+    index: HashMap<Vec<(String, String)>, usize>,
+}
+
+impl FamilyBuilder {
+    /// The series with these labels: usually the one just read, since a
+    /// histogram's lines come together.
+    fn histogram(&mut self, labels: Vec<(String, String)>) -> &mut HistogramSeries {
+        let last = self.histograms.len().checked_sub(1);
+        let i = match last.filter(|&i| self.histograms[i].labels == labels) {
+            Some(i) => i,
+            None => match self.index.get(&labels) {
+                Some(&i) => i,
+                None => {
+                    let i = self.histograms.len();
+                    self.index.insert(labels.clone(), i);
+                    self.histograms.push(HistogramSeries {
+                        labels,
+                        buckets: Vec::new(),
+                        sum: 0.0,
+                        count: None,
+                    });
+                    i
+                }
+            },
+        };
+        &mut self.histograms[i]
+    }
+
+    fn finish(mut self) -> Vec<Point> {
+        for series in self.histograms {
+            self.points.push(Point {
+                labels: series.labels,
+                value: PointValue::Histogram(to_otel_histogram(
+                    series.buckets,
+                    series.sum,
+                    series.count,
+                )),
+            });
+        }
+        self.points
+    }
+}
+
+fn to_otel_histogram(mut buckets: Vec<(f64, f64)>, sum: f64, count: Option<f64>) -> HistogramValue {
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = count
+        .or_else(|| buckets.last().map(|b| b.1))
+        .map_or(0, to_count);
+    let mut bounds = Vec::with_capacity(buckets.len());
+    let mut counts = Vec::with_capacity(buckets.len() + 1);
+    let mut below = 0u64;
+    for (bound, cumulative) in buckets {
+        if bound == f64::INFINITY {
+            break;
+        }
+        let cumulative = to_count(cumulative).max(below);
+        bounds.push(bound);
+        counts.push(cumulative - below);
+        below = cumulative;
+    }
+    counts.push(total.saturating_sub(below));
+    HistogramValue {
+        bounds,
+        counts,
+        sum,
+        count: total.max(below),
+    }
+}
+
+/// Observation counts are written as floats; a negative or NaN one is
+/// nonsense and counts as zero.
+fn to_count(value: f64) -> u64 {
+    if value.is_finite() && value > 0.0 {
+        value.round() as u64
+    } else {
+        0
+    }
+}
+
+/// Parses a whole exposition, keeping the families in `specs` in that
+/// order (families with no series are left out). Every sample line is
+/// checked, kept or not, so a garbled response is an error rather than a
+/// silently partial result.
+pub fn parse(
+    text: &str,
+    format: Format,
+    specs: &[FamilySpec],
+) -> Result<Vec<ScrapedFamily>, ScrapeError> {
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Err(ScrapeError::Truncated(
+            "the last line has no newline".into(),
+        ));
+    }
+    let mut builders: Vec<Option<FamilyBuilder>> = specs.iter().map(|_| None).collect();
+    let mut eof = false;
+    for (i, line) in text.split_terminator('\n').enumerate() {
+        let line_no = i + 1;
+        let line = line.strip_suffix('\r').unwrap_or(line).trim_start();
+        if line.is_empty() {
+            continue;
+        }
+        if eof {
+            return Err(ScrapeError::Parse {
+                line: line_no,
+                reason: "content after # EOF",
+            });
+        }
+        if line.starts_with('#') {
+            eof = line == "# EOF";
+            continue;
+        }
+        parse_sample(line, line_no, specs, &mut builders)?;
+    }
+    if format == Format::OpenMetrics && !eof {
+        return Err(ScrapeError::Truncated("no # EOF".into()));
+    }
+    Ok(specs
+        .iter()
+        .zip(builders)
+        .filter_map(|(spec, builder)| {
+            let points = builder?.finish();
+            (!points.is_empty()).then_some(ScrapedFamily {
+                name: spec.name,
+                description: spec.description,
+                kind: spec.kind,
+                unit: spec.unit,
+                points,
+            })
+        })
+        .collect())
+}
+
+fn parse_sample(
+    line: &str,
+    line_no: usize,
+    specs: &[FamilySpec],
+    builders: &mut [Option<FamilyBuilder>],
+) -> Result<(), ScrapeError> {
+    let err = |reason| ScrapeError::Parse {
+        line: line_no,
+        reason,
+    };
+    let name_end = line
+        .bytes()
+        .position(|b| !(b.is_ascii_alphanumeric() || b == b'_' || b == b':'))
+        .unwrap_or(line.len());
+    let name = &line[..name_end];
+    if name.is_empty() || name.as_bytes()[0].is_ascii_digit() {
+        return Err(err("no metric name"));
+    }
+    let target = resolve(name, specs);
+    let mut labels = Vec::new();
+    let mut le = None;
+    let mut rest = &line[name_end..];
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = scan_labels(after, |key, raw| {
+            let Some((_, part)) = target else { return };
+            let value = unescape(raw);
+            if part == Part::Bucket && key == "le" {
+                le = Some(value);
+            } else {
+                labels.push((key.to_owned(), value));
+            }
+        })
+        .ok_or_else(|| err("malformed labels"))?;
+    }
+    let mut fields = rest.split_ascii_whitespace();
+    let value = fields
+        .next()
+        .and_then(parse_float)
+        .ok_or_else(|| err("no valid value"))?;
+    match fields.next() {
+        None => {}
+        Some("#") => {}
+        Some(timestamp) => {
+            parse_float(timestamp).ok_or_else(|| err("invalid timestamp"))?;
+            if fields.next().is_some_and(|f| f != "#") {
+                return Err(err("unexpected text after the timestamp"));
+            }
+        }
+    }
+    let Some((family, part)) = target else {
+        return Ok(());
+    };
+    let builder = builders[family].get_or_insert_with(FamilyBuilder::default);
+    match part {
+        Part::Value => builder.points.push(Point {
+            labels,
+            value: PointValue::Number(value),
+        }),
+        Part::Bucket => {
+            let bound = le
+                .as_deref()
+                .and_then(parse_float)
+                .ok_or_else(|| err("a bucket without a valid le label"))?;
+            builder.histogram(labels).buckets.push((bound, value));
+        }
+        Part::Sum => builder.histogram(labels).sum = value,
+        Part::Count => builder.histogram(labels).count = Some(value),
+    }
+    Ok(())
+}
+
+/// Reads `name="value",...}` and returns what follows the `}`; `f` gets
+/// each name and raw (still escaped) value. `None` when malformed.
+fn scan_labels<'a>(mut s: &'a str, mut f: impl FnMut(&'a str, &'a str)) -> Option<&'a str> {
+    loop {
+        s = s.trim_start_matches([' ', '\t']);
+        if let Some(rest) = s.strip_prefix('}') {
+            return Some(rest);
+        }
+        let key_end = s
+            .bytes()
+            .position(|b| !(b.is_ascii_alphanumeric() || b == b'_'))?;
+        if key_end == 0 {
+            return None;
+        }
+        let key = &s[..key_end];
+        let after_eq = s[key_end..]
+            .trim_start_matches([' ', '\t'])
+            .strip_prefix('=')?;
+        let quoted = after_eq.trim_start_matches([' ', '\t']).strip_prefix('"')?;
+        let bytes = quoted.as_bytes();
+        let mut i = 0;
+        loop {
+            match bytes.get(i)? {
+                b'\\' => i += 2,
+                b'"' => break,
+                b'\n' => return None,
+                _ => i += 1,
+            }
+        }
+        f(key, &quoted[..i]);
+        s = quoted[i + 1..].trim_start_matches([' ', '\t']);
+        if let Some(rest) = s.strip_prefix(',') {
+            s = rest;
+        } else if !s.starts_with('}') {
+            return None;
+        }
+    }
+}
+
+/// Undoes the format's three escapes (`\\`, `\"`, `\n`); any other
+/// backslash is kept as written.
+fn unescape(raw: &str) -> String {
+    if !raw.contains('\\') {
+        return raw.to_owned();
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some(c @ ('\\' | '"')) => out.push(c),
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// Go's float syntax as Prometheus writes it (`+Inf`, `-Inf`, `NaN`,
+/// exponents), which Rust's parser accepts as is.
+fn parse_float(s: &str) -> Option<f64> {
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPECS: &[FamilySpec] = &[
+        FamilySpec {
+            source: "requests",
+            name: "requests",
+            kind: MetricKind::Counter,
+            unit: "{request}",
+            description: "",
+        },
+        FamilySpec {
+            source: "latency_ms",
+            name: "latency",
+            kind: MetricKind::Histogram,
+            unit: "ms",
+            description: "",
+        },
+    ];
+
+    #[test]
+    fn go_float_syntax() {
+        assert_eq!(parse_float("+Inf"), Some(f64::INFINITY));
+        assert_eq!(parse_float("-Inf"), Some(f64::NEG_INFINITY));
+        assert!(parse_float("NaN").is_some_and(f64::is_nan));
+        assert_eq!(parse_float("1.5e+06"), Some(1.5e6));
+        assert_eq!(parse_float("abc"), None);
+    }
+
+    #[test]
+    fn escaped_label_values_with_separators() {
+        let text = "requests_total{a=\"x,y}z\",b=\"q\\\"uote\\\\back\\nline\",} 3 1700000000000\n";
+        let families = parse(text, Format::Text, SPECS).expect("parses");
+        let labels = &families[0].points[0].labels;
+        assert_eq!(labels[0], ("a".into(), "x,y}z".into()));
+        assert_eq!(labels[1], ("b".into(), "q\"uote\\back\nline".into()));
+        assert_eq!(families[0].points[0].value, PointValue::Number(3.0));
+    }
+
+    #[test]
+    fn histogram_becomes_per_bucket_counts() {
+        let text = "latency_ms_bucket{r=\"a\",le=\"1\"} 2\n\
+                    latency_ms_bucket{r=\"a\",le=\"10\"} 5\n\
+                    latency_ms_bucket{r=\"a\",le=\"+Inf\"} 6\n\
+                    latency_ms_sum{r=\"a\"} 31.5\n\
+                    latency_ms_count{r=\"a\"} 6\n";
+        let families = parse(text, Format::Text, SPECS).expect("parses");
+        let PointValue::Histogram(h) = &families[0].points[0].value else {
+            panic!("not a histogram");
+        };
+        assert_eq!(h.bounds, vec![1.0, 10.0]);
+        assert_eq!(h.counts, vec![2, 3, 1]);
+        assert_eq!((h.sum, h.count), (31.5, 6));
+    }
+
+    #[test]
+    fn garbage_is_an_error_even_in_skipped_families() {
+        for text in [
+            "other{a=\"b\" 1\n",
+            "other{a=b} 1\n",
+            "other 1 2 3\n",
+            "other\n",
+            "{a=\"b\"} 1\n",
+            "# EOF\nrequests 1\n",
+        ] {
+            let result = parse(text, Format::Text, SPECS);
+            assert!(
+                matches!(result, Err(ScrapeError::Parse { .. })),
+                "{text:?}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn openmetrics_needs_eof() {
+        let text = "requests_total 1\n";
+        assert!(matches!(
+            parse(text, Format::OpenMetrics, SPECS),
+            Err(ScrapeError::Truncated(_))
+        ));
+        assert!(parse(
+            "requests_total 1 # {trace_id=\"a\"} 1\n# EOF\n",
+            Format::OpenMetrics,
+            SPECS
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(
+            Format::from_content_type("text/plain; version=0.0.4; charset=utf-8"),
+            Ok(Format::Text)
+        );
+        assert_eq!(
+            Format::from_content_type("application/openmetrics-text;charset=utf-8;version=1.0.0"),
+            Ok(Format::OpenMetrics)
+        );
+        assert!(Format::from_content_type("text/html").is_err());
+        assert!(Format::from_content_type("").is_err());
+    }
+
+    #[test]
+    fn tally_counts_by_kind() {
+        let mut tally = ScrapeErrorTally::default();
+        tally.record(&ScrapeError::Status(503));
+        tally.record(&ScrapeError::Status(500));
+        tally.record(&ScrapeError::Timeout(DEFAULT_TIMEOUT));
+        let taken = tally.take();
+        assert_eq!(taken[0], ("status", 2, "HTTP status 503".into()));
+        assert_eq!(taken[1].1, 1);
+        assert!(tally.take().is_empty());
+    }
+}
