@@ -34,6 +34,11 @@ fi
 if ! "$TOOLS_DIR/venv/bin/python" -c 'import rotel' 2>/dev/null; then
   "$TOOLS_DIR/venv/bin/pip" install -q rotel
 fi
+# The real Helm v4 SDK, to render and lint the chart in deploy/helm (pinned:
+# deploy/manifests must not change when Helm does).
+if ! "$TOOLS_DIR/venv/bin/python" -c 'import helm_python' 2>/dev/null; then
+  "$TOOLS_DIR/venv/bin/pip" install -q helm-python-sdk==0.2.2
+fi
 # kubernetes-validate: the Kubernetes schemas, to check the manifests in deploy/.
 if [ ! -x "$TOOLS_DIR/venv/bin/kubernetes-validate" ]; then
   "$TOOLS_DIR/venv/bin/pip" install -q kubernetes-validate

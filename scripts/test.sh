@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 cargo fmt --all -- --check
 # The manifests in deploy/ against the Kubernetes 1.33 schemas.
-"$TOOLS_DIR/venv/bin/kubernetes-validate" --strict -k 1.33.0 deploy/*.yaml
+"$TOOLS_DIR/venv/bin/kubernetes-validate" --strict -k 1.33.0 deploy/*.yaml deploy/manifests/*.yaml
 cargo clippy --locked --all-targets -- -D warnings
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
