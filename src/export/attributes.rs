@@ -158,25 +158,45 @@ pub fn series_attributes(key: &SeriesKey, direction: Option<Direction>) -> Vec<K
     if let Some(d) = direction {
         attrs.push(KeyValue::new(FLOW_DIRECTION, d.as_str()));
     }
-    if key.pending {
+    name_attributes(
+        key.local,
+        key.client_name.as_deref(),
+        key.server_name.as_deref(),
+        key.pending,
+        &mut attrs,
+    );
+    attrs
+}
+
+/// What names a flow's two ends (only the named ones: `None` is keyed by
+/// address), framed local/peer, plus the pending mark. Shared by the metrics
+/// and the flow records so both describe an end the same way.
+pub fn name_attributes(
+    local: Option<Role>,
+    client: Option<&EndName>,
+    server: Option<&EndName>,
+    pending: bool,
+    attrs: &mut Vec<KeyValue>,
+) {
+    if pending {
         attrs.push(KeyValue::new(ENRICHMENT_PENDING, true));
     }
-    if key.client_name.is_some() || key.server_name.is_some() {
-        // Routed traffic (neither end here) is described from the client.
-        let role = key.local.unwrap_or(Role::Client);
-        let (local, peer) = match role {
-            Role::Client => (&key.client_name, &key.server_name),
-            Role::Server => (&key.server_name, &key.client_name),
-        };
-        attrs.push(KeyValue::new(LOCAL_ROLE, role.as_str()));
-        if let Some(end) = local {
-            local_attributes(end, &mut attrs);
-        }
-        if let Some(end) = peer {
-            peer_attributes(end, &mut attrs);
-        }
+    if client.is_none() && server.is_none() {
+        return;
     }
-    attrs
+    // Routed traffic (neither end here) is described from the client.
+    let role = local.unwrap_or(Role::Client);
+    let (local, peer) = match role {
+        Role::Client => (client, server),
+        Role::Server => (server, client),
+    };
+    attrs.push(KeyValue::new(LOCAL_ROLE, role.as_str()));
+    if let Some(end) = local {
+        local_attributes(end, attrs);
+    }
+    if let Some(end) = peer {
+        peer_attributes(end, attrs);
+    }
 }
 
 /// The attributes of one drop series.

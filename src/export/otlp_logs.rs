@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use ipnet::IpNet;
 use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
-use opentelemetry::Key;
+use opentelemetry::{Key, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::log_processor_with_async_runtime::BatchLogProcessor;
 use opentelemetry_sdk::logs::{
@@ -30,7 +30,7 @@ use opentelemetry_sdk::Resource;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Protocol};
-use crate::enrich::{EndName, FlowNames, Role};
+use crate::enrich::{EndName, FlowNames};
 use crate::export::attributes as attr;
 use crate::export::resource;
 use crate::export::transport::SignalTransport;
@@ -520,72 +520,31 @@ fn nat(r: &mut SdkLogRecord, nat: &Nat) {
     one(nat.client, attr::NAT_CLIENT_ADDRESS, attr::NAT_CLIENT_PORT);
 }
 
-/// Both ends' names, framed as in the metrics: the end on this node with
-/// semantic-conventions keys, the other with `flowtel.peer.*`.
+/// Both ends' names, framed exactly as in the metrics
+/// ([`attr::name_attributes`]).
 fn names(r: &mut SdkLogRecord, names: Option<&FlowNames>) {
     let Some(n) = names else {
         return;
     };
-    if !n.client.is_named() && !n.server.is_named() {
-        return;
+    fn named(end: &EndName) -> Option<&EndName> {
+        end.is_named().then_some(end)
     }
-    if !n.settled {
-        put(r, attr::ENRICHMENT_PENDING, true);
-    }
-    let role = n.local.unwrap_or(Role::Client);
-    let (local, peer) = match role {
-        Role::Client => (&n.client, &n.server),
-        Role::Server => (&n.server, &n.client),
-    };
-    put(r, attr::LOCAL_ROLE, role.as_str());
-    end_names(r, local, &LOCAL_KEYS);
-    end_names(r, peer, &PEER_KEYS);
-}
-
-/// Attribute keys of one end: namespace, pod, workload kind, workload,
-/// Service, node, zone, network.
-type EndKeys = [Option<&'static str>; 8];
-
-const LOCAL_KEYS: EndKeys = [
-    Some(attr::K8S_NAMESPACE),
-    Some(attr::K8S_POD),
-    Some(attr::K8S_WORKLOAD_KIND),
-    Some(attr::K8S_WORKLOAD),
-    Some(attr::K8S_SERVICE),
-    None,
-    Some(attr::ZONE),
-    Some(attr::NETWORK),
-];
-
-const PEER_KEYS: EndKeys = [
-    Some(attr::PEER_K8S_NAMESPACE),
-    Some(attr::PEER_K8S_POD),
-    Some(attr::PEER_K8S_WORKLOAD_KIND),
-    Some(attr::PEER_K8S_WORKLOAD),
-    Some(attr::PEER_K8S_SERVICE),
-    Some(attr::PEER_K8S_NODE),
-    Some(attr::PEER_ZONE),
-    Some(attr::PEER_NETWORK),
-];
-
-fn end_names(r: &mut SdkLogRecord, end: &EndName, keys: &EndKeys) {
-    let values = [
-        &end.namespace,
-        &end.pod,
-        &end.workload_kind,
-        &end.workload,
-        &end.service,
-        &end.node,
-        &end.zone,
-        &end.network,
-    ];
-    for (key, value) in keys.iter().zip(values) {
-        if let (Some(key), Some(value)) = (key, value) {
-            r.add_attribute(
-                Key::from_static_str(key),
-                AnyValue::String(value.clone().into()),
-            );
-        }
+    let mut attrs = Vec::new();
+    attr::name_attributes(
+        n.local,
+        named(&n.client),
+        named(&n.server),
+        !n.settled,
+        &mut attrs,
+    );
+    for kv in attrs {
+        let value = match kv.value {
+            Value::Bool(b) => AnyValue::Boolean(b),
+            Value::I64(i) => AnyValue::Int(i),
+            Value::F64(f) => AnyValue::Double(f),
+            other => AnyValue::String(other.as_str().into_owned().into()),
+        };
+        r.add_attribute(kv.key, value);
     }
 }
 
