@@ -42,22 +42,16 @@ use std::time::{Duration, Instant};
 
 use common::flowtel::{Flowtel, FlowtelArgs};
 use common::kubeapi::{self, fx, KubeApi};
-use common::netns::{IfStats, Netns, NetnsGuard, VethEnd};
+use common::netns::IfStats;
 use common::otlp_receiver::{show, AttrValue, Attrs, OtlpReceiver};
+use common::router::{
+    RouterLab, A_V4, BACKEND_PORT, B_V4, IF_RA, IF_RB, RA_V4, RB_V4, VIP, VIP_PORT,
+};
 use common::scenario::{Series, BYTES, C2S, DIRECTION, S2C};
 use common::traffic::{self, TrafficServer};
 use common::{deviation_pct, within};
 use serde_json::Value;
 
-const A_V4: &str = "198.18.0.1";
-const RA_V4: &str = "198.18.0.2";
-const RB_V4: &str = "198.19.0.2";
-const B_V4: &str = "198.19.0.4";
-const VIP: &str = "198.18.200.1";
-const VIP_PORT: u16 = 80;
-const BACKEND_PORT: u16 = 8080;
-const IF_RA: &str = "ftka";
-const IF_RB: &str = "ftkb";
 const NODE: &str = "node-r";
 const NODE_ZONE: &str = "zone-a";
 const PEER_ZONE: &str = "zone-b";
@@ -362,7 +356,7 @@ struct Run {
     kubeconfig: std::path::PathBuf,
     api: KubeApi,
     rt: tokio::runtime::Runtime,
-    lab: Lab,
+    lab: RouterLab,
     // Released last.
     _serial: MutexGuard<'static, ()>,
 }
@@ -373,7 +367,7 @@ impl Run {
         let (tools, _) = common::prerequisites_with(test, &[], &common::ebpf_conditions())?;
         let serial = serial();
         let t0 = Instant::now();
-        let lab = topology(&tools).expect("setting up A — R — B");
+        let lab = RouterLab::new(&tools).expect("setting up A — R — B");
         let rt = tokio::runtime::Runtime::new().expect("a tokio runtime for the API server");
         let api = KubeApi::new();
         if api_up {
@@ -496,7 +490,7 @@ fn cluster(api: &KubeApi) -> Value {
 
 /// One paced TCP transfer from A; returns the L3 bytes R forwarded each way
 /// (in from A, in from B).
-fn transfer(lab: &Lab, to: SocketAddr) -> (u64, u64) {
+fn transfer(lab: &RouterLab, to: SocketAddr) -> (u64, u64) {
     let ra0 = lab.r.if_stats(IF_RA).expect("R's veth counters");
     let rb0 = lab.r.if_stats(IF_RB).expect("R's veth counters");
     let sent =
@@ -549,57 +543,4 @@ fn check(test: &str, series: &Series, attrs: &Attrs, truth: u64, what: &str) {
         deviation_pct(got, truth),
         series.describe()
     );
-}
-
-struct Lab {
-    a: Netns,
-    r: Netns,
-    b: Netns,
-    // Last: removes the namespaces after everything that uses them.
-    _guard: NetnsGuard,
-}
-
-/// A — R — B, R forwarding and DNATing VIP:80 to B:8080.
-fn topology(tools: &common::Prerequisites) -> anyhow::Result<Lab> {
-    let mut guard = NetnsGuard::new(tools);
-    let a = guard.add("a")?;
-    let r = guard.add("r")?;
-    let b = guard.add("b")?;
-    let end = |ifname: &str, mac: &str, v4: &str, v6: &str| VethEnd {
-        ifname: ifname.into(),
-        mac: mac.into(),
-        v4: format!("{v4}/24"),
-        v6: format!("{v6}/64"),
-    };
-    guard.veth(
-        &a,
-        &end("ftkna", "02:00:00:00:1a:01", A_V4, "fd00:1a::1"),
-        &r,
-        &end(IF_RA, "02:00:00:00:1a:02", RA_V4, "fd00:1a::2"),
-    )?;
-    guard.veth(
-        &r,
-        &end(IF_RB, "02:00:00:00:1b:02", RB_V4, "fd00:1b::2"),
-        &b,
-        &end("ftknb", "02:00:00:00:1b:04", B_V4, "fd00:1b::4"),
-    )?;
-    a.ip(&["route", "add", "default", "via", RA_V4])?;
-    b.ip(&["route", "add", "default", "via", RB_V4])?;
-    r.sysctl("net.ipv4.ip_forward", "1")?;
-    guard.enable_conntrack(&r)?;
-    guard.nft(
-        &r,
-        "ip",
-        "ft_nat",
-        &format!(
-            "chain pre {{\n  type nat hook prerouting priority -100; policy accept;\n  \
-             ip daddr {VIP} tcp dport {VIP_PORT} dnat to {B_V4}:{BACKEND_PORT}\n}}"
-        ),
-    )?;
-    Ok(Lab {
-        a,
-        r,
-        b,
-        _guard: guard,
-    })
 }

@@ -33,22 +33,12 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::flowtel::{Flowtel, FlowtelArgs};
-use common::netns::{IfStats, Netns, NetnsGuard, VethEnd};
+use common::netns::IfStats;
 use common::otlp_receiver::{show, AttrValue, Attrs, OtlpReceiver};
+use common::router::{RouterLab, A_V4, BACKEND_PORT, B_V4, IF_RA, IF_RB, VIP, VIP_PORT};
 use common::scenario::{Series, BYTES, C2S, DIRECTION, PACKETS, S2C};
 use common::traffic::{self, TrafficServer};
 use common::{deviation_pct, within};
-
-const A_V4: &str = "198.18.0.1";
-const RA_V4: &str = "198.18.0.2";
-const RB_V4: &str = "198.19.0.2";
-const B_V4: &str = "198.19.0.4";
-const VIP: &str = "198.18.200.1";
-const VIP_PORT: u16 = 80;
-const BACKEND_PORT: u16 = 8080;
-/// R's veths: towards A, towards B.
-const IF_RA: &str = "ftra";
-const IF_RB: &str = "ftrb";
 
 const UP: u64 = 32 << 20;
 const DOWN: u64 = 16 << 20;
@@ -249,28 +239,9 @@ struct Run {
     test: &'static str,
     t0: Instant,
     nat: Option<&'static str>,
-    lab: Lab,
+    lab: RouterLab,
     // Released after the namespaces are gone.
     _serial: MutexGuard<'static, ()>,
-}
-
-struct Lab {
-    a: Netns,
-    r: Netns,
-    b: Netns,
-    // Last: removes the namespaces after everything that uses them.
-    _guard: NetnsGuard,
-}
-
-impl Lab {
-    fn new(guard: NetnsGuard, a: Netns, r: Netns, b: Netns) -> Lab {
-        Lab {
-            a,
-            r,
-            b,
-            _guard: guard,
-        }
-    }
 }
 
 /// What one transfer produced.
@@ -333,7 +304,7 @@ impl Run {
         }
         let serial = serial();
         let t0 = Instant::now();
-        let lab = topology(&tools).expect("setting up A — R — B");
+        let lab = RouterLab::new(&tools).expect("setting up A — R — B");
         Some(Run {
             test,
             t0,
@@ -459,44 +430,4 @@ impl Run {
             ft.output()
         );
     }
-}
-
-/// A — R — B, R forwarding and DNATing VIP:80 to B:8080.
-fn topology(tools: &common::Prerequisites) -> anyhow::Result<Lab> {
-    let mut guard = NetnsGuard::new(tools);
-    let a = guard.add("a")?;
-    let r = guard.add("r")?;
-    let b = guard.add("b")?;
-    let end = |ifname: &str, mac: &str, v4: &str, v6: &str| VethEnd {
-        ifname: ifname.into(),
-        mac: mac.into(),
-        v4: format!("{v4}/24"),
-        v6: format!("{v6}/64"),
-    };
-    guard.veth(
-        &a,
-        &end("ftna", "02:00:00:00:0a:01", A_V4, "fd00:a::1"),
-        &r,
-        &end(IF_RA, "02:00:00:00:0a:02", RA_V4, "fd00:a::2"),
-    )?;
-    guard.veth(
-        &r,
-        &end(IF_RB, "02:00:00:00:0b:02", RB_V4, "fd00:b::2"),
-        &b,
-        &end("ftnb", "02:00:00:00:0b:04", B_V4, "fd00:b::4"),
-    )?;
-    a.ip(&["route", "add", "default", "via", RA_V4])?;
-    b.ip(&["route", "add", "default", "via", RB_V4])?;
-    r.sysctl("net.ipv4.ip_forward", "1")?;
-    guard.enable_conntrack(&r)?;
-    guard.nft(
-        &r,
-        "ip",
-        "ft_nat",
-        &format!(
-            "chain pre {{\n  type nat hook prerouting priority -100; policy accept;\n  \
-             ip daddr {VIP} tcp dport {VIP_PORT} dnat to {B_V4}:{BACKEND_PORT}\n}}"
-        ),
-    )?;
-    Ok(Lab::new(guard, a, r, b))
 }

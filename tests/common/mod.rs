@@ -18,6 +18,7 @@ pub mod kubeapi;
 pub mod netns;
 pub mod otlp_receiver;
 pub mod rotel;
+pub mod router;
 pub mod scenario;
 pub mod traffic;
 
