@@ -109,37 +109,13 @@ impl Topology {
     }
 }
 
-/// SO_LINGER with a zero timeout: close() then aborts with an RST.
-fn linger_zero(s: &TcpStream) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a linger struct of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// From A: one aborted connection (reset), one refused connect and
 /// `UDP_DROPPED` datagrams nftables drops. Returns how many connects were
 /// refused.
 fn resets_refusals_and_drops(a: &Netns) -> u64 {
     a.in_ns(|| -> std::io::Result<u64> {
         let s = TcpStream::connect_timeout(&addr(B_V4, TCP_PORT), Duration::from_secs(10))?;
-        linger_zero(&s)?;
+        traffic::linger_zero(&s)?;
         // The server waits for a 16-byte header; it gets one and no more.
         (&s).write_all(&[0u8; 16])?;
         std::thread::sleep(Duration::from_millis(200));

@@ -58,30 +58,6 @@ fn end(ifname: &str, mac: &str, v4: &str, v6: &str) -> VethEnd {
     }
 }
 
-/// SO_LINGER with a zero timeout: close() then aborts with an RST.
-fn linger_zero(s: &TcpStream) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a linger struct of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 fn addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("literal address"), port)
 }
@@ -254,7 +230,7 @@ fn tcp_health_and_drops_match_what_was_done() {
         .in_ns(|| -> std::io::Result<(u64, bool)> {
             // Aborted: SO_LINGER 0 makes close() send an RST.
             let s = TcpStream::connect_timeout(&addr(B_V4, SERVE_PORT), Duration::from_secs(10))?;
-            linger_zero(&s)?;
+            traffic::linger_zero(&s)?;
             (&s).write_all(&[0u8; 16])?;
             std::thread::sleep(Duration::from_millis(200));
             drop(s);
