@@ -6,7 +6,8 @@
 //! * `logs`: one interval of 20 000 flow records through `OtlpLogsExporter`
 //!   (no rate limit); throughput in log records.
 //!
-//! Each runs with gzip (the default) and without compression. The exporter
+//! Each runs with gzip (the default) and without compression, and once
+//! encoding only (no network). The exporter
 //! side (its runtime, blocking pool and criterion's thread) is pinned to
 //! CPU 0 and the receiver to CPU 1, so "thrpt" is what one core exports.
 //! The receiver counts what it decoded, and the run fails if that is not
@@ -23,25 +24,12 @@ use std::time::{Duration, SystemTime};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use flowtel::config::{Compression, Config};
 use flowtel::export::otlp_logs::OtlpLogsExporter;
-use flowtel::export::otlp_metrics::OtlpMetricsExporter;
+use flowtel::export::otlp_metrics::{MetricsEncoder, OtlpMetricsExporter};
+use flowtel::export::self_metrics;
 use flowtel::export::transport::SignalTransport;
 use flowtel::flow::aggregate::{Aggregator, DirectionalCounters, IntervalReport, KeySpec};
 use flowtel::flow::{Counters, Endpoint, FlowId, FlowUpdate, Nat, SourceKind, Transport};
 use flowtel::stats::SelfStats;
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
-    LogsService, LogsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsServiceRequest, ExportLogsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::metrics::v1::metric;
-use prost::Message;
 
 /// Series per metrics export, and flow records per logs export.
 const SERIES: usize = 20_000;
@@ -52,68 +40,199 @@ const RECORDS: usize = 20_000;
 struct Counts {
     flow_points: AtomicU64,
     log_records: AtomicU64,
-    /// The largest request of each signal, encoded (uncompressed) bytes.
-    largest_metrics: AtomicU64,
-    largest_logs: AtomicU64,
 }
 
-#[derive(Clone)]
-struct Receiver(Arc<Counts>);
+// The receiver decodes requests into skeletons of the OTLP messages that
+// keep only what it counts (prost skips the other fields), so that decoding
+// costs it less than encoding costs flowtel and the bench measures the
+// exporter. Field numbers as in opentelemetry-proto v1.
 
-#[tonic::async_trait]
-impl MetricsService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        let request = request.into_inner();
-        self.0
-            .largest_metrics
-            .fetch_max(request.encoded_len() as u64, Ordering::Relaxed);
-        let points: usize = request
-            .resource_metrics
+/// `ExportMetricsServiceRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct MetricsRequest {
+    #[prost(message, repeated, tag = "1")]
+    resources: Vec<ResourceMetrics>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResourceMetrics {
+    #[prost(message, repeated, tag = "2")]
+    scopes: Vec<ScopeMetrics>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ScopeMetrics {
+    #[prost(message, repeated, tag = "2")]
+    metrics: Vec<Metric>,
+}
+
+/// A `Metric`: its name and Sum.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Metric {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(message, optional, tag = "7")]
+    sum: Option<Sum>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Sum {
+    #[prost(message, repeated, tag = "1")]
+    points: Vec<Point>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Point {
+    #[prost(sfixed64, tag = "6")]
+    value: i64,
+}
+
+/// `ExportLogsServiceRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LogsRequest {
+    #[prost(message, repeated, tag = "1")]
+    resources: Vec<ResourceLogs>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResourceLogs {
+    #[prost(message, repeated, tag = "2")]
+    scopes: Vec<ScopeLogs>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ScopeLogs {
+    #[prost(message, repeated, tag = "2")]
+    records: Vec<LogRecord>,
+}
+
+/// A `LogRecord`: its time.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LogRecord {
+    #[prost(fixed64, tag = "1")]
+    time: u64,
+}
+
+/// `Export*ServiceResponse` without a partial success.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Response {}
+
+/// A request the receiver can count.
+trait Counted: prost::Message + Default + Send + 'static {
+    fn count(&self, counts: &Counts);
+}
+
+impl Counted for MetricsRequest {
+    fn count(&self, counts: &Counts) {
+        let points: usize = self
+            .resources
             .iter()
-            .flat_map(|rm| &rm.scope_metrics)
-            .flat_map(|sm| &sm.metrics)
+            .flat_map(|r| &r.scopes)
+            .flat_map(|s| &s.metrics)
             .filter(|m| m.name.starts_with("flowtel.flow."))
-            .map(|m| match &m.data {
-                Some(metric::Data::Sum(s)) => s.data_points.len(),
-                _ => 0,
-            })
+            .map(|m| m.sum.as_ref().map_or(0, |s| s.points.len()))
             .sum();
-        self.0
+        counts
             .flow_points
             .fetch_add(points as u64, Ordering::Relaxed);
-        Ok(tonic::Response::new(ExportMetricsServiceResponse {
-            partial_success: None,
-        }))
     }
 }
 
-#[tonic::async_trait]
-impl LogsService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportLogsServiceRequest>,
-    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
-        let request = request.into_inner();
-        self.0
-            .largest_logs
-            .fetch_max(request.encoded_len() as u64, Ordering::Relaxed);
-        let records: usize = request
-            .resource_logs
+impl Counted for LogsRequest {
+    fn count(&self, counts: &Counts) {
+        let records: usize = self
+            .resources
             .iter()
-            .flat_map(|rl| &rl.scope_logs)
-            .map(|sl| sl.log_records.len())
+            .flat_map(|r| &r.scopes)
+            .map(|s| s.records.len())
             .sum();
-        self.0
+        counts
             .log_records
             .fetch_add(records as u64, Ordering::Relaxed);
-        Ok(tonic::Response::new(ExportLogsServiceResponse {
-            partial_success: None,
-        }))
     }
 }
+
+struct Export<M>(Arc<Counts>, std::marker::PhantomData<M>);
+
+impl<M: Counted> tonic::server::UnaryService<M> for Export<M> {
+    type Response = Response;
+    type Future = std::future::Ready<Result<tonic::Response<Response>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<M>) -> Self::Future {
+        request.into_inner().count(&self.0);
+        std::future::ready(Ok(tonic::Response::new(Response {})))
+    }
+}
+
+type BoxedResponse = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+/// Decodes one export request with the skeleton codec and counts it.
+fn serve<M: Counted, B>(counts: Arc<Counts>, req: http::Request<B>) -> BoxedResponse
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    Box::pin(async move {
+        let mut gzip = tonic::codec::EnabledCompressionEncodings::default();
+        gzip.enable(tonic::codec::CompressionEncoding::Gzip);
+        let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<Response, M>::default())
+            .apply_compression_config(gzip, Default::default())
+            .apply_max_message_size_config(Some(256 << 20), None);
+        Ok(grpc
+            .unary(Export(counts, std::marker::PhantomData), req)
+            .await)
+    })
+}
+
+/// One OTLP export service, named for tonic's router.
+macro_rules! receiver {
+    ($name:ident, $path:literal, $request:ty) => {
+        #[derive(Clone)]
+        struct $name(Arc<Counts>);
+
+        impl tonic::server::NamedService for $name {
+            const NAME: &'static str = $path;
+        }
+
+        impl<B> tower::Service<http::Request<B>> for $name
+        where
+            B: http_body::Body + Send + 'static,
+            B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+        {
+            type Response = http::Response<tonic::body::Body>;
+            type Error = std::convert::Infallible;
+            type Future = BoxedResponse;
+
+            fn poll_ready(
+                &mut self,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), Self::Error>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, req: http::Request<B>) -> Self::Future {
+                serve::<$request, B>(self.0.clone(), req)
+            }
+        }
+    };
+}
+
+receiver!(
+    MetricsReceiver,
+    "opentelemetry.proto.collector.metrics.v1.MetricsService",
+    MetricsRequest
+);
+receiver!(
+    LogsReceiver,
+    "opentelemetry.proto.collector.logs.v1.LogsService",
+    LogsRequest
+);
 
 /// Pins the calling thread to one CPU (best effort: a machine with one CPU
 /// keeps both sides on it).
@@ -142,17 +261,15 @@ fn start_receiver(rt: &tokio::runtime::Runtime, counts: Arc<Counts>) -> SocketAd
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("binding the receiver");
     let addr = listener.local_addr().expect("the receiver's address");
-    let r = Receiver(counts);
-    let metrics = MetricsServiceServer::new(r.clone())
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .max_decoding_message_size(256 << 20);
-    let logs = LogsServiceServer::new(r)
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .max_decoding_message_size(256 << 20);
     rt.spawn(
+        // Windows as large as a Collector's (grpc-go grows its windows to
+        // the bandwidth-delay product); h2's 64 KiB default would make the
+        // bench measure flow-control round trips.
         tonic::transport::Server::builder()
-            .add_service(metrics)
-            .add_service(logs)
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .add_service(MetricsReceiver(counts.clone()))
+            .add_service(LogsReceiver(counts))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     addr
@@ -249,12 +366,33 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("otlp_export");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(15));
+    // Encoding alone, no network: what the exporter's own CPU time allows.
+    let cfg = config(&endpoint, Compression::None);
+    let stats = Arc::new(SelfStats::default());
+    let source = flowtel::source::SourceInfo {
+        name: "ebpf",
+        mode: "tcx",
+    };
+    let mut encoder = MetricsEncoder::new(&cfg, self_metrics::all(&stats, None, None, source));
+    group.throughput(Throughput::Elements((SERIES * 4) as u64));
+    group.bench_function("metrics_data_points/encode_only", |b| {
+        b.iter(|| encoder.encode(&metrics))
+    });
+    let transport = SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.logs, "logs")
+        .expect("a logs transport");
+    let mut logs_encoder = rt
+        .block_on(async { OtlpLogsExporter::build(&cfg, &transport, stats.clone()) })
+        .expect("the logs exporter");
+    group.throughput(Throughput::Elements(RECORDS as u64));
+    group.bench_function("log_records/encode_only", |b| {
+        b.iter(|| logs_encoder.encode(&logs))
+    });
     for (name, compression) in [("gzip", Compression::Gzip), ("none", Compression::None)] {
         let cfg = config(&endpoint, compression);
         let transport =
             SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.metrics, "metrics")
                 .expect("a metrics transport");
-        let exporter = rt
+        let mut exporter = rt
             .block_on(OtlpMetricsExporter::build(
                 &cfg,
                 Some(&transport),
@@ -309,12 +447,20 @@ fn bench(c: &mut Criterion) {
         rt.block_on(exporter.shutdown());
     }
     group.finish();
-    let mib = |v: &AtomicU64| v.load(Ordering::Relaxed) as f64 / f64::from(1 << 20);
-    println!(
-        "largest request (uncompressed): metrics {:.1} MiB, logs {:.1} MiB",
-        mib(&counts.largest_metrics),
-        mib(&counts.largest_logs)
-    );
+    println!("requests per interval (uncompressed size):");
+    for (signal, requests) in [
+        ("metrics", encoder.encode(&metrics)),
+        ("logs", logs_encoder.encode(&logs)),
+    ] {
+        let largest = requests.iter().map(Vec::len).max().unwrap_or(0);
+        let total: usize = requests.iter().map(Vec::len).sum();
+        println!(
+            "  {signal}: {} requests, {:.1} MiB in all, largest {:.2} MiB",
+            requests.len(),
+            total as f64 / f64::from(1 << 20),
+            largest as f64 / f64::from(1 << 20)
+        );
+    }
 }
 
 criterion_group!(benches, bench);

@@ -244,6 +244,9 @@ pub struct OtlpConfig {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     pub temporality: Temporality,
+    /// Requests are cut below this many bytes (before compression), so a
+    /// Collector's gRPC receiver (4 MiB by default) takes every one.
+    pub max_request_bytes: usize,
     pub tls: TlsConfig,
     pub retry: RetryConfig,
     /// Per-signal overrides (`OTEL_EXPORTER_OTLP_METRICS_*`).
@@ -261,6 +264,7 @@ impl Default for OtlpConfig {
             compression: Compression::Gzip,
             timeout: Duration::from_secs(10),
             temporality: Temporality::Cumulative,
+            max_request_bytes: 3 << 20,
             tls: TlsConfig::default(),
             retry: RetryConfig::default(),
             metrics: SignalOverrides::default(),
@@ -774,6 +778,12 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
         ));
     }
     check_headers("export.otlp.headers", &otlp.headers)?;
+    if otlp.max_request_bytes < 64 << 10 {
+        return Err(ConfigError::new(
+            "export.otlp.max_request_bytes",
+            "must be at least 65536; a Collector's gRPC receiver takes 4194304 (4 MiB) by default",
+        ));
+    }
     if otlp.retry.max_attempts == 0 {
         return Err(ConfigError::new(
             "export.otlp.retry.max_attempts",

@@ -305,7 +305,7 @@ async fn export_loop(
             }
         }
         let metrics = async {
-            if let Some(o) = &to.otlp {
+            if let Some(o) = &mut to.otlp {
                 o.export(&report).await;
             }
         };

@@ -4,9 +4,13 @@
 
 pub mod attributes;
 pub mod console;
+pub mod instruments;
 pub mod otlp_logs;
 pub mod otlp_metrics;
+pub mod otlp_wire;
 pub mod prometheus;
 pub mod resource;
+pub mod sdk_meter;
 pub mod selection;
+pub mod self_metrics;
 pub mod transport;

@@ -2,10 +2,10 @@
 //! "which connection, when" questions in Loki and similar log stores.
 //!
 //! Each finished interval is turned into log records, filtered, sampled and
-//! rate-limited here, then handed to the SDK's logger provider, whose tokio
-//! batch processor ships them with the OTLP exporter (gRPC or HTTP, with the
-//! same transport settings as metrics). One flush follows each interval, so
-//! a record leaves at most one interval after its traffic.
+//! rate-limited here, encoded straight into `ExportLogsServiceRequest`s
+//! ([`crate::export::otlp_wire`]; the SDK's logger and batch processor
+//! managed about 45,000 records/s) and sent with the same transport
+//! settings as metrics. Each interval's records leave right after it.
 //!
 //! Attribute names follow the Collector's netflow receiver where they fit
 //! (`source.*`, `destination.*`, `flow.io.*`, `flow.start`, `flow.end`,
@@ -13,27 +13,18 @@
 //! Kubernetes names are those of the metrics. `docs/telemetry.md` lists them.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use ipnet::IpNet;
-use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
-use opentelemetry::{Key, Value};
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::logs::log_processor_with_async_runtime::BatchLogProcessor;
-use opentelemetry_sdk::logs::{
-    BatchConfigBuilder, LogBatch, SdkLogRecord, SdkLogger, SdkLoggerProvider,
-};
-use opentelemetry_sdk::Resource;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, Protocol};
+use crate::config::Config;
 use crate::enrich::{EndName, FlowNames};
 use crate::export::attributes as attr;
+use crate::export::otlp_wire::{Any, Batcher, Envelope, LogRecordWriter};
 use crate::export::resource;
-use crate::export::transport::SignalTransport;
+use crate::export::transport::{OtlpClient, Signal, SignalTransport};
 use crate::flow::aggregate::{ConnectionEvent, FlowRecord, IntervalReport};
 use crate::flow::{DropRecord, Endpoint, FlowId, Nat, TcpClose, TcpEventKind};
 use crate::stats::SelfStats;
@@ -324,113 +315,77 @@ impl TokenBucket {
     }
 }
 
+/// `SeverityNumber` and its text, for the two severities flowtel uses.
+type Severity = (u8, &'static str);
+const INFO: Severity = (9, "INFO");
+const WARN: Severity = (13, "WARN");
+
 /// Ships the log events of each finished interval over OTLP.
 pub struct OtlpLogsExporter {
-    provider: SdkLoggerProvider,
-    logger: SdkLogger,
+    envelope: Envelope,
+    limit: usize,
+    client: OtlpClient,
+    writer: LogRecordWriter,
     selector: Selector,
     bucket: Option<TokenBucket>,
     stats: Arc<SelfStats>,
 }
 
 impl OtlpLogsExporter {
-    /// Builds the exporter; must run inside the tokio runtime (the batch
-    /// processor's task and tonic need it).
+    /// Builds the exporter; must run inside the tokio runtime (tonic needs
+    /// it).
     pub fn build(
         cfg: &Config,
         transport: &SignalTransport,
         stats: Arc<SelfStats>,
     ) -> anyhow::Result<Self> {
-        let exporter = match transport.protocol {
-            Protocol::Grpc => transport
-                .apply_tonic(opentelemetry_otlp::LogExporter::builder().with_tonic())?
-                .build(),
-            Protocol::HttpProtobuf => transport
-                .apply_http(opentelemetry_otlp::LogExporter::builder().with_http())?
-                .build(),
-        }
-        .with_context(|| format!("building the OTLP logs exporter for {}", transport.url))?;
         let logs = &cfg.export.logs;
-        let attempts = cfg.export.otlp.retry.max_attempts;
-        let export_budget = (transport.timeout + cfg.export.otlp.retry.max_backoff) * attempts
-            + Duration::from_secs(1);
-        // The queue holds a whole interval, so nothing the rate limit let
-        // through is dropped before the flush that follows it.
-        let batch = BatchConfigBuilder::default()
-            .with_max_queue_size(logs.max_records.saturating_mul(3).saturating_add(16))
-            .with_max_export_batch_size(2048)
-            .with_scheduled_delay(cfg.interval)
-            .with_max_export_timeout(export_budget)
-            .build();
-        let processor = BatchLogProcessor::builder(
-            CountingExporter {
-                inner: exporter,
-                stats: stats.clone(),
-                failing: AtomicBool::new(false),
-                url: transport.url.clone(),
-            },
-            opentelemetry_sdk::runtime::Tokio,
-        )
-        .with_batch_config(batch)
-        .build();
-        let provider = SdkLoggerProvider::builder()
-            .with_resource(resource::build(&cfg.resource))
-            .with_log_processor(processor)
-            .build();
         Ok(Self {
-            logger: provider.logger("flowtel"),
-            provider,
+            envelope: Envelope::new(
+                &resource::attributes(&cfg.resource),
+                "flowtel",
+                env!("CARGO_PKG_VERSION"),
+            ),
+            limit: cfg.export.otlp.max_request_bytes,
+            client: OtlpClient::new(transport, Signal::Logs, stats.clone())?,
+            writer: LogRecordWriter::default(),
             selector: Selector::new(logs)?,
             bucket: TokenBucket::new(logs.rate_limit, cfg.interval),
             stats,
         })
     }
 
-    /// Emits the records of a finished interval and exports them now.
+    /// Encodes the records of a finished interval and exports them now.
     pub async fn export(&mut self, report: &IntervalReport) {
-        self.emit(report);
-        let provider = self.provider.clone();
-        // force_flush blocks until the batch processor has exported.
-        let flushed = tokio::task::spawn_blocking(move || provider.force_flush()).await;
-        if let Ok(Err(e)) = flushed {
-            tracing::debug!("logs flush: {e}");
-        }
+        let requests = self.encode(report);
+        self.client.send_all(requests).await;
     }
 
-    /// Exports what is left and releases the exporter.
-    pub async fn shutdown(self) {
-        let provider = self.provider;
-        let done = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-        if let Ok(Err(e)) = done {
-            tracing::warn!("logs exporter shutdown: {e}");
-        }
-    }
+    /// Releases the exporter; every interval was sent by [`Self::export`].
+    pub async fn shutdown(self) {}
 
-    /// Hands the interval's records to the batch processor: drop and
-    /// connection events first (rarer, and what alerts are built on), then
-    /// flow records. Returns how many were emitted.
-    pub fn emit(&mut self, report: &IntervalReport) -> usize {
+    /// The interval's records, encoded: drop and connection events first
+    /// (rarer, and what alerts are built on), then flow records.
+    pub fn encode(&mut self, report: &IntervalReport) -> Vec<Vec<u8>> {
         if let Some(b) = &mut self.bucket {
             b.refill();
         }
         let window = (nanos(report.start), nanos(report.end));
-        let mut emitted = 0;
+        let observed = nanos(SystemTime::now());
+        let mut batch = Batcher::new(&self.envelope, self.limit);
         if self.selector.drops {
             for d in &report.records.drops {
                 if self.admit() {
-                    self.logger
-                        .emit(drop_record(&self.logger, d, report.start, window));
-                    emitted += 1;
+                    drop_record(&mut self.writer, d, observed, window);
+                    batch.item(self.writer.encoded());
                 }
             }
         }
         if self.selector.connections {
             for c in &report.records.connections {
-                if let Some(record) = connection_record(&self.logger, c) {
-                    if self.admit() {
-                        self.logger.emit(record);
-                        emitted += 1;
-                    }
+                if is_connection_event(c) && self.admit() {
+                    connection_record(&mut self.writer, c, observed);
+                    batch.item(self.writer.encoded());
                 }
             }
         }
@@ -438,13 +393,12 @@ impl OtlpLogsExporter {
             for f in &report.records.flows {
                 if self.selector.keeps(f) && self.admit() {
                     let rate = self.selector.sampling_rate;
-                    self.logger
-                        .emit(flow_record(&self.logger, f, report.start, window, rate));
-                    emitted += 1;
+                    flow_record(&mut self.writer, f, observed, window, rate);
+                    batch.item(self.writer.encoded());
                 }
             }
         }
-        emitted
+        batch.finish()
     }
 
     /// Takes a token, or counts the record the rate limit drops.
@@ -457,48 +411,37 @@ impl OtlpLogsExporter {
     }
 }
 
-fn nanos(t: SystemTime) -> i64 {
+fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
-fn new_record(
-    logger: &SdkLogger,
-    event: &'static str,
-    severity: Severity,
-    at: SystemTime,
-) -> SdkLogRecord {
-    let mut r = logger.create_log_record();
-    r.set_timestamp(at);
-    r.set_observed_timestamp(SystemTime::now());
-    r.set_severity_number(severity);
-    r.set_severity_text(severity.name());
-    r.set_event_name(event);
+fn begin(w: &mut LogRecordWriter, event: &str, severity: Severity, at: u64, observed: u64) {
+    w.begin(at, observed, severity, event);
     // Also as an attribute: Loki and older collectors only see attributes.
-    r.add_attribute(Key::from_static_str(EVENT_NAME), event);
-    r
+    w.attribute(EVENT_NAME, Any::Str(event));
 }
 
-fn put(r: &mut SdkLogRecord, key: &'static str, value: impl Into<AnyValue>) {
-    r.add_attribute(Key::from_static_str(key), value);
+fn put_u64(w: &mut LogRecordWriter, key: &str, value: u64) {
+    w.attribute(key, Any::Int(i64::try_from(value).unwrap_or(i64::MAX)));
 }
 
-fn put_u64(r: &mut SdkLogRecord, key: &'static str, value: u64) {
-    put(r, key, i64::try_from(value).unwrap_or(i64::MAX));
+fn put_ip(w: &mut LogRecordWriter, key: &str, ip: IpAddr) {
+    w.attribute(key, Any::Str(&ip.to_string()));
 }
 
-fn endpoints(r: &mut SdkLogRecord, id: &FlowId) {
-    put(r, SOURCE_ADDRESS, id.client.ip.to_string());
+fn endpoints(w: &mut LogRecordWriter, id: &FlowId) {
+    put_ip(w, SOURCE_ADDRESS, id.client.ip);
     if id.transport.has_ports() {
-        put(r, SOURCE_PORT, id.client.port);
+        w.attribute(SOURCE_PORT, Any::Int(id.client.port.into()));
     }
-    put(r, DESTINATION_ADDRESS, id.server.ip.to_string());
+    put_ip(w, DESTINATION_ADDRESS, id.server.ip);
     if id.transport.has_ports() {
-        put(r, DESTINATION_PORT, id.server.port);
+        w.attribute(DESTINATION_PORT, Any::Int(id.server.port.into()));
     }
-    put(r, attr::NETWORK_TRANSPORT, id.transport.as_str());
-    put(r, attr::NETWORK_TYPE, network_type(id.client.ip));
+    w.attribute(attr::NETWORK_TRANSPORT, Any::Str(id.transport.as_str()));
+    w.attribute(attr::NETWORK_TYPE, Any::Str(network_type(id.client.ip)));
 }
 
 fn network_type(ip: IpAddr) -> &'static str {
@@ -509,11 +452,11 @@ fn network_type(ip: IpAddr) -> &'static str {
     }
 }
 
-fn nat(r: &mut SdkLogRecord, nat: &Nat) {
+fn nat(w: &mut LogRecordWriter, nat: &Nat) {
     let mut one = |e: Option<Endpoint>, address: &'static str, port: &'static str| {
         if let Some(e) = e {
-            put(r, address, e.ip.to_string());
-            put(r, port, e.port);
+            put_ip(w, address, e.ip);
+            w.attribute(port, Any::Int(e.port.into()));
         }
     };
     one(nat.server, attr::NAT_SERVER_ADDRESS, attr::NAT_SERVER_PORT);
@@ -522,7 +465,7 @@ fn nat(r: &mut SdkLogRecord, nat: &Nat) {
 
 /// Both ends' names, framed exactly as in the metrics
 /// ([`attr::name_attributes`]).
-fn names(r: &mut SdkLogRecord, names: Option<&FlowNames>) {
+fn names(w: &mut LogRecordWriter, names: Option<&FlowNames>) {
     let Some(n) = names else {
         return;
     };
@@ -537,189 +480,129 @@ fn names(r: &mut SdkLogRecord, names: Option<&FlowNames>) {
         !n.settled,
         &mut attrs,
     );
-    for kv in attrs {
-        let value = match kv.value {
-            Value::Bool(b) => AnyValue::Boolean(b),
-            Value::I64(i) => AnyValue::Int(i),
-            Value::F64(f) => AnyValue::Double(f),
-            other => AnyValue::String(other.as_str().into_owned().into()),
-        };
-        r.add_attribute(kv.key, value);
+    for kv in &attrs {
+        w.api_attribute(kv);
     }
 }
 
 fn flow_record(
-    logger: &SdkLogger,
+    w: &mut LogRecordWriter,
     f: &FlowRecord,
-    start: SystemTime,
-    (from, to): (i64, i64),
+    observed: u64,
+    (from, to): (u64, u64),
     sampling_rate: i64,
-) -> SdkLogRecord {
-    let mut r = new_record(logger, EVENT_FLOW, Severity::Info, start);
+) {
+    begin(w, EVENT_FLOW, INFO, from, observed);
     let (up, down) = (f.delta.to_server, f.delta.to_client);
-    r.set_body(AnyValue::String(
-        format!(
-            "{} {} → {} {} B → {} B ←{}",
-            f.id.transport,
-            f.id.client,
-            f.id.server,
-            up.bytes,
-            down.bytes,
-            if f.ended { " ended" } else { "" }
-        )
-        .into(),
+    w.body(&format!(
+        "{} {} → {} {} B → {} B ←{}",
+        f.id.transport,
+        f.id.client,
+        f.id.server,
+        up.bytes,
+        down.bytes,
+        if f.ended { " ended" } else { "" }
     ));
-    endpoints(&mut r, &f.id);
-    put_u64(&mut r, FLOW_IO_BYTES, up.bytes);
-    put_u64(&mut r, FLOW_IO_PACKETS, up.packets);
-    put_u64(&mut r, REVERSE_BYTES, down.bytes);
-    put_u64(&mut r, REVERSE_PACKETS, down.packets);
-    put(&mut r, FLOW_START, from);
-    put(&mut r, FLOW_END, to);
-    put(&mut r, FLOW_SAMPLING_RATE, sampling_rate);
-    put(&mut r, FLOW_ENDED, f.ended);
-    put(&mut r, attr::SOURCE, f.source.as_str());
+    endpoints(w, &f.id);
+    put_u64(w, FLOW_IO_BYTES, up.bytes);
+    put_u64(w, FLOW_IO_PACKETS, up.packets);
+    put_u64(w, REVERSE_BYTES, down.bytes);
+    put_u64(w, REVERSE_PACKETS, down.packets);
+    put_u64(w, FLOW_START, from);
+    put_u64(w, FLOW_END, to);
+    w.attribute(FLOW_SAMPLING_RATE, Any::Int(sampling_rate));
+    w.attribute(FLOW_ENDED, Any::Bool(f.ended));
+    w.attribute(attr::SOURCE, Any::Str(f.source.as_str()));
     if let Some(rtt) = f.rtt {
-        put(&mut r, TCP_RTT, rtt.as_secs_f64());
+        w.attribute(TCP_RTT, Any::Double(rtt.as_secs_f64()));
     }
     // The socket tracer either saw the connection (an RTT) or counted
     // retransmits; otherwise the count is unknown, not zero.
     if f.rtt.is_some() || f.retransmits > 0 {
-        put_u64(&mut r, TCP_RETRANSMITS, f.retransmits);
+        put_u64(w, TCP_RETRANSMITS, f.retransmits);
     }
-    nat(&mut r, &f.nat);
-    names(&mut r, f.names.as_deref());
-    r
+    nat(w, &f.nat);
+    names(w, f.names.as_deref());
 }
 
-/// The record of a connection opened, closed or failed; `None` for the
-/// samples (RTT, retransmits) that the flow records carry instead.
-fn connection_record(logger: &SdkLogger, c: &ConnectionEvent) -> Option<SdkLogRecord> {
+/// Whether `c` is an opened, closed or failed connection: the samples
+/// (RTT, retransmits) travel in the flow records instead.
+fn is_connection_event(c: &ConnectionEvent) -> bool {
+    !matches!(
+        c.event.kind,
+        TcpEventKind::Retransmits(_) | TcpEventKind::Rtt(_)
+    )
+}
+
+/// The record of a connection opened, closed or failed.
+fn connection_record(w: &mut LogRecordWriter, c: &ConnectionEvent, observed: u64) {
     let (event, severity, detail) = match c.event.kind {
-        TcpEventKind::Opened => (EVENT_OPENED, Severity::Info, None),
         TcpEventKind::Closed { cause, .. } => (
             EVENT_CLOSED,
-            if cause == TcpClose::Fin {
-                Severity::Info
-            } else {
-                Severity::Warn
-            },
+            if cause == TcpClose::Fin { INFO } else { WARN },
             Some((attr::TCP_CLOSE_CAUSE, cause.as_str())),
         ),
-        TcpEventKind::Failed(why) => (
-            EVENT_FAILED,
-            Severity::Warn,
-            Some((attr::TCP_FAILURE, why.as_str())),
-        ),
-        TcpEventKind::Retransmits(_) | TcpEventKind::Rtt(_) => return None,
+        TcpEventKind::Failed(why) => (EVENT_FAILED, WARN, Some((attr::TCP_FAILURE, why.as_str()))),
+        TcpEventKind::Opened | TcpEventKind::Retransmits(_) | TcpEventKind::Rtt(_) => {
+            (EVENT_OPENED, INFO, None)
+        }
     };
-    let mut r = new_record(logger, event, severity, c.at);
+    begin(w, event, severity, nanos(c.at), observed);
     let id = &c.event.id;
     let what = event.trim_start_matches("flowtel.connection.");
-    r.set_body(AnyValue::String(
-        match detail {
-            Some((_, d)) => format!(
-                "{} {} → {} {what} ({d})",
-                id.transport, id.client, id.server
-            ),
-            None => format!("{} {} → {} {what}", id.transport, id.client, id.server),
-        }
-        .into(),
-    ));
-    endpoints(&mut r, id);
-    put(&mut r, attr::SOURCE, "ebpf");
+    w.body(&match detail {
+        Some((_, d)) => format!(
+            "{} {} → {} {what} ({d})",
+            id.transport, id.client, id.server
+        ),
+        None => format!("{} {} → {} {what}", id.transport, id.client, id.server),
+    });
+    endpoints(w, id);
+    w.attribute(attr::SOURCE, Any::Str("ebpf"));
     if let Some((key, value)) = detail {
-        put(&mut r, key, value);
+        w.attribute(key, Any::Str(value));
     }
     if let TcpEventKind::Closed {
         duration: Some(d), ..
     } = c.event.kind
     {
-        put(&mut r, TCP_DURATION, d.as_secs_f64());
+        w.attribute(TCP_DURATION, Any::Double(d.as_secs_f64()));
     }
-    names(&mut r, c.names.as_deref());
-    Some(r)
+    names(w, c.names.as_deref());
 }
 
-fn drop_record(
-    logger: &SdkLogger,
-    d: &DropRecord,
-    start: SystemTime,
-    (from, to): (i64, i64),
-) -> SdkLogRecord {
-    let mut r = new_record(logger, EVENT_DROP, Severity::Warn, start);
+fn drop_record(w: &mut LogRecordWriter, d: &DropRecord, observed: u64, (from, to): (u64, u64)) {
+    begin(w, EVENT_DROP, WARN, from, observed);
     let show = |e: Option<Endpoint>| e.map_or_else(|| "?".to_string(), |e| e.to_string());
-    r.set_body(AnyValue::String(
-        format!(
-            "{} {} → {} {} packets dropped ({})",
-            d.transport,
-            show(d.src),
-            show(d.dst),
-            d.counters.packets,
-            d.reason
-        )
-        .into(),
+    w.body(&format!(
+        "{} {} → {} {} packets dropped ({})",
+        d.transport,
+        show(d.src),
+        show(d.dst),
+        d.counters.packets,
+        d.reason
     ));
-    put(&mut r, attr::DROP_REASON, d.reason);
-    put(&mut r, attr::NETWORK_TRANSPORT, d.transport.as_str());
+    w.attribute(attr::DROP_REASON, Any::Str(d.reason));
+    w.attribute(attr::NETWORK_TRANSPORT, Any::Str(d.transport.as_str()));
     let ports = d.transport.has_ports();
     if let Some(src) = d.src {
-        put(&mut r, attr::NETWORK_TYPE, network_type(src.ip));
-        put(&mut r, SOURCE_ADDRESS, src.ip.to_string());
+        w.attribute(attr::NETWORK_TYPE, Any::Str(network_type(src.ip)));
+        put_ip(w, SOURCE_ADDRESS, src.ip);
         if ports {
-            put(&mut r, SOURCE_PORT, src.port);
+            w.attribute(SOURCE_PORT, Any::Int(src.port.into()));
         }
     }
     if let Some(dst) = d.dst {
-        put(&mut r, DESTINATION_ADDRESS, dst.ip.to_string());
+        put_ip(w, DESTINATION_ADDRESS, dst.ip);
         if ports {
-            put(&mut r, DESTINATION_PORT, dst.port);
+            w.attribute(DESTINATION_PORT, Any::Int(dst.port.into()));
         }
     }
-    put_u64(&mut r, DROP_PACKETS, d.counters.packets);
-    put_u64(&mut r, DROP_BYTES, d.counters.bytes);
-    put(&mut r, FLOW_START, from);
-    put(&mut r, FLOW_END, to);
-    put(&mut r, attr::SOURCE, "ebpf");
-    r
-}
-
-/// Counts export outcomes and logs a failure streak once, not every batch.
-#[derive(Debug)]
-struct CountingExporter {
-    inner: opentelemetry_otlp::LogExporter,
-    stats: Arc<SelfStats>,
-    failing: AtomicBool,
-    url: String,
-}
-
-impl opentelemetry_sdk::logs::LogExporter for CountingExporter {
-    async fn export(&self, batch: LogBatch<'_>) -> OTelSdkResult {
-        let result = self.inner.export(batch).await;
-        match &result {
-            Ok(()) => {
-                SelfStats::inc(&self.stats.exports_ok);
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!(endpoint = %self.url, "OTLP logs export recovered");
-                }
-            }
-            Err(e) => {
-                SelfStats::inc(&self.stats.exports_failed);
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(endpoint = %self.url, "OTLP logs export failed ({e}); those log records are lost");
-                }
-            }
-        }
-        result
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.inner.set_resource(resource);
-    }
+    put_u64(w, DROP_PACKETS, d.counters.packets);
+    put_u64(w, DROP_BYTES, d.counters.bytes);
+    put_u64(w, FLOW_START, from);
+    put_u64(w, FLOW_END, to);
+    w.attribute(attr::SOURCE, Any::Str("ebpf"));
 }
 
 #[cfg(test)]

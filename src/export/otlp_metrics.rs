@@ -1,91 +1,56 @@
-//! OTLP metrics: flow bytes and packets as monotonic Sums, plus flowtel's own
-//! counters, through the OpenTelemetry SDK and its OTLP exporter.
+//! OTLP metrics: flow bytes and packets, TCP health and drops as monotonic
+//! Sums and Histograms, plus flowtel's own counters, encoded from each
+//! finished interval ([`crate::export::otlp_wire`]) and sent with
+//! [`OtlpClient`].
 //!
-//! The flow table is the source of truth for cumulative values; the SDK
-//! reads them through observable counters at each forced flush, so one
-//! export follows each finished interval and series that were forgotten stop
-//! being exported. The SDK turns them into deltas when delta temporality is
-//! configured.
-//!
-//! The same meter provider feeds the Prometheus endpoint when it is on
-//! ([`crate::export::prometheus`]): a second, pull reader that is collected
-//! at each scrape, so both see exactly the same instruments.
+//! The flow table is the source of truth for cumulative values. Each
+//! series' attributes are encoded once and reused while the series lives;
+//! delta temporality is computed here from the previous export. The same
+//! report feeds the Prometheus endpoint when it is on
+//! ([`crate::export::sdk_meter`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use opentelemetry::metrics::{Histogram, Meter, MeterProvider as _};
+use foldhash::fast::RandomState;
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::MetricExporter;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::metrics::data::ResourceMetrics;
-use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
-use opentelemetry_sdk::metrics::{
-    periodic_reader_with_async_runtime::PeriodicReader, Instrument, SdkMeterProvider, Stream,
-    Temporality as SdkTemporality,
-};
 
-use crate::config::{Config, Protocol, Temporality};
+use crate::config::{Config, Temporality as ConfigTemporality};
 use crate::enrich::kubernetes::KubeStats;
-use crate::export::attributes::{
-    drop_attributes, series_attributes, zone_attributes, Direction, SOURCE, TCP_CLOSE_CAUSE,
-    TCP_FAILURE,
+use crate::export::attributes::{drop_attributes, series_attributes, zone_attributes, Direction};
+use crate::export::instruments::{
+    health_counters, Describe, DURATION_BOUNDS, FLOW_BYTES, FLOW_PACKETS, PACKET_DROPS, RTT_BOUNDS,
+    TCP_DURATION, TCP_RTT, ZONE_BYTES,
+};
+use crate::export::otlp_wire::{
+    self, Batcher, Envelope, Kind, MetricHeader, Temporality, HISTOGRAM_POINT_ATTRIBUTES,
+    NUMBER_POINT_ATTRIBUTES,
 };
 use crate::export::prometheus::PrometheusEndpoint;
 use crate::export::resource;
+use crate::export::sdk_meter::SdkMeter;
 use crate::export::selection::Selection;
-use crate::export::transport::SignalTransport;
-use crate::flow::aggregate::{IntervalReport, TcpCounters};
-use crate::flow::{TcpClose, TcpFailure};
+use crate::export::self_metrics::{self, SelfMetric};
+use crate::export::transport::{OtlpClient, Signal, SignalTransport};
+use crate::flow::aggregate::{IntervalReport, SeriesKey};
 use crate::source::ebpf::EbpfStats;
 use crate::source::SourceInfo;
 use crate::stats::SelfStats;
 
-/// Data points of one metric: attributes and cumulative value.
-type Points = Vec<(Vec<KeyValue>, u64)>;
-
-/// The latest interval in the shape the SDK callbacks read: per counter
-/// metric, its points with `export.metrics.attributes` applied.
-#[derive(Debug, Default)]
-struct Prepared {
-    counters: HashMap<&'static str, Points>,
-}
-
-impl Prepared {
-    fn points(&self, metric: &str) -> &[(Vec<KeyValue>, u64)] {
-        self.counters.get(metric).map_or(&[], Vec::as_slice)
-    }
-}
-
-type Latest = Arc<Mutex<Arc<Prepared>>>;
-
-/// Histogram bucket bounds for RTTs, in seconds: 50 µs (same host) to 5 s.
-const RTT_BOUNDS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0,
-];
-/// Connection durations, in seconds: 1 ms to 1 h.
-const DURATION_BOUNDS: &[f64] = &[
-    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-];
-
 /// Ships each finished interval to an OTLP collector, and publishes it to
 /// the Prometheus endpoint when that is on.
 pub struct OtlpMetricsExporter {
-    provider: SdkMeterProvider,
-    latest: Latest,
-    rtt: Histogram<f64>,
-    duration: Histogram<f64>,
-    selection: Selection,
+    otlp: Option<(MetricsEncoder, OtlpClient)>,
+    prometheus: Option<SdkMeter>,
 }
 
 impl OtlpMetricsExporter {
-    /// Builds the exporter, with an OTLP reader when `transport` is set and a
-    /// Prometheus endpoint when `export.prometheus.listen` is; must run inside
-    /// the tokio runtime (tonic and the listener need it).
+    /// Builds the exporter, with an OTLP client when `transport` is set and
+    /// a Prometheus endpoint when `export.prometheus.listen` is; must run
+    /// inside the tokio runtime (tonic and the listener need it).
     pub async fn build(
         cfg: &Config,
         transport: Option<&SignalTransport>,
@@ -94,650 +59,622 @@ impl OtlpMetricsExporter {
         kube_stats: Option<Arc<KubeStats>>,
         source: SourceInfo,
     ) -> anyhow::Result<Self> {
-        let series_limit = cfg.flows.max_series * 2 + 2;
-        let mut builder = SdkMeterProvider::builder()
-            .with_resource(resource::build(&cfg.resource))
-            .with_view(move |i: &Instrument| {
-                (i.name().starts_with("flowtel.flow.") || i.name().starts_with("flowtel.tcp."))
-                    .then(|| {
-                        Stream::builder()
-                            .with_cardinality_limit(series_limit)
-                            .build()
-                            .ok()
-                    })
-                    .flatten()
-            });
-        if let Some(transport) = transport {
-            builder = builder.with_reader(otlp_reader(cfg, transport, &stats)?);
-        }
+        let describe = || self_metrics::all(&stats, ebpf_stats.clone(), kube_stats.clone(), source);
         let prometheus = match cfg.export.prometheus.listen.as_str() {
             "" => None,
             listen => {
                 let addr = listen
                     .parse()
                     .with_context(|| format!("export.prometheus.listen {listen:?}"))?;
-                Some(PrometheusEndpoint::bind(addr).await?)
+                let endpoint = PrometheusEndpoint::bind(addr).await?;
+                let meter = SdkMeter::build(cfg, endpoint.reader(), describe());
+                let local = endpoint.serve()?;
+                tracing::info!("Prometheus metrics on http://{local}/metrics");
+                Some(meter)
             }
         };
-        if let Some(p) = &prometheus {
-            builder = builder.with_reader(p.reader());
-        }
-        let provider = builder.build();
-        let latest: Latest = Arc::default();
-        let meter = provider.meter("flowtel");
-        register_flow_instruments(&meter, &latest);
-        register_health_instruments(&meter, &latest);
-        if let Some(k) = kube_stats {
-            register_kube_instruments(&meter, k, stats.clone());
-        }
-        register_self_instruments(&meter, stats);
-        meter
-            .u64_observable_gauge("flowtel.source.active")
-            .with_unit("1")
-            .with_description("1 for the kernel source in use, with its name and mode")
-            .with_callback(move |o| {
-                o.observe(
-                    1,
-                    &[
-                        KeyValue::new(SOURCE, source.name),
-                        KeyValue::new("flowtel.source.mode", source.mode),
-                    ],
-                )
-            })
-            .build();
-        if let Some(e) = ebpf_stats {
-            register_ebpf_instruments(&meter, e);
-        }
-        let rtt = meter
-            .f64_histogram("flowtel.tcp.rtt")
-            .with_unit("s")
-            .with_description(
-                "Smoothed round-trip time of TCP connections: one sample per connection and \
-                 interval in which it received data, and one at its close",
-            )
-            .with_boundaries(RTT_BOUNDS.to_vec())
-            .build();
-        let duration = meter
-            .f64_histogram("flowtel.tcp.connection.duration")
-            .with_unit("s")
-            .with_description("How long TCP connections lasted, from SYN to close")
-            .with_boundaries(DURATION_BOUNDS.to_vec())
-            .build();
-        if let Some(p) = prometheus {
-            let local = p.serve()?;
-            tracing::info!("Prometheus metrics on http://{local}/metrics");
-        }
-        Ok(Self {
-            provider,
-            latest,
-            rtt,
-            duration,
-            selection: Selection::new(&cfg.export.metrics.attributes),
-        })
+        let otlp = match transport {
+            Some(t) => Some((
+                MetricsEncoder::new(cfg, describe()),
+                OtlpClient::new(t, Signal::Metrics, stats.clone())?,
+            )),
+            None => None,
+        };
+        Ok(Self { otlp, prometheus })
     }
 
-    /// Publishes a finished interval and exports it now.
-    pub async fn export(&self, report: &IntervalReport) {
-        let prepared = Arc::new(prepare(report, &self.selection));
-        if let Ok(mut latest) = self.latest.lock() {
-            *latest = prepared;
+    /// Publishes a finished interval and exports it now, in as many
+    /// requests as `export.otlp.max_request_bytes` needs, sent together.
+    pub async fn export(&mut self, report: &IntervalReport) {
+        if let Some(p) = &self.prometheus {
+            p.publish(report);
         }
-        for p in &report.tcp {
-            if p.rtt.is_empty() && p.durations.is_empty() {
+        if let Some((encoder, client)) = &mut self.otlp {
+            client.send_all(encoder.encode(report)).await;
+        }
+    }
+
+    /// Releases the exporter; the last interval was exported by
+    /// [`Self::export`].
+    pub async fn shutdown(self) {
+        if let Some(p) = self.prometheus {
+            p.shutdown();
+        }
+    }
+}
+
+/// A series' attribute lists, encoded when first exported.
+#[derive(Debug, Default)]
+struct SeriesAttributes {
+    /// Without a direction (totals, TCP counters).
+    plain: Option<Arc<[u8]>>,
+    /// Per direction, client→server then server→client.
+    directed: Option<[Arc<[u8]>; 2]>,
+    /// For histogram points (a different field number).
+    histogram: Option<Arc<[u8]>>,
+    /// The last export that used it.
+    seen: u64,
+}
+
+/// One histogram series: cumulative and this interval's buckets.
+#[derive(Debug)]
+struct HistogramState {
+    total: Vec<u64>,
+    total_sum: f64,
+    interval: Vec<u64>,
+    interval_sum: f64,
+    start: u64,
+    seen: u64,
+}
+
+impl HistogramState {
+    fn new(buckets: usize, start: u64) -> Self {
+        Self {
+            total: vec![0; buckets],
+            total_sum: 0.0,
+            interval: vec![0; buckets],
+            interval_sum: 0.0,
+            start,
+            seen: 0,
+        }
+    }
+
+    fn add(&mut self, bounds: &[f64], samples: &[f64]) {
+        for &v in samples {
+            let i = bounds.partition_point(|b| *b < v);
+            self.total[i] += 1;
+            self.interval[i] += 1;
+            self.total_sum += v;
+            self.interval_sum += v;
+        }
+    }
+}
+
+/// Turns interval reports into encoded `ExportMetricsServiceRequest`s.
+pub struct MetricsEncoder {
+    envelope: Envelope,
+    limit: usize,
+    temporality: Temporality,
+    selection: Selection,
+    self_metrics: Vec<SelfMetric>,
+    /// When this process started: the start of self-metric counters.
+    started: u64,
+    series: HashMap<SeriesKey, SeriesAttributes, RandomState>,
+    /// Delta temporality: each point's last cumulative value, by a hash of
+    /// its metric and attributes, and the export that saw it.
+    previous: HashMap<u64, (u64, u64), RandomState>,
+    /// The time of the previous export: where delta points start.
+    last_time: Option<u64>,
+    rtt: HashMap<Arc<[u8]>, HistogramState, RandomState>,
+    durations: HashMap<Arc<[u8]>, HistogramState, RandomState>,
+    generation: u64,
+    hasher: RandomState,
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl MetricsEncoder {
+    pub fn new(cfg: &Config, self_metrics: Vec<SelfMetric>) -> Self {
+        Self {
+            envelope: Envelope::new(
+                &resource::attributes(&cfg.resource),
+                "flowtel",
+                env!("CARGO_PKG_VERSION"),
+            ),
+            limit: cfg.export.otlp.max_request_bytes,
+            temporality: match cfg.export.otlp.temporality {
+                ConfigTemporality::Cumulative => Temporality::Cumulative,
+                ConfigTemporality::Delta => Temporality::Delta,
+            },
+            selection: Selection::new(&cfg.export.metrics.attributes),
+            self_metrics,
+            started: nanos(SystemTime::now()),
+            series: HashMap::default(),
+            previous: HashMap::default(),
+            last_time: None,
+            rtt: HashMap::default(),
+            durations: HashMap::default(),
+            generation: 0,
+            hasher: RandomState::default(),
+        }
+    }
+
+    /// The requests that carry `report`, each below the size limit.
+    pub fn encode(&mut self, report: &IntervalReport) -> Vec<Vec<u8>> {
+        self.generation += 1;
+        let time = nanos(report.end);
+        let mut b = Batcher::new(&self.envelope, self.limit);
+        self.flows(&mut b, report, time);
+        self.tcp_counters(&mut b, report, time);
+        self.histograms(&mut b, report, time);
+        let drops = report
+            .drops
+            .iter()
+            .map(|p| (drop_attributes(&p.key), p.counters.packets, nanos(p.start)))
+            .collect();
+        self.selected(&mut b, PACKET_DROPS, drops, time);
+        let zones = report
+            .zones
+            .iter()
+            .flat_map(|p| {
+                let start = nanos(p.start);
+                [
+                    (Direction::ClientToServer, p.counters.to_server.bytes),
+                    (Direction::ServerToClient, p.counters.to_client.bytes),
+                ]
+                .map(|(d, bytes)| (zone_attributes(&p.key, d), bytes, start))
+            })
+            .collect();
+        self.selected(&mut b, ZONE_BYTES, zones, time);
+        self.self_metrics(&mut b, time);
+        let generation = self.generation;
+        self.series.retain(|_, s| s.seen == generation);
+        self.previous.retain(|_, (_, seen)| *seen == generation);
+        self.last_time = Some(time);
+        b.finish()
+    }
+
+    fn counter(&self, d: Describe) -> MetricHeader {
+        MetricHeader {
+            name: d.name,
+            unit: d.unit,
+            description: d.description,
+            kind: Kind::Counter(self.temporality),
+        }
+    }
+
+    /// The value and start a counter point is exported with: as is when
+    /// cumulative, the change since the previous export when delta.
+    fn point_value(&mut self, metric: &str, attrs: &[&[u8]], value: u64, start: u64) -> (u64, u64) {
+        if self.temporality == Temporality::Cumulative {
+            return (value, start);
+        }
+        let mut h = self.hasher.build_hasher();
+        h.write(metric.as_bytes());
+        for a in attrs {
+            h.write(a);
+        }
+        let id = h.finish();
+        let before = self.previous.insert(id, (value, self.generation));
+        match (before, self.last_time) {
+            // A value below the last one is a restarted series: all of it
+            // is new.
+            (Some((last, _)), Some(since)) if last <= value => (value - last, since),
+            _ => (value, start),
+        }
+    }
+
+    fn push(
+        &mut self,
+        b: &mut Batcher,
+        metric: &str,
+        attrs: &[&[u8]],
+        (value, start, time): (u64, u64, u64),
+    ) {
+        let (value, start) = self.point_value(metric, attrs, value, start);
+        let size = attrs.iter().map(|a| a.len()).sum::<usize>() + 32;
+        otlp_wire::number_point(b.points(size), attrs, start, time, value);
+    }
+
+    /// What `pick` reads from the attribute lists of `key` (encoding them
+    /// now if this is the first export that needs them).
+    fn cached<T>(&mut self, key: &SeriesKey, pick: impl FnOnce(&mut SeriesAttributes) -> T) -> T {
+        let generation = self.generation;
+        if let Some(s) = self.series.get_mut(key) {
+            s.seen = generation;
+            return pick(s);
+        }
+        let mut s = SeriesAttributes {
+            seen: generation,
+            ..SeriesAttributes::default()
+        };
+        let out = pick(&mut s);
+        self.series.insert(key.clone(), s);
+        out
+    }
+
+    fn flows(&mut self, b: &mut Batcher, report: &IntervalReport, time: u64) {
+        for d in [FLOW_BYTES, FLOW_PACKETS] {
+            let pick = |c: crate::flow::Counters| {
+                if d.name == FLOW_BYTES.name {
+                    c.bytes
+                } else {
+                    c.packets
+                }
+            };
+            if self.selection.selects(d.name) {
+                let mut points = Vec::with_capacity(report.points.len() * 2);
+                for p in &report.points {
+                    let start = nanos(p.start);
+                    if report.spec.direction {
+                        points.push((
+                            series_attributes(&p.key, Some(Direction::ClientToServer)),
+                            pick(p.cumulative.to_server),
+                            start,
+                        ));
+                        points.push((
+                            series_attributes(&p.key, Some(Direction::ServerToClient)),
+                            pick(p.cumulative.to_client),
+                            start,
+                        ));
+                    } else {
+                        points.push((
+                            series_attributes(&p.key, None),
+                            pick(p.cumulative.total()),
+                            start,
+                        ));
+                    }
+                }
+                self.selected(b, d, points, time);
                 continue;
             }
-            let attributes = series_attributes(&p.key, None);
-            let rtt_attributes = self.selection.filter("flowtel.tcp.rtt", &attributes);
-            for v in &p.rtt {
-                self.rtt.record(*v, &rtt_attributes);
-            }
-            let duration_attributes = self
-                .selection
-                .filter("flowtel.tcp.connection.duration", &attributes);
-            for v in &p.durations {
-                self.duration.record(*v, &duration_attributes);
-            }
-        }
-        let provider = self.provider.clone();
-        // force_flush blocks until the export (with its retries) is done.
-        let flushed = tokio::task::spawn_blocking(move || provider.force_flush()).await;
-        if let Ok(Err(e)) = flushed {
-            tracing::debug!("metrics flush: {e}");
-        }
-    }
-
-    /// Exports once more and releases the exporter.
-    pub async fn shutdown(self) {
-        let provider = self.provider;
-        let done = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-        if let Ok(Err(e)) = done {
-            tracing::warn!("metrics exporter shutdown: {e}");
-        }
-    }
-}
-
-/// The periodic reader that pushes to the collector. Exports are driven by
-/// [`OtlpMetricsExporter::export`] after each interval; its timer is a
-/// backstop only.
-fn otlp_reader(
-    cfg: &Config,
-    transport: &SignalTransport,
-    stats: &Arc<SelfStats>,
-) -> anyhow::Result<PeriodicReader<CountingExporter>> {
-    let temporality = match cfg.export.otlp.temporality {
-        Temporality::Cumulative => SdkTemporality::Cumulative,
-        Temporality::Delta => SdkTemporality::Delta,
-    };
-    let exporter = match transport.protocol {
-        Protocol::Grpc => transport
-            .apply_tonic(
-                MetricExporter::builder()
-                    .with_tonic()
-                    .with_temporality(temporality),
-            )?
-            .build(),
-        Protocol::HttpProtobuf => transport
-            .apply_http(
-                MetricExporter::builder()
-                    .with_http()
-                    .with_temporality(temporality),
-            )?
-            .build(),
-    }
-    .with_context(|| format!("building the OTLP metrics exporter for {}", transport.url))?;
-    let attempts = cfg.export.otlp.retry.max_attempts;
-    let export_budget =
-        (transport.timeout + cfg.export.otlp.retry.max_backoff) * attempts + Duration::from_secs(1);
-    Ok(PeriodicReader::builder(
-        CountingExporter {
-            inner: exporter,
-            stats: stats.clone(),
-            failing: AtomicBool::new(false),
-            url: transport.url.clone(),
-        },
-        opentelemetry_sdk::runtime::Tokio,
-    )
-    .with_interval(Duration::from_secs(3600))
-    .with_timeout(export_budget)
-    .build())
-}
-
-fn prepare(report: &IntervalReport, selection: &Selection) -> Prepared {
-    let mut counters = HashMap::new();
-    let (bytes, packets) = prepare_flows(report);
-    counters.insert("flowtel.flow.bytes", bytes);
-    counters.insert("flowtel.flow.packets", packets);
-    let tcp: Vec<_> = report
-        .tcp
-        .iter()
-        .map(|p| (series_attributes(&p.key, None), p.cumulative))
-        .collect();
-    for (name, _, _, parts) in health_counters() {
-        let mut points = Vec::new();
-        for (attrs, c) in &tcp {
-            for (extra, pick) in &parts {
-                let v = pick(c);
-                // A series that never saw this outcome stays absent.
-                if v > 0 || (extra.is_none() && c.opened > 0) {
-                    let mut a = attrs.clone();
-                    if let Some((k, value)) = extra {
-                        a.push(KeyValue::new(*k, *value));
-                    }
-                    points.push((a, v));
-                }
-            }
-        }
-        counters.insert(name, points);
-    }
-    let drops = report
-        .drops
-        .iter()
-        .map(|p| (drop_attributes(&p.key), p.counters.packets))
-        .collect();
-    counters.insert("flowtel.packet.drops", drops);
-    let zones = report
-        .zones
-        .iter()
-        .flat_map(|p| {
-            [
-                (Direction::ClientToServer, p.counters.to_server.bytes),
-                (Direction::ServerToClient, p.counters.to_client.bytes),
-            ]
-            .map(|(d, bytes)| (zone_attributes(&p.key, d), bytes))
-        })
-        .collect();
-    counters.insert("flowtel.zone.bytes", zones);
-    let counters = counters
-        .into_iter()
-        .map(|(name, points)| (name, selection.apply(name, points)))
-        .collect();
-    Prepared { counters }
-}
-
-/// Bytes and packets of every flow series, per direction when the key has
-/// one.
-fn prepare_flows(report: &IntervalReport) -> (Points, Points) {
-    let mut bytes = Vec::with_capacity(report.points.len() * 2);
-    let mut packets = Vec::with_capacity(report.points.len() * 2);
-    let mut push = |attributes: Vec<KeyValue>, c: crate::flow::Counters| {
-        packets.push((attributes.clone(), c.packets));
-        bytes.push((attributes, c.bytes));
-    };
-    for p in &report.points {
-        if report.spec.direction {
-            for (direction, c) in [
-                (Direction::ClientToServer, p.cumulative.to_server),
-                (Direction::ServerToClient, p.cumulative.to_client),
-            ] {
-                push(series_attributes(&p.key, Some(direction)), c);
-            }
-        } else {
-            push(series_attributes(&p.key, None), p.cumulative.total());
-        }
-    }
-    (bytes, packets)
-}
-
-fn snapshot(latest: &Latest) -> Arc<Prepared> {
-    latest.lock().map(|l| Arc::clone(&l)).unwrap_or_default()
-}
-
-fn register_flow_instruments(meter: &Meter, latest: &Latest) {
-    let l = latest.clone();
-    meter
-        .u64_observable_counter("flowtel.flow.bytes")
-        .with_unit("By")
-        .with_description("Bytes carried by flows (L3, IP headers included), by direction")
-        .with_callback(move |o| {
-            for (attributes, v) in snapshot(&l).points("flowtel.flow.bytes") {
-                o.observe(*v, attributes);
-            }
-        })
-        .build();
-    let l = latest.clone();
-    meter
-        .u64_observable_counter("flowtel.zone.bytes")
-        .with_unit("By")
-        .with_description(
-            "Bytes between this node's zone and each peer zone, same-zone and cross-zone",
-        )
-        .with_callback(move |o| {
-            for (attributes, v) in snapshot(&l).points("flowtel.zone.bytes") {
-                o.observe(*v, attributes);
-            }
-        })
-        .build();
-    let l = latest.clone();
-    meter
-        .u64_observable_counter("flowtel.flow.packets")
-        .with_unit("{packet}")
-        .with_description("Packets carried by flows, by direction")
-        .with_callback(move |o| {
-            for (attributes, v) in snapshot(&l).points("flowtel.flow.packets") {
-                o.observe(*v, attributes);
-            }
-        })
-        .build();
-}
-
-/// Reads one count of a TCP series.
-type Pick = fn(&TcpCounters) -> u64;
-/// One TCP counter: name, unit, description, and per extra attribute (none,
-/// or one key and value) the count it reports.
-type HealthCounter = (
-    &'static str,
-    &'static str,
-    &'static str,
-    Vec<(Option<(&'static str, &'static str)>, Pick)>,
-);
-
-/// The TCP counters, each with the outcomes it splits into.
-fn health_counters() -> [HealthCounter; 4] {
-    [
-        (
-            "flowtel.tcp.connections.opened",
-            "{connection}",
-            "TCP connections that completed the handshake",
-            vec![(None, |c| c.opened)],
-        ),
-        (
-            "flowtel.tcp.connections.closed",
-            "{connection}",
-            "TCP connections that ended, by how (FIN, reset or timeout)",
-            vec![
-                (Some((TCP_CLOSE_CAUSE, TcpClose::Fin.as_str())), |c| {
-                    c.closed_fin
-                }),
-                (Some((TCP_CLOSE_CAUSE, TcpClose::Reset.as_str())), |c| {
-                    c.closed_reset
-                }),
-                (Some((TCP_CLOSE_CAUSE, TcpClose::Timeout.as_str())), |c| {
-                    c.closed_timeout
-                }),
-            ],
-        ),
-        (
-            "flowtel.tcp.connections.failed",
-            "{connection}",
-            "TCP connection attempts that never opened, by why (refused or no answer)",
-            vec![
-                (Some((TCP_FAILURE, TcpFailure::Refused.as_str())), |c| {
-                    c.failed_refused
-                }),
-                (Some((TCP_FAILURE, TcpFailure::NoAnswer.as_str())), |c| {
-                    c.failed_no_answer
-                }),
-            ],
-        ),
-        (
-            "flowtel.tcp.retransmits",
-            "{segment}",
-            "TCP segments retransmitted, both ends of a connection summed",
-            vec![(None, |c| c.retransmits)],
-        ),
-    ]
-}
-
-/// TCP connection counters and drops, read from the latest interval.
-fn register_health_instruments(meter: &Meter, latest: &Latest) {
-    for (name, unit, description, _) in health_counters() {
-        let l = latest.clone();
-        meter
-            .u64_observable_counter(name)
-            .with_unit(unit)
-            .with_description(description)
-            .with_callback(move |o| {
-                for (attributes, v) in snapshot(&l).points(name) {
-                    o.observe(*v, attributes);
-                }
-            })
-            .build();
-    }
-    let l = latest.clone();
-    meter
-        .u64_observable_counter("flowtel.packet.drops")
-        .with_unit("{packet}")
-        .with_description("Packets the kernel dropped, by its drop reason")
-        .with_callback(move |o| {
-            for (attributes, v) in snapshot(&l).points("flowtel.packet.drops") {
-                o.observe(*v, attributes);
-            }
-        })
-        .build();
-}
-
-fn register_self_instruments(meter: &Meter, stats: Arc<SelfStats>) {
-    let counters: [AtomicMetric<SelfStats>; 13] = [
-        ("flowtel.logs.records.rate_limited", "{record}", "Log records dropped by export.logs.rate_limit", |s| &s.log_records_rate_limited),
-        ("flowtel.flows.seen", "{flow}", "Connections seen for the first time", |s| &s.flows_seen),
-        ("flowtel.export.successes", "{request}", "OTLP metric export requests that succeeded", |s| &s.exports_ok),
-        ("flowtel.logs.records.dropped", "{record}", "Flow records, connection and drop events not kept because an interval already held export.logs.max_records", |s| &s.records_dropped),
-        ("flowtel.flows.untracked", "{update}", "Flow updates not tracked because the flow table was full; those flows are counted at their end", |s| &s.flows_untracked),
-        ("flowtel.flows.ended_unseen", "{flow}", "Flows that ended without a final event; traffic after their last dump was missed", |s| &s.flows_ended_unseen),
-        ("flowtel.series.overflowed", "{flow}", "Flow deltas folded into the overflow series because the series budget was used up", |s| &s.series_overflowed),
-        ("flowtel.source.events.lost", "{overrun}", "Kernel event-queue overruns (each lost at least one event)", |s| &s.events_lost),
-        ("flowtel.source.decode.errors", "{message}", "Source messages that could not be decoded and were skipped", |s| &s.parse_errors),
-        ("flowtel.source.dumps.failed", "{dump}", "Table dumps that failed", |s| &s.dump_errors),
-        ("flowtel.source.dumps", "{dump}", "Table dumps completed", |s| &s.dumps),
-        ("flowtel.export.failures", "{request}", "OTLP export requests that failed after retries", |s| &s.exports_failed),
-        ("flowtel.tcp.samples.dropped", "{sample}", "RTT and duration samples not kept because an interval already held the maximum; counts stay exact", |s| &s.tcp_samples_dropped),
-    ];
-    observe_atomics(meter, &stats, &counters, false);
-    let gauges: [AtomicMetric<SelfStats>; 2] = [
-        (
-            "flowtel.flows.tracked",
-            "{flow}",
-            "Connections currently held in the flow table",
-            |s| &s.flows_tracked,
-        ),
-        (
-            "flowtel.series.active",
-            "{series}",
-            "Metric series currently exported",
-            |s| &s.series_active,
-        ),
-    ];
-    observe_atomics(meter, &stats, &gauges, true);
-    meter
-        .u64_observable_gauge("flowtel.source.byte_counters")
-        .with_unit("1")
-        .with_description(
-            "1 when the kernel source reports byte and packet counters, 0 when accounting is off",
-        )
-        .with_callback(move |o| {
-            o.observe(
-                u64::from(stats.byte_counters_available.load(Ordering::Relaxed)),
-                &[],
-            )
-        })
-        .build();
-}
-
-/// A counter read from the Kubernetes cache: name, unit, description, getter.
-type KubeCounter = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&KubeStats) -> u64,
-);
-
-/// The Kubernetes cache's health and how many flow ends it could name.
-fn register_kube_instruments(meter: &Meter, kube: Arc<KubeStats>, stats: Arc<SelfStats>) {
-    let sums: [KubeCounter; 3] = [
-        (
-            "flowtel.k8s.watch.errors",
-            "{error}",
-            "Failed Kubernetes list, watch or connection attempts (each retried)",
-            KubeStats::watch_errors,
-        ),
-        (
-            "flowtel.k8s.relists",
-            "{list}",
-            "Complete re-lists after a 410 Gone, an API server restart or a broken watch",
-            KubeStats::relists,
-        ),
-        (
-            "flowtel.k8s.objects.rejected",
-            "{object}",
-            "Kubernetes objects skipped because a field flowtel needs was missing or malformed",
-            KubeStats::objects_rejected,
-        ),
-    ];
-    for (name, unit, description, read) in sums {
-        let k = kube.clone();
-        meter
-            .u64_observable_counter(name)
-            .with_unit(unit)
-            .with_description(description)
-            .with_callback(move |o| o.observe(read(&k), &[]))
-            .build();
-    }
-    meter
-        .u64_observable_gauge("flowtel.k8s.synced")
-        .with_unit("1")
-        .with_description("1 once every watched kind has been listed completely, 0 before")
-        .with_callback(move |o| o.observe(u64::from(kube.synced()), &[]))
-        .build();
-    let counters: [AtomicMetric<SelfStats>; 2] = [
-        (
-            "flowtel.k8s.ends.named",
-            "{end}",
-            "Flow ends the Kubernetes cache named as a pod, Service or node",
-            |s| &s.k8s_ends_named,
-        ),
-        (
-            "flowtel.k8s.ends.unknown",
-            "{end}",
-            "Flow ends no Kubernetes object claimed, named by their network instead",
-            |s| &s.k8s_ends_unknown,
-        ),
-    ];
-    observe_atomics(meter, &stats, &counters, false);
-}
-
-fn register_ebpf_instruments(meter: &Meter, stats: Arc<EbpfStats>) {
-    let counters: [AtomicMetric<EbpfStats>; 9] = [
-        (
-            "flowtel.ebpf.overflow.packets",
-            "{packet}",
-            "Packets that found the kernel flow map full and were not recorded (raise ebpf.max_flows)",
-            |s| &s.overflow_packets,
-        ),
-        (
-            "flowtel.ebpf.overflow.bytes",
-            "By",
-            "Bytes of the packets that found the kernel flow map full",
-            |s| &s.overflow_bytes,
-        ),
-        (
-            "flowtel.ebpf.overflow.nomem_packets",
-            "{packet}",
-            "Part of the overflow caused by the kernel allocator, not by max_flows",
-            |s| &s.overflow_nomem_packets,
-        ),
-        (
-            "flowtel.ebpf.attach.failures",
-            "{failure}",
-            "Interfaces flowtel could not attach to",
-            |s| &s.attach_failures,
-        ),
-        (
-            "flowtel.ebpf.flows.expired",
-            "{flow}",
-            "Idle flows reported ended and removed from the kernel map",
-            |s| &s.flows_expired,
-        ),
-        (
-            "flowtel.ebpf.nat.refused",
-            "{translation}",
-            "NAT translations not kept because ebpf.nat_max_entries were held; those connections are reported once per side",
-            |s| &s.nat_refused,
-        ),
-        (
-            "flowtel.ebpf.tcp.events.lost",
-            "{event}",
-            "TCP open/close/fail events lost because the ring buffer was full",
-            |s| &s.health.events_lost,
-        ),
-        (
-            "flowtel.ebpf.tcp.sockets.untracked",
-            "{attempt}",
-            "Times a TCP socket could not be followed because ebpf.tcp.max_sockets were",
-            |s| &s.health.sockets_untracked,
-        ),
-        (
-            "flowtel.ebpf.drops.unrecorded",
-            "{packet}",
-            "Dropped packets not recorded because ebpf.drops.max_entries pairs were held",
-            |s| &s.health.drops_unrecorded,
-        ),
-    ];
-    observe_atomics(meter, &stats, &counters, false);
-    let gauges: [AtomicMetric<EbpfStats>; 4] = [
-        (
-            "flowtel.ebpf.interfaces",
-            "{interface}",
-            "Interfaces with flowtel's TC programs attached",
-            |s| &s.interfaces_attached,
-        ),
-        (
-            "flowtel.ebpf.map.entries",
-            "{entry}",
-            "Entries in the kernel flow map at the last dump",
-            |s| &s.map_entries,
-        ),
-        (
-            "flowtel.ebpf.nat.translations",
-            "{translation}",
-            "NAT translations held to fold the two tuples of NAT'ed connections",
-            |s| &s.nat_translations,
-        ),
-        (
-            "flowtel.ebpf.tcp.sockets",
-            "{socket}",
-            "TCP sockets followed at the last dump",
-            |s| &s.health.sockets_tracked,
-        ),
-    ];
-    observe_atomics(meter, &stats, &gauges, true);
-}
-
-/// One self-metric read from an atomic counter: name, unit, description, field.
-type AtomicMetric<S> = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&S) -> &AtomicU64,
-);
-
-/// Registers observable counters (or gauges) that read atomics of `stats`.
-fn observe_atomics<S: Send + Sync + 'static>(
-    meter: &Meter,
-    stats: &Arc<S>,
-    metrics: &[AtomicMetric<S>],
-    gauge: bool,
-) {
-    for &(name, unit, description, pick) in metrics {
-        let s = stats.clone();
-        let read = move |s: &S| pick(s).load(Ordering::Relaxed);
-        if gauge {
-            meter
-                .u64_observable_gauge(name)
-                .with_unit(unit)
-                .with_description(description)
-                .with_callback(move |o| o.observe(read(&s), &[]))
-                .build();
-        } else {
-            meter
-                .u64_observable_counter(name)
-                .with_unit(unit)
-                .with_description(description)
-                .with_callback(move |o| o.observe(read(&s), &[]))
-                .build();
-        }
-    }
-}
-
-/// Counts export outcomes and logs a failure streak once, not every interval.
-struct CountingExporter {
-    inner: MetricExporter,
-    stats: Arc<SelfStats>,
-    failing: AtomicBool,
-    url: String,
-}
-
-impl PushMetricExporter for CountingExporter {
-    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
-        let result = self.inner.export(metrics).await;
-        match &result {
-            Ok(()) => {
-                SelfStats::inc(&self.stats.exports_ok);
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!(endpoint = %self.url, "OTLP metrics export recovered");
-                }
-            }
-            Err(e) => {
-                SelfStats::inc(&self.stats.exports_failed);
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        endpoint = %self.url,
-                        "OTLP metrics export failed ({e}); flowtel keeps counting and will send cumulative totals when the collector is back"
+            b.begin_metric(self.counter(d));
+            for p in &report.points {
+                let start = nanos(p.start);
+                if report.spec.direction {
+                    let [up, down] = self.cached(&p.key, |s| {
+                        s.directed
+                            .get_or_insert_with(|| {
+                                [Direction::ClientToServer, Direction::ServerToClient].map(|d| {
+                                    otlp_wire::attributes(
+                                        NUMBER_POINT_ATTRIBUTES,
+                                        &series_attributes(&p.key, Some(d)),
+                                    )
+                                    .into()
+                                })
+                            })
+                            .clone()
+                    });
+                    self.push(
+                        b,
+                        d.name,
+                        &[&up],
+                        (pick(p.cumulative.to_server), start, time),
+                    );
+                    self.push(
+                        b,
+                        d.name,
+                        &[&down],
+                        (pick(p.cumulative.to_client), start, time),
+                    );
+                } else {
+                    let attrs = self.plain_attributes(&p.key);
+                    self.push(
+                        b,
+                        d.name,
+                        &[&attrs],
+                        (pick(p.cumulative.total()), start, time),
                     );
                 }
             }
+            b.end_metric();
         }
-        result
     }
 
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
+    fn plain_attributes(&mut self, key: &SeriesKey) -> Arc<[u8]> {
+        self.cached(key, |s| {
+            s.plain
+                .get_or_insert_with(|| {
+                    otlp_wire::attributes(NUMBER_POINT_ATTRIBUTES, &series_attributes(key, None))
+                        .into()
+                })
+                .clone()
+        })
     }
 
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
+    /// The TCP connection counters: one point per series and outcome seen.
+    fn tcp_counters(&mut self, b: &mut Batcher, report: &IntervalReport, time: u64) {
+        for (name, unit, description, parts) in health_counters() {
+            let d = Describe {
+                name,
+                unit,
+                description,
+            };
+            let keeps = |extra: &Option<(&str, &str)>, v: u64, opened: u64| {
+                // A series that never saw this outcome stays absent.
+                v > 0 || (extra.is_none() && opened > 0)
+            };
+            if self.selection.selects(name) {
+                let mut points = Vec::new();
+                for p in &report.tcp {
+                    for (extra, pick) in &parts {
+                        let v = pick(&p.cumulative);
+                        if keeps(extra, v, p.cumulative.opened) {
+                            let mut a = series_attributes(&p.key, None);
+                            if let Some((k, value)) = extra {
+                                a.push(KeyValue::new(*k, *value));
+                            }
+                            points.push((a, v, nanos(p.start)));
+                        }
+                    }
+                }
+                self.selected(b, d, points, time);
+                continue;
+            }
+            let extras: Vec<Box<[u8]>> = parts
+                .iter()
+                .map(|(extra, _)| match extra {
+                    Some((k, v)) => {
+                        otlp_wire::attributes(NUMBER_POINT_ATTRIBUTES, &[KeyValue::new(*k, *v)])
+                    }
+                    None => Box::default(),
+                })
+                .collect();
+            b.begin_metric(self.counter(d));
+            for p in &report.tcp {
+                let attrs = self.plain_attributes(&p.key);
+                for ((extra, pick), extra_attrs) in parts.iter().zip(&extras) {
+                    let v = pick(&p.cumulative);
+                    if keeps(extra, v, p.cumulative.opened) {
+                        self.push(b, name, &[&attrs, extra_attrs], (v, nanos(p.start), time));
+                    }
+                }
+            }
+            b.end_metric();
+        }
     }
 
-    fn temporality(&self) -> SdkTemporality {
-        self.inner.temporality()
+    /// RTT and connection-duration histograms, from this interval's
+    /// samples and, when cumulative, everything before.
+    fn histograms(&mut self, b: &mut Batcher, report: &IntervalReport, time: u64) {
+        let generation = self.generation;
+        for (d, bounds) in [(TCP_RTT, RTT_BOUNDS), (TCP_DURATION, DURATION_BOUNDS)] {
+            let is_rtt = d.name == TCP_RTT.name;
+            for p in &report.tcp {
+                let attrs: Arc<[u8]> = if self.selection.selects(d.name) {
+                    let kept = self
+                        .selection
+                        .filter(d.name, &series_attributes(&p.key, None));
+                    otlp_wire::attributes(HISTOGRAM_POINT_ATTRIBUTES, &kept).into()
+                } else {
+                    self.cached(&p.key, |s| {
+                        s.histogram
+                            .get_or_insert_with(|| {
+                                otlp_wire::attributes(
+                                    HISTOGRAM_POINT_ATTRIBUTES,
+                                    &series_attributes(&p.key, None),
+                                )
+                                .into()
+                            })
+                            .clone()
+                    })
+                };
+                let samples = if is_rtt { &p.rtt } else { &p.durations };
+                let states = if is_rtt {
+                    &mut self.rtt
+                } else {
+                    &mut self.durations
+                };
+                let state = match states.get_mut(&attrs) {
+                    Some(s) => s,
+                    None if samples.is_empty() => continue,
+                    None => states
+                        .entry(attrs)
+                        .or_insert_with(|| HistogramState::new(bounds.len() + 1, nanos(p.start))),
+                };
+                if state.seen != generation {
+                    state.seen = generation;
+                    state.interval.iter_mut().for_each(|c| *c = 0);
+                    state.interval_sum = 0.0;
+                }
+                state.add(bounds, samples);
+            }
+            let states = if is_rtt {
+                &mut self.rtt
+            } else {
+                &mut self.durations
+            };
+            states.retain(|_, s| s.seen == generation);
+            b.begin_metric(MetricHeader {
+                name: d.name,
+                unit: d.unit,
+                description: d.description,
+                kind: Kind::Histogram(self.temporality),
+            });
+            for (attrs, s) in states.iter() {
+                let (counts, sum, start) = match self.temporality {
+                    Temporality::Cumulative => (&s.total, s.total_sum, s.start),
+                    Temporality::Delta => (
+                        &s.interval,
+                        s.interval_sum,
+                        self.last_time.unwrap_or(s.start),
+                    ),
+                };
+                if counts.iter().all(|c| *c == 0) {
+                    continue;
+                }
+                let size = attrs.len() + 64 + 16 * counts.len();
+                otlp_wire::histogram_point(
+                    b.points(size),
+                    attrs,
+                    (start, time),
+                    counts,
+                    sum,
+                    bounds,
+                );
+            }
+            b.end_metric();
+        }
+    }
+
+    /// A counter whose points are built as attribute lists: the selection
+    /// (if any) is applied and points that become equal are summed.
+    fn selected(
+        &mut self,
+        b: &mut Batcher,
+        d: Describe,
+        points: Vec<(Vec<KeyValue>, u64, u64)>,
+        time: u64,
+    ) {
+        let mut merged: Vec<(Box<[u8]>, u64, u64)> = Vec::with_capacity(points.len());
+        let mut index: HashMap<Box<[u8]>, usize, RandomState> = HashMap::default();
+        for (attrs, value, start) in points {
+            let kept = self.selection.filter(d.name, &attrs);
+            let encoded = otlp_wire::attributes(NUMBER_POINT_ATTRIBUTES, &kept);
+            match index.get(&encoded) {
+                Some(&i) => {
+                    merged[i].1 += value;
+                    merged[i].2 = merged[i].2.min(start);
+                }
+                None => {
+                    index.insert(encoded.clone(), merged.len());
+                    merged.push((encoded, value, start));
+                }
+            }
+        }
+        b.begin_metric(self.counter(d));
+        for (attrs, value, start) in merged {
+            self.push(b, d.name, &[&attrs], (value, start, time));
+        }
+        b.end_metric();
+    }
+
+    fn self_metrics(&mut self, b: &mut Batcher, time: u64) {
+        let metrics = std::mem::take(&mut self.self_metrics);
+        for m in &metrics {
+            b.begin_metric(MetricHeader {
+                name: m.name,
+                unit: m.unit,
+                description: m.description,
+                kind: if m.gauge {
+                    Kind::Gauge
+                } else {
+                    Kind::Counter(self.temporality)
+                },
+            });
+            for (attrs, value) in m.read() {
+                let encoded = otlp_wire::attributes(NUMBER_POINT_ATTRIBUTES, &attrs);
+                if m.gauge {
+                    otlp_wire::number_point(
+                        b.points(encoded.len() + 32),
+                        &[&encoded],
+                        0,
+                        time,
+                        value,
+                    );
+                } else {
+                    self.push(b, m.name, &[&encoded], (value, self.started, time));
+                }
+            }
+            b.end_metric();
+        }
+        self.self_metrics = metrics;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::aggregate::{Aggregator, DirectionalCounters, KeySpec};
+    use crate::flow::{Counters, Endpoint, FlowId, Nat, SourceKind, Transport};
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+    use prost::Message;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Duration;
+
+    fn flow(port: u16) -> FlowId {
+        FlowId {
+            transport: Transport::Tcp,
+            client: Endpoint::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), port),
+            server: Endpoint::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 443),
+            zone: 0,
+        }
+    }
+
+    /// `flowtel.flow.bytes` points of the requests: (direction, value, start).
+    fn bytes(requests: &[Vec<u8>]) -> Vec<(String, i64, u64)> {
+        let mut out = Vec::new();
+        for r in requests {
+            let r = ExportMetricsServiceRequest::decode(r.as_slice()).expect("decodes");
+            for m in &r.resource_metrics[0].scope_metrics[0].metrics {
+                let (true, Some(metric::Data::Sum(s))) = (m.name == FLOW_BYTES.name, &m.data)
+                else {
+                    continue;
+                };
+                for p in &s.data_points {
+                    let direction = p
+                        .attributes
+                        .iter()
+                        .find(|kv| kv.key == "flowtel.flow.direction")
+                        .and_then(|kv| kv.value.clone())
+                        .map(|v| format!("{:?}", v.value))
+                        .unwrap_or_default();
+                    let Some(number_data_point::Value::AsInt(v)) = p.value else {
+                        panic!("not an integer point");
+                    };
+                    out.push((direction, v, p.start_time_unix_nano));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn delta_points_are_the_change_since_the_last_export() {
+        let mut cfg = Config::default();
+        cfg.export.otlp.temporality = ConfigTemporality::Delta;
+        let stats = Arc::new(SelfStats::default());
+        let mut encoder = MetricsEncoder::new(&cfg, Vec::new());
+        let spec = KeySpec::from_fields(&cfg.flows.key);
+        let mut agg = Aggregator::new(spec, 100, Duration::from_secs(3600), stats);
+        let send = |agg: &mut Aggregator, up: u64, down: u64| {
+            agg.record(
+                &flow(40_000),
+                &Nat::default(),
+                SourceKind::Ebpf,
+                DirectionalCounters {
+                    to_server: Counters::new(up, 1),
+                    to_client: Counters::new(down, 1),
+                },
+                &mut None,
+            );
+        };
+        send(&mut agg, 100, 1_000);
+        let first = agg.finish_interval();
+        let first_points = bytes(&encoder.encode(&first));
+        assert_eq!(
+            first_points.iter().map(|p| p.1).collect::<Vec<_>>(),
+            [100, 1_000]
+        );
+        send(&mut agg, 5, 50);
+        let second = agg.finish_interval();
+        let second_points = bytes(&encoder.encode(&second));
+        assert_eq!(
+            second_points.iter().map(|p| p.1).collect::<Vec<_>>(),
+            [5, 50],
+            "delta, not cumulative"
+        );
+        assert!(
+            second_points
+                .iter()
+                .all(|p| p.2 == nanos(first.end) && p.2 > first_points[0].2),
+            "delta points start at the previous export: {second_points:?}"
+        );
     }
 }

@@ -5,9 +5,10 @@ use opentelemetry_sdk::Resource;
 
 use crate::config::ResourceConfig;
 
-/// Builds the resource shared by metrics and logs. Configured attributes
-/// (and `OTEL_RESOURCE_ATTRIBUTES`) come first so flowtel's own keys win.
-pub fn build(cfg: &ResourceConfig) -> Resource {
+/// The attributes of the resource shared by metrics and logs. Configured
+/// attributes (and `OTEL_RESOURCE_ATTRIBUTES`) come first so flowtel's own
+/// keys win.
+pub fn attributes(cfg: &ResourceConfig) -> Vec<KeyValue> {
     let mut attrs: Vec<KeyValue> = cfg
         .attributes
         .iter()
@@ -24,5 +25,20 @@ pub fn build(cfg: &ResourceConfig) -> Resource {
     if let Some(cluster) = &cfg.cluster_name {
         attrs.push(KeyValue::new("k8s.cluster.name", cluster.clone()));
     }
-    Resource::builder_empty().with_attributes(attrs).build()
+    // A key set twice keeps its last value, as the SDK's resource did.
+    let mut seen = std::collections::HashSet::new();
+    let mut unique: Vec<KeyValue> = attrs
+        .into_iter()
+        .rev()
+        .filter(|kv| seen.insert(kv.key.clone()))
+        .collect();
+    unique.reverse();
+    unique
+}
+
+/// The same resource, for the SDK meter behind the Prometheus endpoint.
+pub fn sdk(cfg: &ResourceConfig) -> Resource {
+    Resource::builder_empty()
+        .with_attributes(attributes(cfg))
+        .build()
 }

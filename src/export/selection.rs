@@ -39,6 +39,11 @@ impl Selection {
         }
     }
 
+    /// Whether `metric` has a selection (its points may need merging).
+    pub fn selects(&self, metric: &str) -> bool {
+        self.keep.contains_key(metric)
+    }
+
     /// `attrs` without the attributes `metric` does not keep.
     pub fn filter(&self, metric: &str, attrs: &[KeyValue]) -> Vec<KeyValue> {
         match self.keep.get(metric) {

@@ -1,16 +1,22 @@
-//! OTLP transport settings shared by every signal: the endpoint, protocol,
-//! headers, compression, timeout and TLS that apply once per-signal
-//! overrides are taken into account.
+//! OTLP transport: the endpoint, protocol, headers, compression, timeout
+//! and TLS of each signal once per-signal overrides are applied, and the
+//! client that sends encoded requests with them (gRPC through tonic, or
+//! HTTP/protobuf through reqwest), retrying what the OTLP specification
+//! calls retryable.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use opentelemetry_otlp::{
-    Compression as OtlpCompression, RetryPolicy, WithExportConfig, WithHttpConfig, WithTonicConfig,
-};
+use bytes::{Buf as _, BufMut as _, Bytes};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use crate::config::{Compression, OtlpConfig, Protocol, SignalOverrides, TlsConfig};
+use crate::config::{Compression, OtlpConfig, Protocol, RetryConfig, SignalOverrides, TlsConfig};
+use crate::stats::SelfStats;
 
 /// The settings of one signal after overrides.
 #[derive(Debug, Clone)]
@@ -22,7 +28,7 @@ pub struct SignalTransport {
     pub compression: Compression,
     pub timeout: Duration,
     pub tls: TlsConfig,
-    pub retry: RetryPolicy,
+    pub retry: RetryConfig,
 }
 
 impl SignalTransport {
@@ -40,7 +46,6 @@ impl SignalTransport {
                 }
             },
         };
-        let r = &otlp.retry;
         Some(Self {
             url,
             protocol,
@@ -51,10 +56,7 @@ impl SignalTransport {
             compression: overrides.compression.unwrap_or(otlp.compression),
             timeout: overrides.timeout.unwrap_or(otlp.timeout),
             tls: otlp.tls.clone(),
-            retry: RetryPolicy::default()
-                .with_max_retries(r.max_attempts.saturating_sub(1) as usize)
-                .with_initial_delay(r.initial_backoff)
-                .with_max_delay(r.max_backoff),
+            retry: otlp.retry.clone(),
         })
     }
 
@@ -70,11 +72,7 @@ impl SignalTransport {
             .transpose()
     }
 
-    /// Applies these settings to a gRPC (tonic) exporter builder.
-    pub fn apply_tonic<B>(&self, builder: B) -> anyhow::Result<B>
-    where
-        B: WithExportConfig + WithTonicConfig,
-    {
+    fn grpc(&self, signal: Signal) -> anyhow::Result<Inner> {
         let mut metadata = tonic::metadata::MetadataMap::new();
         for (name, value) in &self.headers {
             let key =
@@ -85,16 +83,12 @@ impl SignalTransport {
             })?;
             metadata.insert(key, value);
         }
-        let mut builder = builder
-            .with_endpoint(self.url.clone())
-            .with_timeout(self.timeout)
-            .with_metadata(metadata)
-            .with_retry_policy(self.retry.clone());
-        if self.compression == Compression::Gzip {
-            builder = builder.with_compression(OtlpCompression::Gzip);
-        }
+        let mut endpoint = Endpoint::from_shared(self.url.clone())
+            .with_context(|| format!("{:?} is not a valid gRPC endpoint", self.url))?
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout);
         if self.wants_tls() {
-            let mut tls = tonic::transport::ClientTlsConfig::new();
+            let mut tls = ClientTlsConfig::new();
             tls = match Self::read(&self.tls.ca_file, "CA file")? {
                 Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
                 None => tls.with_webpki_roots(),
@@ -105,16 +99,18 @@ impl SignalTransport {
             ) {
                 tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
             }
-            builder = builder.with_tls_config(tls);
+            endpoint = endpoint
+                .tls_config(tls)
+                .context("the TLS settings of the OTLP endpoint")?;
         }
-        Ok(builder)
+        Ok(Inner::Grpc {
+            channel: endpoint.connect_lazy(),
+            metadata,
+            path: http::uri::PathAndQuery::from_static(signal.grpc_path()),
+        })
     }
 
-    /// Applies these settings to an HTTP/protobuf exporter builder.
-    pub fn apply_http<B>(&self, builder: B) -> anyhow::Result<B>
-    where
-        B: WithExportConfig + WithHttpConfig,
-    {
+    fn http(&self) -> anyhow::Result<Inner> {
         let mut client = reqwest::Client::builder().timeout(self.timeout);
         if let Some(ca) = Self::read(&self.tls.ca_file, "CA file")? {
             let cert =
@@ -130,17 +126,302 @@ impl SignalTransport {
                 .context("the TLS client certificate and key are not valid PEM")?;
             client = client.identity(identity);
         }
-        let client = client.build().context("building the OTLP HTTP client")?;
-        let headers: HashMap<String, String> = self.headers.clone().into_iter().collect();
-        let mut builder = builder
-            .with_endpoint(self.url.clone())
-            .with_timeout(self.timeout)
-            .with_headers(headers)
-            .with_http_client(client)
-            .with_retry_policy(self.retry.clone());
-        if self.compression == Compression::Gzip {
-            builder = builder.with_compression(OtlpCompression::Gzip);
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in &self.headers {
+            let key = http::HeaderName::from_bytes(name.as_bytes())
+                .with_context(|| format!("header name {name:?} is not a valid HTTP header"))?;
+            let value = http::HeaderValue::from_str(value)
+                .with_context(|| format!("header {name:?} has a value HTTP cannot carry"))?;
+            headers.insert(key, value);
         }
-        Ok(builder)
+        Ok(Inner::Http {
+            client: client.build().context("building the OTLP HTTP client")?,
+            headers,
+        })
+    }
+}
+
+/// Which OTLP service a client talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Metrics,
+    Logs,
+}
+
+impl Signal {
+    fn grpc_path(self) -> &'static str {
+        match self {
+            Signal::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+            Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Metrics => "metrics",
+            Signal::Logs => "logs",
+        }
+    }
+
+    /// What a failure costs, for the log line.
+    fn consequence(self) -> &'static str {
+        match self {
+            Signal::Metrics => {
+                "flowtel keeps counting and will send cumulative totals when the collector is back"
+            }
+            Signal::Logs => "those log records are lost",
+        }
+    }
+}
+
+enum Inner {
+    Grpc {
+        channel: Channel,
+        metadata: tonic::metadata::MetadataMap,
+        path: http::uri::PathAndQuery,
+    },
+    Http {
+        client: reqwest::Client,
+        headers: http::HeaderMap,
+    },
+}
+
+/// Sends encoded `Export*ServiceRequest`s to one collector endpoint and
+/// counts the outcome of each in the self-metrics.
+pub struct OtlpClient {
+    inner: Inner,
+    signal: Signal,
+    url: String,
+    gzip: bool,
+    retry: RetryConfig,
+    stats: Arc<SelfStats>,
+    /// Set while exports fail, so a streak is logged once.
+    failing: AtomicBool,
+}
+
+/// Why one request was not delivered.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    retryable: bool,
+}
+
+impl OtlpClient {
+    /// Builds the client; the connection is made at the first send. Must
+    /// run inside the tokio runtime.
+    pub fn new(
+        transport: &SignalTransport,
+        signal: Signal,
+        stats: Arc<SelfStats>,
+    ) -> anyhow::Result<Self> {
+        let inner = match transport.protocol {
+            Protocol::Grpc => transport.grpc(signal)?,
+            Protocol::HttpProtobuf => transport.http()?,
+        };
+        Ok(Self {
+            inner,
+            signal,
+            url: transport.url.clone(),
+            gzip: transport.compression == Compression::Gzip,
+            retry: transport.retry.clone(),
+            stats,
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    /// Sends one request, retrying with exponential backoff while the
+    /// failure is retryable; returns whether it was delivered.
+    pub async fn send(&self, request: Vec<u8>) -> bool {
+        let body = Bytes::from(request);
+        let mut backoff = self.retry.initial_backoff;
+        let mut attempt = 1;
+        let outcome = loop {
+            match self.attempt(body.clone()).await {
+                Ok(rejected) => break Ok(rejected),
+                Err(f) if f.retryable && attempt < self.retry.max_attempts => {
+                    tracing::debug!(endpoint = %self.url, attempt, "OTLP {} export: {}; retrying", self.signal.name(), f.message);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                    attempt += 1;
+                }
+                Err(f) => break Err(f),
+            }
+        };
+        match outcome {
+            Ok(rejected) => {
+                SelfStats::inc(&self.stats.exports_ok);
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(endpoint = %self.url, "OTLP {} export recovered", self.signal.name());
+                }
+                if let Some((count, message)) = rejected {
+                    tracing::warn!(endpoint = %self.url, "the collector rejected {count} OTLP {}: {message}", self.signal.name());
+                }
+                true
+            }
+            Err(f) => {
+                SelfStats::inc(&self.stats.exports_failed);
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        endpoint = %self.url,
+                        "OTLP {} export failed ({}); {}",
+                        self.signal.name(),
+                        f.message,
+                        self.signal.consequence()
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// Sends the requests of one interval concurrently over the one
+    /// connection, so the collector decodes one while the next is on the
+    /// wire; returns how many were delivered.
+    pub async fn send_all(&self, requests: Vec<Vec<u8>>) -> usize {
+        futures::future::join_all(requests.into_iter().map(|r| self.send(r)))
+            .await
+            .into_iter()
+            .filter(|delivered| *delivered)
+            .count()
+    }
+
+    /// One attempt; a partial success comes back as what was rejected.
+    async fn attempt(&self, body: Bytes) -> Result<Option<(i64, String)>, Failure> {
+        let response = match &self.inner {
+            Inner::Grpc {
+                channel,
+                metadata,
+                path,
+            } => {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                if self.gzip {
+                    grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                }
+                grpc = grpc.accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+                grpc.ready().await.map_err(|e| Failure {
+                    message: format!("connecting: {e}"),
+                    retryable: true,
+                })?;
+                let mut request = tonic::Request::new(body);
+                *request.metadata_mut() = metadata.clone();
+                grpc.unary(request, path.clone(), RawCodec)
+                    .await
+                    .map_err(|s| Failure {
+                        message: format!("{:?}: {}", s.code(), s.message()),
+                        retryable: grpc_retryable(s.code()),
+                    })?
+                    .into_inner()
+            }
+            Inner::Http { client, headers } => {
+                let mut post = client
+                    .post(&self.url)
+                    .headers(headers.clone())
+                    .header(http::header::CONTENT_TYPE, "application/x-protobuf");
+                post = if self.gzip {
+                    post.header(http::header::CONTENT_ENCODING, "gzip")
+                        .body(gzip(&body))
+                } else {
+                    post.body(body)
+                };
+                let response = post.send().await.map_err(|e| Failure {
+                    message: e.to_string(),
+                    retryable: true,
+                })?;
+                let status = response.status();
+                if !status.is_success() {
+                    return Err(Failure {
+                        message: format!("HTTP {status}"),
+                        retryable: matches!(status.as_u16(), 429 | 502 | 503 | 504),
+                    });
+                }
+                response.bytes().await.map_err(|e| Failure {
+                    message: format!("reading the answer: {e}"),
+                    retryable: true,
+                })?
+            }
+        };
+        Ok(partial_success(&response))
+    }
+}
+
+/// The codes the OTLP specification lists as retryable.
+fn grpc_retryable(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss
+    )
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    let mut out = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::new(6),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = out.write_all(body);
+    out.finish().unwrap_or_default()
+}
+
+/// `Export{Metrics,Logs}ServiceResponse`: both have the same shape.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ExportResponse {
+    #[prost(message, optional, tag = "1")]
+    partial_success: Option<PartialSuccess>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PartialSuccess {
+    /// `rejected_data_points` or `rejected_log_records`.
+    #[prost(int64, tag = "1")]
+    rejected: i64,
+    #[prost(string, tag = "2")]
+    error_message: String,
+}
+
+/// What a response says was rejected, if anything. An answer that does not
+/// decode is a success without details: the collector took the request.
+fn partial_success(response: &[u8]) -> Option<(i64, String)> {
+    let p = <ExportResponse as prost::Message>::decode(response)
+        .ok()?
+        .partial_success?;
+    (p.rejected > 0 || !p.error_message.is_empty()).then_some((p.rejected, p.error_message))
+}
+
+/// Passes already-encoded requests through, and hands back the answer's
+/// bytes.
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Self::Error> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 }

@@ -1,0 +1,267 @@
+//! The OpenTelemetry SDK meter behind the Prometheus endpoint: observable
+//! instruments read the latest finished interval when a scrape collects
+//! them, and the RTT and duration histograms aggregate the samples. OTLP
+//! does not go through here ([`crate::export::otlp_metrics`] encodes it
+//! directly); both read the same report and the same self-metric
+//! descriptors.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry::metrics::{Histogram, Meter, MeterProvider as _};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::metrics::reader::MetricReader;
+use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
+
+use crate::config::Config;
+use crate::export::attributes::{drop_attributes, series_attributes, zone_attributes, Direction};
+use crate::export::instruments::{
+    health_counters, Describe, DURATION_BOUNDS, FLOW_BYTES, FLOW_PACKETS, PACKET_DROPS, RTT_BOUNDS,
+    TCP_DURATION, TCP_RTT, ZONE_BYTES,
+};
+use crate::export::resource;
+use crate::export::selection::Selection;
+use crate::export::self_metrics::SelfMetric;
+use crate::flow::aggregate::IntervalReport;
+
+/// Feeds a pull reader with flowtel's metrics.
+pub struct SdkMeter {
+    provider: SdkMeterProvider,
+    latest: Latest,
+    rtt: Histogram<f64>,
+    duration: Histogram<f64>,
+    selection: Selection,
+}
+
+impl SdkMeter {
+    pub fn build(cfg: &Config, reader: impl MetricReader, self_metrics: Vec<SelfMetric>) -> Self {
+        let series_limit = cfg.flows.max_series * 2 + 2;
+        let provider = SdkMeterProvider::builder()
+            .with_resource(resource::sdk(&cfg.resource))
+            .with_view(move |i: &Instrument| {
+                (i.name().starts_with("flowtel.flow.") || i.name().starts_with("flowtel.tcp."))
+                    .then(|| {
+                        Stream::builder()
+                            .with_cardinality_limit(series_limit)
+                            .build()
+                            .ok()
+                    })
+                    .flatten()
+            })
+            .with_reader(reader)
+            .build();
+        let latest: Latest = Arc::default();
+        let meter = provider.meter("flowtel");
+        register_flow_instruments(&meter, &latest);
+        register_health_instruments(&meter, &latest);
+        for m in self_metrics {
+            register_self_metric(&meter, m);
+        }
+        let rtt = meter
+            .f64_histogram(TCP_RTT.name)
+            .with_unit(TCP_RTT.unit)
+            .with_description(TCP_RTT.description)
+            .with_boundaries(RTT_BOUNDS.to_vec())
+            .build();
+        let duration = meter
+            .f64_histogram(TCP_DURATION.name)
+            .with_unit(TCP_DURATION.unit)
+            .with_description(TCP_DURATION.description)
+            .with_boundaries(DURATION_BOUNDS.to_vec())
+            .build();
+        Self {
+            provider,
+            latest,
+            rtt,
+            duration,
+            selection: Selection::new(&cfg.export.metrics.attributes),
+        }
+    }
+
+    /// Makes a finished interval what the next scrape reads.
+    pub fn publish(&self, report: &IntervalReport) {
+        let prepared = Arc::new(prepare(report, &self.selection));
+        if let Ok(mut latest) = self.latest.lock() {
+            *latest = prepared;
+        }
+        for p in &report.tcp {
+            if p.rtt.is_empty() && p.durations.is_empty() {
+                continue;
+            }
+            let attributes = series_attributes(&p.key, None);
+            let rtt_attributes = self.selection.filter(TCP_RTT.name, &attributes);
+            for v in &p.rtt {
+                self.rtt.record(*v, &rtt_attributes);
+            }
+            let duration_attributes = self.selection.filter(TCP_DURATION.name, &attributes);
+            for v in &p.durations {
+                self.duration.record(*v, &duration_attributes);
+            }
+        }
+    }
+
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::debug!("Prometheus meter shutdown: {e}");
+        }
+    }
+}
+
+fn register_self_metric(meter: &Meter, m: SelfMetric) {
+    let (name, unit, description, gauge) = (m.name, m.unit, m.description, m.gauge);
+    let observe = move |o: &dyn opentelemetry::metrics::AsyncInstrument<u64>| {
+        for (attrs, v) in m.read() {
+            o.observe(v, &attrs);
+        }
+    };
+    if gauge {
+        meter
+            .u64_observable_gauge(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(observe)
+            .build();
+    } else {
+        meter
+            .u64_observable_counter(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(observe)
+            .build();
+    }
+}
+
+/// Data points of one metric: attributes and cumulative value.
+type Points = Vec<(Vec<KeyValue>, u64)>;
+
+/// The latest interval in the shape the SDK callbacks read: per counter
+/// metric, its points with `export.metrics.attributes` applied.
+#[derive(Debug, Default)]
+struct Prepared {
+    counters: HashMap<&'static str, Points>,
+}
+
+impl Prepared {
+    fn points(&self, metric: &str) -> &[(Vec<KeyValue>, u64)] {
+        self.counters.get(metric).map_or(&[], Vec::as_slice)
+    }
+}
+
+type Latest = Arc<Mutex<Arc<Prepared>>>;
+
+fn prepare(report: &IntervalReport, selection: &Selection) -> Prepared {
+    let mut counters = HashMap::new();
+    let (bytes, packets) = prepare_flows(report);
+    counters.insert(FLOW_BYTES.name, bytes);
+    counters.insert(FLOW_PACKETS.name, packets);
+    let tcp: Vec<_> = report
+        .tcp
+        .iter()
+        .map(|p| (series_attributes(&p.key, None), p.cumulative))
+        .collect();
+    for (name, _, _, parts) in health_counters() {
+        let mut points = Vec::new();
+        for (attrs, c) in &tcp {
+            for (extra, pick) in &parts {
+                let v = pick(c);
+                // A series that never saw this outcome stays absent.
+                if v > 0 || (extra.is_none() && c.opened > 0) {
+                    let mut a = attrs.clone();
+                    if let Some((k, value)) = extra {
+                        a.push(KeyValue::new(*k, *value));
+                    }
+                    points.push((a, v));
+                }
+            }
+        }
+        counters.insert(name, points);
+    }
+    let drops = report
+        .drops
+        .iter()
+        .map(|p| (drop_attributes(&p.key), p.counters.packets))
+        .collect();
+    counters.insert(PACKET_DROPS.name, drops);
+    let zones = report
+        .zones
+        .iter()
+        .flat_map(|p| {
+            [
+                (Direction::ClientToServer, p.counters.to_server.bytes),
+                (Direction::ServerToClient, p.counters.to_client.bytes),
+            ]
+            .map(|(d, bytes)| (zone_attributes(&p.key, d), bytes))
+        })
+        .collect();
+    counters.insert(ZONE_BYTES.name, zones);
+    let counters = counters
+        .into_iter()
+        .map(|(name, points)| (name, selection.apply(name, points)))
+        .collect();
+    Prepared { counters }
+}
+
+/// Bytes and packets of every flow series, per direction when the key has
+/// one.
+fn prepare_flows(report: &IntervalReport) -> (Points, Points) {
+    let mut bytes = Vec::with_capacity(report.points.len() * 2);
+    let mut packets = Vec::with_capacity(report.points.len() * 2);
+    let mut push = |attributes: Vec<KeyValue>, c: crate::flow::Counters| {
+        packets.push((attributes.clone(), c.packets));
+        bytes.push((attributes, c.bytes));
+    };
+    for p in &report.points {
+        if report.spec.direction {
+            for (direction, c) in [
+                (Direction::ClientToServer, p.cumulative.to_server),
+                (Direction::ServerToClient, p.cumulative.to_client),
+            ] {
+                push(series_attributes(&p.key, Some(direction)), c);
+            }
+        } else {
+            push(series_attributes(&p.key, None), p.cumulative.total());
+        }
+    }
+    (bytes, packets)
+}
+
+fn snapshot(latest: &Latest) -> Arc<Prepared> {
+    latest.lock().map(|l| Arc::clone(&l)).unwrap_or_default()
+}
+
+fn register_flow_instruments(meter: &Meter, latest: &Latest) {
+    for d in [FLOW_BYTES, ZONE_BYTES, FLOW_PACKETS] {
+        register_latest(meter, latest, d);
+    }
+}
+
+/// An observable counter that reads metric `d` of the latest interval.
+fn register_latest(meter: &Meter, latest: &Latest, d: Describe) {
+    let l = latest.clone();
+    meter
+        .u64_observable_counter(d.name)
+        .with_unit(d.unit)
+        .with_description(d.description)
+        .with_callback(move |o| {
+            for (attributes, v) in snapshot(&l).points(d.name) {
+                o.observe(*v, attributes);
+            }
+        })
+        .build();
+}
+
+/// TCP connection counters and drops, read from the latest interval.
+fn register_health_instruments(meter: &Meter, latest: &Latest) {
+    for (name, unit, description, _) in health_counters() {
+        register_latest(
+            meter,
+            latest,
+            Describe {
+                name,
+                unit,
+                description,
+            },
+        );
+    }
+    register_latest(meter, latest, PACKET_DROPS);
+}
