@@ -5,6 +5,7 @@ pub mod conntrack;
 pub mod detect;
 pub mod ebpf;
 pub mod felix;
+pub mod hubble;
 pub mod istio;
 pub mod netns;
 pub mod out;
