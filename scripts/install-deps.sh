@@ -62,6 +62,20 @@ if [ ! -x "$OTELCOL" ]; then
   chmod 0755 "$OTELCOL"
 fi
 
+# TypeScript, Grafana's dashboard types (@grafana/schema) and its LogQL
+# grammar, pinned by dashboards/typecheck/package-lock.json, to type-check
+# dashboards/ (tests/dashboards.rs). Installed again only when the lock changes.
+if ! command -v npm >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+TYPECHECK="$(cd "$(dirname "$0")/.." && pwd)/dashboards/typecheck"
+lock_sum="$(sha256sum "$TYPECHECK/package-lock.json" | cut -d' ' -f1)"
+if [ "$(cat "$TYPECHECK/node_modules/.flowtel-lock" 2>/dev/null || true)" != "$lock_sum" ]; then
+  (cd "$TYPECHECK" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  echo "$lock_sum" > "$TYPECHECK/node_modules/.flowtel-lock"
+fi
+
 # conntrack must be loaded for the conntrack source.
 modprobe nf_conntrack 2>/dev/null || true
 

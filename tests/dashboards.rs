@@ -14,6 +14,9 @@
 //!   names.
 //! * `dashboards_are_well_formed`: unique uids, panel ids and refIds, every
 //!   target on the panel's data source, the template variables, the grid.
+//! * `dashboards_type_check_against_grafana_schema`: TypeScript checks each
+//!   dashboard against `@grafana/schema`'s `Dashboard` type, and Grafana's
+//!   LogQL grammar parses each LogQL query (`dashboards/typecheck/`).
 //! * `every_dashboard_query_returns_data_from_a_real_prometheus`: flowtel
 //!   (eBPF source, Kubernetes enrichment from the test API server, its
 //!   Prometheus endpoint on) runs in client namespace A of A — router R — B
@@ -916,6 +919,52 @@ fn dashboards_are_well_formed() {
         "{} dashboards, {panels_total} panels, {node_graphs} node graph",
         uids.len()
     );
+}
+
+/// `node dashboards/typecheck/check.mjs`: every dashboard against
+/// `@grafana/schema`'s `Dashboard` type (TypeScript, `satisfies`), every
+/// LogQL query through Grafana's LogQL grammar, and a self-test that both
+/// reject broken input. Needs the npm packages scripts/install-deps.sh
+/// installs; missing, it prints why and passes, unless `CI` is set.
+#[test]
+fn dashboards_type_check_against_grafana_schema() {
+    let dir = Path::new(ROOT).join("dashboards/typecheck");
+    let node = common::find_tool(&common::Tool {
+        name: "node",
+        env: "NODE_BIN",
+        fallbacks: &["/usr/bin/node"],
+    });
+    let missing = match &node {
+        Err(e) => Some(e.clone()),
+        Ok(_) if !dir.join("node_modules/@grafana/schema").exists() => Some(format!(
+            "{} has no node_modules (scripts/install-deps.sh runs npm ci there)",
+            dir.display()
+        )),
+        Ok(_) => None,
+    };
+    if let Some(why) = missing {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "dashboards_type_check_against_grafana_schema under CI: {why}"
+        );
+        println!("skipping dashboards_type_check_against_grafana_schema: {why}");
+        return;
+    }
+    let out = std::process::Command::new(node.expect("node, checked above"))
+        .arg(dir.join("check.mjs"))
+        .output()
+        .expect("running node");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{said}");
+    assert!(
+        out.status.success(),
+        "dashboards/typecheck/check.mjs failed:\n{said}"
+    );
+    assert!(said.contains("@grafana/schema: 0 errors;"), "{said}");
 }
 
 // ---------------------------------------------------------------------------
