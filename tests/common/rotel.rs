@@ -22,9 +22,16 @@ impl Rotel {
     /// Starts rotel-agent on two free ports of 127.0.0.1 and waits until
     /// both accept connections.
     pub fn start(bin: &Path) -> anyhow::Result<Rotel> {
+        Self::start_with(bin, &["--exporter".into(), "blackhole".into()])
+    }
+
+    /// [`Rotel::start`] with `args` (exporters, batching, processors, ...)
+    /// instead of `--exporter blackhole`. The debug exporter still prints
+    /// metrics and logs.
+    pub fn start_with(bin: &Path, args: &[String]) -> anyhow::Result<Rotel> {
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::try_start(bin) {
+            match Self::try_start(bin, args) {
                 Ok(r) => return Ok(r),
                 Err(e) => last_error = Some(e),
             }
@@ -32,7 +39,7 @@ impl Rotel {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("rotel did not start")))
     }
 
-    fn try_start(bin: &Path) -> anyhow::Result<Rotel> {
+    fn try_start(bin: &Path, args: &[String]) -> anyhow::Result<Rotel> {
         let dir = tempfile::tempdir().context("temp dir for rotel")?;
         let (grpc_port, http_port) = (free_port(), free_port());
         let stdout = std::fs::File::create(dir.path().join("stdout.log"))?;
@@ -43,7 +50,7 @@ impl Rotel {
             .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
             .args(["--debug-log", "metrics", "--debug-log", "logs"])
             .args(["--debug-log-verbosity", "detailed"])
-            .args(["--exporter", "blackhole"])
+            .args(args)
             .arg("--log-file")
             .arg(dir.path().join("rotel-agent.log"))
             .arg("--pid-file")

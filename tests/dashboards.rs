@@ -1,0 +1,1374 @@
+//! The Grafana dashboards in `dashboards/`.
+//!
+//! * `every_name_in_the_dashboards_is_in_telemetry_md`: every metric and
+//!   label a PromQL query names (panels and template variables), and every
+//!   label a LogQL query names, comes from `docs/telemetry.md`: its metric
+//!   tables translated to Prometheus names as flowtel's endpoint and the
+//!   Collector do (dots to `_`, the unit as a word, `_total` on counters,
+//!   `_bucket` on histograms, `ratio` for gauges in `1`), its attribute names
+//!   with `.` turned into `_` (labels in Prometheus, and in Loki, whose OTLP
+//!   ingestion names structured metadata the same way), and the labels its
+//!   Prometheus section names (`job`, `instance`, `le`, `otel_scope_name`).
+//!   Labels a query makes itself (`label_join`, `label_replace`) are allowed
+//!   after they are made. `the_name_check_can_fail` feeds it undocumented
+//!   names.
+//! * `dashboards_are_well_formed`: unique uids, panel ids and refIds, every
+//!   target on the panel's data source, the template variables, the grid.
+//! * `dashboards_type_check_against_grafana_schema`: TypeScript checks each
+//!   dashboard against `@grafana/schema`'s `Dashboard` type, and Grafana's
+//!   LogQL grammar parses each LogQL query (`dashboards/typecheck/`).
+//! * `every_dashboard_query_returns_data_from_a_real_prometheus`: flowtel
+//!   (eBPF source, Kubernetes enrichment from the test API server, its
+//!   Prometheus endpoint on) runs in client namespace A of A — router R — B
+//!   while A's pod talks to B's pod, to the pod's Service and to an
+//!   address no object claims, through a router that loses 3 % of the
+//!   packets to B, with refused and unanswered connects, an aborted
+//!   connection and packets A's nftables drops, in two rounds (a counter's
+//!   first sample has no rate). Debian's Prometheus scrapes it every second.
+//!   Then every PromQL query of every panel, with the template variables set
+//!   to the test's cluster, namespace and workload and again to "All"
+//!   (`.*`), goes through Prometheus's HTTP API and must return a series,
+//!   with a value above 0 except on the agent health dashboard (where 0
+//!   means healthy). Each template variable's `label_values` must list the
+//!   test's value. LogQL queries cannot run without Loki: their label names
+//!   are checked against the documentation (above) and against the log
+//!   records flowtel sent in the same run (every one must be an attribute
+//!   or resource attribute of a record, as Loki names it).
+//!
+//! The third test needs root, `ip`, `nft`, `prometheus`, and a flowtel built
+//! with eBPF on a kernel with BTF; missing, it prints why and passes, unless
+//! `CI` is set.
+
+mod common;
+#[path = "common/prometheus.rs"]
+#[allow(dead_code)]
+mod prometheus;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{ErrorKind, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::flowtel::{Flowtel, FlowtelArgs};
+use common::kubeapi::{fx, KubeApi};
+use common::otlp_receiver::OtlpReceiver;
+use common::router::{RouterLab, A_V4, BACKEND_PORT, B_V4, IF_RB, RA_V4, RB_V4, VIP, VIP_PORT};
+use common::traffic::{self, TrafficServer};
+use prometheus::{Prometheus, Sample, PROMETHEUS};
+use serde_json::Value;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const HEALTH: &str = "flowtel-health";
+
+// ---------------------------------------------------------------------------
+// The dashboards and their queries.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lang {
+    PromQl,
+    LogQl,
+    /// A Prometheus template variable: `label_values(SELECTOR, LABEL)`.
+    Variable,
+}
+
+#[derive(Debug, Clone)]
+struct Query {
+    dashboard: String,
+    /// Panel title, or `$name` for a template variable.
+    panel: String,
+    lang: Lang,
+    expr: String,
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    let dir = Path::new(ROOT).join("dashboards");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("reading dashboards/")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 7,
+        "expected the 7 dashboards, found {files:?}"
+    );
+    files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f).expect("reading a dashboard");
+            let json: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not JSON: {e}", f.display()));
+            let name = f
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (name, json)
+        })
+        .collect()
+}
+
+/// Every panel, rows' collapsed panels included.
+fn panels(dash: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().into_iter().flatten() {
+        out.push(p);
+        out.extend(p["panels"].as_array().into_iter().flatten());
+    }
+    out
+}
+
+fn datasource_type(target: &Value, panel: &Value) -> String {
+    target["datasource"]["type"]
+        .as_str()
+        .or_else(|| panel["datasource"]["type"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn queries(name: &str, dash: &Value) -> Vec<Query> {
+    let mut out = Vec::new();
+    for p in panels(dash) {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let Some(expr) = t["expr"].as_str() else {
+                continue;
+            };
+            let lang = match datasource_type(t, p).as_str() {
+                "loki" => Lang::LogQl,
+                _ => Lang::PromQl,
+            };
+            out.push(Query {
+                dashboard: name.to_string(),
+                panel: p["title"].as_str().unwrap_or_default().to_string(),
+                lang,
+                expr: expr.to_string(),
+            });
+        }
+    }
+    for v in dash["templating"]["list"].as_array().into_iter().flatten() {
+        if v["type"] != "query" {
+            continue;
+        }
+        let q = v["query"]["query"].as_str().or_else(|| v["query"].as_str());
+        out.push(Query {
+            dashboard: name.to_string(),
+            panel: format!("${}", v["name"].as_str().unwrap_or_default()),
+            lang: Lang::Variable,
+            expr: q.unwrap_or_default().to_string(),
+        });
+    }
+    out
+}
+
+fn all_queries() -> Vec<Query> {
+    dashboards()
+        .iter()
+        .flat_map(|(n, d)| queries(n, d))
+        .collect()
+}
+
+/// `label_values(SELECTOR, LABEL)` → (`count by (LABEL) (SELECTOR)`, LABEL).
+fn variable_promql(expr: &str) -> Result<(String, String), String> {
+    let inner = expr
+        .trim()
+        .strip_prefix("label_values(")
+        .and_then(|s| s.strip_suffix(')'))
+        .ok_or_else(|| format!("not label_values(SELECTOR, LABEL): {expr}"))?;
+    let (selector, label) = inner
+        .rsplit_once(',')
+        .ok_or_else(|| format!("label_values needs a selector: {expr}"))?;
+    let label = label.trim().to_string();
+    Ok((format!("count by ({label}) ({})", selector.trim()), label))
+}
+
+/// Grafana's variables, in the order that keeps `$__range` from eating
+/// `$__rate_interval`.
+fn substitute(expr: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = expr.to_string();
+    let mut all: Vec<(&str, &str)> = vec![
+        ("$__rate_interval", "2m"),
+        ("$__interval", "30s"),
+        ("$__range", "10m"),
+        ("$__auto", "1m"),
+    ];
+    all.extend_from_slice(vars);
+    all.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+    for (k, v) in all {
+        out = out.replace(k, v);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// A small PromQL/LogQL lexer: enough to find the names a query uses.
+// Prometheus itself checks the syntax (the live test runs every query).
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Ident(String),
+    Str(String),
+    Num,
+    Op(String),
+    Open(char),
+    Close(char),
+    Comma,
+}
+
+fn lex(expr: &str) -> Result<Vec<Tok>, String> {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            c if c.is_whitespace() => i += 1,
+            '#' => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            }
+            '"' | '\'' | '`' => {
+                let quote = c;
+                let mut s = String::new();
+                i += 1;
+                loop {
+                    match chars.get(i) {
+                        None => return Err(format!("unterminated string in {expr}")),
+                        Some('\\') if quote != '`' => {
+                            if let Some(n) = chars.get(i + 1) {
+                                s.push(*n);
+                            }
+                            i += 2;
+                        }
+                        Some(ch) if *ch == quote => {
+                            i += 1;
+                            break;
+                        }
+                        Some(ch) => {
+                            s.push(*ch);
+                            i += 1;
+                        }
+                    }
+                }
+                out.push(Tok::Str(s));
+            }
+            c if c.is_ascii_digit()
+                || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) =>
+            {
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                    i += 1;
+                }
+                out.push(Tok::Num);
+            }
+            c if c.is_ascii_alphabetic() || c == '_' || c == ':' => {
+                let start = i;
+                while i < chars.len()
+                    && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+                {
+                    i += 1;
+                }
+                out.push(Tok::Ident(chars[start..i].iter().collect()));
+            }
+            '(' | '{' | '[' => {
+                out.push(Tok::Open(c));
+                i += 1;
+            }
+            ')' | '}' | ']' => {
+                out.push(Tok::Close(c));
+                i += 1;
+            }
+            ',' => {
+                out.push(Tok::Comma);
+                i += 1;
+            }
+            '$' => return Err(format!("unsubstituted variable in {expr}")),
+            _ => {
+                let start = i;
+                while i < chars.len() && "=~!<>+-*/%^|".contains(chars[i]) {
+                    i += 1;
+                }
+                if i == start {
+                    return Err(format!("unexpected {c:?} in {expr}"));
+                }
+                out.push(Tok::Op(chars[start..i].iter().collect()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+const GROUPING: [&str; 6] = [
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
+const KEYWORDS: [&str; 5] = ["bool", "and", "or", "unless", "offset"];
+const AGGREGATORS: [&str; 12] = [
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "count",
+    "group",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+];
+const MATCH_OPS: [&str; 9] = ["=", "!=", "=~", "!~", "==", ">", "<", ">=", "<="];
+
+/// What a query names.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Names {
+    metrics: BTreeSet<String>,
+    labels: BTreeSet<String>,
+    /// Labels the query makes (`label_join`/`label_replace` destinations).
+    created: BTreeSet<String>,
+}
+
+#[derive(Debug)]
+enum Frame {
+    Call(Option<String>, usize),
+    Grouping,
+    Brace,
+    Bracket,
+}
+
+fn promql_names(expr: &str) -> Result<Names, String> {
+    let toks = lex(expr)?;
+    let mut names = Names::default();
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut grouping_next = false;
+    let mut call_next: Option<String> = None;
+    for (i, t) in toks.iter().enumerate() {
+        let next = toks.get(i + 1);
+        match t {
+            Tok::Ident(s) => match stack.last() {
+                Some(Frame::Brace) => {
+                    if matches!(next, Some(Tok::Op(op)) if MATCH_OPS.contains(&op.as_str())) {
+                        names.labels.insert(s.clone());
+                    }
+                }
+                Some(Frame::Grouping) => {
+                    names.labels.insert(s.clone());
+                }
+                Some(Frame::Bracket) => {}
+                _ => {
+                    if GROUPING.contains(&s.as_str()) {
+                        grouping_next = true;
+                    } else if KEYWORDS.contains(&s.as_str()) {
+                    } else if next == Some(&Tok::Open('(')) {
+                        call_next = Some(s.clone());
+                    } else if AGGREGATORS.contains(&s.as_str())
+                        && matches!(next, Some(Tok::Ident(g)) if g == "by" || g == "without")
+                    {
+                    } else {
+                        names.metrics.insert(s.clone());
+                    }
+                }
+            },
+            Tok::Open('(') => {
+                if std::mem::take(&mut grouping_next) {
+                    stack.push(Frame::Grouping);
+                } else {
+                    stack.push(Frame::Call(call_next.take(), 0));
+                }
+            }
+            Tok::Open('{') => stack.push(Frame::Brace),
+            Tok::Open(_) => stack.push(Frame::Bracket),
+            Tok::Close(_) => {
+                stack.pop();
+            }
+            Tok::Comma => {
+                if let Some(Frame::Call(_, arg)) = stack.last_mut() {
+                    *arg += 1;
+                }
+            }
+            Tok::Str(v) => {
+                if let Some(Frame::Call(Some(f), arg)) = stack.last() {
+                    match (f.as_str(), *arg) {
+                        ("label_join" | "label_replace", 1) => {
+                            names.created.insert(v.clone());
+                        }
+                        ("label_join", a) if a >= 3 => {
+                            names.labels.insert(v.clone());
+                        }
+                        ("label_replace", 3) => {
+                            names.labels.insert(v.clone());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Tok::Num | Tok::Op(_) => {}
+        }
+    }
+    if !stack.is_empty() {
+        return Err(format!("unbalanced brackets in {expr}"));
+    }
+    Ok(names)
+}
+
+/// The labels (stream labels, structured metadata, `unwrap`ped and grouped
+/// fields) a LogQL query names.
+fn logql_labels(expr: &str) -> Result<BTreeSet<String>, String> {
+    let toks = lex(expr)?;
+    let mut labels = BTreeSet::new();
+    let mut stack: Vec<char> = Vec::new();
+    let mut grouping_next = false;
+    let mut after_pipe = false;
+    let mut unwrap_next = false;
+    for (i, t) in toks.iter().enumerate() {
+        let next = toks.get(i + 1);
+        match t {
+            Tok::Ident(s) => {
+                let in_group = stack.last() == Some(&'g');
+                let in_brace = stack.last() == Some(&'{');
+                let before_op =
+                    matches!(next, Some(Tok::Op(op)) if MATCH_OPS.contains(&op.as_str()));
+                if in_group || std::mem::take(&mut unwrap_next) || (in_brace && before_op) {
+                    labels.insert(s.clone());
+                } else if s == "by" || s == "without" {
+                    grouping_next = true;
+                } else if after_pipe && s == "unwrap" {
+                    unwrap_next = true;
+                } else if after_pipe && before_op {
+                    labels.insert(s.clone());
+                } else if after_pipe && s != "unwrap" {
+                    return Err(format!("unsupported LogQL stage `{s}` in {expr}"));
+                }
+                after_pipe = false;
+            }
+            Tok::Op(op) => after_pipe = op == "|",
+            Tok::Open(c) => {
+                stack.push(if *c == '(' && std::mem::take(&mut grouping_next) {
+                    'g'
+                } else {
+                    *c
+                });
+                after_pipe = false;
+            }
+            Tok::Close(_) => {
+                stack.pop();
+            }
+            _ => after_pipe = false,
+        }
+    }
+    Ok(labels)
+}
+
+// ---------------------------------------------------------------------------
+// docs/telemetry.md.
+
+/// `name` as a Prometheus metric or label name: what is not a letter, digit
+/// (or `:` in metric names) becomes `_`, no two `_` in a row.
+fn sanitize(name: &str, metric: bool) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        let c = if c.is_ascii_alphanumeric() || (metric && c == ':') {
+            c
+        } else {
+            '_'
+        };
+        if !(c == '_' && out.ends_with('_')) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Instrument {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// The Prometheus names of a documented metric (docs/telemetry.md,
+/// "Prometheus endpoint").
+fn prometheus_names(name: &str, unit: &str, kind: Instrument) -> Vec<String> {
+    let mut base = sanitize(name, true);
+    let plain: String = {
+        let mut depth = 0;
+        unit.chars()
+            .filter(|c| {
+                match c {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    _ => return depth == 0,
+                }
+                false
+            })
+            .collect()
+    };
+    let word = match (plain.trim(), kind) {
+        ("", _) => None,
+        ("1", Instrument::Gauge) => Some("ratio".to_string()),
+        ("1", _) => None,
+        ("By", _) => Some("bytes".to_string()),
+        ("s", _) => Some("seconds".to_string()),
+        (other, _) => Some(sanitize(other, true)),
+    };
+    if let Some(w) = word {
+        if !format!("_{base}_").contains(&format!("_{w}_")) {
+            base = format!("{base}_{w}");
+        }
+    }
+    match kind {
+        Instrument::Counter if base.ends_with("_total") => vec![base],
+        Instrument::Counter => vec![format!("{base}_total")],
+        Instrument::Gauge => vec![base],
+        Instrument::Histogram => ["_bucket", "_sum", "_count"]
+            .iter()
+            .map(|s| format!("{base}{s}"))
+            .collect(),
+    }
+}
+
+/// What the documentation defines, in Prometheus's (and Loki's) spelling.
+#[derive(Debug, Default)]
+struct Documented {
+    metrics: BTreeSet<String>,
+    labels: BTreeSet<String>,
+}
+
+/// Attribute namespaces of flowtel's telemetry; other dotted names in the
+/// page are configuration keys (`ebpf.max_flows`, ...).
+const ATTRIBUTE_ROOTS: [&str; 13] = [
+    "flowtel",
+    "k8s",
+    "network",
+    "client",
+    "server",
+    "cloud",
+    "otel",
+    "service",
+    "host",
+    "source",
+    "destination",
+    "flow",
+    "event",
+];
+
+fn backticked(text: &str) -> Vec<&str> {
+    text.split('`').skip(1).step_by(2).collect()
+}
+
+fn documented() -> Documented {
+    let text = std::fs::read_to_string(Path::new(ROOT).join("docs/telemetry.md"))
+        .expect("reading docs/telemetry.md");
+    let mut doc = Documented::default();
+    let mut metric_names = BTreeSet::new();
+    let mut header: Vec<String> = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.starts_with('|') {
+            header.clear();
+            continue;
+        }
+        let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
+        if lines
+            .get(i + 1)
+            .is_some_and(|l| l.starts_with("| ---") || l.starts_with("|---"))
+        {
+            header = cells.iter().map(|c| c.to_lowercase()).collect();
+        }
+        let is_metric_table = header.first().is_some_and(|h| h == "metric")
+            && header.iter().any(|h| h == "instrument")
+            && header.iter().any(|h| h == "unit");
+        if is_metric_table && !line.starts_with("| metric") && cells.len() >= 3 {
+            let kind = if cells[1].contains("Histogram") {
+                Instrument::Histogram
+            } else if cells[1].contains("Gauge") {
+                Instrument::Gauge
+            } else {
+                Instrument::Counter
+            };
+            let unit = cells[2].trim_matches('`');
+            for name in backticked(cells[0]) {
+                metric_names.insert(name.to_string());
+                doc.metrics.extend(prometheus_names(name, unit, kind));
+            }
+        }
+        for token in backticked(line) {
+            let root = token.split('.').next().unwrap_or_default();
+            if token.contains('.')
+                && !token.contains(['<', ' ', '=', '/', '*'])
+                && ATTRIBUTE_ROOTS.contains(&root)
+            {
+                doc.labels.insert(sanitize(token, false));
+            }
+        }
+    }
+    for m in &metric_names {
+        doc.labels.remove(&sanitize(m, false));
+    }
+    // The Prometheus section: the resource as `target_info`, joined `on
+    // (job, instance)`, histogram buckets by `le`, the scope label.
+    for (needle, metric, labels) in [
+        ("`target_info`", Some("target_info"), &[][..]),
+        ("on (job, instance)", None, &["job", "instance"][..]),
+        ("(with `le`)", None, &["le"][..]),
+        ("`otel_scope_name=", None, &["otel_scope_name"][..]),
+    ] {
+        assert!(
+            text.contains(needle),
+            "docs/telemetry.md no longer says {needle:?}"
+        );
+        doc.metrics.extend(metric.map(String::from));
+        doc.labels.extend(labels.iter().map(|l| l.to_string()));
+    }
+    doc
+}
+
+/// What `q` names that the documentation does not.
+fn undocumented(q: &Query, doc: &Documented) -> Result<Vec<String>, String> {
+    let mut missing = Vec::new();
+    match q.lang {
+        Lang::PromQl | Lang::Variable => {
+            let expr = if q.lang == Lang::Variable {
+                let (promql, label) = variable_promql(&q.expr)?;
+                if !doc.labels.contains(&label) {
+                    missing.push(format!("label {label}"));
+                }
+                promql
+            } else {
+                q.expr.clone()
+            };
+            let names = promql_names(&substitute(&expr, &VARS_ALL))?;
+            for m in &names.metrics {
+                if !doc.metrics.contains(m) {
+                    missing.push(format!("metric {m}"));
+                }
+            }
+            for l in &names.labels {
+                if !doc.labels.contains(l) && !names.created.contains(l) {
+                    missing.push(format!("label {l}"));
+                }
+            }
+            if names.metrics.is_empty() {
+                return Err(format!("no metric in {}", q.expr));
+            }
+        }
+        Lang::LogQl => {
+            for l in logql_labels(&substitute(&q.expr, &VARS_ALL))? {
+                if !doc.labels.contains(&l) {
+                    missing.push(format!("label {l}"));
+                }
+            }
+        }
+    }
+    Ok(missing)
+}
+
+const VARS_ALL: [(&str, &str); 3] = [
+    ("$cluster", ".*"),
+    ("$namespace", ".*"),
+    ("$workload", ".*"),
+];
+
+#[test]
+fn every_name_in_the_dashboards_is_in_telemetry_md() {
+    let doc = documented();
+    println!(
+        "docs/telemetry.md: {} Prometheus metric names, {} labels",
+        doc.metrics.len(),
+        doc.labels.len()
+    );
+    for m in [
+        "flowtel_flow_bytes_total",
+        "flowtel_tcp_rtt_seconds_bucket",
+        "flowtel_source_byte_counters_ratio",
+        "flowtel_flows_tracked",
+    ] {
+        assert!(
+            doc.metrics.contains(m),
+            "the doc parser lost {m}: {:?}",
+            doc.metrics
+        );
+    }
+    let queries = all_queries();
+    let mut problems = Vec::new();
+    let mut used_metrics = BTreeSet::new();
+    let mut used_labels = BTreeSet::new();
+    for q in &queries {
+        match undocumented(q, &doc) {
+            Ok(missing) if missing.is_empty() => {}
+            Ok(missing) => problems.push(format!("{} / {}: {missing:?}", q.dashboard, q.panel)),
+            Err(e) => problems.push(format!("{} / {}: {e}", q.dashboard, q.panel)),
+        }
+        match q.lang {
+            Lang::LogQl => used_labels
+                .extend(logql_labels(&substitute(&q.expr, &VARS_ALL)).unwrap_or_default()),
+            _ => {
+                let expr = match q.lang {
+                    Lang::Variable => variable_promql(&q.expr).map(|v| v.0).unwrap_or_default(),
+                    _ => q.expr.clone(),
+                };
+                if let Ok(n) = promql_names(&substitute(&expr, &VARS_ALL)) {
+                    used_metrics.extend(n.metrics);
+                    used_labels
+                        .extend(n.labels.difference(&n.created).cloned().collect::<Vec<_>>());
+                }
+            }
+        }
+    }
+    let count = |l: Lang| queries.iter().filter(|q| q.lang == l).count();
+    println!(
+        "{} queries ({} PromQL, {} LogQL, {} template variables) name {} metrics and {} labels, \
+         all documented: {}",
+        queries.len(),
+        count(Lang::PromQl),
+        count(Lang::LogQl),
+        count(Lang::Variable),
+        used_metrics.len(),
+        used_labels.len(),
+        problems.is_empty()
+    );
+    println!("metrics: {used_metrics:?}\nlabels: {used_labels:?}");
+    assert!(
+        problems.is_empty(),
+        "undocumented names:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+#[test]
+fn the_name_check_can_fail() {
+    let doc = documented();
+    let q = |lang: Lang, expr: &str| Query {
+        dashboard: "test".into(),
+        panel: "test".into(),
+        lang,
+        expr: expr.into(),
+    };
+    for (query, expected) in [
+        (
+            q(Lang::PromQl, "sum(rate(flowtel_flow_byte_total[5m]))"),
+            "metric flowtel_flow_byte_total",
+        ),
+        (
+            q(
+                Lang::PromQl,
+                "sum by (k8s_namespace) (rate(flowtel_flow_bytes_total[5m]))",
+            ),
+            "label k8s_namespace",
+        ),
+        (
+            q(Lang::PromQl, r#"flowtel_flow_bytes_total{pod="x"}"#),
+            "label pod",
+        ),
+        (
+            q(
+                Lang::PromQl,
+                r#"label_join(flowtel_flow_bytes_total, "id", "/", "nope")"#,
+            ),
+            "label nope",
+        ),
+        (
+            q(
+                Lang::PromQl,
+                "flowtel_flow_bytes_total * on (job, node) group_left () target_info",
+            ),
+            "label node",
+        ),
+        (
+            q(Lang::PromQl, "flowtel_tcp_rtt_bucket"),
+            "metric flowtel_tcp_rtt_bucket",
+        ),
+        (
+            q(
+                Lang::LogQl,
+                r#"{service_name="flowtel"} | event_name="flowtel.flow" | bytes > 10"#,
+            ),
+            "label bytes",
+        ),
+        (
+            q(
+                Lang::LogQl,
+                r#"sum by (namespace) (count_over_time({service_name="flowtel"} [1m]))"#,
+            ),
+            "label namespace",
+        ),
+        (
+            q(
+                Lang::LogQl,
+                r#"sum(sum_over_time({service_name="flowtel"} | unwrap io_bytes [1m]))"#,
+            ),
+            "label io_bytes",
+        ),
+        (
+            q(
+                Lang::Variable,
+                "label_values(flowtel_flow_bytes_total, cluster)",
+            ),
+            "label cluster",
+        ),
+    ] {
+        let missing = undocumented(&query, &doc).unwrap_or_else(|e| vec![e]);
+        println!("{}: {missing:?}", query.expr);
+        assert!(
+            missing.iter().any(|m| m == expected),
+            "{}: expected {expected:?} among {missing:?}",
+            query.expr
+        );
+    }
+    // And documented names pass.
+    let fine = q(
+        Lang::PromQl,
+        r#"label_replace(label_join(sum by (k8s_namespace_name, flowtel_k8s_workload_name) (rate(flowtel_flow_bytes_total{server_port="80"}[5m]) * on (job, instance) group_left () target_info{k8s_cluster_name=~".*"}), "source", "/", "k8s_namespace_name", "flowtel_k8s_workload_name"), "source", "$1", "source", "(.*)")"#,
+    );
+    assert_eq!(undocumented(&fine, &doc), Ok(vec![]));
+}
+
+#[test]
+fn dashboards_are_well_formed() {
+    let mut uids = BTreeSet::new();
+    let mut panels_total = 0;
+    for (name, d) in dashboards() {
+        let uid = d["uid"].as_str().unwrap_or_default();
+        assert_eq!(uid, name, "{name}: the uid is the file name");
+        assert!(uids.insert(uid.to_string()), "{name}: duplicate uid");
+        assert!(
+            d["title"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("flowtel / ")),
+            "{name}: title"
+        );
+        let vars: Vec<&str> = d["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        assert!(
+            vars.contains(&"datasource") && vars.contains(&"cluster"),
+            "{name}: variables {vars:?}"
+        );
+        let text = d.to_string();
+        for v in ["namespace", "workload"] {
+            if text.contains(&format!("${v}")) {
+                assert!(
+                    vars.contains(&v),
+                    "{name}: uses ${v} but does not define it"
+                );
+            }
+        }
+        let mut ids = BTreeSet::new();
+        for p in panels(&d) {
+            panels_total += 1;
+            let title = p["title"].as_str().unwrap_or_default();
+            assert!(
+                ids.insert(p["id"].as_u64()),
+                "{name} / {title}: duplicate panel id"
+            );
+            let grid = &p["gridPos"];
+            let (x, w) = (
+                grid["x"].as_u64().unwrap_or(99),
+                grid["w"].as_u64().unwrap_or(99),
+            );
+            assert!(
+                x + w <= 24 && grid["h"].as_u64().is_some_and(|h| h > 0),
+                "{name} / {title}: gridPos {grid}"
+            );
+            let ds = p["datasource"]["type"].as_str().unwrap_or_default();
+            assert!(
+                ds == "prometheus" || ds == "loki",
+                "{name} / {title}: datasource {ds:?}"
+            );
+            let targets = p["targets"].as_array().cloned().unwrap_or_default();
+            assert!(!targets.is_empty(), "{name} / {title}: no query");
+            let mut refs = BTreeSet::new();
+            for t in &targets {
+                assert!(
+                    refs.insert(t["refId"].as_str().unwrap_or_default().to_string()),
+                    "{name} / {title}: duplicate refId"
+                );
+                assert_eq!(
+                    datasource_type(t, p),
+                    ds,
+                    "{name} / {title}: target on another data source"
+                );
+                assert!(
+                    t["expr"].as_str().is_some_and(|e| !e.is_empty()),
+                    "{name} / {title}: empty expr"
+                );
+            }
+            assert!(
+                !p["description"].as_str().unwrap_or_default().is_empty(),
+                "{name} / {title}: no description"
+            );
+        }
+    }
+    let node_graphs: usize = dashboards()
+        .iter()
+        .map(|(_, d)| {
+            panels(d)
+                .iter()
+                .filter(|p| p["type"] == "nodeGraph")
+                .count()
+        })
+        .sum();
+    assert!(node_graphs >= 1, "a node-graph service map");
+    println!(
+        "{} dashboards, {panels_total} panels, {node_graphs} node graph",
+        uids.len()
+    );
+}
+
+/// `node dashboards/typecheck/check.mjs`: every dashboard against
+/// `@grafana/schema`'s `Dashboard` type (TypeScript, `satisfies`), every
+/// LogQL query through Grafana's LogQL grammar, and a self-test that both
+/// reject broken input. Needs the npm packages scripts/install-deps.sh
+/// installs; missing, it prints why and passes, unless `CI` is set.
+#[test]
+fn dashboards_type_check_against_grafana_schema() {
+    let dir = Path::new(ROOT).join("dashboards/typecheck");
+    let node = common::find_tool(&common::Tool {
+        name: "node",
+        env: "NODE_BIN",
+        fallbacks: &["/usr/bin/node"],
+    });
+    let missing = match &node {
+        Err(e) => Some(e.clone()),
+        Ok(_) if !dir.join("node_modules/@grafana/schema").exists() => Some(format!(
+            "{} has no node_modules (scripts/install-deps.sh runs npm ci there)",
+            dir.display()
+        )),
+        Ok(_) => None,
+    };
+    if let Some(why) = missing {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "dashboards_type_check_against_grafana_schema under CI: {why}"
+        );
+        println!("skipping dashboards_type_check_against_grafana_schema: {why}");
+        return;
+    }
+    let out = std::process::Command::new(node.expect("node, checked above"))
+        .arg(dir.join("check.mjs"))
+        .output()
+        .expect("running node");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{said}");
+    assert!(
+        out.status.success(),
+        "dashboards/typecheck/check.mjs failed:\n{said}"
+    );
+    assert!(said.contains("@grafana/schema: 0 errors;"), "{said}");
+}
+
+// ---------------------------------------------------------------------------
+// Live: flowtel, traffic and a real Prometheus.
+
+const TEST: &str = "every_dashboard_query_returns_data_from_a_real_prometheus";
+const NODE: &str = "node-a";
+const CLUSTER: &str = "dash-test";
+const EXTRA_V4: &str = "198.19.0.9";
+const CLOSED_PORT: u16 = 5555;
+const DROPPED_TCP_PORT: u16 = 9999;
+const DROPPED_UDP_PORT: u16 = 9998;
+const LOSS_PERCENT: u32 = 3;
+const CACHE_LAG: Duration = Duration::from_millis(2500);
+const QUERY_DEADLINE: Duration = Duration::from_secs(40);
+
+fn sock(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse::<IpAddr>().expect("literal address"), port)
+}
+
+/// The address in flowtel's `Prometheus metrics on http://ADDR/metrics`.
+fn metrics_addr(flowtel: &Flowtel) -> Option<SocketAddr> {
+    let output = flowtel.output();
+    let line = output
+        .lines()
+        .find(|l| l.contains("Prometheus metrics on http://"))?;
+    let rest = line.split("Prometheus metrics on http://").nth(1)?;
+    rest.split("/metrics").next()?.parse().ok()
+}
+
+/// Two nodes in two zones, the checkout pod (A) on this node, the payments
+/// pod (B) on the other behind its Service.
+fn cluster(api: &KubeApi) {
+    let checkout = fx::workload("Deployment", "shop", "checkout");
+    let checkout_rs = fx::replicaset("shop", "checkout-5d8f7c9b6", Some(&checkout));
+    let payments = fx::workload("Deployment", "shop", "payments");
+    let payments_rs = fx::replicaset("shop", "payments-6b7f9c4d2", Some(&payments));
+    let checkout_pod = fx::PodFx::new("shop", "checkout")
+        .on(NODE, RA_V4)
+        .ips(&[A_V4])
+        .owned_by(&checkout_rs)
+        .label("app.kubernetes.io/name", "checkout")
+        .build();
+    let payments_pod = fx::PodFx::new("shop", "payments")
+        .on("node-b", RB_V4)
+        .ips(&[B_V4])
+        .owned_by(&payments_rs)
+        .label("app.kubernetes.io/name", "payments")
+        .build();
+    let service = fx::service("shop", "payments", &[VIP]);
+    let slice = fx::endpoint_slice(&service, "IPv4", &[&payments_pod]);
+    api.load([
+        fx::node(NODE, "zone-a", "region-1", &[RA_V4], None),
+        fx::node("node-b", "zone-b", "region-1", &[RB_V4], None),
+        checkout_rs,
+        payments_rs,
+        checkout_pod,
+        payments_pod,
+        service,
+        slice,
+    ]);
+}
+
+/// One round of traffic from A: a bulk transfer and short connections
+/// through the lossy router, connections to the Service and to an
+/// unclaimed address, an aborted connection, refused and unanswered
+/// connects, and UDP that A's nftables drops.
+fn round(lab: &RouterLab) {
+    let bulk = traffic::tcp_connections(&lab.a, sock(B_V4, BACKEND_PORT), 1, 2 << 20, 256 << 10)
+        .expect("bulk transfer to the payments pod");
+    let vip = traffic::tcp_connections(&lab.a, sock(VIP, VIP_PORT), 3, 20_000, 20_000)
+        .expect("connections to the payments Service");
+    let extra = traffic::tcp_connections(&lab.a, sock(EXTRA_V4, BACKEND_PORT), 2, 50_000, 50_000)
+        .expect("connections to an address no object claims");
+    let (refused, unanswered) = lab
+        .a
+        .in_ns(|| -> std::io::Result<(u32, bool)> {
+            let s = TcpStream::connect_timeout(&sock(B_V4, BACKEND_PORT), Duration::from_secs(10))?;
+            traffic::linger_zero(&s)?;
+            (&s).write_all(&[0u8; 16])?;
+            std::thread::sleep(Duration::from_millis(200));
+            drop(s);
+            let mut refused = 0;
+            for _ in 0..2 {
+                match TcpStream::connect_timeout(&sock(B_V4, CLOSED_PORT), Duration::from_secs(10))
+                {
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => refused += 1,
+                    Err(e) => return Err(e),
+                    Ok(_) => {}
+                }
+            }
+            let unanswered = matches!(
+                TcpStream::connect_timeout(&sock(B_V4, DROPPED_TCP_PORT), Duration::from_secs(1)),
+                Err(e) if e.kind() == ErrorKind::TimedOut
+            );
+            let udp = UdpSocket::bind(sock(A_V4, 0))?;
+            for _ in 0..5 {
+                let _ = udp.send_to(&[0u8; 100], sock(B_V4, DROPPED_UDP_PORT));
+            }
+            Ok((refused, unanswered))
+        })
+        .expect("entering A")
+        .expect("client sockets in A");
+    assert_eq!(
+        (refused, unanswered),
+        (2, true),
+        "refused and unanswered connects"
+    );
+    println!("{TEST}: round: bulk {bulk:?}, Service {vip:?}, unclaimed {extra:?}, 1 reset, 2 refused, 1 unanswered, 5 UDP dropped");
+}
+
+fn nft(lab_ns: &common::netns::Netns, nft: &Path, dir: &Path, name: &str, ruleset: &str) {
+    let file = dir.join(name);
+    std::fs::write(&file, ruleset).expect("writing an nftables ruleset");
+    lab_ns
+        .run(nft, &["-f", &file.display().to_string()])
+        .expect("loading an nftables ruleset");
+}
+
+fn show(samples: &[Sample]) -> String {
+    samples
+        .iter()
+        .take(5)
+        .map(|s| format!("{} {:?}", s.value, s.labels))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Runs `q` with `vars`; `Ok(summary)` when it returns what its panel needs.
+fn run_query(prom: &Prometheus, q: &Query, vars: &[(&str, &str)]) -> Result<String, String> {
+    let (expr, label) = match q.lang {
+        Lang::Variable => {
+            let (e, l) = variable_promql(&q.expr)?;
+            (e, Some(l))
+        }
+        _ => (q.expr.clone(), None),
+    };
+    let expr = substitute(&expr, vars);
+    let samples = prom.query(&expr).map_err(|e| format!("{e:#}"))?;
+    if let Some(label) = label {
+        let values: Vec<&str> = samples
+            .iter()
+            .filter_map(|s| s.label(&label))
+            .filter(|v| !v.is_empty())
+            .collect();
+        let want = match q.panel.as_str() {
+            "$cluster" => CLUSTER,
+            "$namespace" => "shop",
+            _ => "checkout",
+        };
+        return if values.contains(&want) {
+            Ok(format!("{values:?}"))
+        } else {
+            Err(format!("{label} values {values:?} lack {want}"))
+        };
+    }
+    let positive = samples.iter().any(|s| s.value > 0.0 && s.value.is_finite());
+    let needs_positive = q.dashboard != HEALTH;
+    if samples.is_empty() || (needs_positive && !positive) {
+        return Err(format!(
+            "no {}series: [{}]",
+            if needs_positive { "positive " } else { "" },
+            show(&samples)
+        ));
+    }
+    Ok(format!(
+        "{} series, e.g. {}",
+        samples.len(),
+        show(&samples[..1])
+    ))
+}
+
+#[test]
+fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    let Some((tools, bins)) =
+        common::prerequisites_with(TEST, &[PROMETHEUS], &common::ebpf_conditions())
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    let queries = all_queries();
+    let lab = RouterLab::new(&tools).expect("setting up A — R — B");
+    let dir = tempfile::tempdir().expect("temp dir");
+    nft(
+        &lab.a,
+        &tools.nft,
+        dir.path(),
+        "a.nft",
+        &format!(
+            "table inet ft_dash_drop {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    \
+             tcp dport {DROPPED_TCP_PORT} drop\n    udp dport {DROPPED_UDP_PORT} drop\n  }}\n}}\n"
+        ),
+    );
+    nft(
+        &lab.r,
+        &tools.nft,
+        dir.path(),
+        "r.nft",
+        &format!(
+            "table inet ft_dash_loss {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    \
+             ip daddr {B_V4} tcp dport {BACKEND_PORT} numgen random mod 100 < {LOSS_PERCENT} drop\n  }}\n}}\n"
+        ),
+    );
+    lab.b
+        .ip(&["addr", "add", &format!("{EXTRA_V4}/32"), "dev", "ftnb"])
+        .expect("a second address in B");
+    lab.r
+        .ip(&[
+            "neigh",
+            "add",
+            EXTRA_V4,
+            "lladdr",
+            "02:00:00:00:0b:04",
+            "dev",
+            IF_RB,
+            "nud",
+            "permanent",
+        ])
+        .expect("R's neighbour entry for it");
+
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime for the API server");
+    let api = KubeApi::new();
+    rt.block_on(api.start());
+    cluster(&api);
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    let receiver = OtlpReceiver::start().expect("the OTLP receiver (log records)");
+    let endpoint = receiver.grpc_endpoint();
+    let netns = lab.a.path();
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "ebpf",
+        netns: &netns,
+        endpoint: &endpoint,
+        protocol: "grpc",
+        interval: "1s",
+        env: vec![
+            (
+                "FLOWTEL_KUBERNETES__KUBECONFIG",
+                kubeconfig.display().to_string(),
+            ),
+            ("FLOWTEL_RESOURCE__NODE_NAME", NODE.to_string()),
+            ("FLOWTEL_RESOURCE__CLUSTER_NAME", CLUSTER.to_string()),
+            (
+                "FLOWTEL_EXPORT__PROMETHEUS__LISTEN",
+                "127.0.0.1:0".to_string(),
+            ),
+            ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".to_string()),
+            ("FLOWTEL_EXPORT__LOGS__RATE_LIMIT", "0".to_string()),
+        ],
+    })
+    .expect("starting flowtel");
+    flowtel
+        .wait_ready(Duration::from_secs(30))
+        .expect("flowtel becomes ready");
+    let out = flowtel.output();
+    assert!(
+        out.contains("naming flow ends from the Kubernetes API")
+            && !out.contains("TCP health unavailable"),
+        "{TEST}: Kubernetes naming and TCP health must be on:\n{out}"
+    );
+    let mut addr = None;
+    common::wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        addr = metrics_addr(&flowtel);
+        addr.is_some()
+    });
+    let addr = addr.unwrap_or_else(|| {
+        panic!(
+            "flowtel logged no Prometheus endpoint:\n{}",
+            flowtel.output()
+        )
+    });
+    let prom = Prometheus::start(&bins[0], "flowtel", addr, "1s").expect("starting Prometheus");
+    std::thread::sleep(CACHE_LAG);
+
+    let server = TrafficServer::start(
+        &lab.b,
+        &[sock(B_V4, BACKEND_PORT), sock(EXTRA_V4, BACKEND_PORT)],
+        &[],
+    )
+    .expect("the servers in B");
+    round(&lab);
+    // The second round raises counters that the first created, so their
+    // rates are above 0.
+    std::thread::sleep(Duration::from_secs(3));
+    round(&lab);
+    let errors = server.errors();
+    drop(server);
+    // The aborted connection of each round resets the server's side.
+    let unexpected: Vec<&String> = errors
+        .iter()
+        .filter(|e| !e.contains("Connection reset by peer"))
+        .collect();
+    assert!(
+        unexpected.is_empty() && errors.len() <= 2,
+        "the servers in B failed: {errors:?}"
+    );
+    println!("{TEST}: {:.1}s: traffic done", t0.elapsed().as_secs_f64());
+
+    let concrete: [(&str, &str); 3] = [
+        ("$cluster", CLUSTER),
+        ("$namespace", "shop"),
+        ("$workload", "checkout"),
+    ];
+    let promql: Vec<&Query> = queries.iter().filter(|q| q.lang != Lang::LogQl).collect();
+    let deadline = Instant::now() + QUERY_DEADLINE;
+    let prom = &prom;
+    let results = loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let results: Vec<(&Query, &str, Result<String, String>)> = promql
+            .iter()
+            .flat_map(|q| {
+                [("selected", &concrete[..]), ("All", &VARS_ALL[..])]
+                    .into_iter()
+                    .map(move |(which, vars)| (*q, which, run_query(prom, q, vars)))
+            })
+            .collect();
+        if results.iter().all(|(_, _, r)| r.is_ok()) || Instant::now() >= deadline {
+            break results;
+        }
+    };
+    for (q, which, r) in &results {
+        println!(
+            "{TEST}: {} / {} [{which}]: {}",
+            q.dashboard,
+            q.panel,
+            match r {
+                Ok(s) => format!("ok, {s}"),
+                Err(e) => format!("FAILED: {e}"),
+            }
+        );
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(q, which, r)| {
+            r.as_ref().err().map(|e| {
+                format!(
+                    "{} / {} [{which}]: {e}\n    {}",
+                    q.dashboard, q.panel, q.expr
+                )
+            })
+        })
+        .collect();
+    println!(
+        "{TEST}: {} PromQL queries ({} panel queries, {} template variables) x 2 variable settings: {} ran with data",
+        promql.len(),
+        promql.iter().filter(|q| q.lang == Lang::PromQl).count(),
+        promql.iter().filter(|q| q.lang == Lang::Variable).count(),
+        results.len() - failed.len()
+    );
+
+    // LogQL: every label must be a name Loki would give a field of the
+    // records flowtel sent (attributes and resource, `.` → `_`).
+    let records = receiver.log_events();
+    let mut fields = BTreeSet::new();
+    let mut kinds = BTreeMap::new();
+    for r in &records {
+        *kinds.entry(r.event_name.clone()).or_insert(0u32) += 1;
+        fields.extend(
+            r.attrs
+                .keys()
+                .chain(r.resource.keys())
+                .map(|k| sanitize(k, false)),
+        );
+    }
+    println!("{TEST}: {} log records: {kinds:?}", records.len());
+    let mut logql_missing = Vec::new();
+    let logql: Vec<&Query> = queries.iter().filter(|q| q.lang == Lang::LogQl).collect();
+    for q in &logql {
+        let labels = logql_labels(&substitute(&q.expr, &VARS_ALL)).expect("LogQL labels");
+        let missing: Vec<&String> = labels.iter().filter(|l| !fields.contains(*l)).collect();
+        println!(
+            "{TEST}: {} / {} (LogQL): labels {labels:?}: {}",
+            q.dashboard,
+            q.panel,
+            if missing.is_empty() {
+                "all on the records".to_string()
+            } else {
+                format!("MISSING {missing:?}")
+            }
+        );
+        if !missing.is_empty() {
+            logql_missing.push(format!("{} / {}: {missing:?}", q.dashboard, q.panel));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{TEST}: {} queries returned no data:\n  {}\nPrometheus targets: {}",
+        failed.len(),
+        failed.join("\n  "),
+        prom.targets()
+    );
+    assert!(
+        logql_missing.is_empty(),
+        "{TEST}: LogQL labels not on flowtel's records: {logql_missing:?}"
+    );
+    assert!(
+        flowtel.exit_status().is_none(),
+        "flowtel exited:\n{}",
+        flowtel.output()
+    );
+    let status = flowtel.stop(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "flowtel did not exit cleanly: {status:?}"
+    );
+    rt.block_on(api.stop());
+    println!("{TEST}: passed in {:?}", t0.elapsed());
+}
