@@ -246,6 +246,51 @@ fn pin(cpu: usize) {
     }
 }
 
+/// CPU seconds used so far by this process's threads that run on `cpu`
+/// only (user and system, from `/proc/self/task/*/stat`): the exporter's
+/// side, since it is pinned to CPU 0 and the receiver to CPU 1.
+fn cpu_seconds_on(cpu: usize) -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let path = task.path();
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        let only_here = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .is_some_and(|list| list.trim() == cpu.to_string());
+        if !only_here {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        // Fields after the command name's closing parenthesis; utime and
+        // stime are the 14th and 15th of the whole line.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        for i in [11, 12] {
+            total += fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total as f64 / ticks
+}
+
+/// One row of the closing table: what was exported, in how many exports,
+/// and the exporter's CPU time over them.
+struct Row {
+    name: String,
+    items: u64,
+    exports: u64,
+    cpu: f64,
+}
+
 fn runtime(cpu: usize, workers: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -366,6 +411,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("otlp_export");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(15));
+    let mut rows = Vec::new();
     // Encoding alone, no network: what the exporter's own CPU time allows.
     let cfg = config(&endpoint, Compression::None);
     let stats = Arc::new(SelfStats::default());
@@ -406,6 +452,7 @@ fn bench(c: &mut Criterion) {
             ))
             .expect("the metrics exporter");
         let before = counts.flow_points.load(Ordering::Relaxed);
+        let cpu = cpu_seconds_on(0);
         let mut exports = 0u64;
         group.throughput(Throughput::Elements((SERIES * 4) as u64));
         group.bench_function(format!("metrics_data_points/{name}"), |b| {
@@ -413,6 +460,12 @@ fn bench(c: &mut Criterion) {
                 rt.block_on(exporter.export(&metrics));
                 exports += 1;
             })
+        });
+        rows.push(Row {
+            name: format!("metrics/{name}"),
+            items: (SERIES * 4) as u64,
+            exports,
+            cpu: cpu_seconds_on(0) - cpu,
         });
         let got = counts.flow_points.load(Ordering::Relaxed) - before;
         assert_eq!(
@@ -429,6 +482,7 @@ fn bench(c: &mut Criterion) {
             .block_on(async { OtlpLogsExporter::build(&cfg, &transport, stats.clone()) })
             .expect("the logs exporter");
         let before = counts.log_records.load(Ordering::Relaxed);
+        let cpu = cpu_seconds_on(0);
         let mut exports = 0u64;
         group.throughput(Throughput::Elements(RECORDS as u64));
         group.bench_function(format!("log_records/{name}"), |b| {
@@ -436,6 +490,12 @@ fn bench(c: &mut Criterion) {
                 rt.block_on(exporter.export(&logs));
                 exports += 1;
             })
+        });
+        rows.push(Row {
+            name: format!("logs/{name}"),
+            items: RECORDS as u64,
+            exports,
+            cpu: cpu_seconds_on(0) - cpu,
         });
         let got = counts.log_records.load(Ordering::Relaxed) - before;
         assert_eq!(
@@ -447,6 +507,19 @@ fn bench(c: &mut Criterion) {
         rt.block_on(exporter.shutdown());
     }
     group.finish();
+    println!("exporter CPU (threads pinned to CPU 0, user + system):");
+    println!("| export | exports | CPU per export | per exporter CPU-second |");
+    println!("| --- | --- | --- | --- |");
+    for r in rows.iter().filter(|r| r.exports > 0) {
+        let per_export = r.cpu / r.exports as f64;
+        println!(
+            "| {} | {} | {:.1} ms | {:.0} |",
+            r.name,
+            r.exports,
+            per_export * 1e3,
+            r.items as f64 / per_export
+        );
+    }
     println!("requests per interval (uncompressed size):");
     for (signal, requests) in [
         ("metrics", encoder.encode(&metrics)),
