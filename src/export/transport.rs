@@ -111,6 +111,9 @@ impl SignalTransport {
     }
 
     fn http(&self) -> anyhow::Result<Inner> {
+        // reqwest is built without a default TLS provider; main installs
+        // ring, and this covers library users (an Err means one is set).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut client = reqwest::Client::builder().timeout(self.timeout);
         if let Some(ca) = Self::read(&self.tls.ca_file, "CA file")? {
             let cert =
@@ -423,5 +426,93 @@ impl Decoder for RawCodec {
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Self::Error> {
         Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read as _;
+    use std::sync::Mutex;
+
+    /// What the test collector saw: per request, its headers and the
+    /// decompressed body.
+    type Seen = Arc<Mutex<Vec<(http::HeaderMap, Vec<u8>)>>>;
+
+    /// An OTLP/HTTP collector on 127.0.0.1 that answers the given statuses
+    /// in turn (then 200).
+    async fn collector(statuses: Vec<u16>) -> (String, Seen) {
+        let seen: Seen = Arc::default();
+        let answers = Arc::new(Mutex::new(statuses.into_iter()));
+        let s = seen.clone();
+        let app = axum::Router::new().route(
+            "/v1/metrics",
+            axum::routing::post(move |headers: http::HeaderMap, body: Bytes| {
+                let (s, answers) = (s.clone(), answers.clone());
+                async move {
+                    let mut raw = Vec::new();
+                    if headers.get("content-encoding").is_some() {
+                        flate2::read::GzDecoder::new(&body[..])
+                            .read_to_end(&mut raw)
+                            .expect("gzip");
+                    } else {
+                        raw = body.to_vec();
+                    }
+                    s.lock().expect("lock").push((headers, raw));
+                    let status = answers.lock().expect("lock").next().unwrap_or(200);
+                    http::StatusCode::from_u16(status).expect("a status")
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), seen)
+    }
+
+    fn client(endpoint: &str, stats: &Arc<SelfStats>) -> OtlpClient {
+        let mut otlp = OtlpConfig {
+            endpoint: endpoint.to_string(),
+            protocol: Protocol::HttpProtobuf,
+            ..OtlpConfig::default()
+        };
+        otlp.headers.insert("X-Tenant".into(), "team-a".into());
+        otlp.retry.initial_backoff = Duration::from_millis(10);
+        otlp.retry.max_backoff = Duration::from_millis(20);
+        let t = SignalTransport::resolve(&otlp, &otlp.metrics, "metrics").expect("a transport");
+        OtlpClient::new(&t, Signal::Metrics, stats.clone()).expect("a client")
+    }
+
+    #[tokio::test]
+    async fn http_sends_headers_and_gzip_and_retries_what_is_retryable() {
+        let (endpoint, seen) = collector(vec![503, 429]).await;
+        let stats = Arc::new(SelfStats::default());
+        let c = client(&endpoint, &stats);
+        assert!(
+            c.send(b"request one".to_vec()).await,
+            "delivered on the third try"
+        );
+        let got = seen.lock().expect("lock").clone();
+        assert_eq!(got.len(), 3);
+        for (headers, body) in &got {
+            assert_eq!(headers["x-tenant"], "team-a");
+            assert_eq!(headers["content-type"], "application/x-protobuf");
+            assert_eq!(headers["content-encoding"], "gzip");
+            assert_eq!(body, b"request one");
+        }
+        assert_eq!(SelfStats::get(&stats.exports_ok), 1);
+        assert_eq!(SelfStats::get(&stats.exports_failed), 0);
+    }
+
+    #[tokio::test]
+    async fn http_does_not_retry_a_rejected_request() {
+        let (endpoint, seen) = collector(vec![400, 400]).await;
+        let stats = Arc::new(SelfStats::default());
+        let c = client(&endpoint, &stats);
+        assert!(!c.send(b"bad".to_vec()).await);
+        assert_eq!(seen.lock().expect("lock").len(), 1, "400 is not retried");
+        assert_eq!(SelfStats::get(&stats.exports_failed), 1);
     }
 }
