@@ -515,4 +515,91 @@ mod tests {
         assert_eq!(seen.lock().expect("lock").len(), 1, "400 is not retried");
         assert_eq!(SelfStats::get(&stats.exports_failed), 1);
     }
+
+    /// A gRPC collector that fails the first `failures` requests with
+    /// UNAVAILABLE and records each request's tenant header and points.
+    #[derive(Clone)]
+    struct Grpc {
+        failures: Arc<Mutex<u32>>,
+        seen: Arc<Mutex<Vec<(String, usize)>>>,
+    }
+
+    #[tonic::async_trait]
+    impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
+        for Grpc
+    {
+        async fn export(
+            &self,
+            request: tonic::Request<
+                opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+            >,
+        ) -> Result<
+            tonic::Response<
+                opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse,
+            >,
+            tonic::Status,
+        > {
+            let tenant = request
+                .metadata()
+                .get("x-tenant")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let resources = request.into_inner().resource_metrics.len();
+            self.seen.lock().expect("lock").push((tenant, resources));
+            let mut failures = self.failures.lock().expect("lock");
+            if *failures > 0 {
+                *failures -= 1;
+                return Err(tonic::Status::unavailable("warming up"));
+            }
+            Ok(tonic::Response::new(Default::default()))
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_sends_metadata_gzip_and_retries_unavailable() {
+        use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+        let collector = Grpc {
+            failures: Arc::new(Mutex::new(1)),
+            seen: Arc::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = MetricsServiceServer::new(collector.clone())
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let mut otlp = OtlpConfig {
+            endpoint: format!("http://{addr}"),
+            ..OtlpConfig::default()
+        };
+        otlp.headers.insert("X-Tenant".into(), "team-a".into());
+        otlp.retry.initial_backoff = Duration::from_millis(10);
+        let t = SignalTransport::resolve(&otlp, &otlp.metrics, "metrics").expect("a transport");
+        let stats = Arc::new(SelfStats::default());
+        let c = OtlpClient::new(&t, Signal::Metrics, stats.clone()).expect("a client");
+        let envelope = crate::export::otlp_wire::Envelope::new(&[], "flowtel", "0");
+        let mut batch = crate::export::otlp_wire::Batcher::new(&envelope, 1 << 20);
+        batch.begin_metric(crate::export::otlp_wire::MetricHeader {
+            name: "m",
+            unit: "1",
+            description: "",
+            kind: crate::export::otlp_wire::Kind::Gauge,
+        });
+        crate::export::otlp_wire::number_point(batch.points(40), &[], 0, 1, 1);
+        let requests = batch.finish();
+        assert_eq!(c.send_all(requests).await, 1);
+        let seen = collector.seen.lock().expect("lock").clone();
+        assert_eq!(
+            seen,
+            [("team-a".to_string(), 1), ("team-a".to_string(), 1)],
+            "one UNAVAILABLE, then delivered"
+        );
+        assert_eq!(SelfStats::get(&stats.exports_ok), 1);
+    }
 }
