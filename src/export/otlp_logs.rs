@@ -428,7 +428,7 @@ fn put_u64(w: &mut LogRecordWriter, key: &str, value: u64) {
 }
 
 fn put_ip(w: &mut LogRecordWriter, key: &str, ip: IpAddr) {
-    w.attribute(key, Any::Str(&ip.to_string()));
+    w.display(key, ip);
 }
 
 fn endpoints(w: &mut LogRecordWriter, id: &FlowId) {
@@ -494,7 +494,7 @@ fn flow_record(
 ) {
     begin(w, EVENT_FLOW, INFO, from, observed);
     let (up, down) = (f.delta.to_server, f.delta.to_client);
-    w.body(&format!(
+    w.body(format_args!(
         "{} {} → {} {} B → {} B ←{}",
         f.id.transport,
         f.id.client,
@@ -550,13 +550,16 @@ fn connection_record(w: &mut LogRecordWriter, c: &ConnectionEvent, observed: u64
     begin(w, event, severity, nanos(c.at), observed);
     let id = &c.event.id;
     let what = event.trim_start_matches("flowtel.connection.");
-    w.body(&match detail {
-        Some((_, d)) => format!(
+    match detail {
+        Some((_, d)) => w.body(format_args!(
             "{} {} → {} {what} ({d})",
             id.transport, id.client, id.server
-        ),
-        None => format!("{} {} → {} {what}", id.transport, id.client, id.server),
-    });
+        )),
+        None => w.body(format_args!(
+            "{} {} → {} {what}",
+            id.transport, id.client, id.server
+        )),
+    }
     endpoints(w, id);
     w.attribute(attr::SOURCE, Any::Str("ebpf"));
     if let Some((key, value)) = detail {
@@ -574,7 +577,7 @@ fn connection_record(w: &mut LogRecordWriter, c: &ConnectionEvent, observed: u64
 fn drop_record(w: &mut LogRecordWriter, d: &DropRecord, observed: u64, (from, to): (u64, u64)) {
     begin(w, EVENT_DROP, WARN, from, observed);
     let show = |e: Option<Endpoint>| e.map_or_else(|| "?".to_string(), |e| e.to_string());
-    w.body(&format!(
+    w.body(format_args!(
         "{} {} → {} {} packets dropped ({})",
         d.transport,
         show(d.src),

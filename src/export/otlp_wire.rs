@@ -397,6 +397,9 @@ fn write_metric(buf: &mut Vec<u8>, h: &MetricHeader, points: &[u8]) {
 #[derive(Debug, Default)]
 pub struct LogRecordWriter {
     buf: Vec<u8>,
+    /// Reused for text that is formatted (bodies, addresses), so a record
+    /// allocates nothing once the buffers have grown.
+    text: String,
 }
 
 impl LogRecordWriter {
@@ -410,8 +413,27 @@ impl LogRecordWriter {
         string_field(&mut self.buf, 12, event);
     }
 
-    pub fn body(&mut self, text: &str) {
-        nested(&mut self.buf, 5, |b| Any::Str(text).write(b));
+    /// The body, formatted into the reused text buffer.
+    pub fn body(&mut self, args: std::fmt::Arguments<'_>) {
+        let text = self.format(args);
+        nested(&mut self.buf, 5, |b| Any::Str(&text).write(b));
+        self.text = text;
+    }
+
+    /// A string attribute whose value is formatted (an address, ...).
+    pub fn display(&mut self, key: &str, value: impl std::fmt::Display) {
+        let text = self.format(format_args!("{value}"));
+        attribute(&mut self.buf, LOG_RECORD_ATTRIBUTES, key, Any::Str(&text));
+        self.text = text;
+    }
+
+    fn format(&mut self, args: std::fmt::Arguments<'_>) -> String {
+        use std::fmt::Write as _;
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        // Writing into a String cannot fail.
+        let _ = text.write_fmt(args);
+        text
     }
 
     pub fn attribute(&mut self, key: &str, value: Any<'_>) {
@@ -630,7 +652,7 @@ mod tests {
         let mut batcher = Batcher::new(&e, 4 << 20);
         let mut w = LogRecordWriter::default();
         w.begin(5, 6, (13, "WARN"), "flowtel.connection.failed");
-        w.body(&"x".repeat(300));
+        w.body(format_args!("{}", "x".repeat(300)));
         w.attribute("flow.io.bytes", Any::Int(42));
         w.attribute("flowtel.tcp.rtt", Any::Double(0.25));
         batcher.item(w.encoded());
