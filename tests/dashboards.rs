@@ -1251,10 +1251,12 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     round(&lab);
     let errors = server.errors();
     drop(server);
-    // The aborted connection of each round resets the server's side.
+    // The aborted connection of each round resets the server's side: the
+    // server sees ECONNRESET on a read, or ENOTCONN when the reset came
+    // before its shutdown.
     let unexpected: Vec<&String> = errors
         .iter()
-        .filter(|e| !e.contains("Connection reset by peer"))
+        .filter(|e| !e.contains("Connection reset by peer") && !e.contains("(os error 107)"))
         .collect();
     assert!(
         unexpected.is_empty() && errors.len() <= 2,
