@@ -55,7 +55,7 @@ use tokio::task::JoinHandle;
 pub use config::{KubernetesConfig, KubernetesMode};
 pub use index::{Counts, Snapshot};
 pub use model::{
-    NodeInfo, Peer, PodInfo, Protocol, ServiceInfo, ServicePort, Workload, WorkloadKind,
+    NodeInfo, Peer, PodInfo, PodMesh, Protocol, ServiceInfo, ServicePort, Workload, WorkloadKind,
 };
 
 /// How the cache task is doing, for self-telemetry and `/readyz`. Every
