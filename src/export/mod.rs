@@ -5,6 +5,7 @@
 pub mod attributes;
 pub mod console;
 pub mod instruments;
+pub mod mesh;
 pub mod otlp_logs;
 pub mod otlp_metrics;
 pub mod otlp_wire;

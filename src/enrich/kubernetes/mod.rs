@@ -115,6 +115,12 @@ impl KubeHandle {
         self.snapshots.borrow().clone()
     }
 
+    /// A receiver of the snapshots, for another task that reads the cache
+    /// (the Istio source) while this handle keeps the cache's lifetime.
+    pub fn snapshots(&self) -> channel::Receiver<Arc<Snapshot>> {
+        self.snapshots.clone()
+    }
+
     /// The task's counters.
     pub fn stats(&self) -> Arc<KubeStats> {
         self.stats.clone()
