@@ -511,6 +511,15 @@ const CALICO_CONFLIST: &str = r#"{
 }
 "#;
 
+const CILIUM_CONFLIST: &str = r#"{
+  "cniVersion": "0.3.1",
+  "name": "cilium",
+  "plugins": [
+    {"type": "cilium-cni", "enable-debug": false, "log-file": "/var/run/cilium/cilium-cni.log"}
+  ]
+}
+"#;
+
 #[test]
 fn istio_felix_hubble_and_bad_targets_to_otlp() {
     let test = "istio_felix_hubble_and_bad_targets_to_otlp";
@@ -879,6 +888,26 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
     )
     .expect("flowtel.cni.detected");
     assert_eq!(cni.value, Value::Int(1));
+
+    // The CNI configuration changing at run time is noticed.
+    std::fs::remove_file(cni_dir.join("10-calico.conflist")).expect("remove the Calico conflist");
+    std::fs::write(cni_dir.join("05-cilium.conflist"), CILIUM_CONFLIST).expect("a Cilium conflist");
+    let mut last = serde_json::Value::Null;
+    let noticed = common::wait_until(Duration::from_secs(20), Duration::from_millis(250), || {
+        last = ft.readyz().map(|(_, b)| b).unwrap_or_default();
+        last["sources"]["cni"] == json!("cilium")
+    });
+    assert!(noticed, "{test}: the new CNI was not noticed: {last}");
+    let renamed = common::wait_until(Duration::from_secs(10), Duration::from_millis(250), || {
+        find(
+            &points(&receiver),
+            "flowtel.cni.detected",
+            &[],
+            &[("flowtel.cni.name", "cilium")],
+        )
+        .is_some()
+    });
+    assert!(renamed, "{test}: flowtel.cni.detected never named cilium");
 
     // Each failing kind is logged once per round, not once per scrape.
     let output = ft.output();

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -201,6 +202,9 @@ pub fn start(
     Ok((!tasks.is_empty()).then_some(MeshHandle { shared, tasks }))
 }
 
+/// Proxies scraped at the same time.
+const MAX_CONCURRENT_SCRAPES: usize = 32;
+
 fn ticker(every: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -262,12 +266,20 @@ async fn istio_loop(
     loop {
         tick.tick().await;
         let targets = targets(&pods(), node.as_deref(), cfg.port);
-        let results = futures::future::join_all(
-            targets
-                .iter()
-                .map(|(_, _, url)| istio::scrape(&scraper, url)),
-        )
-        .await;
+        // Concurrently, so one slow proxy costs one timeout, not one per
+        // proxy after it; bounded, so a node with hundreds of meshed pods
+        // does not open hundreds of connections at once.
+        let scrapes: Vec<_> = targets
+            .iter()
+            .map(|(_, _, url)| {
+                let (scraper, url) = (scraper.clone(), url.clone());
+                async move { istio::scrape(&scraper, &url).await }
+            })
+            .collect();
+        let results: Vec<_> = futures::stream::iter(scrapes)
+            .buffered(MAX_CONCURRENT_SCRAPES)
+            .collect()
+            .await;
         let mut good = Vec::with_capacity(targets.len());
         let mut failed: Vec<(TargetKind, &'static str)> = Vec::new();
         let mut previous = shared
