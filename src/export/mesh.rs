@@ -183,9 +183,11 @@ pub fn active_sources(
 
 /// The node's resource with the pod's: the pod's keys win.
 fn pod_resource(node: &[KeyValue], pod: &PodInfo) -> Vec<KeyValue> {
+    // The pod's node replaces flowtel's own (they are the same unless the
+    // node name was configured wrongly); an unscheduled pod keeps flowtel's.
     let mut attrs: Vec<KeyValue> = node
         .iter()
-        .filter(|kv| kv.key.as_str() != "k8s.node.name")
+        .filter(|kv| pod.node.is_none() || kv.key.as_str() != "k8s.node.name")
         .cloned()
         .collect();
     attrs.push(KeyValue::new(
@@ -541,5 +543,161 @@ pub fn encode_families(
             }
         }
         b.end_metric();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::hubble::LATENCY_BOUNDS;
+    use crate::source::scrape::HistogramValue;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value;
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+    use prost::Message;
+
+    fn decode(requests: Vec<Vec<u8>>) -> Vec<opentelemetry_proto::tonic::metrics::v1::Metric> {
+        requests
+            .iter()
+            .flat_map(|r| {
+                ExportMetricsServiceRequest::decode(r.as_slice())
+                    .expect("decodes")
+                    .resource_metrics
+            })
+            .flat_map(|rm| rm.scope_metrics)
+            .flat_map(|sm| sm.metrics)
+            .collect()
+    }
+
+    fn attr(
+        kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue],
+        key: &str,
+    ) -> Option<any_value::Value> {
+        kvs.iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.clone())
+            .and_then(|v| v.value)
+    }
+
+    #[test]
+    fn hubble_overflow_and_stream_counters_are_encoded() {
+        let mut counts = vec![0; LATENCY_BOUNDS.len() + 1];
+        counts[2] = 4;
+        let report = HubbleReport {
+            flows_overflow: 3,
+            l7_duration_overflow: Some(HistogramValue {
+                bounds: LATENCY_BOUNDS.to_vec(),
+                counts,
+                sum: 0.08,
+                count: 4,
+            }),
+            stream: hubble::StreamStats {
+                lost_events: [("PERF_EVENT_RING_BUFFER".to_owned(), 9)].into(),
+                errors: [("stream", 2)].into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let envelope = Envelope::new(&[], SCOPE, "test");
+        let mut b = Batcher::new(&envelope, 1 << 20);
+        encode_hubble(&mut b, &report, (1, 2));
+        let metrics = decode(b.finish());
+        let get = |name: &str| {
+            metrics
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("{name} missing"))
+        };
+        let Some(metric::Data::Sum(flows)) = &get("flowtel.hubble.flows").data else {
+            panic!("flows is not a Sum");
+        };
+        assert!(flows.is_monotonic);
+        assert_eq!(flows.data_points.len(), 1);
+        let p = &flows.data_points[0];
+        assert_eq!(p.value, Some(number_data_point::Value::AsInt(3)));
+        assert_eq!(
+            attr(&p.attributes, "otel.metric.overflow"),
+            Some(any_value::Value::BoolValue(true))
+        );
+        // No L7 request at all: the metric is left out, not sent empty.
+        assert!(metrics
+            .iter()
+            .all(|m| m.name != "flowtel.hubble.l7.requests"));
+        let Some(metric::Data::Histogram(h)) = &get("flowtel.hubble.l7.duration").data else {
+            panic!("duration is not a Histogram");
+        };
+        let p = &h.data_points[0];
+        assert_eq!((p.count, p.sum, p.bucket_counts[2]), (4, Some(0.08), 4));
+        assert_eq!(p.explicit_bounds, LATENCY_BOUNDS.to_vec());
+        assert_eq!(
+            attr(&p.attributes, "otel.metric.overflow"),
+            Some(any_value::Value::BoolValue(true))
+        );
+        let Some(metric::Data::Sum(lost)) = &get("flowtel.hubble.lost_events").data else {
+            panic!("lost_events is not a Sum");
+        };
+        assert_eq!(
+            lost.data_points[0].value,
+            Some(number_data_point::Value::AsInt(9))
+        );
+        assert_eq!(
+            attr(
+                &lost.data_points[0].attributes,
+                "flowtel.hubble.lost_events.source"
+            ),
+            Some(any_value::Value::StringValue(
+                "PERF_EVENT_RING_BUFFER".into()
+            ))
+        );
+        let Some(metric::Data::Sum(errors)) = &get("flowtel.hubble.stream.errors").data else {
+            panic!("stream.errors is not a Sum");
+        };
+        assert_eq!(
+            errors.data_points[0].value,
+            Some(number_data_point::Value::AsInt(2))
+        );
+    }
+
+    #[test]
+    fn pod_resource_overrides_the_node_name_and_names_the_workload() {
+        let pod = PodInfo {
+            uid: "u-1".into(),
+            namespace: "shop".into(),
+            name: "api-7c9d-x".into(),
+            node: Some("node-a".into()),
+            workload: crate::enrich::kubernetes::Workload {
+                kind: crate::enrich::kubernetes::WorkloadKind::Deployment,
+                name: "api".into(),
+            },
+            labels: Box::new([]),
+            host_network: false,
+            zone: None,
+            region: None,
+            mesh: None,
+        };
+        let node = vec![
+            KeyValue::new("service.name", "flowtel"),
+            KeyValue::new("k8s.node.name", "stale"),
+        ];
+        let attrs: Vec<(String, String)> = pod_resource(&node, &pod)
+            .into_iter()
+            .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+            .collect();
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            attrs,
+            pairs(&[
+                ("service.name", "flowtel"),
+                ("k8s.namespace.name", "shop"),
+                ("k8s.pod.name", "api-7c9d-x"),
+                ("k8s.pod.uid", "u-1"),
+                ("k8s.node.name", "node-a"),
+                ("k8s.deployment.name", "api"),
+            ])
+        );
     }
 }
