@@ -636,6 +636,7 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
             ("FLOWTEL_MESH__FELIX__TIMEOUT", "1500ms".into()),
             ("FLOWTEL_MESH__ISTIO__INTERVAL", "2s".into()),
             ("FLOWTEL_MESH__ISTIO__TIMEOUT", "1500ms".into()),
+            ("FLOWTEL_EXPORT__LOGS__ENABLED", "true".into()),
         ],
     })
     .expect("starting flowtel");
@@ -863,6 +864,33 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
         hubble.accepted() >= 2,
         "{test}: flowtel reconnected to Hubble"
     );
+
+    // Hubble's flows as log events, next to the kernel's flow records.
+    let mut events = Vec::new();
+    let logged = common::wait_until(Duration::from_secs(10), Duration::from_millis(250), || {
+        events = receiver
+            .log_events()
+            .into_iter()
+            .filter(|e| e.event_name == "flowtel.hubble.flow")
+            .collect();
+        events.len() >= 7
+    });
+    assert!(logged, "{test}: Hubble flow events: {events:?}");
+    assert_eq!(events.len(), 7, "{test}: each flow once: {events:?}");
+    let response = events
+        .iter()
+        .find(|e| e.str("flowtel.hubble.l7.type") == Some("response"))
+        .expect("the HTTP response's event");
+    assert_eq!(response.int("http.response.status_code"), Some(200));
+    assert_eq!(response.str("http.request.method"), Some("GET"));
+    assert_eq!(
+        response.str("url.path"),
+        Some("/v1/items"),
+        "{test}: no query string"
+    );
+    assert_eq!(response.str("source.k8s.workload.name"), Some("api"));
+    assert_eq!(response.str("destination.address"), Some("10.0.1.5"));
+    assert_eq!(response.str("flowtel.hubble.verdict"), Some("FORWARDED"));
 
     // Detection: /readyz and the self-metrics.
     let (code, body) = ft.readyz().expect("/readyz");

@@ -60,6 +60,8 @@ pub struct MeshExporter {
     detection: watch::Receiver<Detection>,
     kernel: &'static str,
     active: ActiveSourcesCell,
+    /// Hubble's flows as log events, when `export.logs.enabled`.
+    logs: Option<(OtlpClient, Envelope)>,
 }
 
 impl MeshExporter {
@@ -76,6 +78,18 @@ impl MeshExporter {
         active: ActiveSourcesCell,
     ) -> anyhow::Result<Self> {
         let node_resource = super::resource::attributes(&cfg.resource);
+        let logs = if cfg.export.logs.enabled {
+            SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.logs, "logs")
+        } else {
+            None
+        };
+        let logs = match logs {
+            Some(t) => Some((
+                OtlpClient::new(&t, Signal::Logs, stats.clone())?,
+                Envelope::new(&node_resource, SCOPE, env!("CARGO_PKG_VERSION")),
+            )),
+            None => None,
+        };
         Ok(Self {
             client: OtlpClient::new(transport, Signal::Metrics, stats)?,
             node: Envelope::new(&node_resource, SCOPE, env!("CARGO_PKG_VERSION")),
@@ -88,6 +102,7 @@ impl MeshExporter {
             detection,
             kernel,
             active,
+            logs,
         })
     }
 
@@ -114,7 +129,18 @@ impl MeshExporter {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = active.clone();
         let requests = self.encode(report.as_ref(), scrapes.as_ref(), &active, time);
-        self.client.send_all(requests).await;
+        let records = match (&self.logs, &report) {
+            (Some((_, envelope)), Some(r)) if !r.records.is_empty() => {
+                super::hubble_logs::encode(envelope, self.limit, &r.records)
+            }
+            _ => Vec::new(),
+        };
+        let logs = async {
+            if let Some((client, _)) = &self.logs {
+                client.send_all(records).await;
+            }
+        };
+        tokio::join!(self.client.send_all(requests), logs);
     }
 
     /// The requests of one interval: the node's resource first, then one

@@ -4,6 +4,7 @@
 
 pub mod attributes;
 pub mod console;
+pub mod hubble_logs;
 pub mod instruments;
 pub mod mesh;
 pub mod otlp_logs;
