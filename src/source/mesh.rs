@@ -173,6 +173,11 @@ pub fn start(
 ) -> Result<Option<MeshHandle>, ScrapeError> {
     let shared = Arc::new(Mutex::new(MeshScrapes::default()));
     let mut tasks = Vec::new();
+    if cfg.istio.enabled == Enabled::On && pods.is_none() {
+        tracing::warn!(
+            "mesh.istio.enabled is on but the Kubernetes cache is off: Istio proxies are found through it, so none will be scraped"
+        );
+    }
     if let (Some(pods), true) = (pods, cfg.istio.enabled != Enabled::Off) {
         let scraper = Scraper::new(ScrapeLimits {
             max_bytes: cfg.istio.max_bytes,
