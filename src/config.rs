@@ -34,6 +34,12 @@ pub struct Config {
     pub resource: ResourceConfig,
     pub health: HealthConfig,
     pub log: LogConfig,
+    /// Cilium Hubble's Observer API on the node.
+    pub hubble: crate::source::hubble::HubbleConfig,
+    /// Istio proxies and Calico Felix, scraped.
+    pub mesh: crate::source::mesh::MeshConfig,
+    /// Where the CNI, Hubble and Felix are looked for.
+    pub detect: crate::source::detect::DetectConfig,
 }
 
 impl Default for Config {
@@ -50,6 +56,9 @@ impl Default for Config {
             resource: ResourceConfig::default(),
             health: HealthConfig::default(),
             log: LogConfig::default(),
+            hubble: crate::source::hubble::HubbleConfig::default(),
+            mesh: crate::source::mesh::MeshConfig::default(),
+            detect: crate::source::detect::DetectConfig::default(),
         }
     }
 }
@@ -712,6 +721,24 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::new(
             "conntrack.event_buffer_bytes",
             "must be at least 65536",
+        ));
+    }
+    crate::source::mesh::validate(&cfg.mesh)
+        .map_err(|(key, reason)| ConfigError::new(key, reason))?;
+    if cfg.hubble.max_series < 2 {
+        return Err(ConfigError::new(
+            "hubble.max_series",
+            "must be at least 2 (one series plus the overflow series)",
+        ));
+    }
+    if cfg.hubble.reconnect_backoff_max.is_zero() || cfg.hubble.log_interval.is_zero() {
+        return Err(ConfigError::new(
+            if cfg.hubble.log_interval.is_zero() {
+                "hubble.log_interval"
+            } else {
+                "hubble.reconnect_backoff_max"
+            },
+            "must be greater than 0, e.g. \"30s\"",
         ));
     }
     if cfg.export.console.rows == 0 {

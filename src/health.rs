@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use crate::enrich::kubernetes::KubeStats;
+use crate::export::mesh::{ActiveSources, ActiveSourcesCell};
 use crate::source::SourceInfo;
 use crate::stats::SelfStats;
 
@@ -19,6 +20,7 @@ struct HealthState {
     stats: Arc<SelfStats>,
     source: SourceInfo,
     kube: Option<Arc<KubeStats>>,
+    active: ActiveSourcesCell,
 }
 
 #[derive(serde::Serialize)]
@@ -29,6 +31,9 @@ struct Readiness {
     /// The Kubernetes cache, when enrichment is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     kubernetes: Option<KubeReadiness>,
+    /// The CNI detected and the sources delivering (kernel, hubble, istio,
+    /// felix), as in `flowtel.sources.active`.
+    sources: ActiveSources,
 }
 
 /// The Kubernetes cache's counters, as in the `flowtel.k8s.*` metrics.
@@ -47,6 +52,7 @@ pub async fn serve(
     stats: Arc<SelfStats>,
     source: SourceInfo,
     kube: Option<Arc<KubeStats>>,
+    active: ActiveSourcesCell,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {listen} for health checks (health.listen): {e}")
@@ -59,6 +65,7 @@ pub async fn serve(
             stats,
             source,
             kube,
+            active,
         });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -87,6 +94,11 @@ async fn readyz(State(state): State<HealthState>) -> (StatusCode, Json<Readiness
                 relists: k.relists(),
                 objects_rejected: k.objects_rejected(),
             }),
+            sources: state
+                .active
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
         }),
     )
 }

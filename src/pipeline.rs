@@ -16,13 +16,15 @@ use tokio::sync::mpsc;
 use crate::config::{Config, ConsoleMode, SourceChoice};
 use crate::enrich::{kubernetes, Namer};
 use crate::export::console::ConsoleExporter;
+use crate::export::mesh::{ActiveSourcesCell, MeshExporter};
 use crate::export::otlp_logs::OtlpLogsExporter;
 use crate::export::otlp_metrics::OtlpMetricsExporter;
 use crate::export::transport::SignalTransport;
 use crate::flow::aggregate::{Aggregator, IntervalReport, KeySpec};
 use crate::flow::table::FlowTable;
 use crate::flow::SourceEvent;
-use crate::source::{conntrack, ebpf, SourceInfo};
+use crate::source::detect::{self, Detection};
+use crate::source::{conntrack, ebpf, hubble, SourceInfo};
 use crate::stats::SelfStats;
 
 /// How long shutdown waits for the final dump before exporting what it has.
@@ -43,6 +45,31 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     if kube.is_some() {
         tracing::info!(node = ?cfg.resource.node_name, "naming flow ends from the Kubernetes API");
     }
+    let (detection, _detect_task) =
+        detect::watch(cfg.detect.clone(), detect::DEFAULT_POLL_INTERVAL).await;
+    log_detection(&detection.borrow());
+    let active = ActiveSourcesCell::default();
+    if let Ok(mut a) = active.lock() {
+        a.sources = vec![info.name];
+        a.cni = detection
+            .borrow()
+            .cni
+            .active
+            .as_ref()
+            .map(|c| c.kind.as_str().to_owned());
+    }
+    let hubble = hubble::start(&cfg.hubble);
+    let pods: Option<crate::source::mesh::PodSource> = kube.as_ref().map(|k| {
+        let snapshots = k.snapshots();
+        Box::new(move || snapshots.borrow().clone()) as crate::source::mesh::PodSource
+    });
+    let mesh = crate::source::mesh::start(
+        &cfg.mesh,
+        cfg.resource.node_name.clone(),
+        pods,
+        detection.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("starting the mesh scrapes: {e}"))?;
     if !cfg.health.listen.is_empty() {
         let listen = cfg
             .health
@@ -54,6 +81,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             stats.clone(),
             info,
             kube.as_ref().map(|k| k.stats()),
+            active.clone(),
         )
         .await?;
         tracing::info!("health checks on http://{local}/healthz and /readyz");
@@ -76,6 +104,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         )
     } else {
         None
+    };
+    let mesh_exporter = match &transport {
+        Some(t) => Some(MeshExporter::build(
+            &cfg,
+            t,
+            stats.clone(),
+            hubble,
+            mesh,
+            detection.clone(),
+            info.name,
+            active.clone(),
+        )?),
+        None => None,
     };
     let logs = if cfg.export.logs.enabled {
         SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.logs, "logs")
@@ -110,6 +151,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             otlp,
             logs,
             console,
+            mesh: mesh_exporter,
         },
         stats.clone(),
         info,
@@ -206,6 +248,30 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     Ok(())
 }
 
+/// Says once at start what the node runs besides the kernel.
+fn log_detection(d: &Detection) {
+    match &d.cni.active {
+        Some(c) => tracing::info!(
+            cni = %c.kind,
+            chained_on = ?c.chained_on.as_ref().map(|k| k.as_str()),
+            file = %c.file.display(),
+            hubble = d.hubble,
+            felix = d.felix,
+            "detected the node's CNI"
+        ),
+        None => tracing::info!(
+            reason = d
+                .cni
+                .dir_error
+                .as_deref()
+                .unwrap_or("no valid configuration"),
+            hubble = d.hubble,
+            felix = d.felix,
+            "no CNI configuration found"
+        ),
+    }
+}
+
 /// The kernel source in use.
 enum Source {
     Conntrack(conntrack::ConntrackHandle),
@@ -289,6 +355,8 @@ struct Exporters {
     otlp: Option<OtlpMetricsExporter>,
     logs: Option<OtlpLogsExporter>,
     console: Option<ConsoleExporter>,
+    /// Hubble, Istio, Felix and the detection self-metrics.
+    mesh: Option<MeshExporter>,
 }
 
 async fn export_loop(
@@ -314,7 +382,12 @@ async fn export_loop(
                 l.export(&report).await;
             }
         };
-        tokio::join!(metrics, logs);
+        let mesh = async {
+            if let Some(m) = &mut to.mesh {
+                m.export().await;
+            }
+        };
+        tokio::join!(metrics, logs, mesh);
     }
     // The final interval's records were flushed above; shutdown releases
     // the exporters once nothing is left.

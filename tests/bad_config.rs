@@ -155,6 +155,30 @@ const CASES: &[Case] = &[
         env: &[],
         key: "`ebpf.nat_max_entries`",
     },
+    Case {
+        name: "scrape timeout longer than the interval",
+        yaml: Some("mesh:\n  istio:\n    interval: 5s\n    timeout: 10s\n"),
+        env: &[],
+        key: "`mesh.istio.timeout`",
+    },
+    Case {
+        name: "felix url not http",
+        yaml: Some("mesh:\n  felix:\n    url: felix:9091\n"),
+        env: &[],
+        key: "`mesh.felix.url`",
+    },
+    Case {
+        name: "hubble enabled not a choice",
+        yaml: Some("hubble:\n  enabled: sometimes\n"),
+        env: &[],
+        key: "`hubble.enabled`",
+    },
+    Case {
+        name: "unknown detect key",
+        yaml: Some("detect:\n  cni_directory: /etc/cni\n"),
+        env: &[],
+        key: "`detect.cni_directory`",
+    },
 ];
 
 fn run(subcommand: &str, case: &Case, dir: &std::path::Path) -> std::process::Output {

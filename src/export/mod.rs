@@ -4,7 +4,9 @@
 
 pub mod attributes;
 pub mod console;
+pub mod hubble_logs;
 pub mod instruments;
+pub mod mesh;
 pub mod otlp_logs;
 pub mod otlp_metrics;
 pub mod otlp_wire;

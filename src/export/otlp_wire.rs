@@ -197,6 +197,17 @@ pub fn number_point(buf: &mut Vec<u8>, attrs: &[&[u8]], start: u64, time: u64, v
     fixed64_field(buf, 6, value.min(i64::MAX as u64));
 }
 
+/// Appends a double `NumberDataPoint`: scraped Prometheus values are
+/// floats, and a gauge such as Felix's may be fractional.
+pub fn double_point(buf: &mut Vec<u8>, attrs: &[u8], start: u64, time: u64, value: f64) {
+    len_prefix(buf, 1, attrs.len() + 27);
+    buf.extend_from_slice(attrs);
+    fixed64_field(buf, 2, start);
+    fixed64_field(buf, 3, time);
+    // as_double.
+    fixed64_field(buf, 4, value.to_bits());
+}
+
 /// Appends an explicit-bucket `HistogramDataPoint`; `counts` has one more
 /// entry than `bounds`.
 pub fn histogram_point(

@@ -7,6 +7,7 @@ pub mod ebpf;
 pub mod felix;
 pub mod hubble;
 pub mod istio;
+pub mod mesh;
 pub mod netns;
 pub mod out;
 pub mod scrape;

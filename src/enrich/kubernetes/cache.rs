@@ -411,6 +411,7 @@ impl Cache {
             host_network: parts.host_network,
             zone: node.and_then(|n| n.info.zone.clone()),
             region: node.and_then(|n| n.info.region.clone()),
+            mesh: parts.mesh.clone(),
         }
     }
 

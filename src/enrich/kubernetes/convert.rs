@@ -12,7 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::intern::Interner;
-use super::model::{NodeInfo, Protocol, ServiceInfo, ServicePort};
+use super::model::{NodeInfo, PodMesh, Protocol, ServiceInfo, ServicePort};
 use super::owners::{controller_of, Controller};
 
 /// The label that names a node's zone.
@@ -125,6 +125,7 @@ pub(crate) struct PodParts {
     /// Not `Succeeded` or `Failed`: a finished pod keeps `podIP` in the API
     /// but the address is free for the next pod.
     pub running: bool,
+    pub mesh: Option<Arc<PodMesh>>,
 }
 
 /// The parts of `pod` flowtel needs; `labels` are the configured keys.
@@ -203,7 +204,48 @@ pub(crate) fn pod(
         ips: ips.into_boxed_slice(),
         ports: host_network.then(|| ports.into()),
         running,
+        mesh: mesh_of(pod),
     })
+}
+
+/// The pod's Istio role, from its container names, annotations and `app`
+/// label (see [`crate::source::detect::mesh_of`]).
+fn mesh_of(pod: &Pod) -> Option<Arc<PodMesh>> {
+    let containers: Vec<&str> = pod
+        .spec
+        .as_ref()
+        .map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .map(|c| c.name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let annotations: Vec<(&str, &str)> = pod
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let labels: Vec<(&str, &str)> = pod
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() == "app")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let role = crate::source::detect::mesh_of(&containers, &annotations, &labels)?;
+    let annotation = |key: &str| annotations.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    Some(Arc::new(PodMesh {
+        role,
+        port: annotation("prometheus.io/port").and_then(|p| p.parse().ok()),
+        path: annotation("prometheus.io/path")
+            .filter(|p| p.starts_with('/'))
+            .map(Arc::from),
+    }))
 }
 
 /// A Service's uid and what names it.

@@ -235,6 +235,29 @@ impl Snapshot {
     /// `InternalIP`/`ExternalIP` the node. An address shared by a node and
     /// its host-network pods is the node, unless `port` is one a
     /// host-network pod there declares.
+    /// The pods that still hold an address and carry an Istio role, on
+    /// `node` when given, one address each: the Istio source's targets.
+    pub fn mesh_pods(&self, node: Option<&str>) -> Vec<(IpAddr, Arc<PodInfo>)> {
+        let mut out: Vec<(IpAddr, Arc<PodInfo>)> = self
+            .addresses
+            .iter()
+            .flat_map(|(ip, history)| history.claims().iter().map(move |c| (*ip, c)))
+            .filter(|(_, c)| c.until.is_none())
+            .filter_map(|(ip, c)| match &c.holder {
+                Holder::Pod(pod) | Holder::HostPod { pod, .. } => Some((ip, pod)),
+                _ => None,
+            })
+            .filter(|(_, pod)| pod.mesh.is_some())
+            .filter(|(_, pod)| node.is_none_or(|n| pod.node.as_deref() == Some(n)))
+            .map(|(ip, pod)| (ip, Arc::clone(pod)))
+            .collect();
+        // One target per pod (a dual-stack pod has two addresses), in a
+        // stable order.
+        out.sort_by(|a, b| (&a.1.uid, a.0).cmp(&(&b.1.uid, b.0)));
+        out.dedup_by(|a, b| a.1.uid == b.1.uid);
+        out
+    }
+
     pub fn lookup(&self, ip: IpAddr, port: Option<u16>, at: SystemTime) -> Option<Peer> {
         let history = self.addresses.get(&ip)?;
         let mut host_port: Option<&Claim> = None;
@@ -319,6 +342,7 @@ mod tests {
             host_network: false,
             zone: None,
             region: None,
+            mesh: None,
         })
     }
 

@@ -55,7 +55,7 @@ use tokio::task::JoinHandle;
 pub use config::{KubernetesConfig, KubernetesMode};
 pub use index::{Counts, Snapshot};
 pub use model::{
-    NodeInfo, Peer, PodInfo, Protocol, ServiceInfo, ServicePort, Workload, WorkloadKind,
+    NodeInfo, Peer, PodInfo, PodMesh, Protocol, ServiceInfo, ServicePort, Workload, WorkloadKind,
 };
 
 /// How the cache task is doing, for self-telemetry and `/readyz`. Every
@@ -113,6 +113,12 @@ impl KubeHandle {
     /// first lists are in.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshots.borrow().clone()
+    }
+
+    /// A receiver of the snapshots, for another task that reads the cache
+    /// (the Istio source) while this handle keeps the cache's lifetime.
+    pub fn snapshots(&self) -> channel::Receiver<Arc<Snapshot>> {
+        self.snapshots.clone()
     }
 
     /// The task's counters.

@@ -83,6 +83,18 @@ pub struct PodInfo {
     pub zone: Option<Arc<str>>,
     /// `topology.kubernetes.io/region` of the pod's node.
     pub region: Option<Arc<str>>,
+    /// How the pod takes part in an Istio mesh, for scraping its proxy;
+    /// `None` for the (many) pods outside a mesh, which cost nothing more.
+    pub mesh: Option<Arc<PodMesh>>,
+}
+
+/// What the Istio source needs of a meshed pod: its role, and the scrape
+/// port and path its `prometheus.io/*` annotations set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMesh {
+    pub role: crate::source::detect::MeshRole,
+    pub port: Option<u16>,
+    pub path: Option<Arc<str>>,
 }
 
 impl PodInfo {

@@ -6,7 +6,7 @@
 //! [`start`] spawns the client; the exporter calls
 //! [`HubbleHandle::report`] once per interval and turns the
 //! [`HubbleReport`] into metrics and flow records (names proposed in
-//! `docs/hubble.md`).
+//! `docs/telemetry.md`, "Mesh and CNI sources").
 
 pub mod client;
 pub mod convert;

@@ -90,7 +90,7 @@ impl FlowKey {
         }
     }
 
-    /// The proposed OTel attributes (see docs/hubble.md).
+    /// The proposed OTel attributes (see docs/telemetry.md, "Cilium Hubble").
     pub fn attributes(&self) -> Vec<(String, String)> {
         let mut out = vec![
             ("flowtel.hubble.verdict".to_owned(), self.verdict.to_owned()),
@@ -173,7 +173,7 @@ impl L7Key {
         })
     }
 
-    /// The proposed OTel attributes (see docs/hubble.md).
+    /// The proposed OTel attributes (see docs/telemetry.md, "Cilium Hubble").
     pub fn attributes(&self) -> Vec<(String, String)> {
         let mut out = vec![
             (
