@@ -52,7 +52,7 @@ pub fn record(w: &mut LogRecordWriter, f: &HubbleFlow, observed: u64) {
         (Some(ip), None) => ip.to_string(),
         _ => "?".to_owned(),
     };
-    w.body(&format!(
+    w.body(format_args!(
         "{} {} {} -> {}",
         f.verdict,
         f.transport.map_or("-", |t| t.as_str()),
