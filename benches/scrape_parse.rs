@@ -1,12 +1,17 @@
 //! Parse+convert throughput of an Envoy sidecar scrape of about 1 MB: the
 //! Istio families flowtel keeps among Envoy's own, with Envoy's full label
-//! sets and the 20-bucket request-duration histogram. Target: 50 MB/s on one
-//! core. Run with `cargo bench --bench scrape_parse`; criterion prints the
-//! throughput (`thrpt`).
+//! sets and the 20-bucket request-duration histogram. `envoy_1mb` parses
+//! into families; `envoy_1mb_to_otlp` also encodes them as the OTLP
+//! request flowtel sends (`export::mesh::encode_families`, with the pod's
+//! attributes). Target: 50 MB/s on one core. Run with
+//! `cargo bench --bench scrape_parse`; criterion prints the throughput
+//! (`thrpt`).
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use flowtel::export::mesh::encode_families;
+use flowtel::export::otlp_wire::{Batcher, Envelope};
 use flowtel::source::istio::ISTIO_FAMILIES;
 use flowtel::source::scrape::{parse, Format};
 
@@ -75,6 +80,24 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(text.len() as u64));
     group.bench_function("envoy_1mb", |b| {
         b.iter(|| parse(black_box(&text), Format::Text, ISTIO_FAMILIES))
+    });
+    let envelope = Envelope::new(&[], "flowtel", "bench");
+    group.bench_function("envoy_1mb_to_otlp", |b| {
+        b.iter(|| {
+            let families = parse(black_box(&text), Format::Text, ISTIO_FAMILIES)
+                .expect("the generated scrape parses");
+            let mut batch = Batcher::new(&envelope, 3 << 20);
+            encode_families(
+                &mut batch,
+                &families,
+                &[
+                    ("k8s.pod.name", "api-0-7d9f"),
+                    ("k8s.namespace.name", "shop"),
+                ],
+                (1, 2),
+            );
+            batch.finish()
+        })
     });
     group.finish();
 }
