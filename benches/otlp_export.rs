@@ -6,7 +6,7 @@
 //! * `logs`: one interval of 20 000 flow records through `OtlpLogsExporter`
 //!   (no rate limit); throughput in log records.
 //!
-//! Each runs with gzip (the default) and without compression, and once
+//! Each runs with gzip (the default), zstd and without compression, and once
 //! encoding only (no network). The exporter
 //! side (its runtime, blocking pool and criterion's thread) is pinned to
 //! CPU 0 and the receiver to CPU 1, so "thrpt" is what one core exports.
@@ -26,7 +26,7 @@ use flowtel::config::{Compression, Config};
 use flowtel::export::otlp_logs::OtlpLogsExporter;
 use flowtel::export::otlp_metrics::{MetricsEncoder, OtlpMetricsExporter};
 use flowtel::export::self_metrics;
-use flowtel::export::transport::SignalTransport;
+use flowtel::export::transport::{self, SignalTransport};
 use flowtel::flow::aggregate::{Aggregator, DirectionalCounters, IntervalReport, KeySpec};
 use flowtel::flow::{Counters, Endpoint, FlowId, FlowUpdate, Nat, SourceKind, Transport};
 use flowtel::stats::SelfStats;
@@ -179,10 +179,11 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     Box::pin(async move {
-        let mut gzip = tonic::codec::EnabledCompressionEncodings::default();
-        gzip.enable(tonic::codec::CompressionEncoding::Gzip);
+        let mut accepted = tonic::codec::EnabledCompressionEncodings::default();
+        accepted.enable(tonic::codec::CompressionEncoding::Gzip);
+        accepted.enable(tonic::codec::CompressionEncoding::Zstd);
         let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<Response, M>::default())
-            .apply_compression_config(gzip, Default::default())
+            .apply_compression_config(accepted, Default::default())
             .apply_max_message_size_config(Some(256 << 20), None);
         Ok(grpc
             .unary(Export(counts, std::marker::PhantomData), req)
@@ -433,7 +434,11 @@ fn bench(c: &mut Criterion) {
     group.bench_function("log_records/encode_only", |b| {
         b.iter(|| logs_encoder.encode(&logs))
     });
-    for (name, compression) in [("gzip", Compression::Gzip), ("none", Compression::None)] {
+    for (name, compression) in [
+        ("gzip", Compression::Gzip),
+        ("zstd", Compression::Zstd),
+        ("none", Compression::None),
+    ] {
         let cfg = config(&endpoint, compression);
         let transport =
             SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.metrics, "metrics")
@@ -527,11 +532,21 @@ fn bench(c: &mut Criterion) {
     ] {
         let largest = requests.iter().map(Vec::len).max().unwrap_or(0);
         let total: usize = requests.iter().map(Vec::len).sum();
+        let wire = |c: Compression| -> usize {
+            requests
+                .iter()
+                .map(|r| transport::compress(c, r.clone()).len())
+                .sum()
+        };
+        let mib = |b: usize| b as f64 / f64::from(1 << 20);
         println!(
-            "  {signal}: {} requests, {:.1} MiB in all, largest {:.2} MiB",
+            "  {signal}: {} requests, {:.1} MiB in all, largest {:.2} MiB; on the wire \
+             {:.2} MiB with gzip, {:.2} MiB with zstd",
             requests.len(),
-            total as f64 / f64::from(1 << 20),
-            largest as f64 / f64::from(1 << 20)
+            mib(total),
+            mib(largest),
+            mib(wire(Compression::Gzip)),
+            mib(wire(Compression::Zstd))
         );
     }
 }

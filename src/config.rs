@@ -232,6 +232,7 @@ impl Protocol {
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -591,10 +592,10 @@ fn otel_env(env: &HashMap<String, String>) -> Result<Vec<(String, config::Value)
             out.push((format!("{prefix}.protocol"), v.into()));
         }
         if let Some(v) = get(&var("COMPRESSION")) {
-            if v != "gzip" && v != "none" {
+            if !matches!(v, "gzip" | "zstd" | "none") {
                 return Err(ConfigError::new(
                     var("COMPRESSION"),
-                    format!("unsupported compression {v:?}; use \"gzip\" or \"none\""),
+                    format!("unsupported compression {v:?}; use \"gzip\", \"zstd\" or \"none\""),
                 ));
             }
             out.push((format!("{prefix}.compression"), v.into()));
@@ -1001,6 +1002,26 @@ mod tests {
         };
         let cfg = load(Some(&file), &e, &flags).expect("loads");
         assert_eq!(cfg.interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn compression_comes_from_the_otel_variables() {
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
+            ("OTEL_EXPORTER_OTLP_LOGS_COMPRESSION", "none"),
+        ]);
+        let cfg = load(None, &e, &Overrides::default()).expect("loads");
+        assert_eq!(cfg.export.otlp.compression, Compression::Zstd);
+        assert_eq!(cfg.export.otlp.logs.compression, Some(Compression::None));
+        let bad = env(&[("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "brotli")]);
+        let err = load(None, &bad, &Overrides::default())
+            .expect_err("brotli is refused")
+            .to_string();
+        assert!(
+            err.contains("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION")
+                && err.contains("\"gzip\", \"zstd\" or \"none\""),
+            "{err}"
+        );
     }
 
     #[test]
