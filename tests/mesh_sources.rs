@@ -1140,6 +1140,8 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
         matched,
         "{test}: /metrics and the OTLP mesh points differ:\n{report}"
     );
+    let compared = expected_samples(&points(&receiver)).map_or(0, |e| e.len());
+    println!("{test}: {compared} mesh series over OTLP, each on /metrics with its Prometheus name, labels and value, and no other");
 
     // The CNI configuration changing at run time is noticed.
     std::fs::remove_file(cni_dir.join("10-calico.conflist")).expect("remove the Calico conflist");
