@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, ConsoleMode, SourceChoice};
 use crate::enrich::{kubernetes, Namer};
 use crate::export::console::ConsoleExporter;
-use crate::export::mesh::{ActiveSourcesCell, MeshExporter};
+use crate::export::mesh::{ActiveSourcesCell, MeshExporter, MeshSources};
 use crate::export::otlp_logs::OtlpLogsExporter;
 use crate::export::otlp_metrics::OtlpMetricsExporter;
 use crate::export::transport::SignalTransport;
@@ -105,17 +105,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     } else {
         None
     };
+    // Read every interval whatever the exporters: for /readyz, the
+    // Prometheus endpoint and OTLP alike.
+    let sources = MeshSources::new(
+        cfg.hubble.clone(),
+        hubble,
+        mesh,
+        detection.clone(),
+        info.name,
+        active.clone(),
+    );
     let mesh_exporter = match &transport {
-        Some(t) => Some(MeshExporter::build(
-            &cfg,
-            t,
-            stats.clone(),
-            hubble,
-            mesh,
-            detection.clone(),
-            info.name,
-            active.clone(),
-        )?),
+        Some(t) => Some(MeshExporter::build(&cfg, t, stats.clone())?),
         None => None,
     };
     let logs = if cfg.export.logs.enabled {
@@ -151,6 +152,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             otlp,
             logs,
             console,
+            sources,
             mesh: mesh_exporter,
         },
         stats.clone(),
@@ -355,7 +357,10 @@ struct Exporters {
     otlp: Option<OtlpMetricsExporter>,
     logs: Option<OtlpLogsExporter>,
     console: Option<ConsoleExporter>,
-    /// Hubble, Istio, Felix and the detection self-metrics.
+    /// Hubble, Istio, Felix and the detection self-metrics, read each
+    /// interval into a snapshot for the Prometheus endpoint and `mesh`.
+    sources: MeshSources,
+    /// Their OTLP export.
     mesh: Option<MeshExporter>,
 }
 
@@ -366,6 +371,11 @@ async fn export_loop(
     source: SourceInfo,
 ) {
     while let Some(report) = rx.recv().await {
+        let (snapshot, hubble_flows) = to.sources.collect();
+        let snapshot = Arc::new(snapshot);
+        if let Some(o) = &to.otlp {
+            o.publish_mesh(Arc::clone(&snapshot));
+        }
         if let Some(c) = &to.console {
             if let Err(e) = c.export(&report, &stats.snapshot(), source) {
                 tracing::warn!("stopped printing flows to the terminal: {e}");
@@ -383,8 +393,8 @@ async fn export_loop(
             }
         };
         let mesh = async {
-            if let Some(m) = &mut to.mesh {
-                m.export().await;
+            if let Some(m) = &to.mesh {
+                m.export(&snapshot, &hubble_flows).await;
             }
         };
         tokio::join!(metrics, logs, mesh);

@@ -8,10 +8,13 @@
 //!   `_bucket` on histograms, `ratio` for gauges in `1`), its attribute names
 //!   with `.` turned into `_` (labels in Prometheus, and in Loki, whose OTLP
 //!   ingestion names structured metadata the same way), and the labels its
-//!   Prometheus section names (`job`, `instance`, `le`, `otel_scope_name`).
-//!   Labels a query makes itself (`label_join`, `label_replace`) are allowed
-//!   after they are made. `the_name_check_can_fail` feeds it undocumented
-//!   names.
+//!   Prometheus section names (`job`, `instance`, `le`, `otel_scope_name`),
+//!   and the labels its `label` tables list (Istio's and Felix's, as they
+//!   are). A metric table's `Prometheus` column must be what the translation
+//!   makes of the row. Labels a query makes itself (`label_join`,
+//!   `label_replace`) are allowed after they are made.
+//!   `the_name_check_can_fail` feeds it undocumented names, and
+//!   `the_prometheus_column_and_label_tables_are_read` a wrong column.
 //! * `dashboards_are_well_formed`: unique uids, panel ids and refIds, every
 //!   target on the panel's data source, the template variables, the grid.
 //! * `dashboards_type_check_against_grafana_schema`: TypeScript checks each
@@ -24,12 +27,18 @@
 //!   address no object claims, through a router that loses 3 % of the
 //!   packets to B, with refused and unanswered connects, an aborted
 //!   connection and packets A's nftables drops, in two rounds (a counter's
-//!   first sample has no rate). Debian's Prometheus scrapes it every second.
+//!   first sample has no rate). flowtel also scrapes, every second, an Envoy
+//!   sidecar of a second checkout pod, ztunnel and Felix: local servers
+//!   serving the fixtures of `tests/fixtures/mesh/` with their counters
+//!   growing at each scrape (`tests/common/mesh.rs`). Debian's Prometheus
+//!   scrapes flowtel every second.
 //!   Then every PromQL query of every panel, with the template variables set
 //!   to the test's cluster, namespace and workload and again to "All"
 //!   (`.*`), goes through Prometheus's HTTP API and must return a series,
 //!   with a value above 0 except on the agent health dashboard (where 0
-//!   means healthy). Each template variable's `label_values` must list the
+//!   means healthy); the queries in `EXACT` must return exactly the value
+//!   the mesh fixtures make (error ratios, duration quantiles, Felix's
+//!   gauges). Each template variable's `label_values` must list the
 //!   test's value. LogQL queries cannot run without Loki: their label names
 //!   are checked against the documentation (above) and against the log
 //!   records flowtel sent in the same run (every one must be an attribute
@@ -52,6 +61,7 @@ use std::time::{Duration, Instant};
 
 use common::flowtel::{Flowtel, FlowtelArgs};
 use common::kubeapi::{fx, KubeApi};
+use common::mesh::{self, Behaviour};
 use common::otlp_receiver::OtlpReceiver;
 use common::router::{RouterLab, A_V4, BACKEND_PORT, B_V4, IF_RB, RA_V4, RB_V4, VIP, VIP_PORT};
 use common::traffic::{self, TrafficServer};
@@ -77,6 +87,8 @@ struct Query {
     dashboard: String,
     /// Panel title, or `$name` for a template variable.
     panel: String,
+    /// The target's refId (empty for a template variable).
+    ref_id: String,
     lang: Lang,
     expr: String,
 }
@@ -90,8 +102,8 @@ fn dashboards() -> Vec<(String, Value)> {
         .collect();
     files.sort();
     assert!(
-        files.len() >= 7,
-        "expected the 7 dashboards, found {files:?}"
+        files.len() >= 9,
+        "expected the 9 dashboards, found {files:?}"
     );
     files
         .iter()
@@ -140,6 +152,7 @@ fn queries(name: &str, dash: &Value) -> Vec<Query> {
             out.push(Query {
                 dashboard: name.to_string(),
                 panel: p["title"].as_str().unwrap_or_default().to_string(),
+                ref_id: t["refId"].as_str().unwrap_or_default().to_string(),
                 lang,
                 expr: expr.to_string(),
             });
@@ -153,6 +166,7 @@ fn queries(name: &str, dash: &Value) -> Vec<Query> {
         out.push(Query {
             dashboard: name.to_string(),
             panel: format!("${}", v["name"].as_str().unwrap_or_default()),
+            ref_id: String::new(),
             lang: Lang::Variable,
             expr: q.unwrap_or_default().to_string(),
         });
@@ -512,6 +526,9 @@ fn prometheus_names(name: &str, unit: &str, kind: Instrument) -> Vec<String> {
         ("1", _) => None,
         ("By", _) => Some("bytes".to_string()),
         ("s", _) => Some("seconds".to_string()),
+        ("ms", _) => Some("milliseconds".to_string()),
+        ("us", _) => Some("microseconds".to_string()),
+        ("ns", _) => Some("nanoseconds".to_string()),
         (other, _) => Some(sanitize(other, true)),
     };
     if let Some(w) = word {
@@ -535,6 +552,9 @@ fn prometheus_names(name: &str, unit: &str, kind: Instrument) -> Vec<String> {
 struct Documented {
     metrics: BTreeSet<String>,
     labels: BTreeSet<String>,
+    /// Metric-table rows whose `Prometheus` column is not what the
+    /// translation makes of the row's name, unit and instrument.
+    mismatches: Vec<String>,
 }
 
 /// Attribute namespaces of flowtel's telemetry; other dotted names in the
@@ -562,6 +582,27 @@ fn backticked(text: &str) -> Vec<&str> {
 fn documented() -> Documented {
     let text = std::fs::read_to_string(Path::new(ROOT).join("docs/telemetry.md"))
         .expect("reading docs/telemetry.md");
+    let mut doc = documented_in(&text);
+    // The Prometheus section: the resource as `target_info`, joined `on
+    // (job, instance)`, histogram buckets by `le`, the scope label.
+    for (needle, metric, labels) in [
+        ("`target_info`", Some("target_info"), &[][..]),
+        ("on (job, instance)", None, &["job", "instance"][..]),
+        ("(with `le`)", None, &["le"][..]),
+        ("`otel_scope_name=", None, &["otel_scope_name"][..]),
+    ] {
+        assert!(
+            text.contains(needle),
+            "docs/telemetry.md no longer says {needle:?}"
+        );
+        doc.metrics.extend(metric.map(String::from));
+        doc.labels.extend(labels.iter().map(|l| l.to_string()));
+    }
+    doc
+}
+
+/// The names `text`'s tables (and backticked attributes) define.
+fn documented_in(text: &str) -> Documented {
     let mut doc = Documented::default();
     let mut metric_names = BTreeSet::new();
     let mut header: Vec<String> = Vec::new();
@@ -581,7 +622,8 @@ fn documented() -> Documented {
         let is_metric_table = header.first().is_some_and(|h| h == "metric")
             && header.iter().any(|h| h == "instrument")
             && header.iter().any(|h| h == "unit");
-        if is_metric_table && !line.starts_with("| metric") && cells.len() >= 3 {
+        let is_row = !line.starts_with("| metric") && !line.starts_with("| label");
+        if is_metric_table && is_row && cells.len() >= 3 {
             let kind = if cells[1].contains("Histogram") {
                 Instrument::Histogram
             } else if cells[1].contains("Gauge") {
@@ -590,10 +632,33 @@ fn documented() -> Documented {
                 Instrument::Counter
             };
             let unit = cells[2].trim_matches('`');
+            let stated = header
+                .iter()
+                .position(|h| h == "prometheus")
+                .and_then(|i| cells.get(i))
+                .map(|c| backticked(c));
             for name in backticked(cells[0]) {
                 metric_names.insert(name.to_string());
-                doc.metrics.extend(prometheus_names(name, unit, kind));
+                let names = prometheus_names(name, unit, kind);
+                if let Some(stated) = &stated {
+                    let made = match kind {
+                        Instrument::Histogram => names[0].trim_end_matches("_bucket"),
+                        _ => names[0].as_str(),
+                    };
+                    if stated.as_slice() != [made] {
+                        doc.mismatches.push(format!(
+                            "{name}: the table says {stated:?}, the translation makes {made}"
+                        ));
+                    }
+                }
+                doc.metrics.extend(names);
             }
+        }
+        // Tables of labels (scraped families' labels, as they are): the
+        // names in the first column.
+        if header.first().is_some_and(|h| h == "label") && is_row {
+            doc.labels
+                .extend(backticked(cells[0]).into_iter().map(|l| sanitize(l, false)));
         }
         for token in backticked(line) {
             let root = token.split('.').next().unwrap_or_default();
@@ -607,21 +672,6 @@ fn documented() -> Documented {
     }
     for m in &metric_names {
         doc.labels.remove(&sanitize(m, false));
-    }
-    // The Prometheus section: the resource as `target_info`, joined `on
-    // (job, instance)`, histogram buckets by `le`, the scope label.
-    for (needle, metric, labels) in [
-        ("`target_info`", Some("target_info"), &[][..]),
-        ("on (job, instance)", None, &["job", "instance"][..]),
-        ("(with `le`)", None, &["le"][..]),
-        ("`otel_scope_name=", None, &["otel_scope_name"][..]),
-    ] {
-        assert!(
-            text.contains(needle),
-            "docs/telemetry.md no longer says {needle:?}"
-        );
-        doc.metrics.extend(metric.map(String::from));
-        doc.labels.extend(labels.iter().map(|l| l.to_string()));
     }
     doc
 }
@@ -680,11 +730,20 @@ fn every_name_in_the_dashboards_is_in_telemetry_md() {
         doc.metrics.len(),
         doc.labels.len()
     );
+    assert!(
+        doc.mismatches.is_empty(),
+        "docs/telemetry.md states Prometheus names the translation does not make:\n  {}",
+        doc.mismatches.join("\n  ")
+    );
     for m in [
         "flowtel_flow_bytes_total",
         "flowtel_tcp_rtt_seconds_bucket",
         "flowtel_source_byte_counters_ratio",
         "flowtel_flows_tracked",
+        "istio_requests_total",
+        "istio_request_duration_milliseconds_bucket",
+        "felix_resync_state_ratio",
+        "flowtel_hubble_flows_total",
     ] {
         assert!(
             doc.metrics.contains(m),
@@ -744,6 +803,7 @@ fn the_name_check_can_fail() {
     let q = |lang: Lang, expr: &str| Query {
         dashboard: "test".into(),
         panel: "test".into(),
+        ref_id: "A".into(),
         lang,
         expr: expr.into(),
     };
@@ -824,6 +884,41 @@ fn the_name_check_can_fail() {
         r#"label_replace(label_join(sum by (k8s_namespace_name, flowtel_k8s_workload_name) (rate(flowtel_flow_bytes_total{server_port="80"}[5m]) * on (job, instance) group_left () target_info{k8s_cluster_name=~".*"}), "source", "/", "k8s_namespace_name", "flowtel_k8s_workload_name"), "source", "$1", "source", "(.*)")"#,
     );
     assert_eq!(undocumented(&fine, &doc), Ok(vec![]));
+}
+
+/// The parts of the documentation the mesh metrics use: a metric table's
+/// `Prometheus` column is checked against the translation, and a `label`
+/// table names labels as they are.
+#[test]
+fn the_prometheus_column_and_label_tables_are_read() {
+    let text = "| metric | instrument | unit | Prometheus |\n\
+                | --- | --- | --- | --- |\n\
+                | `a.b.requests` | Sum | `{request}` | `a_b_requests_total` |\n\
+                | `a.b.duration` | Histogram | `ms` | `a_b_duration_milliseconds` |\n\
+                | `a.b.state` | Gauge | `1` | `a_b_state` |\n\
+                \n\
+                | label | on | meaning |\n\
+                | --- | --- | --- |\n\
+                | `reporter`, `source_workload` | `a.b.requests` | who |\n";
+    let doc = documented_in(text);
+    assert_eq!(
+        doc.mismatches,
+        ["a.b.state: the table says [\"a_b_state\"], the translation makes a_b_state_ratio"]
+    );
+    for m in [
+        "a_b_requests_total",
+        "a_b_duration_milliseconds_bucket",
+        "a_b_state_ratio",
+    ] {
+        assert!(doc.metrics.contains(m), "{m}: {:?}", doc.metrics);
+    }
+    for l in ["reporter", "source_workload"] {
+        assert!(doc.labels.contains(l), "{l}: {:?}", doc.labels);
+    }
+    assert!(
+        !doc.labels.contains("a_b_requests"),
+        "a metric name is not a label"
+    );
 }
 
 #[test]
@@ -979,25 +1074,87 @@ const DROPPED_TCP_PORT: u16 = 9999;
 const DROPPED_UDP_PORT: u16 = 9998;
 const LOSS_PERCENT: u32 = 3;
 const CACHE_LAG: Duration = Duration::from_millis(2500);
+/// Where the meshed checkout pod's sidecar, ztunnel and Felix serve their
+/// scrapes: loopback addresses of flowtel's own namespace.
+const SIDECAR_IP: &str = "127.0.0.2";
+const ZTUNNEL_IP: &str = "127.0.0.3";
+const FELIX_IP: &str = "127.0.0.4";
 const QUERY_DEADLINE: Duration = Duration::from_secs(40);
 
 fn sock(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse::<IpAddr>().expect("literal address"), port)
 }
 
-/// The address in flowtel's `Prometheus metrics on http://ADDR/metrics`.
-fn metrics_addr(flowtel: &Flowtel) -> Option<SocketAddr> {
-    let output = flowtel.output();
-    let line = output
-        .lines()
-        .find(|l| l.contains("Prometheus metrics on http://"))?;
-    let rest = line.split("Prometheus metrics on http://").nth(1)?;
-    rest.split("/metrics").next()?.parse().ok()
-}
+/// Request-duration quantiles of the Envoy fixture, as Prometheus's
+/// `histogram_quantile` interpolates them within a bucket (1042 requests;
+/// cumulative 120 at 5 ms, 700 at 10, 1000 at 25, 1040 at 50).
+const P50_MS: f64 = 5.0 + (0.5 * 1042.0 - 120.0) / 580.0 * 5.0;
+const P95_MS: f64 = 10.0 + (0.95 * 1042.0 - 700.0) / 300.0 * 15.0;
+const P99_MS: f64 = 25.0 + (0.99 * 1042.0 - 1000.0) / 40.0 * 25.0;
+/// 5xx share of the Envoy fixture's requests as they grow: each scrape
+/// adds 7 + 1 to the 503 series and 1042 + 1 to the 200 series.
+const ERROR_RATIO: f64 = 8.0 / 1051.0;
+
+/// Queries whose value the mesh fixtures fix, at any time and over any
+/// window (`tests/common/mesh.rs`, `advanced`: each scrape adds the same
+/// multiple of every counter and bucket, and gauges stay): dashboard,
+/// panel, refId, the value every series must have.
+const EXACT: [(&str, &str, &str, f64); 18] = [
+    ("flowtel-istio", "Error ratio (5xx)", "A", ERROR_RATIO),
+    (
+        "flowtel-istio",
+        "Error ratio by response code",
+        "A",
+        ERROR_RATIO,
+    ),
+    (
+        "flowtel-istio",
+        "Error ratio by destination workload",
+        "A",
+        ERROR_RATIO,
+    ),
+    ("flowtel-istio", "p99 request duration", "A", P99_MS),
+    (
+        "flowtel-istio",
+        "Request duration p50, p95, p99",
+        "A",
+        P50_MS,
+    ),
+    (
+        "flowtel-istio",
+        "Request duration p50, p95, p99",
+        "B",
+        P95_MS,
+    ),
+    (
+        "flowtel-istio",
+        "Request duration p50, p95, p99",
+        "C",
+        P99_MS,
+    ),
+    (
+        "flowtel-istio",
+        "p95 request duration by destination workload",
+        "A",
+        P95_MS,
+    ),
+    ("flowtel-istio", "Nodes scraping Istio proxies", "A", 1.0),
+    ("flowtel-felix", "Nodes with Felix", "A", 1.0),
+    ("flowtel-felix", "Nodes in sync", "A", 1.0),
+    ("flowtel-felix", "Active local endpoints", "A", 4.0),
+    ("flowtel-felix", "Active local policies", "A", 0.0),
+    ("flowtel-felix", "Policies in the cluster", "A", 0.0),
+    ("flowtel-felix", "Active local endpoints by node", "A", 4.0),
+    ("flowtel-felix", "Calico IP sets", "A", 4.0),
+    ("flowtel-felix", "BPF dataplane endpoints", "A", 0.0),
+    ("flowtel-felix", "BPF dataplane endpoints", "B", 0.0),
+];
 
 /// Two nodes in two zones, the checkout pod (A) on this node, the payments
-/// pod (B) on the other behind its Service.
-fn cluster(api: &KubeApi) {
+/// pod (B) on the other behind its Service. On this node also a second
+/// checkout pod with an Istio sidecar and ztunnel, at loopback addresses
+/// where `sidecar` and `ztunnel` serve their scrapes.
+fn cluster(api: &KubeApi, sidecar: u16, ztunnel: u16) {
     let checkout = fx::workload("Deployment", "shop", "checkout");
     let checkout_rs = fx::replicaset("shop", "checkout-5d8f7c9b6", Some(&checkout));
     let payments = fx::workload("Deployment", "shop", "payments");
@@ -1014,6 +1171,24 @@ fn cluster(api: &KubeApi) {
         .owned_by(&payments_rs)
         .label("app.kubernetes.io/name", "payments")
         .build();
+    let meshed_checkout = mesh::with_proxy(
+        fx::PodFx::new("shop", "checkout-5d8f7c9b6-z2x8k")
+            .on(NODE, RA_V4)
+            .ips(&[SIDECAR_IP])
+            .owned_by(&checkout_rs)
+            .label("app.kubernetes.io/name", "checkout"),
+        sidecar,
+        false,
+    );
+    let ztunnel_ds = fx::workload("DaemonSet", "istio-system", "ztunnel");
+    let ztunnel_pod = mesh::with_proxy(
+        fx::PodFx::new("istio-system", "ztunnel-p4k9s")
+            .on(NODE, RA_V4)
+            .ips(&[ZTUNNEL_IP])
+            .owned_by(&ztunnel_ds),
+        ztunnel,
+        true,
+    );
     let service = fx::service("shop", "payments", &[VIP]);
     let slice = fx::endpoint_slice(&service, "IPv4", &[&payments_pod]);
     api.load([
@@ -1023,6 +1198,8 @@ fn cluster(api: &KubeApi) {
         payments_rs,
         checkout_pod,
         payments_pod,
+        meshed_checkout,
+        ztunnel_pod,
         service,
         slice,
     ]);
@@ -1121,6 +1298,20 @@ fn run_query(prom: &Prometheus, q: &Query, vars: &[(&str, &str)]) -> Result<Stri
             Err(format!("{label} values {values:?} lack {want}"))
         };
     }
+    if let Some(&(.., want)) = EXACT
+        .iter()
+        .find(|(d, p, r, _)| *d == q.dashboard && *p == q.panel && *r == q.ref_id)
+    {
+        let exact = |v: f64| (v - want).abs() <= 1e-6 * want.abs().max(1.0);
+        return if !samples.is_empty() && samples.iter().all(|s| exact(s.value)) {
+            Ok(format!(
+                "{} series, each {want} as the fixtures make it",
+                samples.len()
+            ))
+        } else {
+            Err(format!("every series must be {want}: [{}]", show(&samples)))
+        };
+    }
     let positive = samples.iter().any(|s| s.value > 0.0 && s.value.is_finite());
     let needs_positive = q.dashboard != HEALTH;
     if samples.is_empty() || (needs_positive && !positive) {
@@ -1185,10 +1376,31 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         ])
         .expect("R's neighbour entry for it");
 
-    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime for the API server");
+    let rt = tokio::runtime::Runtime::new()
+        .expect("a tokio runtime for the API server and the scrape targets");
+    // The mesh sources' targets, counters growing at every scrape.
+    let (sidecar, ztunnel, felix) = rt.block_on(async {
+        (
+            mesh::serve(
+                sock(SIDECAR_IP, 0),
+                Behaviour::Growing(mesh::TEXT, mesh::ENVOY),
+            )
+            .await,
+            mesh::serve(
+                sock(ZTUNNEL_IP, 0),
+                Behaviour::Growing(mesh::OPENMETRICS, mesh::ZTUNNEL),
+            )
+            .await,
+            mesh::serve(
+                sock(FELIX_IP, 0),
+                Behaviour::Growing(mesh::TEXT, mesh::FELIX),
+            )
+            .await,
+        )
+    });
     let api = KubeApi::new();
     rt.block_on(api.start());
-    cluster(&api);
+    cluster(&api, sidecar.port(), ztunnel.port());
     let kubeconfig = api.write_kubeconfig(dir.path());
     let receiver = OtlpReceiver::start().expect("the OTLP receiver (log records)");
     let endpoint = receiver.grpc_endpoint();
@@ -1212,6 +1424,15 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             ),
             ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".to_string()),
             ("FLOWTEL_EXPORT__LOGS__RATE_LIMIT", "0".to_string()),
+            ("FLOWTEL_MESH__ISTIO__INTERVAL", "1s".to_string()),
+            ("FLOWTEL_MESH__ISTIO__TIMEOUT", "800ms".to_string()),
+            ("FLOWTEL_DETECT__FELIX_ADDRESS", felix.to_string()),
+            (
+                "FLOWTEL_MESH__FELIX__URL",
+                format!("http://{felix}/metrics"),
+            ),
+            ("FLOWTEL_MESH__FELIX__INTERVAL", "1s".to_string()),
+            ("FLOWTEL_MESH__FELIX__TIMEOUT", "800ms".to_string()),
         ],
     })
     .expect("starting flowtel");
@@ -1226,7 +1447,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     );
     let mut addr = None;
     common::wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-        addr = metrics_addr(&flowtel);
+        addr = flowtel.prometheus_addr();
         addr.is_some()
     });
     let addr = addr.unwrap_or_else(|| {
@@ -1314,6 +1535,19 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         promql.iter().filter(|q| q.lang == Lang::PromQl).count(),
         promql.iter().filter(|q| q.lang == Lang::Variable).count(),
         results.len() - failed.len()
+    );
+    let exact_runs = results
+        .iter()
+        .filter(|(q, _, r)| {
+            r.is_ok()
+                && EXACT
+                    .iter()
+                    .any(|(d, p, id, _)| *d == q.dashboard && *p == q.panel && *id == q.ref_id)
+        })
+        .count();
+    println!(
+        "{TEST}: {exact_runs} of those runs ({} queries x 2) returned exactly the value the mesh fixtures make",
+        EXACT.len()
     );
 
     // LogQL: every label must be a name Loki would give a field of the

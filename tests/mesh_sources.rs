@@ -1,12 +1,15 @@
 //! Mesh and CNI sources end to end: the flowtel binary, the test Kubernetes
 //! API holding Istio-meshed pods whose addresses are 127.0.0.x, local HTTP
 //! servers at those addresses serving Envoy sidecar, ztunnel and Felix
-//! exposition text, and the test Hubble Observer on a Unix socket.
+//! exposition text (`tests/common/mesh.rs`), and the test Hubble Observer on
+//! a Unix socket.
 //!
-//! Asserted on what the test OTLP receiver got:
-//! * Istio families with OTel names, one resource per pod with its k8s
-//!   attributes, the exposition's labels (escaped values unescaped) and
-//!   the exact values, histograms included;
+//! `istio_felix_hubble_and_bad_targets_to_otlp` asserts on what the test
+//! OTLP receiver got, and on the Prometheus endpoint of the same run:
+//! * Istio families with OTel names on the node's resource, each point
+//!   naming its pod (`k8s.*`, `flowtel.k8s.workload.*`), the exposition's
+//!   labels (escaped values unescaped) and the exact values, histograms
+//!   included;
 //! * Felix families on the node's resource, exact values;
 //! * Hubble flows, L7 requests and durations, exact, with the stream broken
 //!   mid-way once (counted in `flowtel.hubble.stream.errors`);
@@ -14,41 +17,51 @@
 //!   content type) each counted in `flowtel.scrape.errors` by kind, the good
 //!   targets' metrics arriving anyway, and flowtel still running;
 //! * the detected CNI and the active sources, in `/readyz` and in
-//!   `flowtel.sources.active` / `flowtel.cni.detected`.
+//!   `flowtel.sources.active` / `flowtel.cni.detected`;
+//! * every mesh point received over OTLP is a series of `/metrics` under
+//!   the name and labels the OTLP→Prometheus translation gives it (names
+//!   from a table here, not from flowtel's code), with the same value, and
+//!   `/metrics` has no other mesh series.
 //!
-//! Also, without root: the fixtures parse as real scrapes do.
+//! `mesh_sources_on_the_prometheus_endpoint_alone`: with no OTLP endpoint,
+//! the sources still run: `/metrics` serves the exact Istio and Felix
+//! values with the pods' labels, `/readyz` names the active sources, and
+//! `promtool check metrics` accepts the text.
+//!
+//! Also, without root: the fixtures parse as real scrapes do, and the
+//! growing fixture of `tests/dashboards.rs` grows as it says.
 //!
 //! Needs root, `ip` and `nft` (flowtel's kernel source reads a throwaway
-//! namespace; see `tests/common/mod.rs`).
+//! namespace; see `tests/common/mod.rs`); the second test also `promtool`.
 
 mod common;
 // Only part of the Hubble test server is used here.
 #[allow(dead_code)]
 #[path = "common/hubble_server.rs"]
 mod hubble_server;
+#[path = "common/prometheus.rs"]
+#[allow(dead_code)]
+mod prometheus;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::flowtel::{Flowtel, FlowtelArgs};
 use common::kubeapi::{fx, KubeApi};
+use common::mesh::{
+    advanced, meshed_pod, serve, Behaviour, ENVOY, FELIX, OPENMETRICS, TEXT, ZTUNNEL,
+};
 use common::netns::NetnsGuard;
 use common::otlp_receiver::{attrs_of, AttrValue, Attrs, OtlpReceiver};
 use flowtel::source::hubble::proto;
 use flowtel::source::scrape::{parse, Format, PointValue};
 use hubble_server::{HubbleServer, Step};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+use prometheus::{http_get, promtool_check_metrics, PROMTOOL};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const ENVOY: &str = include_str!("fixtures/mesh/envoy_sidecar.txt");
-const ZTUNNEL: &str = include_str!("fixtures/mesh/ztunnel_1.24.txt");
-const FELIX: &str = include_str!("fixtures/mesh/felix.txt");
 
 const NODE: &str = "node-m";
-const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 // ---------- fixtures parse as the real scrapes do ----------
 
@@ -95,113 +108,57 @@ fn fixtures_parse_with_their_values() {
     assert_eq!(rules.points.len(), 4);
 }
 
-// ---------- HTTP targets ----------
-
-/// What one target answers to every request.
-#[derive(Debug, Clone, Copy)]
-enum Behaviour {
-    Serve(&'static str, &'static str),
-    /// Announces more than it sends, then closes.
-    Truncated,
-    NotUtf8,
-    /// 100 MB of valid lines, chunked.
-    Huge,
-    /// Headers, then one byte every 400 ms.
-    SlowLoris,
-    WrongType,
-}
-
-/// A minimal HTTP/1.1 server at `addr`: raw bytes, so that the bad
-/// behaviours are exactly what a broken endpoint sends.
-async fn serve(addr: SocketAddr, behaviour: Behaviour) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .expect("bind a scrape target");
-    let local = listener.local_addr().expect("its address");
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = |ct: &str, len: Option<usize>| {
-                    match len {
-                    Some(n) => format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: {ct}\r\ncontent-length: {n}\r\nconnection: close\r\n\r\n"
-                    ),
-                    None => format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: {ct}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-                    ),
-                }
-                };
-                let _ = match behaviour {
-                    Behaviour::Serve(ct, body) => {
-                        conn.write_all(format!("{}{body}", head(ct, Some(body.len()))).as_bytes())
-                            .await
-                    }
-                    Behaviour::Truncated => {
-                        let body = &ENVOY[..ENVOY.len() / 2];
-                        conn.write_all(
-                            format!("{}{body}", head(TEXT, Some(ENVOY.len()))).as_bytes(),
-                        )
-                        .await
-                    }
-                    Behaviour::NotUtf8 => {
-                        let body: &[u8] = b"istio_requests_total{a=\"\xff\xfe\"} 1\n";
-                        let mut out = head(TEXT, Some(body.len())).into_bytes();
-                        out.extend_from_slice(body);
-                        conn.write_all(&out).await
-                    }
-                    Behaviour::Huge => {
-                        let line = "envoy_cluster_upstream_cx_total{cluster_name=\"padding-padding-padding\"} 1\n";
-                        let chunk = line.repeat(1 << 14);
-                        let framed = format!("{:x}\r\n{chunk}\r\n", chunk.len());
-                        let mut result = conn.write_all(head(TEXT, None).as_bytes()).await;
-                        let mut sent = 0;
-                        while result.is_ok() && sent < 100 << 20 {
-                            result = conn.write_all(framed.as_bytes()).await;
-                            sent += chunk.len();
-                        }
-                        if result.is_ok() {
-                            result = conn.write_all(b"0\r\n\r\n").await;
-                        }
-                        result
-                    }
-                    Behaviour::SlowLoris => {
-                        let mut result = conn
-                            .write_all(head(TEXT, Some(ENVOY.len())).as_bytes())
-                            .await;
-                        for b in ENVOY.bytes() {
-                            if result.is_err() {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(400)).await;
-                            result = conn.write_all(&[b]).await;
-                        }
-                        result
-                    }
-                    Behaviour::WrongType => {
-                        let body = "<html><body>metrics moved</body></html>\n";
-                        conn.write_all(
-                            format!(
-                                "{}{body}",
-                                head("text/html; charset=utf-8", Some(body.len()))
-                            )
-                            .as_bytes(),
-                        )
-                        .await
-                    }
-                };
-                let _ = conn.shutdown().await;
-            });
-        }
-    });
-    local
+#[test]
+fn the_growing_fixture_grows_counters_and_histograms_only() {
+    let text = "# TYPE c counter\nc_total{a=\"x y\"} 3\nc_total{a=\"z\"} 0\n\
+                # TYPE g gauge\ng 4\n# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_sum 1.5\nh_count 2\n# EOF\n";
+    assert_eq!(advanced(text, 0), text);
+    assert_eq!(
+        advanced(text, 2),
+        "# TYPE c counter\nc_total{a=\"x y\"} 11\nc_total{a=\"z\"} 2\n\
+         # TYPE g gauge\ng 4\n# TYPE h histogram\nh_bucket{le=\"1\"} 6\nh_sum 4.5\nh_count 6\n# EOF\n"
+    );
+    // The fixtures keep parsing, with their counters grown.
+    let envoy = parse(
+        &advanced(ENVOY, 3),
+        Format::Text,
+        flowtel::source::istio::ISTIO_FAMILIES,
+    )
+    .expect("the grown Envoy fixture parses");
+    let requests = &envoy[0].points;
+    assert_eq!(
+        requests.iter().map(|p| p.value.clone()).collect::<Vec<_>>(),
+        [
+            PointValue::Number(1042.0 * 4.0 + 3.0),
+            PointValue::Number(7.0 * 4.0 + 3.0)
+        ]
+    );
+    let felix = parse(
+        &advanced(FELIX, 1),
+        Format::Text,
+        flowtel::source::felix::FELIX_FAMILIES,
+    )
+    .expect("the grown Felix fixture parses");
+    let value = |name: &str| {
+        felix
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.points[0].value.clone())
+    };
+    assert_eq!(
+        value("felix.dataplane.failures"),
+        Some(PointValue::Number(1.0))
+    );
+    assert_eq!(
+        value("felix.active.local.endpoints"),
+        Some(PointValue::Number(4.0))
+    );
+    assert!(parse(
+        &advanced(ZTUNNEL, 5),
+        Format::OpenMetrics,
+        flowtel::source::istio::ISTIO_FAMILIES
+    )
+    .is_ok());
 }
 
 // ---------- Hubble ----------
@@ -337,6 +294,7 @@ enum Value {
 struct Point {
     metric: String,
     unit: String,
+    scope: String,
     resource: Attrs,
     attrs: Attrs,
     value: Value,
@@ -352,11 +310,21 @@ fn points(receiver: &OtlpReceiver) -> Vec<Point> {
                 .as_ref()
                 .map(|r| attrs_of(&r.attributes))
                 .unwrap_or_default();
-            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+            for (sm, m) in rm
+                .scope_metrics
+                .iter()
+                .flat_map(|s| s.metrics.iter().map(move |m| (s, m)))
+            {
+                let scope = sm
+                    .scope
+                    .as_ref()
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default();
                 let mut push = |attrs, value, time| {
                     out.push(Point {
                         metric: m.name.clone(),
                         unit: m.unit.clone(),
+                        scope: scope.clone(),
                         resource: resource.clone(),
                         attrs,
                         value,
@@ -457,46 +425,265 @@ fn scrape_errors(all: &[Point]) -> BTreeMap<(String, String), i64> {
         .collect()
 }
 
-// ---------- the cluster ----------
+// ---------- the Prometheus endpoint ----------
 
-/// A pod with an injected sidecar (or ztunnel's), at `ip`, whose
-/// `prometheus.io/port` is `port`.
-fn meshed_pod(
-    namespace: &str,
-    name: &str,
-    node: &str,
-    ip: &str,
-    port: u16,
-    ztunnel: bool,
-) -> serde_json::Value {
-    let mut pod = fx::PodFx::new(namespace, name)
-        .on(node, "192.0.2.10")
-        .ips(&[ip]);
-    if ztunnel {
-        pod = pod.label("app", "ztunnel");
-    }
-    let mut pod = pod.build();
-    let annotations = &mut pod["metadata"]["annotations"];
-    annotations["prometheus.io/port"] = json!(port.to_string());
-    if ztunnel {
-        annotations["prometheus.io/path"] = json!("/metrics");
-    } else {
-        annotations["prometheus.io/path"] = json!("/stats/prometheus");
-        annotations["prometheus.io/scrape"] = json!("true");
-        annotations["sidecar.istio.io/status"] = json!(
-            "{\"initContainers\":[\"istio-init\"],\"containers\":[\"istio-proxy\"],\"volumes\":[\"istio-envoy\",\"istio-data\"],\"imagePullSecrets\":null,\"revision\":\"default\"}"
-        );
-    }
-    let containers = pod["spec"]["containers"]
-        .as_array_mut()
-        .expect("the fixture pod has containers");
-    containers.push(json!({
-        "name": "istio-proxy",
-        "image": "docker.io/istio/proxyv2:1.24.0",
-        "ports": [{"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"}],
-    }));
-    pod
+/// The Prometheus name of every mesh metric, written out (docs/telemetry.md
+/// lists the same): what a Collector's Prometheus exporters make of the
+/// OTLP metric (the unit as a word unless the name holds it, `_total` on
+/// counters, `ratio` on gauges in `1`). Histograms are `NAME_bucket`,
+/// `NAME_sum` and `NAME_count`.
+const PROMETHEUS_NAMES: [(&str, &str); 36] = [
+    ("istio.requests", "istio_requests_total"),
+    (
+        "istio.request.duration",
+        "istio_request_duration_milliseconds",
+    ),
+    ("istio.tcp.sent", "istio_tcp_sent_bytes_total"),
+    ("istio.tcp.received", "istio_tcp_received_bytes_total"),
+    (
+        "istio.tcp.connections.opened",
+        "istio_tcp_connections_opened_total",
+    ),
+    (
+        "istio.tcp.connections.closed",
+        "istio_tcp_connections_closed_total",
+    ),
+    ("calico.denied.packets", "calico_denied_packets"),
+    ("calico.denied.bytes", "calico_denied_bytes"),
+    (
+        "felix.active.local.endpoints",
+        "felix_active_local_endpoints",
+    ),
+    ("felix.active.local.policies", "felix_active_local_policies"),
+    ("felix.cluster.policies", "felix_cluster_policies"),
+    ("felix.iptables.rules", "felix_iptables_rules"),
+    ("felix.ipsets", "felix_ipsets"),
+    (
+        "felix.bpf.dataplane.endpoints",
+        "felix_bpf_dataplane_endpoints",
+    ),
+    (
+        "felix.bpf.dataplane.endpoints.dirty",
+        "felix_bpf_dataplane_endpoints_dirty",
+    ),
+    ("felix.resync.state", "felix_resync_state_ratio"),
+    ("felix.dataplane.failures", "felix_dataplane_failures_total"),
+    ("felix.dataplane.messages", "felix_dataplane_messages_total"),
+    (
+        "felix.iptables.restore.errors",
+        "felix_iptables_restore_errors_total",
+    ),
+    (
+        "felix.iptables.save.errors",
+        "felix_iptables_save_errors_total",
+    ),
+    ("felix.ipset.errors", "felix_ipset_errors_total"),
+    ("felix.resyncs.started", "felix_resyncs_started_total"),
+    ("flowtel.hubble.flows", "flowtel_hubble_flows_total"),
+    (
+        "flowtel.hubble.l7.requests",
+        "flowtel_hubble_l7_requests_total",
+    ),
+    (
+        "flowtel.hubble.l7.duration",
+        "flowtel_hubble_l7_duration_seconds",
+    ),
+    (
+        "flowtel.hubble.lost_events",
+        "flowtel_hubble_lost_events_total",
+    ),
+    (
+        "flowtel.hubble.stream.errors",
+        "flowtel_hubble_stream_errors_total",
+    ),
+    (
+        "flowtel.hubble.stream.connected",
+        "flowtel_hubble_stream_connected_ratio",
+    ),
+    (
+        "flowtel.hubble.stream.reconnects",
+        "flowtel_hubble_stream_reconnects_total",
+    ),
+    (
+        "flowtel.hubble.flows.duplicates",
+        "flowtel_hubble_flows_duplicates_total",
+    ),
+    (
+        "flowtel.hubble.flows.malformed",
+        "flowtel_hubble_flows_malformed_total",
+    ),
+    (
+        "flowtel.hubble.records.dropped",
+        "flowtel_hubble_records_dropped_total",
+    ),
+    ("flowtel.scrape.errors", "flowtel_scrape_errors_total"),
+    ("flowtel.scrape.successes", "flowtel_scrape_successes_total"),
+    ("flowtel.sources.active", "flowtel_sources_active_ratio"),
+    ("flowtel.cni.detected", "flowtel_cni_detected_ratio"),
+];
+
+/// One sample of the text format.
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
 }
+
+/// The samples of a `/metrics` answer, label values unescaped.
+fn exposition(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = line[..name_end].to_string();
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if let Some(inner) = rest.strip_prefix('{') {
+            let mut chars = inner.char_indices();
+            let (mut key, mut value, mut in_value) = (String::new(), String::new(), false);
+            let mut end = inner.len();
+            while let Some((i, c)) = chars.next() {
+                match (in_value, c) {
+                    (false, '}') => {
+                        end = i + 1;
+                        break;
+                    }
+                    (false, '=' | ',') => {}
+                    (false, '"') => in_value = true,
+                    (false, c) => key.push(c),
+                    (true, '\\') => match chars.next() {
+                        Some((_, 'n')) => value.push('\n'),
+                        Some((_, c)) => value.push(c),
+                        None => {}
+                    },
+                    (true, '"') => {
+                        labels.insert(std::mem::take(&mut key), std::mem::take(&mut value));
+                        in_value = false;
+                    }
+                    (true, c) => value.push(c),
+                }
+            }
+            rest = &inner[end..];
+        }
+        let value = match rest.trim() {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or(f64::NAN),
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// `key` as a label name: what is not a letter, digit or `_` becomes `_`,
+/// no two `_` in a row.
+fn label_name(key: &str) -> String {
+    let mut out = String::new();
+    for c in key.chars() {
+        let c = if c.is_ascii_alphanumeric() { c } else { '_' };
+        if !(c == '_' && out.ends_with('_')) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A Prometheus series: its name and sorted labels.
+type Series = (String, Vec<(String, String)>);
+
+/// Where the newest OTLP point of each mesh series should be on
+/// `/metrics`: its sample (`_count` for a histogram) and value.
+fn expected_samples(otlp: &[Point]) -> Result<BTreeMap<Series, f64>, String> {
+    let mut newest: BTreeMap<(String, Attrs), &Point> = BTreeMap::new();
+    for p in otlp.iter().filter(|p| p.scope == "flowtel.mesh") {
+        let key = (p.metric.clone(), p.attrs.clone());
+        if newest.get(&key).is_none_or(|q| q.time <= p.time) {
+            newest.insert(key, p);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for ((metric, attrs), p) in newest {
+        let name = PROMETHEUS_NAMES
+            .iter()
+            .find(|(otel, _)| *otel == metric)
+            .map(|(_, prom)| *prom)
+            .ok_or_else(|| format!("{metric}: not a documented mesh metric"))?;
+        let mut labels: Vec<(String, String)> = attrs
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    AttrValue::Str(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (label_name(k), v)
+            })
+            .collect();
+        labels.push(("otel_scope_name".into(), "flowtel.mesh".into()));
+        labels.push((
+            "otel_scope_version".into(),
+            env!("CARGO_PKG_VERSION").into(),
+        ));
+        labels.sort();
+        let (name, value) = match &p.value {
+            Value::Int(i) => (name.to_string(), *i as f64),
+            Value::Double(d) => (name.to_string(), *d),
+            Value::Histogram { count, .. } => (format!("{name}_count"), *count as f64),
+        };
+        out.insert((name, labels), value);
+    }
+    Ok(out)
+}
+
+/// Every mesh point received over OTLP is a sample of `/metrics` with the
+/// translated name and labels, and the same value where the value cannot
+/// move between the two reads (scrape counters can); `/metrics` has no
+/// other mesh series. Returns what differs.
+fn compare_with_prometheus(otlp: &[Point], samples: &[Sample]) -> Vec<String> {
+    let expected = match expected_samples(otlp) {
+        Ok(e) => e,
+        Err(e) => return vec![e],
+    };
+    let served: BTreeMap<Series, f64> = samples
+        .iter()
+        .filter(|s| s.labels.get("otel_scope_name").map(String::as_str) == Some("flowtel.mesh"))
+        .filter(|s| !s.name.ends_with("_bucket") && !s.name.ends_with("_sum"))
+        .map(|s| {
+            let labels = s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            ((s.name.clone(), labels), s.value)
+        })
+        .collect();
+    let mut problems = Vec::new();
+    for (key, want) in &expected {
+        match served.get(key) {
+            None => problems.push(format!("missing on /metrics: {key:?}")),
+            Some(got) if key.0.starts_with("flowtel_scrape_") && got >= want => {}
+            Some(got) if got != want => {
+                problems.push(format!("{key:?}: OTLP {want}, /metrics {got}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for key in served.keys().filter(|k| !expected.contains_key(*k)) {
+        problems.push(format!("only on /metrics: {key:?}"));
+    }
+    if expected.len() < 30 {
+        problems.push(format!("only {} mesh series over OTLP", expected.len()));
+    }
+    problems
+}
+
+// ---------- the cluster ----------
 
 const CALICO_CONFLIST: &str = r#"{
   "name": "k8s-pod-network",
@@ -637,6 +824,7 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
             ("FLOWTEL_MESH__ISTIO__INTERVAL", "2s".into()),
             ("FLOWTEL_MESH__ISTIO__TIMEOUT", "1500ms".into()),
             ("FLOWTEL_EXPORT__LOGS__ENABLED", "true".into()),
+            ("FLOWTEL_EXPORT__PROMETHEUS__LISTEN", "127.0.0.1:0".into()),
         ],
     })
     .expect("starting flowtel");
@@ -664,8 +852,8 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
             && find(
                 &all,
                 "istio.tcp.sent",
-                &[("k8s.pod.name", "ztunnel-x7k2p")],
                 &[],
+                &[("k8s.pod.name", "ztunnel-x7k2p")],
             )
             .is_some()
             && find(&all, "felix.iptables.rules", &[], &[]).is_some()
@@ -687,18 +875,18 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
         ft.output()
     );
 
-    // Istio sidecar: the pod's resource, the exposition's labels, exact values.
+    // Istio sidecar: the node's resource, the pod named by attributes, the
+    // exposition's labels, exact values.
     let requests = find(
         &all,
         "istio.requests",
+        &[("k8s.node.name", NODE), ("service.name", "flowtel")],
         &[
             ("k8s.pod.name", "api-77b9d6f4c-p8zlm"),
             ("k8s.namespace.name", "shop"),
             ("k8s.pod.uid", &api_pod_uid),
-            ("k8s.node.name", NODE),
-            ("service.name", "flowtel"),
-        ],
-        &[
+            ("flowtel.k8s.workload.kind", "Pod"),
+            ("flowtel.k8s.workload.name", "api-77b9d6f4c-p8zlm"),
             ("response_code", "503"),
             ("response_flags", "UF,URX"),
             ("source_workload", "web"),
@@ -712,16 +900,22 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
     let ok = find(
         &all,
         "istio.requests",
-        &[("k8s.pod.name", "api-77b9d6f4c-p8zlm")],
-        &[("response_code", "200")],
+        &[],
+        &[
+            ("k8s.pod.name", "api-77b9d6f4c-p8zlm"),
+            ("response_code", "200"),
+        ],
     )
     .expect("the 200 series");
     assert_eq!(ok.value, Value::Double(1042.0));
     let sent = find(
         &all,
         "istio.tcp.sent",
-        &[("k8s.pod.name", "api-77b9d6f4c-p8zlm")],
-        &[("destination_service_name", "legacy \"billing\" \\ v2\nblue")],
+        &[],
+        &[
+            ("k8s.pod.name", "api-77b9d6f4c-p8zlm"),
+            ("destination_service_name", "legacy \"billing\" \\ v2\nblue"),
+        ],
     )
     .expect("the escaped label value, unescaped");
     assert_eq!(
@@ -731,8 +925,8 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
     let duration = find(
         &all,
         "istio.request.duration",
-        &[("k8s.pod.name", "api-77b9d6f4c-p8zlm")],
         &[],
+        &[("k8s.pod.name", "api-77b9d6f4c-p8zlm")],
     )
     .expect("the request duration histogram");
     assert_eq!(duration.unit, "ms");
@@ -753,15 +947,14 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
             && !all.iter().any(|p| p.metric.starts_with("envoy")),
         "{test}: Envoy's own families are not kept"
     );
-    // ztunnel: OpenMetrics, its own resource.
+    // ztunnel: OpenMetrics, its pod named by attributes.
     let zt = find(
         &all,
         "istio.tcp.sent",
+        &[],
         &[
             ("k8s.pod.name", "ztunnel-x7k2p"),
             ("k8s.namespace.name", "istio-system"),
-        ],
-        &[
             ("reporter", "destination"),
             ("source_workload", "traffic-gen"),
             ("destination_workload", "productpage-v1"),
@@ -789,10 +982,17 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
     ] {
         assert!(
             !all.iter()
-                .any(|p| p.resource.get("k8s.pod.name") == Some(&AttrValue::Str(pod.into()))),
-            "{test}: metrics with the resource of {pod}"
+                .any(|p| p.attrs.get("k8s.pod.name") == Some(&AttrValue::Str(pod.into()))),
+            "{test}: metrics of {pod}"
         );
     }
+    // One resource for everything: the node's.
+    let resources: BTreeSet<&Attrs> = all.iter().map(|p| &p.resource).collect();
+    assert_eq!(
+        resources.len(),
+        1,
+        "{test}: one resource, the node's: {resources:?}"
+    );
     assert_eq!(
         errors.get(&("istio_sidecar".into(), "request".into())),
         None,
@@ -917,6 +1117,32 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
     .expect("flowtel.cni.detected");
     assert_eq!(cni.value, Value::Int(1));
 
+    // The Prometheus endpoint of the same run: every mesh point received
+    // over OTLP, translated, and nothing else.
+    let addr = ft
+        .prometheus_addr()
+        .unwrap_or_else(|| panic!("{test}: no Prometheus endpoint:\n{}", ft.output()));
+    let mut report = String::new();
+    let matched = common::wait_until(Duration::from_secs(10), Duration::from_millis(500), || {
+        let otlp = points(&receiver);
+        let text = match http_get(addr, "/metrics") {
+            Ok((200, text)) => text,
+            other => {
+                report = format!("GET /metrics: {other:?}");
+                return false;
+            }
+        };
+        let problems = compare_with_prometheus(&otlp, &exposition(&text));
+        report = problems.join("\n");
+        problems.is_empty()
+    });
+    assert!(
+        matched,
+        "{test}: /metrics and the OTLP mesh points differ:\n{report}"
+    );
+    let compared = expected_samples(&points(&receiver)).map_or(0, |e| e.len());
+    println!("{test}: {compared} mesh series over OTLP, each on /metrics with its Prometheus name, labels and value, and no other");
+
     // The CNI configuration changing at run time is noticed.
     std::fs::remove_file(cni_dir.join("10-calico.conflist")).expect("remove the Calico conflist");
     std::fs::write(cni_dir.join("05-cilium.conflist"), CILIUM_CONFLIST).expect("a Cilium conflist");
@@ -962,5 +1188,288 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
         ft.output()
     );
     drop(hubble);
+    rt.block_on(api.stop());
+}
+
+/// The sample of `name` whose labels include every pair of `labels`.
+fn sample<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
+    samples.iter().find(|s| {
+        s.name == name
+            && labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+    })
+}
+
+#[test]
+fn mesh_sources_on_the_prometheus_endpoint_alone() {
+    let test = "mesh_sources_on_the_prometheus_endpoint_alone";
+    let Some((tools, bins)) = common::prerequisites_with(test, &[PROMTOOL], &[]) else {
+        return;
+    };
+    let mut guard = NetnsGuard::new(&tools);
+    let ns = guard
+        .add("meshprom")
+        .expect("a namespace for the kernel source");
+    guard.enable_conntrack(&ns).expect("conntrack in it");
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime for the servers");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let at = |last: u8| SocketAddr::new(IpAddr::from([127, 0, 0, last]), 0);
+    let (sidecar, ztunnel, felix) = rt.block_on(async {
+        (
+            serve(at(12), Behaviour::Serve(TEXT, ENVOY)).await,
+            serve(at(13), Behaviour::Serve(OPENMETRICS, ZTUNNEL)).await,
+            serve(at(11), Behaviour::Serve(TEXT, FELIX)).await,
+        )
+    });
+    let api = KubeApi::new();
+    rt.block_on(api.start());
+    let checkout = fx::workload("Deployment", "shop", "checkout");
+    let replicaset = fx::replicaset("shop", "checkout-5d8f7c9b6", Some(&checkout));
+    let pod = common::mesh::with_proxy(
+        fx::PodFx::new("shop", "checkout-5d8f7c9b6-q7x2m")
+            .on(NODE, "192.0.2.10")
+            .ips(&["127.0.0.12"])
+            .owned_by(&replicaset),
+        sidecar.port(),
+        false,
+    );
+    api.load([
+        fx::node(NODE, "zone-a", "region-1", &["192.0.2.10"], None),
+        replicaset,
+        pod,
+        meshed_pod(
+            "istio-system",
+            "ztunnel-m4q8d",
+            NODE,
+            "127.0.0.13",
+            ztunnel.port(),
+            true,
+        ),
+    ]);
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    let cni_dir = dir.path().join("net.d");
+    std::fs::create_dir(&cni_dir).expect("the CNI directory");
+    std::fs::write(cni_dir.join("10-calico.conflist"), CALICO_CONFLIST).expect("a conflist");
+
+    let netns = ns.path();
+    let mut ft = Flowtel::start(&FlowtelArgs {
+        source: "conntrack",
+        netns: &netns,
+        endpoint: "",
+        protocol: "grpc",
+        interval: "1s",
+        env: vec![
+            (
+                "FLOWTEL_KUBERNETES__KUBECONFIG",
+                kubeconfig.display().to_string(),
+            ),
+            ("FLOWTEL_RESOURCE__NODE_NAME", NODE.into()),
+            ("FLOWTEL_RESOURCE__CLUSTER_NAME", "mesh-test".into()),
+            ("FLOWTEL_DETECT__CNI_DIR", cni_dir.display().to_string()),
+            ("FLOWTEL_DETECT__FELIX_ADDRESS", felix.to_string()),
+            (
+                "FLOWTEL_MESH__FELIX__URL",
+                format!("http://{felix}/metrics"),
+            ),
+            ("FLOWTEL_MESH__FELIX__INTERVAL", "1s".into()),
+            ("FLOWTEL_MESH__FELIX__TIMEOUT", "800ms".into()),
+            ("FLOWTEL_MESH__ISTIO__INTERVAL", "1s".into()),
+            ("FLOWTEL_MESH__ISTIO__TIMEOUT", "800ms".into()),
+            ("FLOWTEL_EXPORT__PROMETHEUS__LISTEN", "127.0.0.1:0".into()),
+            ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".into()),
+        ],
+    })
+    .expect("starting flowtel");
+    ft.wait_ready(Duration::from_secs(30))
+        .expect("flowtel becomes ready");
+    let mut addr = None;
+    common::wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        addr = ft.prometheus_addr();
+        addr.is_some()
+    });
+    let addr = addr.unwrap_or_else(|| panic!("{test}: no Prometheus endpoint:\n{}", ft.output()));
+    let output = ft.output();
+    assert!(
+        !output.contains("exporting OTLP metrics"),
+        "{test}: OTLP must be off:\n{output}"
+    );
+
+    let mut text = String::new();
+    let mut samples = Vec::new();
+    let served = common::wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
+        if let Ok((200, t)) = http_get(addr, "/metrics") {
+            samples = exposition(&t);
+            text = t;
+        }
+        sample(
+            &samples,
+            "istio_tcp_connections_opened_total",
+            &[("k8s_pod_name", "ztunnel-m4q8d")],
+        )
+        .is_some()
+            && sample(&samples, "istio_requests_total", &[]).is_some()
+            && sample(&samples, "felix_iptables_rules", &[]).is_some()
+    });
+    assert!(
+        served,
+        "{test}: /metrics lacks the mesh sources:\n{text}\n{}",
+        ft.output()
+    );
+
+    let scope = [
+        ("otel_scope_name", "flowtel.mesh"),
+        ("otel_scope_version", env!("CARGO_PKG_VERSION")),
+    ];
+    let pod = [
+        ("k8s_namespace_name", "shop"),
+        ("k8s_pod_name", "checkout-5d8f7c9b6-q7x2m"),
+        ("flowtel_k8s_workload_kind", "Deployment"),
+        ("flowtel_k8s_workload_name", "checkout"),
+        ("k8s_deployment_name", "checkout"),
+        ("flowtel_istio_proxy", "istio_sidecar"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+        scope.iter().chain(&pod).chain(extra).copied().collect()
+    };
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        sample(&samples, name, labels)
+            .map(|s| s.value)
+            .unwrap_or_else(|| panic!("{test}: no {name} {labels:?} in:\n{text}"))
+    };
+    // (name, labels the sample must have, value)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
+    let cases: Vec<Case> = vec![
+        (
+            "istio_requests_total",
+            with(&[("response_code", "503"), ("response_flags", "UF,URX")]),
+            7.0,
+        ),
+        (
+            "istio_requests_total",
+            with(&[("response_code", "200"), ("source_workload", "web")]),
+            1042.0,
+        ),
+        (
+            "istio_request_duration_milliseconds_bucket",
+            with(&[("le", "10")]),
+            700.0,
+        ),
+        (
+            "istio_request_duration_milliseconds_bucket",
+            with(&[("le", "+Inf")]),
+            1042.0,
+        ),
+        ("istio_request_duration_milliseconds_sum", with(&[]), 9876.5),
+        (
+            "istio_request_duration_milliseconds_count",
+            with(&[]),
+            1042.0,
+        ),
+        (
+            "istio_tcp_sent_bytes_total",
+            with(&[("destination_service_name", "legacy \"billing\" \\ v2\nblue")]),
+            52_428_800.0,
+        ),
+        ("istio_tcp_received_bytes_total", with(&[]), 1_048_576.0),
+        ("istio_tcp_connections_opened_total", with(&[]), 13.0),
+        ("istio_tcp_connections_closed_total", with(&[]), 12.0),
+        (
+            "istio_tcp_connections_opened_total",
+            vec![
+                ("k8s_pod_name", "ztunnel-m4q8d"),
+                ("flowtel_istio_proxy", "ztunnel"),
+                ("source_workload", "productpage-v1"),
+                ("destination_workload", "details-v1"),
+            ],
+            831.0,
+        ),
+        (
+            "felix_iptables_rules",
+            vec![("table", "filter"), ("ip_version", "4")],
+            134.0,
+        ),
+        ("felix_active_local_endpoints", vec![], 4.0),
+        ("felix_resync_state_ratio", vec![], 3.0),
+        (
+            "felix_dataplane_messages_total",
+            vec![("type", "ServiceAccountUpdate")],
+            44.0,
+        ),
+        ("felix_resyncs_started_total", vec![], 1.0),
+        (
+            "flowtel_sources_active_ratio",
+            vec![("flowtel_source", "istio")],
+            1.0,
+        ),
+        (
+            "flowtel_sources_active_ratio",
+            vec![("flowtel_source", "felix")],
+            1.0,
+        ),
+        (
+            "flowtel_cni_detected_ratio",
+            vec![("flowtel_cni_name", "calico")],
+            1.0,
+        ),
+    ];
+    for (name, labels, want) in &cases {
+        let got = value(name, labels);
+        println!("{test}: {name} {labels:?} = {got}");
+        assert_eq!(got, *want, "{test}: {name} {labels:?}");
+    }
+    assert!(
+        value(
+            "flowtel_scrape_successes_total",
+            &[("flowtel_scrape_target", "istio_sidecar")]
+        ) >= 1.0
+    );
+    // Felix's own spelling is not served: only the OTel names translated.
+    assert!(
+        sample(&samples, "felix_int_dataplane_messages", &[]).is_none()
+            && sample(&samples, "felix_int_dataplane_messages_total", &[]).is_none(),
+        "{test}: Felix's names are not translated back"
+    );
+    let info: Vec<&Sample> = samples.iter().filter(|s| s.name == "target_info").collect();
+    assert_eq!(info.len(), 1, "{test}: one target_info: {info:?}");
+    assert_eq!(
+        info[0].labels.get("k8s_cluster_name").map(String::as_str),
+        Some("mesh-test")
+    );
+    let mesh_series = samples
+        .iter()
+        .filter(|s| s.labels.get("otel_scope_name").map(String::as_str) == Some("flowtel.mesh"))
+        .count();
+    println!(
+        "{test}: /metrics: {} lines, {} samples, {mesh_series} of the mesh sources",
+        text.lines().count(),
+        samples.len()
+    );
+
+    let (code, body) = ft.readyz().expect("/readyz");
+    assert_eq!(code, 200);
+    assert_eq!(
+        body["sources"],
+        json!({"cni": "calico", "sources": ["conntrack", "istio", "felix"]}),
+        "{test}: /readyz without OTLP"
+    );
+    // promtool parses the text and lints the names. Its one complaint may
+    // be Istio's own name, which keeps its milliseconds so that Istio's
+    // dashboards work: anything else fails.
+    let (ok, said) = promtool_check_metrics(&bins[0], &text).expect("running promtool");
+    println!("{test}: promtool check metrics: {ok} {said:?}");
+    let istio_unit =
+        "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+    assert!(
+        ok || said.lines().all(|l| l.trim().is_empty() || l == istio_unit),
+        "{test}: promtool check metrics rejected /metrics: {said}"
+    );
+
+    let status = ft.stop(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{test}: exit {status:?}\n{}",
+        ft.output()
+    );
     rt.block_on(api.stop());
 }

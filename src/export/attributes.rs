@@ -44,7 +44,7 @@ pub const ZONE_CROSSING: &str = "flowtel.zone.crossing";
 
 /// The semantic-conventions attribute naming a workload of this kind
 /// (`k8s.deployment.name`, ...), for the end on this node.
-fn workload_attribute(kind: &str) -> Option<&'static str> {
+pub(crate) fn workload_attribute(kind: &str) -> Option<&'static str> {
     Some(match kind {
         "Deployment" => "k8s.deployment.name",
         "StatefulSet" => "k8s.statefulset.name",

@@ -25,6 +25,7 @@ use crate::export::instruments::{
     health_counters, Describe, DURATION_BOUNDS, FLOW_BYTES, FLOW_PACKETS, PACKET_DROPS, RTT_BOUNDS,
     TCP_DURATION, TCP_RTT, ZONE_BYTES,
 };
+use crate::export::mesh::{LatestMesh, MeshSnapshot};
 use crate::export::otlp_wire::{
     self, Batcher, Envelope, Kind, MetricHeader, Temporality, HISTOGRAM_POINT_ATTRIBUTES,
     NUMBER_POINT_ATTRIBUTES,
@@ -44,7 +45,9 @@ use crate::stats::SelfStats;
 /// the Prometheus endpoint when that is on.
 pub struct OtlpMetricsExporter {
     otlp: Option<(MetricsEncoder, OtlpClient)>,
-    prometheus: Option<SdkMeter>,
+    /// The SDK meter the endpoint collects, and where the mesh sources'
+    /// snapshot goes for it.
+    prometheus: Option<(SdkMeter, LatestMesh)>,
 }
 
 impl OtlpMetricsExporter {
@@ -68,9 +71,10 @@ impl OtlpMetricsExporter {
                     .with_context(|| format!("export.prometheus.listen {listen:?}"))?;
                 let endpoint = PrometheusEndpoint::bind(addr).await?;
                 let meter = SdkMeter::build(cfg, endpoint.reader(), describe());
+                let mesh = endpoint.mesh();
                 let local = endpoint.serve()?;
                 tracing::info!("Prometheus metrics on http://{local}/metrics");
-                Some(meter)
+                Some((meter, mesh))
             }
         };
         let otlp = match transport {
@@ -86,7 +90,7 @@ impl OtlpMetricsExporter {
     /// Publishes a finished interval and exports it now, in as many
     /// requests as `export.otlp.max_request_bytes` needs, sent together.
     pub async fn export(&mut self, report: &IntervalReport) {
-        if let Some(p) = &self.prometheus {
+        if let Some((p, _)) = &self.prometheus {
             p.publish(report);
         }
         if let Some((encoder, client)) = &mut self.otlp {
@@ -94,10 +98,18 @@ impl OtlpMetricsExporter {
         }
     }
 
+    /// Makes the mesh sources' snapshot what the Prometheus endpoint serves
+    /// from now on; their OTLP export is [`crate::export::mesh::MeshExporter`].
+    pub fn publish_mesh(&self, snapshot: Arc<MeshSnapshot>) {
+        if let Some((_, mesh)) = &self.prometheus {
+            mesh.publish(snapshot);
+        }
+    }
+
     /// Releases the exporter; the last interval was exported by
     /// [`Self::export`].
     pub async fn shutdown(self) {
-        if let Some(p) = self.prometheus {
+        if let Some((p, _)) = self.prometheus {
             p.shutdown();
         }
     }

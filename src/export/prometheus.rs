@@ -1,6 +1,8 @@
 //! The optional Prometheus endpoint (`export.prometheus.listen`): `/metrics`
 //! serves the metrics the OTLP exporter registers, read by a pull reader on
-//! the same meter provider at each scrape, always cumulative.
+//! the same meter provider at each scrape, always cumulative, and the mesh
+//! and CNI sources' latest snapshot ([`crate::export::mesh`]), written by
+//! the same [`MeshSnapshot::write`] that feeds their OTLP export.
 //!
 //! Names, labels and `target_info` follow the OpenTelemetry specification's
 //! "Prometheus and OpenMetrics Compatibility" rules, so a dashboard sees the
@@ -22,11 +24,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use opentelemetry::{Key, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, Metric, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, Temporality};
+
+use super::mesh::{LatestMesh, MeshSink, MeshSnapshot, Number, SCOPE, SCOPE_VERSION};
+use super::otlp_wire::{Any, Kind, MetricHeader};
+use crate::source::scrape::HistogramValue;
 
 /// Content type of the text exposition format 0.0.4.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -59,10 +64,17 @@ impl MetricReader for PullReader {
     }
 }
 
-/// The `/metrics` listener and the reader it collects.
+/// What a scrape reads: the SDK's instruments and the mesh snapshot.
+#[derive(Debug, Clone)]
+struct Sources {
+    reader: PullReader,
+    mesh: LatestMesh,
+}
+
+/// The `/metrics` listener and what it serves.
 pub struct PrometheusEndpoint {
     listener: tokio::net::TcpListener,
-    reader: PullReader,
+    sources: Sources,
 }
 
 impl PrometheusEndpoint {
@@ -75,17 +87,25 @@ impl PrometheusEndpoint {
         })?;
         Ok(Self {
             listener,
-            reader: PullReader(Arc::new(
-                ManualReader::builder()
-                    .with_temporality(Temporality::Cumulative)
-                    .build(),
-            )),
+            sources: Sources {
+                reader: PullReader(Arc::new(
+                    ManualReader::builder()
+                        .with_temporality(Temporality::Cumulative)
+                        .build(),
+                )),
+                mesh: LatestMesh::default(),
+            },
         })
     }
 
     /// The reader to add to the meter provider.
     pub fn reader(&self) -> impl MetricReader {
-        self.reader.clone()
+        self.sources.reader.clone()
+    }
+
+    /// Where the mesh sources' snapshot is published for the next scrapes.
+    pub fn mesh(&self) -> LatestMesh {
+        self.sources.mesh.clone()
     }
 
     /// Serves `/metrics` in the background; returns the bound address.
@@ -93,7 +113,7 @@ impl PrometheusEndpoint {
         let local = self.listener.local_addr()?;
         let app = Router::new()
             .route("/metrics", get(metrics))
-            .with_state(self.reader);
+            .with_state(self.sources);
         tokio::spawn(async move {
             if let Err(e) = axum::serve(self.listener, app).await {
                 tracing::error!("Prometheus endpoint stopped: {e}");
@@ -103,33 +123,39 @@ impl PrometheusEndpoint {
     }
 }
 
-async fn metrics(State(reader): State<PullReader>) -> Response {
+async fn metrics(State(sources): State<Sources>) -> Response {
     // Collecting runs every callback and walks every series: keep it off the
     // async workers.
-    match tokio::task::spawn_blocking(move || scrape(&reader)).await {
+    match tokio::task::spawn_blocking(move || scrape(&sources.reader, &sources.mesh)).await {
         Ok(Ok(text)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }
 
-fn scrape(reader: &PullReader) -> anyhow::Result<String> {
+fn scrape(reader: &PullReader, mesh: &LatestMesh) -> anyhow::Result<String> {
     let mut rm = ResourceMetrics::default();
     reader
         .collect(&mut rm)
         .map_err(|e| anyhow::anyhow!("collecting metrics: {e}"))?;
     let mut out = Vec::new();
-    TextEncoder::new().encode(&families(&rm), &mut out)?;
+    TextEncoder::new().encode(&families(&rm, mesh.get().as_deref()), &mut out)?;
     Ok(String::from_utf8(out)?)
 }
 
-/// Translates one collection into metric families, one per Prometheus name.
-fn families(rm: &ResourceMetrics) -> Vec<MetricFamily> {
+/// Translates one collection, and the mesh snapshot, into metric families,
+/// one per Prometheus name. Both are on the same resource (the node's), so
+/// there is one `target_info`.
+fn families(rm: &ResourceMetrics, mesh: Option<&MeshSnapshot>) -> Vec<MetricFamily> {
     let mut out = Vec::new();
     if !rm.resource().is_empty() {
         let mut info = proto::Gauge::default();
         info.set_value(1.0);
-        let mut m = proto::Metric::from_label(labels(rm.resource().iter(), &[]));
+        let attributes = rm
+            .resource()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_string()));
+        let mut m = proto::Metric::from_label(labels(attributes, &[]));
         m.set_gauge(info);
         out.push(family(
             "target_info",
@@ -138,37 +164,186 @@ fn families(rm: &ResourceMetrics) -> Vec<MetricFamily> {
             vec![m],
         ));
     }
-    let mut by_name: BTreeMap<String, MetricFamily> = BTreeMap::new();
+    let mut by_name = Families::default();
     for scope in rm.scope_metrics() {
-        let mut scope_labels = vec![label("otel_scope_name", scope.scope().name())];
-        if let Some(v) = scope.scope().version() {
-            scope_labels.push(label("otel_scope_version", v));
-        }
+        let of_scope = scope_labels(scope.scope().name(), scope.scope().version());
         for metric in scope.metrics() {
-            let Some((kind, points)) = convert(metric, &scope_labels) else {
+            let Some((kind, points)) = convert(metric, &of_scope) else {
                 continue;
             };
-            let name = metric_name(metric.name(), metric.unit(), kind);
-            match by_name.entry(name) {
-                Entry::Vacant(e) => {
-                    let f = family(e.key(), metric.description(), kind, points);
-                    e.insert(f);
-                }
-                Entry::Occupied(mut e) if e.get().get_field_type() == kind => {
-                    e.get_mut().mut_metric().extend(points);
-                }
-                Entry::Occupied(e) => tracing::warn!(
-                    "Prometheus: {} is both {:?} and {kind:?}; dropping the {kind:?} ({})",
-                    e.key(),
-                    e.get().get_field_type(),
-                    metric.name()
-                ),
-            }
+            by_name.add(
+                metric.name(),
+                metric.unit(),
+                metric.description(),
+                kind,
+                points,
+            );
         }
     }
+    if let Some(snapshot) = mesh {
+        snapshot.write(&mut FamilySink::new(&mut by_name));
+    }
     // The encoder refuses a family without points.
-    out.extend(by_name.into_values().filter(|f| !f.get_metric().is_empty()));
+    out.extend(
+        by_name
+            .0
+            .into_values()
+            .filter(|f| !f.get_metric().is_empty()),
+    );
     out
+}
+
+/// `otel_scope_name` and, when the scope has one, `otel_scope_version`.
+fn scope_labels(name: &str, version: Option<&str>) -> Vec<LabelPair> {
+    let mut out = vec![label("otel_scope_name", name)];
+    if let Some(v) = version {
+        out.push(label("otel_scope_version", v));
+    }
+    out
+}
+
+/// Metric families by Prometheus name.
+#[derive(Default)]
+struct Families(BTreeMap<String, MetricFamily>);
+
+impl Families {
+    /// Adds the points of the OTLP metric `name` to the family its
+    /// Prometheus name makes.
+    fn add(
+        &mut self,
+        name: &str,
+        unit: &str,
+        description: &str,
+        kind: MetricType,
+        points: Vec<proto::Metric>,
+    ) {
+        match self.0.entry(metric_name(name, unit, kind)) {
+            Entry::Vacant(e) => {
+                let f = family(e.key(), description, kind, points);
+                e.insert(f);
+            }
+            Entry::Occupied(mut e) if e.get().get_field_type() == kind => {
+                e.get_mut().mut_metric().extend(points);
+            }
+            Entry::Occupied(e) => tracing::warn!(
+                "Prometheus: {} is both {:?} and {kind:?}; dropping the {kind:?} ({name})",
+                e.key(),
+                e.get().get_field_type(),
+            ),
+        }
+    }
+}
+
+/// The mesh snapshot's metrics as families, in the scope `flowtel.mesh`.
+struct FamilySink<'f> {
+    families: &'f mut Families,
+    scope: Vec<LabelPair>,
+    metric: Option<(MetricHeader, MetricType)>,
+    points: Vec<proto::Metric>,
+}
+
+impl<'f> FamilySink<'f> {
+    fn new(families: &'f mut Families) -> Self {
+        Self {
+            families,
+            scope: scope_labels(SCOPE, Some(SCOPE_VERSION)),
+            metric: None,
+            points: Vec::new(),
+        }
+    }
+
+    fn point(&self, attributes: &[(&str, Any<'_>)]) -> proto::Metric {
+        let attributes = attributes.iter().map(|(k, v)| (*k, any_text(v)));
+        proto::Metric::from_label(labels(attributes, &self.scope))
+    }
+}
+
+/// An attribute value as a label value.
+fn any_text(v: &Any<'_>) -> String {
+    match v {
+        Any::Str(s) => (*s).to_string(),
+        Any::Int(i) => i.to_string(),
+        Any::Double(d) => d.to_string(),
+        Any::Bool(b) => b.to_string(),
+    }
+}
+
+impl MeshSink for FamilySink<'_> {
+    fn begin(&mut self, header: MetricHeader, _start: u64) {
+        let kind = match header.kind {
+            Kind::Counter(_) => MetricType::COUNTER,
+            Kind::Gauge => MetricType::GAUGE,
+            Kind::Histogram(_) => MetricType::HISTOGRAM,
+        };
+        self.metric = Some((header, kind));
+        self.points.clear();
+    }
+
+    fn number(&mut self, attributes: &[(&str, Any<'_>)], value: Number) {
+        let Some((_, kind)) = self.metric else {
+            return;
+        };
+        let value = match value {
+            Number::Int(v) => v.as_f64(),
+            Number::Double(v) => v,
+        };
+        let mut m = self.point(attributes);
+        if kind == MetricType::COUNTER {
+            let mut c = proto::Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
+        } else {
+            let mut g = proto::Gauge::default();
+            g.set_value(value);
+            m.set_gauge(g);
+        }
+        self.points.push(m);
+    }
+
+    fn histogram(&mut self, attributes: &[(&str, Any<'_>)], h: &HistogramValue) {
+        let mut m = self.point(attributes);
+        m.set_histogram(histogram(
+            h.bounds.iter().copied(),
+            h.counts.iter().copied(),
+            h.count,
+            h.sum,
+        ));
+        self.points.push(m);
+    }
+
+    fn end(&mut self) {
+        if let Some((h, kind)) = self.metric.take() {
+            let points = std::mem::take(&mut self.points);
+            self.families
+                .add(h.name, h.unit, h.description, kind, points);
+        }
+    }
+}
+
+/// A histogram from its bounds and the counts between them (not
+/// cumulative; the count above the last bound is implied by `count`).
+fn histogram(
+    bounds: impl Iterator<Item = f64>,
+    counts: impl Iterator<Item = u64>,
+    count: u64,
+    sum: f64,
+) -> proto::Histogram {
+    let mut below = 0;
+    let buckets = bounds
+        .zip(counts)
+        .map(|(bound, n)| {
+            below += n;
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(bound);
+            b.set_cumulative_count(below);
+            b
+        })
+        .collect();
+    let mut v = proto::Histogram::default();
+    v.set_bucket(buckets);
+    v.set_sample_count(count);
+    v.set_sample_sum(sum);
+    v
 }
 
 fn family(name: &str, help: &str, kind: MetricType, points: Vec<proto::Metric>) -> MetricFamily {
@@ -219,15 +394,15 @@ fn convert_data<T: AsF64>(
     scope: &[LabelPair],
 ) -> Option<(MetricType, Vec<proto::Metric>)> {
     let point = |attrs: Vec<LabelPair>| proto::Metric::from_label(attrs);
+    let attributes = |dp: &mut dyn Iterator<Item = &opentelemetry::KeyValue>| {
+        labels(dp.map(|kv| (kv.key.as_str(), kv.value.to_string())), scope)
+    };
     match data {
         MetricData::Gauge(g) => {
             let points = g.data_points().map(|dp| {
                 let mut v = proto::Gauge::default();
                 v.set_value(dp.value().as_f64());
-                let mut m = point(labels(
-                    dp.attributes().map(|kv| (&kv.key, &kv.value)),
-                    scope,
-                ));
+                let mut m = point(attributes(&mut dp.attributes()));
                 m.set_gauge(v);
                 m
             });
@@ -235,10 +410,7 @@ fn convert_data<T: AsF64>(
         }
         MetricData::Sum(s) if s.temporality() == Temporality::Cumulative => {
             let points = s.data_points().map(|dp| {
-                let mut m = point(labels(
-                    dp.attributes().map(|kv| (&kv.key, &kv.value)),
-                    scope,
-                ));
+                let mut m = point(attributes(&mut dp.attributes()));
                 let value = dp.value().as_f64();
                 if s.is_monotonic() {
                     let mut c = proto::Counter::default();
@@ -260,27 +432,13 @@ fn convert_data<T: AsF64>(
         }
         MetricData::Histogram(h) if h.temporality() == Temporality::Cumulative => {
             let points = h.data_points().map(|dp| {
-                let mut below = 0;
-                let buckets = dp
-                    .bounds()
-                    .zip(dp.bucket_counts())
-                    .map(|(bound, count)| {
-                        below += count;
-                        let mut b = proto::Bucket::default();
-                        b.set_upper_bound(bound);
-                        b.set_cumulative_count(below);
-                        b
-                    })
-                    .collect();
-                let mut v = proto::Histogram::default();
-                v.set_bucket(buckets);
-                v.set_sample_count(dp.count());
-                v.set_sample_sum(dp.sum().as_f64());
-                let mut m = point(labels(
-                    dp.attributes().map(|kv| (&kv.key, &kv.value)),
-                    scope,
+                let mut m = point(attributes(&mut dp.attributes()));
+                m.set_histogram(histogram(
+                    dp.bounds(),
+                    dp.bucket_counts(),
+                    dp.count(),
+                    dp.sum().as_f64(),
                 ));
-                m.set_histogram(v);
                 m
             });
             Some((MetricType::HISTOGRAM, points.collect()))
@@ -300,15 +458,12 @@ fn label(name: &str, value: &str) -> LabelPair {
 /// names collide after sanitizing joined with `;` in the order of the
 /// original names, as the specification asks.
 fn labels<'a>(
-    attributes: impl Iterator<Item = (&'a Key, &'a Value)>,
+    attributes: impl Iterator<Item = (&'a str, String)>,
     extra: &[LabelPair],
 ) -> Vec<LabelPair> {
     let mut by_name: BTreeMap<String, Vec<(&str, String)>> = BTreeMap::new();
     for (k, v) in attributes {
-        by_name
-            .entry(sanitize(k.as_str(), false))
-            .or_default()
-            .push((k.as_str(), v.to_string()));
+        by_name.entry(sanitize(k, false)).or_default().push((k, v));
     }
     let mut out: Vec<LabelPair> = by_name
         .into_iter()
@@ -515,11 +670,8 @@ mod tests {
 
     #[test]
     fn colliding_label_names_are_joined() {
-        let a = Key::from("net.peer");
-        let b = Key::from("net_peer");
-        let (va, vb) = (Value::from("x"), Value::from(7_i64));
         let got = labels(
-            [(&b, &vb), (&a, &va)].into_iter(),
+            [("net_peer", "7".to_string()), ("net.peer", "x".to_string())].into_iter(),
             &[label("otel_scope_name", "s")],
         );
         let got: Vec<(String, String)> = got
@@ -581,7 +733,7 @@ mod tests {
         for v in [0.0005, 0.005, 0.005, 0.5] {
             rtt.record(v, &[KeyValue::new("network.transport", "tcp")]);
         }
-        let text = scrape(&reader).expect("scrape");
+        let text = scrape(&reader, &LatestMesh::default()).expect("scrape");
         for line in [
             "# TYPE target_info gauge",
             "target_info{k8s_node_name=\"node-a\",service_name=\"flowtel\"} 1",
@@ -605,6 +757,122 @@ mod tests {
         assert!(
             sum.is_some_and(|s| (s - 0.5105).abs() < 1e-9),
             "sum {sum:?} in:\n{text}"
+        );
+    }
+
+    /// The mesh snapshot, through the same translation, next to the SDK's
+    /// metrics: one `target_info`, Istio's own names back, the pod's
+    /// identity and the scope as labels.
+    #[test]
+    fn renders_the_mesh_snapshot() {
+        use crate::export::mesh::tests::two_pods_and_ztunnel;
+        use crate::source::scrape::{Point, PointValue, ScrapedFamily};
+
+        let reader = PullReader(Arc::new(ManualReader::builder().build()));
+        let provider = SdkMeterProvider::builder()
+            .with_resource(
+                Resource::builder_empty()
+                    .with_attributes([KeyValue::new("k8s.node.name", "node-a")])
+                    .build(),
+            )
+            .with_reader(reader.clone())
+            .build();
+        provider
+            .meter("flowtel")
+            .u64_observable_counter("flowtel.flow.bytes")
+            .with_unit("By")
+            .with_callback(|o| o.observe(1, &[]))
+            .build();
+        let mut snapshot = two_pods_and_ztunnel();
+        let duration = &crate::source::istio::ISTIO_FAMILIES[1];
+        if let Some(s) = snapshot.scrapes.as_mut() {
+            s.istio[0].families.push(ScrapedFamily {
+                name: duration.name,
+                description: duration.description,
+                kind: duration.kind,
+                unit: duration.unit,
+                points: vec![Point {
+                    labels: vec![("response_code".into(), "200".into())],
+                    value: PointValue::Histogram(HistogramValue {
+                        bounds: vec![1.0, 5.0],
+                        counts: vec![1, 2, 1],
+                        sum: 9.5,
+                        count: 4,
+                    }),
+                }],
+            });
+        }
+        let mesh = LatestMesh::default();
+        mesh.publish(Arc::new(snapshot));
+        let text = scrape(&reader, &mesh).expect("scrape");
+        let scope = format!(
+            "otel_scope_name=\"flowtel.mesh\",otel_scope_version=\"{}\"",
+            env!("CARGO_PKG_VERSION")
+        );
+        let pod = |name: &str| {
+            format!(
+                "flowtel_istio_proxy=\"istio_sidecar\",flowtel_k8s_workload_kind=\"Deployment\",\
+                 flowtel_k8s_workload_name=\"api\",k8s_deployment_name=\"api\",\
+                 k8s_namespace_name=\"shop\",k8s_pod_name=\"{name}\",k8s_pod_uid=\"uid-{name}\""
+            )
+        };
+        let expected = [
+            "target_info{k8s_node_name=\"node-a\"} 1".to_string(),
+            "flowtel_flow_bytes_total{otel_scope_name=\"flowtel\"} 1".to_string(),
+            "# TYPE istio_requests_total counter".to_string(),
+            format!(
+                "istio_requests_total{{{},reporter=\"destination\",response_code=\"200\",{scope}}} 5",
+                pod("api-1")
+            ),
+            format!(
+                "istio_requests_total{{{},reporter=\"destination\",response_code=\"200\",{scope}}} 7",
+                pod("api-2")
+            ),
+            "# TYPE istio_request_duration_milliseconds histogram".to_string(),
+            format!(
+                "istio_request_duration_milliseconds_bucket{{{},response_code=\"200\",{scope},le=\"5\"}} 3",
+                pod("api-1")
+            ),
+            format!(
+                "istio_request_duration_milliseconds_bucket{{{},response_code=\"200\",{scope},le=\"+Inf\"}} 4",
+                pod("api-1")
+            ),
+            format!(
+                "istio_request_duration_milliseconds_sum{{{},response_code=\"200\",{scope}}} 9.5",
+                pod("api-1")
+            ),
+            "# TYPE flowtel_sources_active_ratio gauge".to_string(),
+            format!("flowtel_sources_active_ratio{{flowtel_source=\"istio\",{scope}}} 1"),
+            format!("flowtel_cni_detected_ratio{{flowtel_cni_name=\"calico\",{scope}}} 1"),
+            format!(
+                "flowtel_scrape_errors_total{{error_type=\"timeout\",flowtel_scrape_target=\"felix\",{scope}}} 2"
+            ),
+            format!(
+                "flowtel_scrape_successes_total{{flowtel_scrape_target=\"istio_sidecar\",{scope}}} 6"
+            ),
+        ];
+        for line in &expected {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        for once in [
+            "# TYPE target_info gauge",
+            "# TYPE istio_requests_total counter",
+        ] {
+            assert_eq!(
+                text.lines().filter(|l| *l == once).count(),
+                1,
+                "{once:?} in:\n{text}"
+            );
+        }
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("target_info"))
+                .count(),
+            1,
+            "one target_info:\n{text}"
         );
     }
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use opentelemetry::metrics::{Histogram, Meter, MeterProvider as _};
-use opentelemetry::KeyValue;
+use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
 
@@ -51,7 +51,13 @@ impl SdkMeter {
             .with_reader(reader)
             .build();
         let latest: Latest = Arc::default();
-        let meter = provider.meter("flowtel");
+        // The scope the OTLP requests carry, version included, so that the
+        // labels are those a Collector would make of them.
+        let meter = provider.meter_with_scope(
+            InstrumentationScope::builder("flowtel")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        );
         register_flow_instruments(&meter, &latest);
         register_health_instruments(&meter, &latest);
         for m in self_metrics {

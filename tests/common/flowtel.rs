@@ -134,6 +134,17 @@ impl Flowtel {
         Ok((code, json))
     }
 
+    /// Where the Prometheus endpoint listens, from flowtel's
+    /// `Prometheus metrics on http://ADDR/metrics` line.
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        let output = self.output();
+        let line = output
+            .lines()
+            .find(|l| l.contains("Prometheus metrics on http://"))?;
+        let rest = line.split("Prometheus metrics on http://").nth(1)?;
+        rest.split("/metrics").next()?.parse().ok()
+    }
+
     /// flowtel's own counters (the `stats` object of `/readyz`).
     pub fn stats(&self) -> anyhow::Result<serde_json::Value> {
         let (_, body) = self.readyz()?;

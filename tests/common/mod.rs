@@ -15,6 +15,7 @@ pub mod delayline;
 pub mod flowtel;
 pub mod histogram;
 pub mod kubeapi;
+pub mod mesh;
 pub mod netns;
 pub mod otlp_receiver;
 pub mod rotel;
