@@ -13,7 +13,7 @@
 //! The receiver counts what it decoded, and the run fails if that is not
 //! everything that was exported.
 //!
-//! Run with `cargo bench --bench otlp_export` (about two minutes plus the
+//! Run with `cargo bench --bench otlp_export` (about five minutes plus the
 //! build).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
