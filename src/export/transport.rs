@@ -280,9 +280,17 @@ impl OtlpClient {
             Err(f) => {
                 SelfStats::inc(&self.stats.exports_failed);
                 if !self.failing.swap(true, Ordering::Relaxed) {
+                    // Not every receiver takes zstd (rotel answers gRPC
+                    // UNIMPLEMENTED or HTTP 400); say what to change.
+                    let hint = if self.compression == Compression::Zstd && !f.retryable {
+                        "; if the collector does not accept zstd, set export.otlp.compression \
+                         to gzip"
+                    } else {
+                        ""
+                    };
                     tracing::warn!(
                         endpoint = %self.url,
-                        "OTLP {} export failed ({}); {}",
+                        "OTLP {} export failed ({}){hint}; {}",
                         self.signal.name(),
                         f.message,
                         self.signal.consequence()
