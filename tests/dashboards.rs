@@ -54,8 +54,7 @@ mod common;
 mod prometheus;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{ErrorKind, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -1218,30 +1217,14 @@ fn round(lab: &RouterLab) {
         .expect("connections to an address no object claims");
     let (refused, unanswered) = lab
         .a
-        .in_ns(|| -> std::io::Result<(u32, bool)> {
-            let s = TcpStream::connect_timeout(&sock(B_V4, BACKEND_PORT), Duration::from_secs(10))?;
-            traffic::linger_zero(&s)?;
-            (&s).write_all(&[0u8; 16])?;
-            std::thread::sleep(Duration::from_millis(200));
-            drop(s);
-            let mut refused = 0;
-            for _ in 0..2 {
-                match TcpStream::connect_timeout(&sock(B_V4, CLOSED_PORT), Duration::from_secs(10))
-                {
-                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => refused += 1,
-                    Err(e) => return Err(e),
-                    Ok(_) => {}
-                }
+        .in_ns(|| {
+            traffic::Failures {
+                reset: sock(B_V4, BACKEND_PORT),
+                refused: (sock(B_V4, CLOSED_PORT), 2),
+                unanswered: sock(B_V4, DROPPED_TCP_PORT),
+                udp_dropped: (sock(A_V4, 0), sock(B_V4, DROPPED_UDP_PORT), 5),
             }
-            let unanswered = matches!(
-                TcpStream::connect_timeout(&sock(B_V4, DROPPED_TCP_PORT), Duration::from_secs(1)),
-                Err(e) if e.kind() == ErrorKind::TimedOut
-            );
-            let udp = UdpSocket::bind(sock(A_V4, 0))?;
-            for _ in 0..5 {
-                let _ = udp.send_to(&[0u8; 100], sock(B_V4, DROPPED_UDP_PORT));
-            }
-            Ok((refused, unanswered))
+            .run()
         })
         .expect("entering A")
         .expect("client sockets in A");
@@ -1424,16 +1407,10 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             ),
             ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".to_string()),
             ("FLOWTEL_EXPORT__LOGS__RATE_LIMIT", "0".to_string()),
-            ("FLOWTEL_MESH__ISTIO__INTERVAL", "1s".to_string()),
-            ("FLOWTEL_MESH__ISTIO__TIMEOUT", "800ms".to_string()),
-            ("FLOWTEL_DETECT__FELIX_ADDRESS", felix.to_string()),
-            (
-                "FLOWTEL_MESH__FELIX__URL",
-                format!("http://{felix}/metrics"),
-            ),
-            ("FLOWTEL_MESH__FELIX__INTERVAL", "1s".to_string()),
-            ("FLOWTEL_MESH__FELIX__TIMEOUT", "800ms".to_string()),
-        ],
+        ]
+        .into_iter()
+        .chain(mesh::scrape_env(felix, "1s", "800ms"))
+        .collect(),
     })
     .expect("starting flowtel");
     flowtel

@@ -19,7 +19,7 @@ use common::flowtel::{Flowtel, FlowtelArgs};
 use common::otlp_receiver::{AttrValue, OtlpReceiver};
 use common::scenario::{self, Lab, Plan, Series, Totals, A_V4, B_V4, TCP4_PORT};
 use flowtel::source::hubble::proto;
-use hubble_server::{HubbleServer, Step};
+use hubble_server::{respond, HubbleServer, Step};
 
 const PLAN: Plan = Plan {
     tcp4: Some((4 << 20, 4 << 20)),
@@ -66,47 +66,20 @@ fn trace(n: u32) -> Step {
             TCP4_PORT,
         )
     };
-    let flow = proto::Flow {
-        time: Some(proto::Timestamp {
+    let mut flow = hubble_server::flow(
+        &format!("00000000-0000-4000-8000-{n:012}"),
+        proto::Timestamp {
             seconds: 1_771_990_000 + i64::from(n),
             nanos: 0,
-        }),
-        uuid: format!("00000000-0000-4000-8000-{n:012}"),
-        verdict: proto::Verdict::FORWARDED as i32,
-        ip: Some(proto::Ip {
-            source: sip.into(),
-            destination: dip.into(),
-            ip_version: proto::IpVersion::IPv4 as i32,
-            encrypted: false,
-        }),
-        l4: Some(proto::Layer4 {
-            protocol: Some(proto::Protocol::Tcp(proto::Tcp {
-                source_port: u32::from(sport),
-                destination_port: u32::from(dport),
-                flags: Some(proto::TcpFlags {
-                    ack: true,
-                    ..proto::TcpFlags::default()
-                }),
-            })),
-        }),
-        source: Some(src),
-        destination: Some(dst),
-        r#type: proto::FlowType::L3_L4 as i32,
-        node_name: "lab".into(),
+        },
+        (src, sip, u32::from(sport)),
+        (dst, dip, u32::from(dport)),
+        false,
+        proto::TrafficDirection::EGRESS,
         reply,
-        is_reply: Some(proto::BoolValue { value: reply }),
-        traffic_direction: proto::TrafficDirection::EGRESS as i32,
-        event_type: Some(proto::CiliumEventType {
-            r#type: 4,
-            sub_type: 0,
-        }),
-        ..proto::Flow::default()
-    };
-    Step::Send(Box::new(proto::GetFlowsResponse {
-        time: flow.time,
-        node_name: "lab".into(),
-        response_types: Some(proto::ResponseTypes::Flow(flow)),
-    }))
+    );
+    flow.node_name = "lab".into();
+    respond(flow)
 }
 
 #[test]

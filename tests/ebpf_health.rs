@@ -22,8 +22,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::delayline::DelayLine;
@@ -227,33 +226,14 @@ fn tcp_health_and_drops_match_what_was_done() {
         .expect("short connections");
     println!("{TEST}: bulk {bulk:?}, short {short:?}");
     let results = a
-        .in_ns(|| -> std::io::Result<(u64, bool)> {
-            // Aborted: SO_LINGER 0 makes close() send an RST.
-            let s = TcpStream::connect_timeout(&addr(B_V4, SERVE_PORT), Duration::from_secs(10))?;
-            traffic::linger_zero(&s)?;
-            (&s).write_all(&[0u8; 16])?;
-            std::thread::sleep(Duration::from_millis(200));
-            drop(s);
-            let mut refused = 0;
-            for _ in 0..REFUSED {
-                match TcpStream::connect_timeout(&addr(B_V4, CLOSED_PORT), Duration::from_secs(10))
-                {
-                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => refused += 1,
-                    Err(e) => return Err(e),
-                    Ok(_) => {}
-                }
+        .in_ns(|| {
+            traffic::Failures {
+                reset: addr(B_V4, SERVE_PORT),
+                refused: (addr(B_V4, CLOSED_PORT), REFUSED),
+                unanswered: addr(B_V4, DROPPED_TCP_PORT),
+                udp_dropped: (addr(A_V4, 0), addr(B_V4, DROPPED_UDP_PORT), UDP_DROPPED),
             }
-            let timed_out = matches!(
-                TcpStream::connect_timeout(&addr(B_V4, DROPPED_TCP_PORT), Duration::from_secs(1)),
-                Err(e) if e.kind() == ErrorKind::TimedOut
-            );
-            let udp = UdpSocket::bind(addr(A_V4, 0))?;
-            for _ in 0..UDP_DROPPED {
-                // nft drops it in the output hook; the send itself may
-                // report EPERM, which is the drop.
-                let _ = udp.send_to(&[0u8; 100], addr(B_V4, DROPPED_UDP_PORT));
-            }
-            Ok((refused, timed_out))
+            .run()
         })
         .expect("entering A")
         .expect("client sockets in A");

@@ -15,7 +15,7 @@ use flowtel::flow::model::Transport;
 use flowtel::source::hubble::{
     self, proto, Direction, Enabled, HubbleConfig, HubbleFlow, HubbleHandle, HubbleReport, L7Record,
 };
-use hubble_server::{HubbleServer, Step};
+use hubble_server::{flow, l7, respond, HubbleServer, Step};
 use tonic::Status;
 
 // ---------- fixtures: flows shaped like a Cilium 1.19 agent's ----------
@@ -116,77 +116,6 @@ fn at(seconds: i64, nanos: i32) -> proto::Timestamp {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn flow(
-    uuid: &str,
-    time: proto::Timestamp,
-    (src, src_ip, src_port): (proto::Endpoint, &str, u32),
-    (dst, dst_ip, dst_port): (proto::Endpoint, &str, u32),
-    udp: bool,
-    direction: proto::TrafficDirection,
-    is_reply: bool,
-) -> proto::Flow {
-    let l4 = if udp {
-        proto::Protocol::Udp(proto::Udp {
-            source_port: src_port,
-            destination_port: dst_port,
-        })
-    } else {
-        proto::Protocol::Tcp(proto::Tcp {
-            source_port: src_port,
-            destination_port: dst_port,
-            flags: Some(proto::TcpFlags {
-                ack: true,
-                syn: !is_reply && uuid.ends_with("syn"),
-                ..proto::TcpFlags::default()
-            }),
-        })
-    };
-    proto::Flow {
-        time: Some(time),
-        uuid: uuid.into(),
-        verdict: proto::Verdict::FORWARDED as i32,
-        ip: Some(proto::Ip {
-            source: src_ip.into(),
-            destination: dst_ip.into(),
-            ip_version: proto::IpVersion::IPv4 as i32,
-            encrypted: false,
-        }),
-        l4: Some(proto::Layer4 { protocol: Some(l4) }),
-        source: Some(src),
-        destination: Some(dst),
-        r#type: proto::FlowType::L3_L4 as i32,
-        node_name: "kind-worker".into(),
-        reply: is_reply,
-        is_reply: Some(proto::BoolValue { value: is_reply }),
-        traffic_direction: direction as i32,
-        event_type: Some(proto::CiliumEventType {
-            r#type: 4,
-            sub_type: 0,
-        }),
-        ..proto::Flow::default()
-    }
-}
-
-fn l7(
-    mut flow: proto::Flow,
-    kind: proto::L7FlowType,
-    latency_ms: u64,
-    record: proto::Record,
-) -> proto::Flow {
-    flow.r#type = proto::FlowType::L7 as i32;
-    flow.event_type = Some(proto::CiliumEventType {
-        r#type: 129,
-        sub_type: 0,
-    });
-    flow.l7 = Some(proto::Layer7 {
-        r#type: kind as i32,
-        latency_ns: latency_ms * 1_000_000,
-        record: Some(record),
-    });
-    flow
-}
-
 fn http(method: &str, code: u32, url: &str) -> proto::Record {
     proto::Record::Http(proto::Http {
         code,
@@ -198,14 +127,6 @@ fn http(method: &str, code: u32, url: &str) -> proto::Record {
             value: "9f1c2e".into(),
         }],
     })
-}
-
-fn respond(flow: proto::Flow) -> Step {
-    Step::Send(Box::new(proto::GetFlowsResponse {
-        time: flow.time,
-        node_name: flow.node_name.clone(),
-        response_types: Some(proto::ResponseTypes::Flow(flow)),
-    }))
 }
 
 fn lost(source: proto::LostEventSource, count: u64) -> Step {

@@ -50,13 +50,13 @@ use std::time::Duration;
 use common::flowtel::{Flowtel, FlowtelArgs};
 use common::kubeapi::{fx, KubeApi};
 use common::mesh::{
-    advanced, meshed_pod, serve, Behaviour, ENVOY, FELIX, OPENMETRICS, TEXT, ZTUNNEL,
+    self as mesh, advanced, meshed_pod, serve, Behaviour, ENVOY, FELIX, OPENMETRICS, TEXT, ZTUNNEL,
 };
 use common::netns::NetnsGuard;
 use common::otlp_receiver::{attrs_of, AttrValue, Attrs, OtlpReceiver};
 use flowtel::source::hubble::proto;
 use flowtel::source::scrape::{parse, Format, PointValue};
-use hubble_server::{HubbleServer, Step};
+use hubble_server::{respond, HubbleServer, Step};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use prometheus::{http_get, promtool_check_metrics, PROMTOOL};
 use serde_json::json;
@@ -189,71 +189,33 @@ fn api() -> proto::Endpoint {
 /// Forwarded TCP web → api, numbered; `l7` makes it an HTTP record.
 fn hubble_flow(n: u32, l7: Option<(proto::L7FlowType, u64)>) -> Step {
     let reply = matches!(l7, Some((proto::L7FlowType::RESPONSE, _)));
-    let (src, dst, sip, dip) = if reply {
-        (api(), web(), "10.0.2.7", "10.0.1.5")
-    } else {
-        (web(), api(), "10.0.1.5", "10.0.2.7")
-    };
+    let (web, api) = ((web(), "10.0.1.5", 40_000 + n), (api(), "10.0.2.7", 8080));
+    let (src, dst) = if reply { (api, web) } else { (web, api) };
     let time = proto::Timestamp {
         seconds: 1_771_990_000 + i64::from(n),
         nanos: 0,
     };
-    let mut flow = proto::Flow {
-        time: Some(time),
-        uuid: format!("00000000-0000-4000-8000-{n:012}"),
-        verdict: proto::Verdict::FORWARDED as i32,
-        ip: Some(proto::Ip {
-            source: sip.into(),
-            destination: dip.into(),
-            ip_version: proto::IpVersion::IPv4 as i32,
-            encrypted: false,
-        }),
-        l4: Some(proto::Layer4 {
-            protocol: Some(proto::Protocol::Tcp(proto::Tcp {
-                source_port: if reply { 8080 } else { 40_000 + n },
-                destination_port: if reply { 40_000 + n } else { 8080 },
-                flags: Some(proto::TcpFlags {
-                    ack: true,
-                    ..proto::TcpFlags::default()
-                }),
-            })),
-        }),
-        source: Some(src),
-        destination: Some(dst),
-        r#type: proto::FlowType::L3_L4 as i32,
-        node_name: NODE.into(),
+    let mut flow = hubble_server::flow(
+        &format!("00000000-0000-4000-8000-{n:012}"),
+        time,
+        src,
+        dst,
+        false,
+        proto::TrafficDirection::EGRESS,
         reply,
-        is_reply: Some(proto::BoolValue { value: reply }),
-        traffic_direction: proto::TrafficDirection::EGRESS as i32,
-        event_type: Some(proto::CiliumEventType {
-            r#type: 4,
-            sub_type: 0,
-        }),
-        ..proto::Flow::default()
-    };
+    );
+    flow.node_name = NODE.into();
     if let Some((kind, latency_ms)) = l7 {
-        flow.r#type = proto::FlowType::L7 as i32;
-        flow.event_type = Some(proto::CiliumEventType {
-            r#type: 129,
-            sub_type: 0,
+        let record = proto::Record::Http(proto::Http {
+            code: if reply { 200 } else { 0 },
+            method: "GET".into(),
+            url: "http://api.shop:8080/v1/items?id=7".into(),
+            protocol: "HTTP/1.1".into(),
+            headers: Vec::new(),
         });
-        flow.l7 = Some(proto::Layer7 {
-            r#type: kind as i32,
-            latency_ns: latency_ms * 1_000_000,
-            record: Some(proto::Record::Http(proto::Http {
-                code: if reply { 200 } else { 0 },
-                method: "GET".into(),
-                url: "http://api.shop:8080/v1/items?id=7".into(),
-                protocol: "HTTP/1.1".into(),
-                headers: Vec::new(),
-            })),
-        });
+        flow = hubble_server::l7(flow, kind, latency_ms, record);
     }
-    Step::Send(Box::new(proto::GetFlowsResponse {
-        time: flow.time,
-        node_name: NODE.into(),
-        response_types: Some(proto::ResponseTypes::Flow(flow)),
-    }))
+    respond(flow)
 }
 
 /// First stream: 3 L3/L4 flows, an HTTP request, then an error status.
@@ -814,18 +776,12 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
                 socket.display().to_string(),
             ),
             ("FLOWTEL_DETECT__CNI_DIR", cni_dir.display().to_string()),
-            ("FLOWTEL_DETECT__FELIX_ADDRESS", felix.to_string()),
-            (
-                "FLOWTEL_MESH__FELIX__URL",
-                format!("http://{felix}/metrics"),
-            ),
-            ("FLOWTEL_MESH__FELIX__INTERVAL", "2s".into()),
-            ("FLOWTEL_MESH__FELIX__TIMEOUT", "1500ms".into()),
-            ("FLOWTEL_MESH__ISTIO__INTERVAL", "2s".into()),
-            ("FLOWTEL_MESH__ISTIO__TIMEOUT", "1500ms".into()),
             ("FLOWTEL_EXPORT__LOGS__ENABLED", "true".into()),
             ("FLOWTEL_EXPORT__PROMETHEUS__LISTEN", "127.0.0.1:0".into()),
-        ],
+        ]
+        .into_iter()
+        .chain(mesh::scrape_env(felix, "2s", "1500ms"))
+        .collect(),
     })
     .expect("starting flowtel");
     ft.wait_ready(Duration::from_secs(30))
@@ -1267,18 +1223,12 @@ fn mesh_sources_on_the_prometheus_endpoint_alone() {
             ("FLOWTEL_RESOURCE__NODE_NAME", NODE.into()),
             ("FLOWTEL_RESOURCE__CLUSTER_NAME", "mesh-test".into()),
             ("FLOWTEL_DETECT__CNI_DIR", cni_dir.display().to_string()),
-            ("FLOWTEL_DETECT__FELIX_ADDRESS", felix.to_string()),
-            (
-                "FLOWTEL_MESH__FELIX__URL",
-                format!("http://{felix}/metrics"),
-            ),
-            ("FLOWTEL_MESH__FELIX__INTERVAL", "1s".into()),
-            ("FLOWTEL_MESH__FELIX__TIMEOUT", "800ms".into()),
-            ("FLOWTEL_MESH__ISTIO__INTERVAL", "1s".into()),
-            ("FLOWTEL_MESH__ISTIO__TIMEOUT", "800ms".into()),
             ("FLOWTEL_EXPORT__PROMETHEUS__LISTEN", "127.0.0.1:0".into()),
             ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".into()),
-        ],
+        ]
+        .into_iter()
+        .chain(mesh::scrape_env(felix, "1s", "800ms"))
+        .collect(),
     })
     .expect("starting flowtel");
     ft.wait_ready(Duration::from_secs(30))

@@ -19,6 +19,22 @@ pub const ZTUNNEL: &str = include_str!("../fixtures/mesh/ztunnel_1.24.txt");
 pub const FELIX: &str = include_str!("../fixtures/mesh/felix.txt");
 
 pub const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The settings that point flowtel's Felix scrape at `felix` and scrape
+/// Felix and the Istio proxies every `every`, each within `timeout`.
+pub fn scrape_env(felix: SocketAddr, every: &str, timeout: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("FLOWTEL_DETECT__FELIX_ADDRESS", felix.to_string()),
+        (
+            "FLOWTEL_MESH__FELIX__URL",
+            format!("http://{felix}/metrics"),
+        ),
+        ("FLOWTEL_MESH__FELIX__INTERVAL", every.into()),
+        ("FLOWTEL_MESH__FELIX__TIMEOUT", timeout.into()),
+        ("FLOWTEL_MESH__ISTIO__INTERVAL", every.into()),
+        ("FLOWTEL_MESH__ISTIO__TIMEOUT", timeout.into()),
+    ]
+}
+
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What one target answers to every request.

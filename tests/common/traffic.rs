@@ -359,3 +359,51 @@ pub fn linger_zero(s: &TcpStream) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Connections that fail in each way flowtel reports, sent from the
+/// namespace the caller is in (call `run` inside `Netns::in_ns`).
+pub struct Failures {
+    /// A listening port: one connection to it is aborted with an RST.
+    pub reset: SocketAddr,
+    /// A closed port, and how many connects it refuses.
+    pub refused: (SocketAddr, u64),
+    /// A port whose SYNs are dropped: one connect times out after 1 s.
+    pub unanswered: SocketAddr,
+    /// Where 100-byte UDP datagrams go that a firewall drops, from which
+    /// local address, and how many.
+    pub udp_dropped: (SocketAddr, SocketAddr, u64),
+}
+
+impl Failures {
+    /// Returns the connects refused and whether the unanswered one timed
+    /// out.
+    pub fn run(&self) -> std::io::Result<(u64, bool)> {
+        // SO_LINGER 0 makes close() send an RST.
+        let s = TcpStream::connect_timeout(&self.reset, IO_TIMEOUT)?;
+        linger_zero(&s)?;
+        (&s).write_all(&[0u8; 16])?;
+        std::thread::sleep(Duration::from_millis(200));
+        drop(s);
+        let (closed, attempts) = self.refused;
+        let mut refused = 0;
+        for _ in 0..attempts {
+            match TcpStream::connect_timeout(&closed, IO_TIMEOUT) {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => refused += 1,
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+        }
+        let timed_out = matches!(
+            TcpStream::connect_timeout(&self.unanswered, Duration::from_secs(1)),
+            Err(e) if e.kind() == ErrorKind::TimedOut
+        );
+        let (from, to, datagrams) = self.udp_dropped;
+        let udp = UdpSocket::bind(from)?;
+        for _ in 0..datagrams {
+            // nft drops it in the output hook; the send itself may report
+            // EPERM, which is the drop.
+            let _ = udp.send_to(&[0u8; 100], to);
+        }
+        Ok((refused, timed_out))
+    }
+}
