@@ -721,35 +721,25 @@ mod tests {
             else {
                 panic!("a gRPC client");
             };
-            let answer = grpc_unary(
-                channel.clone(),
-                path,
-                headers,
-                compress(compression, requests[0].clone()),
-                compression,
-            )
-            .await
-            .expect_err("UNAVAILABLE first");
-            assert!(answer.retryable, "{}", answer.message);
-            assert_eq!(answer.message, "Unavailable: warming up");
-            *collector.failures.lock().expect("lock") = 1;
-            collector.seen.lock().expect("lock").clear();
-            assert_eq!(c.send_all(requests.clone()).await, 1);
-            let answer = grpc_unary(
-                channel.clone(),
-                path,
-                headers,
-                compress(compression, requests[0].clone()),
-                compression,
-            )
-            .await
-            .expect("delivered");
+            // The framing itself: UNAVAILABLE, then the answer's partial
+            // success.
+            let call = || {
+                let body = compress(compression, requests[0].clone());
+                grpc_unary(channel.clone(), path, headers, body, compression)
+            };
+            let failure = call().await.expect_err("UNAVAILABLE first");
+            assert!(failure.retryable, "{}", failure.message);
+            assert_eq!(failure.message, "Unavailable: warming up");
+            let answer = call().await.expect("delivered");
             assert_eq!(
                 partial_success(&answer),
                 Some((3, "three points too old".to_string())),
                 "{encoding:?}: the partial success is read from the answer"
             );
-            collector.seen.lock().expect("lock").pop();
+            // The client: retried after UNAVAILABLE, delivered once.
+            *collector.failures.lock().expect("lock") = 1;
+            collector.seen.lock().expect("lock").clear();
+            assert_eq!(c.send_all(requests.clone()).await, 1);
             let seen = collector.seen.lock().expect("lock").clone();
             let sent = ("team-a".to_string(), encoding.to_string(), 1);
             assert_eq!(
