@@ -1,20 +1,35 @@
-//! Configuration: defaults < YAML file < `OTEL_*` variables < `FLOWTEL_*`
-//! variables < command-line flags.
+//! Loading the configuration: defaults < YAML file < `OTEL_*` variables <
+//! `FLOWTEL_*` variables < command-line flags, then each component checks
+//! its own section. The settings themselves live with their components.
 //!
 //! Every key has a default so `flowtel run` works with no file at all. A bad
 //! value is reported with the dotted key that holds it and what to do, never
 //! a panic: operators read these messages in `kubectl logs`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The whole configuration. `deny_unknown_fields` everywhere: a typo in a key
-/// is an error, not a silently ignored setting.
+pub use crate::component::ConfigError;
+use crate::enrich::kubernetes::KubernetesConfig;
+use crate::enrich::EnrichConfig;
+use crate::export::otlp::Protocol;
+use crate::export::resource::ResourceConfig;
+use crate::export::ExportConfig;
+use crate::flow::FlowsConfig;
+use crate::health::HealthConfig;
+use crate::source::conntrack::ConntrackConfig;
+use crate::source::detect::DetectConfig;
+use crate::source::ebpf::EbpfConfig;
+use crate::source::felix::FelixConfig;
+use crate::source::hubble::HubbleConfig;
+use crate::source::istio::IstioConfig;
+use crate::source::kernel::SourceChoice;
+
+/// The whole configuration: one section per component. `deny_unknown_fields`
+/// everywhere: a typo in a key is an error, not a silently ignored setting.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -24,22 +39,22 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     pub conntrack: ConntrackConfig,
-    pub ebpf: crate::source::ebpf::EbpfConfig,
+    pub ebpf: EbpfConfig,
     pub flows: FlowsConfig,
     /// How both ends of a flow are named.
-    pub enrich: crate::enrich::EnrichConfig,
+    pub enrich: EnrichConfig,
     /// The Kubernetes API, read to name pods, workloads, services and nodes.
-    pub kubernetes: crate::enrich::kubernetes::KubernetesConfig,
+    pub kubernetes: KubernetesConfig,
     pub export: ExportConfig,
     pub resource: ResourceConfig,
     pub health: HealthConfig,
     pub log: LogConfig,
     /// Cilium Hubble's Observer API on the node.
-    pub hubble: crate::source::hubble::HubbleConfig,
+    pub hubble: HubbleConfig,
     /// Istio proxies and Calico Felix, scraped.
-    pub mesh: crate::source::mesh::MeshConfig,
+    pub mesh: MeshConfig,
     /// Where the CNI, Hubble and Felix are looked for.
-    pub detect: crate::source::detect::DetectConfig,
+    pub detect: DetectConfig,
 }
 
 impl Default for Config {
@@ -48,362 +63,27 @@ impl Default for Config {
             source: SourceChoice::Auto,
             interval: Duration::from_secs(10),
             conntrack: ConntrackConfig::default(),
-            ebpf: crate::source::ebpf::EbpfConfig::default(),
+            ebpf: EbpfConfig::default(),
             flows: FlowsConfig::default(),
-            enrich: crate::enrich::EnrichConfig::default(),
-            kubernetes: crate::enrich::kubernetes::KubernetesConfig::default(),
+            enrich: EnrichConfig::default(),
+            kubernetes: KubernetesConfig::default(),
             export: ExportConfig::default(),
             resource: ResourceConfig::default(),
             health: HealthConfig::default(),
             log: LogConfig::default(),
-            hubble: crate::source::hubble::HubbleConfig::default(),
-            mesh: crate::source::mesh::MeshConfig::default(),
-            detect: crate::source::detect::DetectConfig::default(),
+            hubble: HubbleConfig::default(),
+            mesh: MeshConfig::default(),
+            detect: DetectConfig::default(),
         }
     }
 }
 
-/// Kernel source selection. `auto` tries eBPF and falls back to conntrack,
-/// saying why, where eBPF cannot load (old kernel, no BTF, no CAP_BPF).
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceChoice {
-    Auto,
-    Ebpf,
-    Conntrack,
-}
-
-/// How conntrack is read.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ConntrackMode {
-    /// ctnetlink, falling back to procfs when netlink is not permitted.
-    Auto,
-    Netlink,
-    Procfs,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+/// The `mesh:` section: the scraped sources.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ConntrackConfig {
-    pub mode: ConntrackMode,
-    /// Read the conntrack table of this network namespace (a path such as
-    /// `/var/run/netns/NAME` or `/proc/PID/ns/net`) instead of flowtel's own.
-    pub netns: Option<PathBuf>,
-    /// Subscribe to NEW/DESTROY events so connections that end between two
-    /// dumps still count their final bytes.
-    pub events: bool,
-    /// Turn on `net.netfilter.nf_conntrack_acct` if it is off; without it the
-    /// kernel keeps no byte or packet counters.
-    pub enable_accounting: bool,
-    /// Add a match-only nft rule so the kernel tracks connections in a
-    /// namespace where no firewall, kube-proxy or container runtime does
-    /// (removed on exit). Off by default: nodes normally need no help.
-    pub ensure_tracking: bool,
-    /// The procfs table, used in `procfs` mode or when netlink is refused.
-    pub proc_path: PathBuf,
-    /// Receive buffer for the event socket, in bytes (set with
-    /// `SO_RCVBUFFORCE`; a bigger buffer loses fewer events in bursts).
-    pub event_buffer_bytes: usize,
-}
-
-impl Default for ConntrackConfig {
-    fn default() -> Self {
-        Self {
-            mode: ConntrackMode::Auto,
-            netns: None,
-            events: true,
-            enable_accounting: true,
-            ensure_tracking: false,
-            proc_path: PathBuf::from("/proc/net/nf_conntrack"),
-            event_buffer_bytes: 16 * 1024 * 1024,
-        }
-    }
-}
-
-/// One field of the aggregation key.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyField {
-    ClientAddress,
-    /// Off by default: ephemeral client ports are unbounded cardinality.
-    ClientPort,
-    ServerAddress,
-    ServerPort,
-    Transport,
-    /// Bytes client→server and server→client as separate points.
-    Direction,
-    /// The translated ends of NAT'ed flows (the backend behind a VIP).
-    Nat,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FlowsConfig {
-    /// Hard cap on connections tracked for delta computation.
-    pub max_flows: usize,
-    /// Hard cap on metric series; further series fold into one overflow series.
-    pub max_series: usize,
-    /// Attributes that identify a series.
-    pub key: Vec<KeyField>,
-    /// A series with no traffic for this long is forgotten (its cumulative
-    /// counter restarts if it comes back).
-    #[serde(with = "humantime_serde")]
-    pub series_idle_timeout: Duration,
-}
-
-impl Default for FlowsConfig {
-    fn default() -> Self {
-        Self {
-            max_flows: 262_144,
-            max_series: 20_000,
-            key: vec![
-                KeyField::ClientAddress,
-                KeyField::ServerAddress,
-                KeyField::ServerPort,
-                KeyField::Transport,
-                KeyField::Direction,
-                KeyField::Nat,
-            ],
-            series_idle_timeout: Duration::from_secs(15 * 60),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct ExportConfig {
-    pub otlp: OtlpConfig,
-    pub console: ConsoleConfig,
-    pub prometheus: PrometheusConfig,
-    /// OTLP log events: flow records, connection and drop events.
-    pub logs: crate::export::otlp_logs::LogsConfig,
-    pub metrics: MetricsConfig,
-}
-
-/// How metrics are shaped, whichever way they leave (OTLP or Prometheus).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// Per metric, the attributes it keeps; the others are summed over.
-    /// A list, because metric names hold dots that a map key would split.
-    pub attributes: Vec<AttributeSelection>,
-}
-
-/// One metric's kept attributes, e.g.
-/// `{metric: flowtel.flow.packets, keep: [server.port, network.transport]}`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct AttributeSelection {
-    pub metric: String,
-    pub keep: Vec<String>,
-}
-
-/// The Prometheus exposition endpoint, for stacks that scrape instead of
-/// running a Collector. Off by default.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct PrometheusConfig {
-    /// Where `/metrics` listens, e.g. `0.0.0.0:9811`; empty disables it.
-    pub listen: String,
-}
-
-/// OTLP wire protocol, named as in `OTEL_EXPORTER_OTLP_PROTOCOL`.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-pub enum Protocol {
-    #[serde(rename = "grpc")]
-    Grpc,
-    #[serde(rename = "http/protobuf")]
-    HttpProtobuf,
-}
-
-impl Protocol {
-    fn parse(value: &str) -> Option<Self> {
-        match value {
-            "grpc" => Some(Self::Grpc),
-            "http/protobuf" => Some(Self::HttpProtobuf),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    None,
-    Gzip,
-    Zstd,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Temporality {
-    Cumulative,
-    Delta,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct OtlpConfig {
-    /// Base URL of the collector, e.g. `http://localhost:4317` for gRPC or
-    /// `http://localhost:4318` for HTTP. Empty: no OTLP export.
-    pub endpoint: String,
-    pub protocol: Protocol,
-    pub headers: BTreeMap<String, String>,
-    pub compression: Compression,
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    pub temporality: Temporality,
-    /// Requests are cut below this many bytes (before compression), so a
-    /// Collector's gRPC receiver (4 MiB by default) takes every one.
-    pub max_request_bytes: usize,
-    pub tls: TlsConfig,
-    pub retry: RetryConfig,
-    /// Per-signal overrides (`OTEL_EXPORTER_OTLP_METRICS_*`).
-    pub metrics: SignalOverrides,
-    /// Per-signal overrides (`OTEL_EXPORTER_OTLP_LOGS_*`).
-    pub logs: SignalOverrides,
-}
-
-impl Default for OtlpConfig {
-    fn default() -> Self {
-        Self {
-            endpoint: String::new(),
-            protocol: Protocol::Grpc,
-            headers: BTreeMap::new(),
-            compression: Compression::Gzip,
-            timeout: Duration::from_secs(10),
-            temporality: Temporality::Cumulative,
-            max_request_bytes: 3 << 20,
-            tls: TlsConfig::default(),
-            retry: RetryConfig::default(),
-            metrics: SignalOverrides::default(),
-            logs: SignalOverrides::default(),
-        }
-    }
-}
-
-/// Settings of one signal that, when set, win over the shared ones. A
-/// per-signal endpoint is used as is (no `/v1/metrics` is appended), as the
-/// OpenTelemetry specification says.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct SignalOverrides {
-    pub endpoint: Option<String>,
-    pub protocol: Option<Protocol>,
-    pub headers: Option<BTreeMap<String, String>>,
-    pub compression: Option<Compression>,
-    #[serde(with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsConfig {
-    /// PEM bundle of CAs that sign the collector's certificate. Without it an
-    /// `https` endpoint is checked against the platform's roots.
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate and key (PEM) for mutual TLS; set both or neither.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    /// Attempts per export, the first included; 1 disables retries.
-    pub max_attempts: u32,
-    #[serde(with = "humantime_serde")]
-    pub initial_backoff: Duration,
-    #[serde(with = "humantime_serde")]
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self {
-            max_attempts: 4,
-            initial_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(5),
-        }
-    }
-}
-
-/// When flows are printed to the terminal.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ConsoleMode {
-    /// Only when no OTLP endpoint is configured.
-    Auto,
-    Always,
-    Never,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ConsoleFormat {
-    /// A table refreshed every interval.
-    Table,
-    /// One JSON object a line per series per interval.
-    Json,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConsoleConfig {
-    pub mode: ConsoleMode,
-    pub format: ConsoleFormat,
-    /// Rows shown in the table (busiest first).
-    pub rows: usize,
-}
-
-impl Default for ConsoleConfig {
-    fn default() -> Self {
-        Self {
-            mode: ConsoleMode::Auto,
-            format: ConsoleFormat::Table,
-            rows: 25,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ResourceConfig {
-    /// `service.name`; `OTEL_SERVICE_NAME` sets it too.
-    pub service_name: String,
-    /// `k8s.cluster.name`, when known.
-    pub cluster_name: Option<String>,
-    /// `k8s.node.name`; defaults to `K8S_NODE_NAME` from the downward API.
-    pub node_name: Option<String>,
-    /// Extra resource attributes; `OTEL_RESOURCE_ATTRIBUTES` adds to these.
-    pub attributes: BTreeMap<String, String>,
-}
-
-impl Default for ResourceConfig {
-    fn default() -> Self {
-        Self {
-            service_name: "flowtel".into(),
-            cluster_name: None,
-            node_name: None,
-            attributes: BTreeMap::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthConfig {
-    /// Where `/healthz` and `/readyz` listen; empty disables them.
-    pub listen: String,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:9810".into(),
-        }
-    }
+pub struct MeshConfig {
+    pub istio: IstioConfig,
+    pub felix: FelixConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -421,33 +101,9 @@ impl Default for LogConfig {
     }
 }
 
-/// A configuration problem, always tied to the key (or variable) that holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub key: String,
-    pub reason: String,
-}
-
-impl ConfigError {
-    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            reason: reason.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid configuration at `{}`: {}",
-            self.key, self.reason
-        )
-    }
-}
-
-impl std::error::Error for ConfigError {}
+/// `FLOWTEL_` variables that name no configuration key: the file to read
+/// (`--config`).
+const NOT_KEYS: &[&str] = &["FLOWTEL_CONFIG"];
 
 /// Values given on the command line; each wins over every other layer.
 #[derive(Debug, Clone, Default)]
@@ -490,7 +146,7 @@ pub fn load(
     }
     let flowtel_env: HashMap<String, String> = env
         .iter()
-        .filter(|(k, _)| k.starts_with("FLOWTEL_"))
+        .filter(|(k, _)| k.starts_with("FLOWTEL_") && !NOT_KEYS.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     builder = builder.add_source(
@@ -685,220 +341,12 @@ pub fn parse_kv_list(value: &str) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
+/// Every section checks its own keys; the error says which section.
 fn validate(cfg: &Config) -> Result<(), ConfigError> {
     if cfg.interval.is_zero() {
         return Err(ConfigError::new(
             "interval",
             "must be greater than 0, e.g. \"10s\"",
-        ));
-    }
-    if cfg.flows.max_flows == 0 {
-        return Err(ConfigError::new("flows.max_flows", "must be at least 1"));
-    }
-    if cfg.flows.max_series < 2 {
-        return Err(ConfigError::new(
-            "flows.max_series",
-            "must be at least 2 (one series plus the overflow series)",
-        ));
-    }
-    if cfg.flows.key.is_empty() {
-        return Err(ConfigError::new(
-            "flows.key",
-            "must name at least one field (client_address, client_port, server_address, server_port, transport, direction, nat)",
-        ));
-    }
-    if cfg.flows.series_idle_timeout < cfg.interval {
-        return Err(ConfigError::new(
-            "flows.series_idle_timeout",
-            "must be at least one interval, or every series would be forgotten before it is exported",
-        ));
-    }
-    if let Err(e) =
-        crate::enrich::cidr::NamedNetworks::new(&cfg.enrich.networks, &cfg.enrich.unmatched_network)
-    {
-        return Err(ConfigError::new("enrich.networks", e));
-    }
-    if cfg.conntrack.event_buffer_bytes < 65_536 {
-        return Err(ConfigError::new(
-            "conntrack.event_buffer_bytes",
-            "must be at least 65536",
-        ));
-    }
-    crate::source::mesh::validate(&cfg.mesh)
-        .map_err(|(key, reason)| ConfigError::new(key, reason))?;
-    if cfg.hubble.max_series < 2 {
-        return Err(ConfigError::new(
-            "hubble.max_series",
-            "must be at least 2 (one series plus the overflow series)",
-        ));
-    }
-    if cfg.hubble.reconnect_backoff_max.is_zero() || cfg.hubble.log_interval.is_zero() {
-        return Err(ConfigError::new(
-            if cfg.hubble.log_interval.is_zero() {
-                "hubble.log_interval"
-            } else {
-                "hubble.reconnect_backoff_max"
-            },
-            "must be greater than 0, e.g. \"30s\"",
-        ));
-    }
-    if cfg.export.console.rows == 0 {
-        return Err(ConfigError::new(
-            "export.console.rows",
-            "must be at least 1",
-        ));
-    }
-    if !cfg.export.prometheus.listen.is_empty()
-        && cfg.export.prometheus.listen.parse::<SocketAddr>().is_err()
-    {
-        return Err(ConfigError::new(
-            "export.prometheus.listen",
-            format!(
-                "{:?} is not an address and port, e.g. \"0.0.0.0:9811\"",
-                cfg.export.prometheus.listen
-            ),
-        ));
-    }
-    for (i, AttributeSelection { metric, keep }) in cfg.export.metrics.attributes.iter().enumerate()
-    {
-        if !crate::export::selection::SELECTABLE.contains(&metric.as_str()) {
-            return Err(ConfigError::new(
-                format!("export.metrics.attributes[{i}].metric"),
-                format!(
-                    "is not a metric whose attributes can be selected; one of: {}",
-                    crate::export::selection::SELECTABLE.join(", ")
-                ),
-            ));
-        }
-        if keep.iter().any(|k| k.trim().is_empty()) {
-            return Err(ConfigError::new(
-                format!("export.metrics.attributes[{i}].keep"),
-                "lists an empty attribute name",
-            ));
-        }
-    }
-    cfg.export
-        .logs
-        .validate()
-        .map_err(|e| ConfigError::new(e.key, e.reason))?;
-    let otlp = &cfg.export.otlp;
-    if !otlp.endpoint.is_empty() {
-        check_url("export.otlp.endpoint", &otlp.endpoint)?;
-    }
-    for (signal, o) in [("metrics", &otlp.metrics), ("logs", &otlp.logs)] {
-        if let Some(endpoint) = &o.endpoint {
-            check_url(&format!("export.otlp.{signal}.endpoint"), endpoint)?;
-        }
-        if o.timeout.is_some_and(|t| t.is_zero()) {
-            return Err(ConfigError::new(
-                format!("export.otlp.{signal}.timeout"),
-                "must be greater than 0",
-            ));
-        }
-        if let Some(headers) = &o.headers {
-            check_headers(&format!("export.otlp.{signal}.headers"), headers)?;
-        }
-    }
-    if otlp.timeout.is_zero() {
-        return Err(ConfigError::new(
-            "export.otlp.timeout",
-            "must be greater than 0, e.g. \"10s\"",
-        ));
-    }
-    check_headers("export.otlp.headers", &otlp.headers)?;
-    if otlp.max_request_bytes < 64 << 10 {
-        return Err(ConfigError::new(
-            "export.otlp.max_request_bytes",
-            "must be at least 65536; a Collector's gRPC receiver takes 4194304 (4 MiB) by default",
-        ));
-    }
-    if otlp.retry.max_attempts == 0 {
-        return Err(ConfigError::new(
-            "export.otlp.retry.max_attempts",
-            "must be at least 1 (1 = no retries)",
-        ));
-    }
-    if otlp.retry.initial_backoff > otlp.retry.max_backoff {
-        return Err(ConfigError::new(
-            "export.otlp.retry.initial_backoff",
-            "must not exceed export.otlp.retry.max_backoff",
-        ));
-    }
-    let tls = &otlp.tls;
-    if tls.cert_file.is_some() != tls.key_file.is_some() {
-        return Err(ConfigError::new(
-            if tls.cert_file.is_some() {
-                "export.otlp.tls.key_file"
-            } else {
-                "export.otlp.tls.cert_file"
-            },
-            "mutual TLS needs both cert_file and key_file",
-        ));
-    }
-    for (key, file) in [
-        ("export.otlp.tls.ca_file", &tls.ca_file),
-        ("export.otlp.tls.cert_file", &tls.cert_file),
-        ("export.otlp.tls.key_file", &tls.key_file),
-    ] {
-        if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigError::new(
-                    key,
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-        }
-    }
-    if cfg.ebpf.max_flows == 0 {
-        return Err(ConfigError::new("ebpf.max_flows", "must be at least 1"));
-    }
-    if cfg.ebpf.nat_max_entries == 0 && cfg.ebpf.nat != crate::source::ebpf::NatMode::Off {
-        return Err(ConfigError::new(
-            "ebpf.nat_max_entries",
-            "must be at least 1 (or set ebpf.nat: off)",
-        ));
-    }
-    if cfg.ebpf.interfaces_include.is_empty() {
-        return Err(ConfigError::new(
-            "ebpf.interfaces_include",
-            "must name at least one interface pattern, e.g. [\"*\"]",
-        ));
-    }
-    if let Some(netns) = &cfg.ebpf.netns {
-        if !netns.exists() {
-            return Err(ConfigError::new(
-                "ebpf.netns",
-                format!(
-                    "{} does not exist; give a path like /var/run/netns/NAME",
-                    netns.display()
-                ),
-            ));
-        }
-    }
-    if let Some(netns) = &cfg.conntrack.netns {
-        if !netns.exists() {
-            return Err(ConfigError::new(
-                "conntrack.netns",
-                format!(
-                    "{} does not exist; give a path like /var/run/netns/NAME",
-                    netns.display()
-                ),
-            ));
-        }
-    }
-    if !cfg.health.listen.is_empty() && cfg.health.listen.parse::<SocketAddr>().is_err() {
-        return Err(ConfigError::new(
-            "health.listen",
-            format!(
-                "{:?} is not an address:port such as 127.0.0.1:9810",
-                cfg.health.listen
-            ),
-        ));
-    }
-    if cfg.resource.service_name.is_empty() {
-        return Err(ConfigError::new(
-            "resource.service_name",
-            "must not be empty",
         ));
     }
     if tracing_subscriber::EnvFilter::try_new(&cfg.log.level).is_err() {
@@ -910,52 +358,26 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
             ),
         ));
     }
-    Ok(())
-}
-
-fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
-    let url = url::Url::parse(value).map_err(|e| {
-        ConfigError::new(
-            key,
-            format!("{value:?} is not a URL ({e}); expected e.g. http://localhost:4317"),
-        )
-    })?;
-    if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(ConfigError::new(
-            key,
-            format!(
-                "scheme {:?} is not supported; use http:// or https://",
-                url.scheme()
-            ),
-        ));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(ConfigError::new(key, format!("{value:?} has no host")));
-    }
-    Ok(())
-}
-
-fn check_headers(key: &str, headers: &BTreeMap<String, String>) -> Result<(), ConfigError> {
-    for (name, value) in headers {
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ConfigError::new(
-                format!("{key}.{name}"),
-                "is not a valid HTTP header name",
-            ));
-        }
-        if http::HeaderValue::from_str(value).is_err() {
-            return Err(ConfigError::new(
-                format!("{key}.{name}"),
-                "is not a valid HTTP header value",
-            ));
-        }
-    }
+    let within = |section: &'static str| move |e: ConfigError| e.within(section);
+    cfg.flows.validate(cfg.interval).map_err(within("flows"))?;
+    cfg.enrich.validate().map_err(within("enrich"))?;
+    cfg.conntrack.validate().map_err(within("conntrack"))?;
+    cfg.ebpf.validate().map_err(within("ebpf"))?;
+    cfg.hubble.validate().map_err(within("hubble"))?;
+    cfg.mesh.istio.validate().map_err(within("mesh.istio"))?;
+    cfg.mesh.felix.validate().map_err(within("mesh.felix"))?;
+    cfg.export.validate().map_err(within("export"))?;
+    cfg.resource.validate().map_err(within("resource"))?;
+    cfg.health.validate().map_err(within("health"))?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::export::otlp::Compression;
+    use crate::flow::series::KeyField;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -1022,6 +444,16 @@ mod tests {
                 && err.contains("\"gzip\", \"zstd\" or \"none\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_file_variable_is_not_a_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("f.yaml");
+        std::fs::write(&file, "interval: 3s\n").expect("write");
+        let e = env(&[("FLOWTEL_CONFIG", file.to_str().expect("utf-8 path"))]);
+        let cfg = load(Some(&file), &e, &Overrides::default()).expect("loads");
+        assert_eq!(cfg.interval, Duration::from_secs(3));
     }
 
     #[test]

@@ -37,7 +37,7 @@ struct ConfigArgs {
 struct RunArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Kernel source: auto or conntrack.
+    /// Kernel source: auto, ebpf or conntrack.
     #[arg(long)]
     source: Option<String>,
     /// Aggregation and export interval, e.g. 10s.

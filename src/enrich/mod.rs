@@ -14,8 +14,13 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
+use crate::component::ConfigError;
+use crate::flow::mesh::{MeshRole, ProxyTarget};
+use crate::flow::names::{EndName, FlowNames, Naming, Role};
 use crate::flow::{Endpoint, FlowId, Nat};
+use crate::telemetry::{catalogue, Counter, Telemetry};
 use cidr::{NamedNetworks, NetworkConfig};
 use kubernetes::{Peer, PodInfo, Snapshot};
 
@@ -56,6 +61,15 @@ pub struct EnrichConfig {
     pub unmatched_network: String,
 }
 
+impl EnrichConfig {
+    /// Checks the named networks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        NamedNetworks::new(&self.networks, &self.unmatched_network)
+            .map(|_| ())
+            .map_err(|e| ConfigError::new("networks", e))
+    }
+}
+
 impl Default for EnrichConfig {
     fn default() -> Self {
         Self {
@@ -67,96 +81,18 @@ impl Default for EnrichConfig {
     }
 }
 
-/// What one end of a flow is, as far as flowtel can tell. Fields that do
-/// not apply (or that the level leaves out) are `None`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct EndName {
-    pub namespace: Option<Arc<str>>,
-    /// `Deployment`, `StatefulSet`, `DaemonSet`, `CronJob`, `Job`,
-    /// `ReplicaSet` or `Pod` (a pod nothing owns).
-    pub workload_kind: Option<Arc<str>>,
-    pub workload: Option<Arc<str>>,
-    pub pod: Option<Arc<str>>,
-    pub pod_uid: Option<Arc<str>>,
-    /// The Service whose address the flow was sent to.
-    pub service: Option<Arc<str>>,
-    /// The node the pod runs on, or the node itself.
-    pub node: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
-    /// The named network of an address nothing else names.
-    pub network: Option<Arc<str>>,
-    /// The pod's labels listed in `kubernetes.pod_labels`.
-    pub labels: Box<[(Arc<str>, Arc<str>)]>,
-    /// A pod on this node, or this node itself.
-    pub local: bool,
+/// The Kubernetes view the namer reads, and how many ends it could name.
+#[derive(Debug)]
+struct Kube {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The snapshot in use: swapped in once per interval.
+    current: Arc<Snapshot>,
+    named: Counter,
+    unknown: Counter,
 }
 
-impl EndName {
-    /// Whether a Kubernetes object (pod, Service or node) names this end.
-    pub fn is_kubernetes(&self) -> bool {
-        self.namespace.is_some() || self.node.is_some()
-    }
-
-    /// Whether anything names this end; an unnamed end is keyed by address.
-    pub fn is_named(&self) -> bool {
-        *self != Self::default()
-    }
-
-    /// A short text for the terminal: `ns/workload`, `ns/pod` at pod
-    /// level, `ns/svc → ns/workload` behind a Service, `node/NAME`, or
-    /// `[network]`.
-    pub fn label(&self) -> String {
-        let ns = self.namespace.as_deref().unwrap_or("");
-        let who = match (&self.pod, &self.workload) {
-            (Some(pod), _) => Some(format!("{ns}/{pod}")),
-            (None, Some(w)) => Some(format!("{ns}/{w}")),
-            (None, None) if !ns.is_empty() => Some(ns.to_string()),
-            (None, None) => None,
-        };
-        match (&self.service, who) {
-            (Some(svc), Some(who)) => format!("{ns}/{svc} → {who}"),
-            (Some(svc), None) => format!("{ns}/{svc}"),
-            (None, Some(who)) => who,
-            (None, None) => match (&self.node, &self.network) {
-                (Some(node), _) => format!("node/{node}"),
-                (None, Some(net)) => format!("[{net}]"),
-                (None, None) => "?".into(),
-            },
-        }
-    }
-}
-
-/// Which end of a flow is on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    Client,
-    Server,
-}
-
-impl Role {
-    /// The value of the `flowtel.local.role` attribute.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Client => "client",
-            Self::Server => "server",
-        }
-    }
-}
-
-/// Both ends of one flow, named.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FlowNames {
-    pub client: Arc<EndName>,
-    pub server: Arc<EndName>,
-    /// The end on this node; `None` when neither is (routed traffic).
-    pub local: Option<Role>,
-    /// Named with a synced Kubernetes cache (or without Kubernetes): the
-    /// name is final. Otherwise it is tried again at the next report.
-    pub settled: bool,
-}
-
-/// Names flows. Owned by the task that owns the flow table; the Kubernetes
-/// view it reads is an immutable snapshot swapped in once per interval.
+/// Names flows. Owned by the flow stage's task; the Kubernetes view it
+/// reads is an immutable snapshot swapped in once per interval.
 #[derive(Debug)]
 pub struct Namer {
     networks: NamedNetworks,
@@ -165,23 +101,26 @@ pub struct Namer {
     /// This node's name (`resource.node_name`): its pods are the local end.
     node: Option<Arc<str>>,
     /// `Some` when Kubernetes enrichment is on.
-    kube: Option<Arc<Snapshot>>,
+    kube: Option<Kube>,
 }
 
 impl Namer {
-    /// `None` when nothing would be named: no Kubernetes and addresses kept.
+    /// `None` when nothing would be named: no Kubernetes and addresses
+    /// kept. `kube` is the cache's snapshots when enrichment is on.
     pub fn new(
         cfg: &EnrichConfig,
-        kubernetes: bool,
+        kube: Option<watch::Receiver<Arc<Snapshot>>>,
         node: Option<&str>,
-    ) -> Result<Option<Self>, String> {
-        let networks = NamedNetworks::new(&cfg.networks, &cfg.unmatched_network)?;
+        telemetry: &Telemetry,
+    ) -> Result<Option<Self>, ConfigError> {
+        let networks = NamedNetworks::new(&cfg.networks, &cfg.unmatched_network)
+            .map_err(|e| ConfigError::new("enrich.networks", e))?;
         let classify_unknown = match cfg.unknown_addresses {
-            UnknownAddresses::Auto => kubernetes,
+            UnknownAddresses::Auto => kube.is_some(),
             UnknownAddresses::Network => true,
             UnknownAddresses::Address => false,
         };
-        if !classify_unknown && !kubernetes {
+        if !classify_unknown && kube.is_none() {
             return Ok(None);
         }
         Ok(Some(Self {
@@ -189,26 +128,26 @@ impl Namer {
             classify_unknown,
             level: cfg.level,
             node: node.map(Arc::from),
-            kube: kubernetes.then(|| Arc::new(Snapshot::default())),
+            kube: kube.map(|snapshots| {
+                let current = Arc::clone(&snapshots.borrow());
+                Kube {
+                    current,
+                    snapshots,
+                    named: telemetry.counter(&catalogue::K8S_ENDS_NAMED),
+                    unknown: telemetry.counter(&catalogue::K8S_ENDS_UNKNOWN),
+                }
+            }),
         }))
     }
 
-    /// Whether ends are looked up in the Kubernetes cache.
-    pub fn uses_kubernetes(&self) -> bool {
-        self.kube.is_some()
-    }
-
-    /// Takes the Kubernetes cache's latest snapshot (once per interval).
-    pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
-        if self.kube.is_some() {
-            self.kube = Some(snapshot);
-        }
+    fn snapshot(&self) -> Option<&Snapshot> {
+        self.kube.as_ref().map(|k| &*k.current)
     }
 
     /// Names both ends of `id`. Behind NAT the server is named by the
     /// address the client used (a Service) and by the one that answered
     /// (the pod behind it).
-    pub fn name(&self, id: &FlowId, nat: &Nat) -> FlowNames {
+    fn name_flow(&self, id: &FlowId, nat: &Nat) -> FlowNames {
         let at = SystemTime::now();
         let client = self.name_end(id.client, id.client, at);
         let server = self.name_end(id.server, nat.server.unwrap_or(id.server), at);
@@ -219,18 +158,27 @@ impl Namer {
         } else {
             None
         };
+        if let Some(k) = &self.kube {
+            for end in [&client, &server] {
+                if end.is_kubernetes() {
+                    k.named.inc();
+                } else {
+                    k.unknown.inc();
+                }
+            }
+        }
         FlowNames {
             client: Arc::new(client),
             server: Arc::new(server),
             local,
-            settled: self.kube.as_ref().is_none_or(|k| k.synced()),
+            settled: self.snapshot().is_none_or(Snapshot::synced),
         }
     }
 
     /// One end, from the address the flow was sent to (or from) and the one
     /// that really answered (the same without NAT).
     fn name_end(&self, addressed: Endpoint, actual: Endpoint, at: SystemTime) -> EndName {
-        let kube = self.kube.as_deref();
+        let kube = self.snapshot();
         let lookup = |e: Endpoint| kube.and_then(|k| k.lookup(e.ip, Some(e.port), at));
         let addressed_peer = lookup(addressed);
         let actual_peer = if actual == addressed {
@@ -291,4 +239,47 @@ impl Namer {
             ..EndName::default()
         }
     }
+}
+
+impl Naming for Namer {
+    fn name(&self, id: &FlowId, nat: &Nat) -> FlowNames {
+        self.name_flow(id, nat)
+    }
+
+    fn refresh(&mut self) {
+        if let Some(k) = &mut self.kube {
+            k.current = k.snapshots.borrow().clone();
+        }
+    }
+}
+
+/// The Istio proxies of `node`'s pods in `snapshot`, each pod named down to
+/// the pod whatever `enrich.level`: two replicas report series with the
+/// same Istio labels.
+pub fn proxy_targets(snapshot: &Snapshot, node: Option<&str>) -> Vec<ProxyTarget> {
+    snapshot
+        .mesh_pods(node)
+        .into_iter()
+        .filter_map(|(ip, pod)| {
+            let mesh = pod.mesh.as_ref()?;
+            if mesh.role == MeshRole::IstioAmbient {
+                return None;
+            }
+            Some(ProxyTarget {
+                pod: Arc::new(EndName {
+                    namespace: Some(pod.namespace.clone()),
+                    workload_kind: Some(Arc::from(pod.workload.kind.as_str())),
+                    workload: Some(pod.workload.name.clone()),
+                    pod: Some(pod.name.clone()),
+                    pod_uid: Some(pod.uid.clone()),
+                    node: pod.node.clone(),
+                    ..EndName::default()
+                }),
+                ip,
+                role: mesh.role,
+                port: mesh.port,
+                path: mesh.path.clone(),
+            })
+        })
+        .collect()
 }

@@ -1,60 +1,15 @@
-//! Attribute names and values, in one place so OTLP, JSON and (later) the
-//! Prometheus endpoint agree with `docs/telemetry.md`.
+//! The attributes of flow, TCP, drop and zone series, built in one place
+//! so OTLP, Prometheus, the console's JSON and the flow records describe a
+//! series alike. The names are the catalogue's
+//! ([`crate::telemetry::catalogue`]).
 
 use opentelemetry::KeyValue;
 
-use crate::enrich::{EndName, Role};
-use crate::flow::aggregate::{DropKey, SeriesKey, ZoneKey};
-
-pub const NETWORK_TRANSPORT: &str = "network.transport";
-pub const NETWORK_TYPE: &str = "network.type";
-pub const CLIENT_ADDRESS: &str = "client.address";
-pub const CLIENT_PORT: &str = "client.port";
-pub const SERVER_ADDRESS: &str = "server.address";
-pub const SERVER_PORT: &str = "server.port";
-pub const FLOW_DIRECTION: &str = "flowtel.flow.direction";
-pub const NAT_SERVER_ADDRESS: &str = "flowtel.nat.server.address";
-pub const NAT_SERVER_PORT: &str = "flowtel.nat.server.port";
-pub const NAT_CLIENT_ADDRESS: &str = "flowtel.nat.client.address";
-pub const NAT_CLIENT_PORT: &str = "flowtel.nat.client.port";
-pub const SOURCE: &str = "flowtel.source";
-pub const OVERFLOW: &str = "otel.metric.overflow";
-pub const TCP_CLOSE_CAUSE: &str = "flowtel.tcp.close.cause";
-pub const TCP_FAILURE: &str = "flowtel.tcp.failure";
-pub const DROP_REASON: &str = "flowtel.drop.reason";
-pub const LOCAL_ROLE: &str = "flowtel.local.role";
-pub const K8S_NAMESPACE: &str = "k8s.namespace.name";
-pub const K8S_POD: &str = "k8s.pod.name";
-pub const K8S_POD_UID: &str = "k8s.pod.uid";
-pub const K8S_WORKLOAD_KIND: &str = "flowtel.k8s.workload.kind";
-pub const K8S_WORKLOAD: &str = "flowtel.k8s.workload.name";
-pub const K8S_SERVICE: &str = "flowtel.k8s.service.name";
-pub const ZONE: &str = "cloud.availability_zone";
-pub const NETWORK: &str = "flowtel.network";
-pub const PEER_K8S_NAMESPACE: &str = "flowtel.peer.k8s.namespace.name";
-pub const PEER_K8S_POD: &str = "flowtel.peer.k8s.pod.name";
-pub const PEER_K8S_WORKLOAD_KIND: &str = "flowtel.peer.k8s.workload.kind";
-pub const PEER_K8S_WORKLOAD: &str = "flowtel.peer.k8s.workload.name";
-pub const PEER_K8S_SERVICE: &str = "flowtel.peer.k8s.service.name";
-pub const PEER_K8S_NODE: &str = "flowtel.peer.k8s.node.name";
-pub const PEER_ZONE: &str = "flowtel.peer.zone";
-pub const PEER_NETWORK: &str = "flowtel.peer.network";
-pub const ENRICHMENT_PENDING: &str = "flowtel.enrichment.pending";
-pub const ZONE_CROSSING: &str = "flowtel.zone.crossing";
-
-/// The semantic-conventions attribute naming a workload of this kind
-/// (`k8s.deployment.name`, ...), for the end on this node.
-pub(crate) fn workload_attribute(kind: &str) -> Option<&'static str> {
-    Some(match kind {
-        "Deployment" => "k8s.deployment.name",
-        "StatefulSet" => "k8s.statefulset.name",
-        "DaemonSet" => "k8s.daemonset.name",
-        "ReplicaSet" => "k8s.replicaset.name",
-        "Job" => "k8s.job.name",
-        "CronJob" => "k8s.cronjob.name",
-        _ => return None,
-    })
-}
+use crate::flow::drops::DropKey;
+use crate::flow::names::{EndName, Role};
+use crate::flow::series::SeriesKey;
+use crate::flow::zones::ZoneKey;
+use crate::telemetry::catalogue::*;
 
 /// The end on this node: semantic-conventions names, as a Collector's
 /// k8sattributes processor would set them for a pod-local signal.
@@ -78,7 +33,10 @@ fn local_attributes(end: &EndName, attrs: &mut Vec<KeyValue>) {
         }
     }
     for (k, v) in end.labels.iter() {
-        attrs.push(KeyValue::new(format!("k8s.pod.label.{k}"), v.to_string()));
+        attrs.push(KeyValue::new(
+            format!("{K8S_POD_LABEL_PREFIX}{k}"),
+            v.to_string(),
+        ));
     }
 }
 
@@ -100,7 +58,7 @@ fn peer_attributes(end: &EndName, attrs: &mut Vec<KeyValue>) {
     put(PEER_NETWORK, &end.network);
     for (k, v) in end.labels.iter() {
         attrs.push(KeyValue::new(
-            format!("flowtel.peer.k8s.pod.label.{k}"),
+            format!("{PEER_K8S_POD_LABEL_PREFIX}{k}"),
             v.to_string(),
         ));
     }

@@ -2,36 +2,128 @@
 //! busiest series refreshed each interval, or JSON lines for scripts.
 
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use crate::config::{ConsoleConfig, ConsoleFormat};
-use crate::export::attributes::{series_attributes, Direction};
-use crate::flow::aggregate::{IntervalReport, SeriesKey, SeriesPoint};
-use crate::source::SourceInfo;
-use crate::stats::StatsSnapshot;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use super::attributes::{series_attributes, Direction};
+use super::otlp::transport::SignalTransport;
+use super::{Carries, ExportContext, Exporter};
+use crate::component::ConfigError;
+use crate::flow::names::EndName;
+use crate::flow::report::IntervalReport;
+use crate::flow::series::{SeriesKey, SeriesPoint};
+use crate::telemetry::{catalogue, Telemetry};
+
+/// When flows are printed to the terminal.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleMode {
+    /// Only when no OTLP endpoint is configured.
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleFormat {
+    /// A table refreshed every interval.
+    Table,
+    /// One JSON object a line per series per interval.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    pub mode: ConsoleMode,
+    pub format: ConsoleFormat,
+    /// Rows shown in the table (busiest first).
+    pub rows: usize,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            mode: ConsoleMode::Auto,
+            format: ConsoleFormat::Table,
+            rows: 25,
+        }
+    }
+}
+
+impl ConsoleConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.rows == 0 {
+            return Err(ConfigError::new("rows", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
 
 /// Prints finished intervals to stdout.
 pub struct ConsoleExporter {
     cfg: ConsoleConfig,
     clear_screen: bool,
+    telemetry: Telemetry,
+    /// Set once stdout refused a write (a closed pipe): flowtel goes on.
+    closed: bool,
+}
+
+/// The console, when `mode` asks for it: `auto` prints only when neither
+/// an OTLP metrics endpoint nor the Prometheus endpoint is set, so a node
+/// that exports does not also flood its log with tables.
+pub fn build(
+    cfg: &ConsoleConfig,
+    ctx: &ExportContext<'_>,
+) -> anyhow::Result<Option<Box<dyn Exporter>>> {
+    let otlp = &ctx.export.otlp;
+    let on = match cfg.mode {
+        ConsoleMode::Always => true,
+        ConsoleMode::Never => false,
+        ConsoleMode::Auto => {
+            SignalTransport::resolve(otlp, &otlp.metrics, "metrics").is_none()
+                && ctx.export.prometheus.listen.is_empty()
+        }
+    };
+    Ok(on.then(|| {
+        Box::new(ConsoleExporter {
+            cfg: cfg.clone(),
+            clear_screen: std::io::stdout().is_terminal(),
+            telemetry: ctx.telemetry.clone(),
+            closed: false,
+        }) as Box<dyn Exporter>
+    }))
+}
+
+impl Exporter for ConsoleExporter {
+    fn name(&self) -> &'static str {
+        "console"
+    }
+
+    fn carries(&self) -> Carries {
+        Carries::default()
+    }
+
+    fn export<'a>(&'a mut self, reports: &'a [Arc<IntervalReport>]) -> BoxFuture<'a, ()> {
+        if let (Some(report), false) = (reports.last(), self.closed) {
+            if let Err(e) = self.print(report) {
+                tracing::warn!("stopped printing flows to the terminal: {e}");
+                self.closed = true;
+            }
+        }
+        Box::pin(async {})
+    }
 }
 
 impl ConsoleExporter {
-    pub fn new(cfg: &ConsoleConfig) -> Self {
-        Self {
-            cfg: cfg.clone(),
-            clear_screen: std::io::stdout().is_terminal(),
-        }
-    }
-
     /// Writes one interval. Errors (a closed pipe) are returned so the caller
     /// can stop printing without stopping flowtel.
-    pub fn export(
-        &self,
-        report: &IntervalReport,
-        stats: &StatsSnapshot,
-        source: SourceInfo,
-    ) -> std::io::Result<()> {
+    fn print(&self, report: &IntervalReport) -> std::io::Result<()> {
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         match self.cfg.format {
@@ -40,7 +132,7 @@ impl ConsoleExporter {
                 if self.clear_screen {
                     out.write_all(b"\x1b[2J\x1b[H")?;
                 }
-                let text = render_table(report, stats, source, self.cfg.rows);
+                let text = render_table(report, &self.telemetry, self.cfg.rows);
                 out.write_all(text.as_bytes())?;
             }
         }
@@ -113,7 +205,7 @@ fn describe(key: &SeriesKey) -> (String, String, String, String) {
         .transport
         .map(|t| t.to_string())
         .unwrap_or_else(|| "*".into());
-    let end = |name: &Option<std::sync::Arc<crate::enrich::EndName>>, ip, port| match name {
+    let end = |name: &Option<Arc<EndName>>, ip, port| match name {
         Some(n) => match port {
             Some(port) => format!("{}:{port}", n.label()),
             None => n.label(),
@@ -143,12 +235,11 @@ fn human_bytes(n: u64) -> String {
 }
 
 /// Renders the table: busiest series in the interval first.
-pub fn render_table(
-    report: &IntervalReport,
-    stats: &StatsSnapshot,
-    source: SourceInfo,
-    rows: usize,
-) -> String {
+pub fn render_table(report: &IntervalReport, telemetry: &Telemetry, rows: usize) -> String {
+    let stat = |m| telemetry.value(m);
+    let source = telemetry
+        .source()
+        .map_or_else(|| "-".to_owned(), |s| s.to_string());
     let mut points: Vec<&SeriesPoint> = report.points.iter().collect();
     points
         .sort_by_key(|p| std::cmp::Reverse((p.interval.total().bytes, p.cumulative.total().bytes)));
@@ -162,8 +253,8 @@ pub fn render_table(
         "flowtel {} — source: {source} — {} series, {} flows tracked{}\n\n",
         env!("CARGO_PKG_VERSION"),
         points.len(),
-        stats.flows_tracked,
-        if stats.byte_counters_available {
+        stat(&catalogue::FLOWS_TRACKED),
+        if stat(&catalogue::SOURCE_BYTE_COUNTERS) > 0 {
             ""
         } else {
             " — BYTE COUNTERS UNAVAILABLE (conntrack accounting off)"
@@ -193,7 +284,11 @@ pub fn render_table(
     }
     s.push_str(&format!(
         "\nlost: {} untracked updates, {} flows ended unseen, {} folded into overflow, {} event overruns, {} export failures\n",
-        stats.flows_untracked, stats.flows_ended_unseen, stats.series_overflowed, stats.events_lost, stats.exports_failed
+        stat(&catalogue::FLOWS_UNTRACKED),
+        stat(&catalogue::FLOWS_ENDED_UNSEEN),
+        stat(&catalogue::SERIES_OVERFLOWED),
+        stat(&catalogue::SOURCE_EVENTS_LOST),
+        stat(&catalogue::EXPORT_FAILURES)
     ));
     s
 }

@@ -1,49 +1,10 @@
-//! The metrics flowtel derives from each interval report, described once
-//! for the OTLP encoder and the Prometheus endpoint's SDK meter.
+//! How the TCP metrics are derived from each interval report, described
+//! once for the OTLP encoder and the Prometheus endpoint's SDK meter: the
+//! outcomes each counter splits into, and the histograms' bucket bounds.
 
-use crate::export::attributes::{TCP_CLOSE_CAUSE, TCP_FAILURE};
-use crate::flow::aggregate::TcpCounters;
-use crate::flow::{TcpClose, TcpFailure};
-
-/// A metric's name, unit and description.
-#[derive(Debug, Clone, Copy)]
-pub struct Describe {
-    pub name: &'static str,
-    pub unit: &'static str,
-    pub description: &'static str,
-}
-
-pub const FLOW_BYTES: Describe = Describe {
-    name: "flowtel.flow.bytes",
-    unit: "By",
-    description: "Bytes carried by flows (L3, IP headers included), by direction",
-};
-pub const FLOW_PACKETS: Describe = Describe {
-    name: "flowtel.flow.packets",
-    unit: "{packet}",
-    description: "Packets carried by flows, by direction",
-};
-pub const ZONE_BYTES: Describe = Describe {
-    name: "flowtel.zone.bytes",
-    unit: "By",
-    description: "Bytes between this node's zone and each peer zone, same-zone and cross-zone",
-};
-pub const PACKET_DROPS: Describe = Describe {
-    name: "flowtel.packet.drops",
-    unit: "{packet}",
-    description: "Packets the kernel dropped, by its drop reason",
-};
-pub const TCP_RTT: Describe = Describe {
-    name: "flowtel.tcp.rtt",
-    unit: "s",
-    description: "Smoothed round-trip time of TCP connections: one sample per connection and \
-                  interval in which it received data, and one at its close",
-};
-pub const TCP_DURATION: Describe = Describe {
-    name: "flowtel.tcp.connection.duration",
-    unit: "s",
-    description: "How long TCP connections lasted, from SYN to close",
-};
+use crate::flow::model::{TcpClose, TcpFailure};
+use crate::flow::tcp::TcpCounters;
+use crate::telemetry::catalogue::{self, Metric};
 
 /// Histogram bucket bounds for RTTs, in seconds: 50 µs (same host) to 5 s.
 pub const RTT_BOUNDS: &[f64] = &[
@@ -57,58 +18,46 @@ pub const DURATION_BOUNDS: &[f64] = &[
 
 /// Reads one count of a TCP series.
 pub type Pick = fn(&TcpCounters) -> u64;
-/// One TCP counter: name, unit, description, and per extra attribute (none,
-/// or one key and value) the count it reports.
+/// One TCP counter, and per extra attribute (none, or one key and value)
+/// the count it reports.
 pub type HealthCounter = (
-    &'static str,
-    &'static str,
-    &'static str,
+    &'static Metric,
     Vec<(Option<(&'static str, &'static str)>, Pick)>,
 );
 
 /// The TCP counters, each with the outcomes it splits into.
 pub fn health_counters() -> [HealthCounter; 4] {
     [
+        (&catalogue::TCP_OPENED, vec![(None, |c| c.opened)]),
         (
-            "flowtel.tcp.connections.opened",
-            "{connection}",
-            "TCP connections that completed the handshake",
-            vec![(None, |c| c.opened)],
-        ),
-        (
-            "flowtel.tcp.connections.closed",
-            "{connection}",
-            "TCP connections that ended, by how (FIN, reset or timeout)",
+            &catalogue::TCP_CLOSED,
             vec![
-                (Some((TCP_CLOSE_CAUSE, TcpClose::Fin.as_str())), |c| {
+                (Some((catalogue::TCP_CLOSE_CAUSE, TcpClose::Fin.as_str())), |c| {
                     c.closed_fin
                 }),
-                (Some((TCP_CLOSE_CAUSE, TcpClose::Reset.as_str())), |c| {
-                    c.closed_reset
-                }),
-                (Some((TCP_CLOSE_CAUSE, TcpClose::Timeout.as_str())), |c| {
-                    c.closed_timeout
-                }),
+                (
+                    Some((catalogue::TCP_CLOSE_CAUSE, TcpClose::Reset.as_str())),
+                    |c| c.closed_reset,
+                ),
+                (
+                    Some((catalogue::TCP_CLOSE_CAUSE, TcpClose::Timeout.as_str())),
+                    |c| c.closed_timeout,
+                ),
             ],
         ),
         (
-            "flowtel.tcp.connections.failed",
-            "{connection}",
-            "TCP connection attempts that never opened, by why (refused or no answer)",
+            &catalogue::TCP_FAILED,
             vec![
-                (Some((TCP_FAILURE, TcpFailure::Refused.as_str())), |c| {
-                    c.failed_refused
-                }),
-                (Some((TCP_FAILURE, TcpFailure::NoAnswer.as_str())), |c| {
-                    c.failed_no_answer
-                }),
+                (
+                    Some((catalogue::TCP_FAILURE, TcpFailure::Refused.as_str())),
+                    |c| c.failed_refused,
+                ),
+                (
+                    Some((catalogue::TCP_FAILURE, TcpFailure::NoAnswer.as_str())),
+                    |c| c.failed_no_answer,
+                ),
             ],
         ),
-        (
-            "flowtel.tcp.retransmits",
-            "{segment}",
-            "TCP segments retransmitted, both ends of a connection summed",
-            vec![(None, |c| c.retransmits)],
-        ),
+        (&catalogue::TCP_RETRANSMITS, vec![(None, |c| c.retransmits)]),
     ]
 }

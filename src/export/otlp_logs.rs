@@ -14,20 +14,26 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
+use futures::future::BoxFuture;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
-use crate::enrich::{EndName, FlowNames};
-use crate::export::attributes as attr;
-use crate::export::otlp_wire::{Any, Batcher, Envelope, LogRecordWriter};
-use crate::export::resource;
-use crate::export::transport::{OtlpClient, Signal, SignalTransport};
-use crate::flow::aggregate::{ConnectionEvent, FlowRecord, IntervalReport};
+use super::attributes;
+use super::families::{nanos, SCOPE, SCOPE_VERSION};
+use super::otlp::transport::{OtlpClient, Signal, SignalTransport};
+use super::otlp::wire::{Any, Batcher, Envelope, LogRecordWriter};
+use super::resource;
+use super::{Carries, ExportContext, Exporter};
+use crate::component::ConfigError;
+use crate::flow::mesh::{self, LogEvent};
+use crate::flow::names::{EndName, FlowNames};
+use crate::flow::records::{ConnectionEvent, FlowRecord};
+use crate::flow::report::IntervalReport;
 use crate::flow::{DropRecord, Endpoint, FlowId, Nat, TcpClose, TcpEventKind};
-use crate::stats::SelfStats;
+use crate::telemetry::catalogue::*;
+use crate::telemetry::Counter;
 
 /// The `export.logs` section.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -83,24 +89,14 @@ pub struct LogsFilter {
     pub min_bytes: u64,
 }
 
-/// A problem in `export.logs`, with the key that holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogsConfigError {
-    pub key: String,
-    pub reason: String,
-}
-
 /// The most records an interval may keep: past it the per-interval vectors
 /// alone would take gigabytes.
 const MAX_RECORDS_LIMIT: usize = 1_000_000;
 
 impl LogsConfig {
-    /// Checks the values serde cannot.
-    pub fn validate(&self) -> Result<(), LogsConfigError> {
-        let err = |key: &str, reason: String| LogsConfigError {
-            key: format!("export.logs.{key}"),
-            reason,
-        };
+    /// Checks the values serde cannot; keys are relative to `export.logs`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, reason: String| ConfigError::new(key, reason);
         if !(0.0..=1.0).contains(&self.sampling) {
             return Err(err(
                 "sampling",
@@ -130,32 +126,6 @@ fn parse_cidr(text: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{text:?} is not an address prefix, e.g. \"10.0.0.0/8\""))
 }
 
-/// The OTLP `event.name` of each kind of record.
-pub const EVENT_FLOW: &str = "flowtel.flow";
-pub const EVENT_OPENED: &str = "flowtel.connection.opened";
-pub const EVENT_CLOSED: &str = "flowtel.connection.closed";
-pub const EVENT_FAILED: &str = "flowtel.connection.failed";
-pub const EVENT_DROP: &str = "flowtel.packet.dropped";
-
-const EVENT_NAME: &str = "event.name";
-const SOURCE_ADDRESS: &str = "source.address";
-const SOURCE_PORT: &str = "source.port";
-const DESTINATION_ADDRESS: &str = "destination.address";
-const DESTINATION_PORT: &str = "destination.port";
-const FLOW_IO_BYTES: &str = "flow.io.bytes";
-const FLOW_IO_PACKETS: &str = "flow.io.packets";
-const FLOW_START: &str = "flow.start";
-const FLOW_END: &str = "flow.end";
-const FLOW_SAMPLING_RATE: &str = "flow.sampling_rate";
-const REVERSE_BYTES: &str = "flowtel.flow.reverse.io.bytes";
-const REVERSE_PACKETS: &str = "flowtel.flow.reverse.io.packets";
-const FLOW_ENDED: &str = "flowtel.flow.ended";
-const TCP_RTT: &str = "flowtel.tcp.rtt";
-const TCP_RETRANSMITS: &str = "flowtel.tcp.retransmits";
-const TCP_DURATION: &str = "flowtel.tcp.connection.duration";
-const DROP_PACKETS: &str = "flowtel.drop.packets";
-const DROP_BYTES: &str = "flowtel.drop.bytes";
-
 /// Which flows get a record, resolved once from the config.
 #[derive(Debug)]
 struct Selector {
@@ -173,13 +143,13 @@ struct Selector {
 }
 
 impl Selector {
-    fn new(cfg: &LogsConfig) -> anyhow::Result<Self> {
+    fn new(cfg: &LogsConfig) -> Result<Self, ConfigError> {
         let cidrs = cfg
             .filter
             .cidrs
             .iter()
-            .map(|c| parse_cidr(c).map_err(|e| anyhow::anyhow!("export.logs.filter.cidrs: {e}")))
-            .collect::<anyhow::Result<_>>()?;
+            .map(|c| parse_cidr(c).map_err(|e| ConfigError::new("export.logs.filter.cidrs", e)))
+            .collect::<Result<_, _>>()?;
         let threshold = if cfg.sampling >= 1.0 {
             u64::MAX
         } else {
@@ -324,49 +294,87 @@ const WARN: Severity = (13, "WARN");
 pub struct OtlpLogsExporter {
     envelope: Envelope,
     limit: usize,
+    max_records: usize,
     client: OtlpClient,
     writer: LogRecordWriter,
     selector: Selector,
     bucket: Option<TokenBucket>,
-    stats: Arc<SelfStats>,
+    rate_limited: Counter,
+    /// Records in requests that failed after retries.
+    dropped: Counter,
+}
+
+/// The exporter, when `export.logs.enabled` and an OTLP endpoint for logs
+/// is configured; must run inside the tokio runtime (tonic needs it).
+pub fn build(
+    cfg: &LogsConfig,
+    ctx: &ExportContext<'_>,
+) -> anyhow::Result<Option<Box<dyn Exporter>>> {
+    let otlp = &ctx.export.otlp;
+    if !cfg.enabled {
+        return Ok(None);
+    }
+    let Some(transport) = SignalTransport::resolve(otlp, &otlp.logs, "logs") else {
+        return Ok(None);
+    };
+    tracing::info!(endpoint = %transport.url, protocol = ?transport.protocol, "exporting OTLP log events");
+    Ok(Some(Box::new(OtlpLogsExporter::new(
+        cfg,
+        ctx,
+        OtlpClient::new(&transport, Signal::Logs, ctx.telemetry)?,
+    )?)))
+}
+
+impl Exporter for OtlpLogsExporter {
+    fn name(&self) -> &'static str {
+        "otlp_logs"
+    }
+
+    fn carries(&self) -> Carries {
+        Carries {
+            records: self.max_records,
+            samples: false,
+        }
+    }
+
+    fn export<'a>(&'a mut self, reports: &'a [Arc<IntervalReport>]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let mut requests = Vec::new();
+            for r in reports {
+                requests.extend(self.encode(r));
+            }
+            let (bodies, counts): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
+            let delivered = self.client.send_all(bodies).await;
+            let lost: usize = counts
+                .iter()
+                .zip(delivered)
+                .filter(|(_, ok)| !ok)
+                .map(|(n, _)| n)
+                .sum();
+            self.dropped.add(lost as u64);
+        })
+    }
 }
 
 impl OtlpLogsExporter {
-    /// Builds the exporter; must run inside the tokio runtime (tonic needs
-    /// it).
-    pub fn build(
-        cfg: &Config,
-        transport: &SignalTransport,
-        stats: Arc<SelfStats>,
-    ) -> anyhow::Result<Self> {
-        let logs = &cfg.export.logs;
+    fn new(cfg: &LogsConfig, ctx: &ExportContext<'_>, client: OtlpClient) -> Result<Self, ConfigError> {
         Ok(Self {
-            envelope: Envelope::new(
-                &resource::attributes(&cfg.resource),
-                "flowtel",
-                env!("CARGO_PKG_VERSION"),
-            ),
-            limit: cfg.export.otlp.max_request_bytes,
-            client: OtlpClient::new(transport, Signal::Logs, stats.clone())?,
+            envelope: Envelope::new(&resource::attributes(ctx.resource), SCOPE, SCOPE_VERSION),
+            limit: ctx.export.otlp.max_request_bytes,
+            max_records: cfg.max_records,
+            client,
             writer: LogRecordWriter::default(),
-            selector: Selector::new(logs)?,
-            bucket: TokenBucket::new(logs.rate_limit, cfg.interval),
-            stats,
+            selector: Selector::new(cfg)?,
+            bucket: TokenBucket::new(cfg.rate_limit, ctx.interval),
+            rate_limited: ctx.telemetry.counter(&LOGS_RECORDS_RATE_LIMITED),
+            dropped: ctx.telemetry.counter(&LOGS_RECORDS_DROPPED),
         })
     }
 
-    /// Encodes the records of a finished interval and exports them now.
-    pub async fn export(&mut self, report: &IntervalReport) {
-        let requests = self.encode(report);
-        self.client.send_all(requests).await;
-    }
-
-    /// Releases the exporter; every interval was sent by [`Self::export`].
-    pub async fn shutdown(self) {}
-
-    /// The interval's records, encoded: drop and connection events first
-    /// (rarer, and what alerts are built on), then flow records.
-    pub fn encode(&mut self, report: &IntervalReport) -> Vec<Vec<u8>> {
+    /// One interval's records, encoded, each request with the records it
+    /// holds: drop and connection events first (rarer, and what alerts are
+    /// built on), then flow records, then the mesh sources' events.
+    pub fn encode(&mut self, report: &IntervalReport) -> Vec<(Vec<u8>, usize)> {
         if let Some(b) = &mut self.bucket {
             b.refill();
         }
@@ -398,23 +406,41 @@ impl OtlpLogsExporter {
                 }
             }
         }
-        batch.finish()
+        for e in &report.mesh.events {
+            event_record(&mut self.writer, e, observed);
+            batch.item(self.writer.encoded());
+        }
+        batch.finish_counted()
     }
 
     /// Takes a token, or counts the record the rate limit drops.
     fn admit(&mut self) -> bool {
         let admitted = self.bucket.as_mut().is_none_or(TokenBucket::take);
         if !admitted {
-            SelfStats::inc(&self.stats.log_records_rate_limited);
+            self.rate_limited.inc();
         }
         admitted
     }
 }
 
-fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+/// A mesh source's event (a Hubble flow): `event.name` as field and
+/// attribute, then its own attributes.
+fn event_record(w: &mut LogRecordWriter, e: &LogEvent, observed: u64) {
+    let severity = match e.severity {
+        mesh::Severity::Info => INFO,
+        mesh::Severity::Warn => WARN,
+    };
+    begin(w, e.name, severity, nanos(e.time), observed);
+    w.body(format_args!("{}", e.body));
+    for (key, value) in &e.attributes {
+        let value = match value {
+            mesh::Value::Str(s) => Any::Str(s),
+            mesh::Value::Int(i) => Any::Int(*i),
+            mesh::Value::Bool(b) => Any::Bool(*b),
+            mesh::Value::Double(d) => Any::Double(*d),
+        };
+        w.attribute(key, value);
+    }
 }
 
 fn begin(w: &mut LogRecordWriter, event: &str, severity: Severity, at: u64, observed: u64) {
@@ -440,8 +466,8 @@ fn endpoints(w: &mut LogRecordWriter, id: &FlowId) {
     if id.transport.has_ports() {
         w.attribute(DESTINATION_PORT, Any::Int(id.server.port.into()));
     }
-    w.attribute(attr::NETWORK_TRANSPORT, Any::Str(id.transport.as_str()));
-    w.attribute(attr::NETWORK_TYPE, Any::Str(network_type(id.client.ip)));
+    w.attribute(NETWORK_TRANSPORT, Any::Str(id.transport.as_str()));
+    w.attribute(NETWORK_TYPE, Any::Str(network_type(id.client.ip)));
 }
 
 fn network_type(ip: IpAddr) -> &'static str {
@@ -459,12 +485,12 @@ fn nat(w: &mut LogRecordWriter, nat: &Nat) {
             w.attribute(port, Any::Int(e.port.into()));
         }
     };
-    one(nat.server, attr::NAT_SERVER_ADDRESS, attr::NAT_SERVER_PORT);
-    one(nat.client, attr::NAT_CLIENT_ADDRESS, attr::NAT_CLIENT_PORT);
+    one(nat.server, NAT_SERVER_ADDRESS, NAT_SERVER_PORT);
+    one(nat.client, NAT_CLIENT_ADDRESS, NAT_CLIENT_PORT);
 }
 
 /// Both ends' names, framed exactly as in the metrics
-/// ([`attr::name_attributes`]).
+/// ([`attributes::name_attributes`]).
 fn names(w: &mut LogRecordWriter, names: Option<&FlowNames>) {
     let Some(n) = names else {
         return;
@@ -473,7 +499,7 @@ fn names(w: &mut LogRecordWriter, names: Option<&FlowNames>) {
         end.is_named().then_some(end)
     }
     let mut attrs = Vec::new();
-    attr::name_attributes(
+    attributes::name_attributes(
         n.local,
         named(&n.client),
         named(&n.server),
@@ -506,20 +532,20 @@ fn flow_record(
     endpoints(w, &f.id);
     put_u64(w, FLOW_IO_BYTES, up.bytes);
     put_u64(w, FLOW_IO_PACKETS, up.packets);
-    put_u64(w, REVERSE_BYTES, down.bytes);
-    put_u64(w, REVERSE_PACKETS, down.packets);
+    put_u64(w, FLOW_REVERSE_BYTES, down.bytes);
+    put_u64(w, FLOW_REVERSE_PACKETS, down.packets);
     put_u64(w, FLOW_START, from);
     put_u64(w, FLOW_END, to);
     w.attribute(FLOW_SAMPLING_RATE, Any::Int(sampling_rate));
     w.attribute(FLOW_ENDED, Any::Bool(f.ended));
-    w.attribute(attr::SOURCE, Any::Str(f.source.as_str()));
+    w.attribute(SOURCE, Any::Str(f.source.as_str()));
     if let Some(rtt) = f.rtt {
-        w.attribute(TCP_RTT, Any::Double(rtt.as_secs_f64()));
+        w.attribute(TCP_RTT_ATTRIBUTE, Any::Double(rtt.as_secs_f64()));
     }
     // The socket tracer either saw the connection (an RTT) or counted
     // retransmits; otherwise the count is unknown, not zero.
     if f.rtt.is_some() || f.retransmits > 0 {
-        put_u64(w, TCP_RETRANSMITS, f.retransmits);
+        put_u64(w, TCP_RETRANSMITS_ATTRIBUTE, f.retransmits);
     }
     nat(w, &f.nat);
     names(w, f.names.as_deref());
@@ -540,9 +566,9 @@ fn connection_record(w: &mut LogRecordWriter, c: &ConnectionEvent, observed: u64
         TcpEventKind::Closed { cause, .. } => (
             EVENT_CLOSED,
             if cause == TcpClose::Fin { INFO } else { WARN },
-            Some((attr::TCP_CLOSE_CAUSE, cause.as_str())),
+            Some((TCP_CLOSE_CAUSE, cause.as_str())),
         ),
-        TcpEventKind::Failed(why) => (EVENT_FAILED, WARN, Some((attr::TCP_FAILURE, why.as_str()))),
+        TcpEventKind::Failed(why) => (EVENT_FAILED, WARN, Some((TCP_FAILURE, why.as_str()))),
         TcpEventKind::Opened | TcpEventKind::Retransmits(_) | TcpEventKind::Rtt(_) => {
             (EVENT_OPENED, INFO, None)
         }
@@ -561,7 +587,7 @@ fn connection_record(w: &mut LogRecordWriter, c: &ConnectionEvent, observed: u64
         )),
     }
     endpoints(w, id);
-    w.attribute(attr::SOURCE, Any::Str("ebpf"));
+    w.attribute(SOURCE, Any::Str("ebpf"));
     if let Some((key, value)) = detail {
         w.attribute(key, Any::Str(value));
     }
@@ -569,7 +595,7 @@ fn connection_record(w: &mut LogRecordWriter, c: &ConnectionEvent, observed: u64
         duration: Some(d), ..
     } = c.event.kind
     {
-        w.attribute(TCP_DURATION, Any::Double(d.as_secs_f64()));
+        w.attribute(TCP_DURATION_ATTRIBUTE, Any::Double(d.as_secs_f64()));
     }
     names(w, c.names.as_deref());
 }
@@ -585,11 +611,11 @@ fn drop_record(w: &mut LogRecordWriter, d: &DropRecord, observed: u64, (from, to
         d.counters.packets,
         d.reason
     ));
-    w.attribute(attr::DROP_REASON, Any::Str(d.reason));
-    w.attribute(attr::NETWORK_TRANSPORT, Any::Str(d.transport.as_str()));
+    w.attribute(DROP_REASON, Any::Str(d.reason));
+    w.attribute(NETWORK_TRANSPORT, Any::Str(d.transport.as_str()));
     let ports = d.transport.has_ports();
     if let Some(src) = d.src {
-        w.attribute(attr::NETWORK_TYPE, Any::Str(network_type(src.ip)));
+        w.attribute(NETWORK_TYPE, Any::Str(network_type(src.ip)));
         put_ip(w, SOURCE_ADDRESS, src.ip);
         if ports {
             w.attribute(SOURCE_PORT, Any::Int(src.port.into()));
@@ -605,14 +631,13 @@ fn drop_record(w: &mut LogRecordWriter, d: &DropRecord, observed: u64, (from, to
     put_u64(w, DROP_BYTES, d.counters.bytes);
     put_u64(w, FLOW_START, from);
     put_u64(w, FLOW_END, to);
-    w.attribute(attr::SOURCE, Any::Str("ebpf"));
+    w.attribute(SOURCE, Any::Str("ebpf"));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::aggregate::DirectionalCounters;
-    use crate::flow::{Counters, SourceKind, Transport};
+    use crate::flow::{Counters, DirectionalCounters, SourceKind, Transport};
     use std::net::Ipv4Addr;
 
     fn id(port: u16) -> FlowId {
@@ -697,11 +722,11 @@ mod tests {
             edit(&mut c);
             c.validate().expect_err("invalid").key
         };
-        assert_eq!(bad(|c| c.sampling = 1.5), "export.logs.sampling");
-        assert_eq!(bad(|c| c.max_records = 0), "export.logs.max_records");
+        assert_eq!(bad(|c| c.sampling = 1.5), "sampling");
+        assert_eq!(bad(|c| c.max_records = 0), "max_records");
         assert_eq!(
             bad(|c| c.filter.cidrs = vec!["10.0.0.0/8".into(), "nope".into()]),
-            "export.logs.filter.cidrs[1]"
+            "filter.cidrs[1]"
         );
         assert!(LogsConfig::default().validate().is_ok());
     }

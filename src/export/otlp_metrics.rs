@@ -12,106 +12,85 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use anyhow::Context;
 use foldhash::fast::RandomState;
+use futures::future::BoxFuture;
 use opentelemetry::KeyValue;
 
-use crate::config::{Config, Temporality as ConfigTemporality};
-use crate::enrich::kubernetes::KubeStats;
-use crate::export::attributes::{drop_attributes, series_attributes, zone_attributes, Direction};
-use crate::export::instruments::{
-    health_counters, Describe, DURATION_BOUNDS, FLOW_BYTES, FLOW_PACKETS, PACKET_DROPS, RTT_BOUNDS,
-    TCP_DURATION, TCP_RTT, ZONE_BYTES,
-};
-use crate::export::mesh::{LatestMesh, MeshSnapshot};
-use crate::export::otlp_wire::{
-    self, Batcher, Envelope, Kind, MetricHeader, Temporality, HISTOGRAM_POINT_ATTRIBUTES,
+use super::attributes::{drop_attributes, series_attributes, zone_attributes, Direction};
+use super::families::{self, nanos, OtlpSink, MESH_SCOPE, SCOPE, SCOPE_VERSION};
+use super::instruments::{health_counters, DURATION_BOUNDS, RTT_BOUNDS};
+use super::otlp::transport::{OtlpClient, Signal, SignalTransport};
+use super::otlp::wire::{
+    self, Batcher, Envelope, MetricHeader, Temporality, HISTOGRAM_POINT_ATTRIBUTES,
     NUMBER_POINT_ATTRIBUTES,
 };
-use crate::export::prometheus::PrometheusEndpoint;
-use crate::export::resource;
-use crate::export::sdk_meter::SdkMeter;
-use crate::export::selection::Selection;
-use crate::export::self_metrics::{self, SelfMetric};
-use crate::export::transport::{OtlpClient, Signal, SignalTransport};
-use crate::flow::aggregate::{IntervalReport, SeriesKey};
-use crate::source::ebpf::EbpfStats;
-use crate::source::SourceInfo;
-use crate::stats::SelfStats;
+use super::otlp::Temporality as ConfigTemporality;
+use super::resource;
+use super::selection::Selection;
+use super::{Carries, ExportContext, Exporter};
+use crate::flow::model::Counters;
+use crate::flow::report::IntervalReport;
+use crate::flow::series::SeriesKey;
+use crate::telemetry::catalogue::{self, Instrument, Metric};
+use crate::telemetry::Telemetry;
 
-/// Ships each finished interval to an OTLP collector, and publishes it to
-/// the Prometheus endpoint when that is on.
+/// Ships each finished interval's metrics to an OTLP collector: the flow,
+/// TCP and self metrics in the scope `flowtel`, the mesh and CNI sources'
+/// in `flowtel.mesh`, each in as many requests as
+/// `export.otlp.max_request_bytes` needs, sent together.
 pub struct OtlpMetricsExporter {
-    otlp: Option<(MetricsEncoder, OtlpClient)>,
-    /// The SDK meter the endpoint collects, and where the mesh sources'
-    /// snapshot goes for it.
-    prometheus: Option<(SdkMeter, LatestMesh)>,
+    encoder: MetricsEncoder,
+    mesh: Envelope,
+    client: OtlpClient,
+}
+
+/// The exporter, when an OTLP endpoint for metrics is configured; must run
+/// inside the tokio runtime (tonic needs it).
+pub fn build(ctx: &ExportContext<'_>) -> anyhow::Result<Option<Box<dyn Exporter>>> {
+    let otlp = &ctx.export.otlp;
+    let Some(transport) = SignalTransport::resolve(otlp, &otlp.metrics, "metrics") else {
+        return Ok(None);
+    };
+    tracing::info!(endpoint = %transport.url, protocol = ?transport.protocol, "exporting OTLP metrics");
+    let resource = resource::attributes(ctx.resource);
+    Ok(Some(Box::new(OtlpMetricsExporter {
+        encoder: MetricsEncoder::new(ctx, ctx.telemetry.clone()),
+        mesh: Envelope::new(&resource, MESH_SCOPE, SCOPE_VERSION),
+        client: OtlpClient::new(&transport, Signal::Metrics, ctx.telemetry)?,
+    })))
 }
 
 impl OtlpMetricsExporter {
-    /// Builds the exporter, with an OTLP client when `transport` is set and
-    /// a Prometheus endpoint when `export.prometheus.listen` is; must run
-    /// inside the tokio runtime (tonic and the listener need it).
-    pub async fn build(
-        cfg: &Config,
-        transport: Option<&SignalTransport>,
-        stats: Arc<SelfStats>,
-        ebpf_stats: Option<Arc<EbpfStats>>,
-        kube_stats: Option<Arc<KubeStats>>,
-        source: SourceInfo,
-    ) -> anyhow::Result<Self> {
-        let describe = || self_metrics::all(&stats, ebpf_stats.clone(), kube_stats.clone(), source);
-        let prometheus = match cfg.export.prometheus.listen.as_str() {
-            "" => None,
-            listen => {
-                let addr = listen
-                    .parse()
-                    .with_context(|| format!("export.prometheus.listen {listen:?}"))?;
-                let endpoint = PrometheusEndpoint::bind(addr).await?;
-                let meter = SdkMeter::build(cfg, endpoint.reader(), describe());
-                let mesh = endpoint.mesh();
-                let local = endpoint.serve()?;
-                tracing::info!("Prometheus metrics on http://{local}/metrics");
-                Some((meter, mesh))
-            }
-        };
-        let otlp = match transport {
-            Some(t) => Some((
-                MetricsEncoder::new(cfg, describe()),
-                OtlpClient::new(t, Signal::Metrics, stats.clone())?,
-            )),
-            None => None,
-        };
-        Ok(Self { otlp, prometheus })
+    /// The mesh and CNI sources' metrics of `report`, cumulative.
+    fn encode_mesh(&self, report: &IntervalReport) -> Vec<Vec<u8>> {
+        let time = nanos(report.end);
+        let mut b = Batcher::new(&self.mesh, self.encoder.limit);
+        families::write_mesh(&mut OtlpSink::new(&mut b, time), &report.mesh, time);
+        b.finish()
+    }
+}
+
+impl Exporter for OtlpMetricsExporter {
+    fn name(&self) -> &'static str {
+        "otlp_metrics"
     }
 
-    /// Publishes a finished interval and exports it now, in as many
-    /// requests as `export.otlp.max_request_bytes` needs, sent together.
-    pub async fn export(&mut self, report: &IntervalReport) {
-        if let Some((p, _)) = &self.prometheus {
-            p.publish(report);
-        }
-        if let Some((encoder, client)) = &mut self.otlp {
-            client.send_all(encoder.encode(report)).await;
+    fn carries(&self) -> Carries {
+        Carries {
+            records: 0,
+            samples: true,
         }
     }
 
-    /// Makes the mesh sources' snapshot what the Prometheus endpoint serves
-    /// from now on; their OTLP export is [`crate::export::mesh::MeshExporter`].
-    pub fn publish_mesh(&self, snapshot: Arc<MeshSnapshot>) {
-        if let Some((_, mesh)) = &self.prometheus {
-            mesh.publish(snapshot);
-        }
-    }
-
-    /// Releases the exporter; the last interval was exported by
-    /// [`Self::export`].
-    pub async fn shutdown(self) {
-        if let Some((p, _)) = self.prometheus {
-            p.shutdown();
-        }
+    fn export<'a>(&'a mut self, reports: &'a [Arc<IntervalReport>]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Some(newest) = reports.last() else { return };
+            let mut requests = self.encoder.encode(reports);
+            requests.extend(self.encode_mesh(newest));
+            self.client.send_all(requests).await;
+        })
     }
 }
 
@@ -168,7 +147,7 @@ pub struct MetricsEncoder {
     limit: usize,
     temporality: Temporality,
     selection: Selection,
-    self_metrics: Vec<SelfMetric>,
+    telemetry: Telemetry,
     /// When this process started: the start of self-metric counters.
     started: u64,
     series: HashMap<SeriesKey, SeriesAttributes, RandomState>,
@@ -183,27 +162,20 @@ pub struct MetricsEncoder {
     hasher: RandomState,
 }
 
-fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 impl MetricsEncoder {
-    pub fn new(cfg: &Config, self_metrics: Vec<SelfMetric>) -> Self {
+    /// An encoder of the context's resource, temporality and attribute
+    /// selection; self-metrics are read from `telemetry` at each export.
+    pub fn new(ctx: &ExportContext<'_>, telemetry: Telemetry) -> Self {
+        let otlp = &ctx.export.otlp;
         Self {
-            envelope: Envelope::new(
-                &resource::attributes(&cfg.resource),
-                "flowtel",
-                env!("CARGO_PKG_VERSION"),
-            ),
-            limit: cfg.export.otlp.max_request_bytes,
-            temporality: match cfg.export.otlp.temporality {
+            envelope: Envelope::new(&resource::attributes(ctx.resource), SCOPE, SCOPE_VERSION),
+            limit: otlp.max_request_bytes,
+            temporality: match otlp.temporality {
                 ConfigTemporality::Cumulative => Temporality::Cumulative,
                 ConfigTemporality::Delta => Temporality::Delta,
             },
-            selection: Selection::new(&cfg.export.metrics.attributes),
-            self_metrics,
+            selection: Selection::new(&ctx.export.metrics.attributes),
+            telemetry,
             started: nanos(SystemTime::now()),
             series: HashMap::default(),
             previous: HashMap::default(),
@@ -215,20 +187,28 @@ impl MetricsEncoder {
         }
     }
 
-    /// The requests that carry `report`, each below the size limit.
-    pub fn encode(&mut self, report: &IntervalReport) -> Vec<Vec<u8>> {
+    /// The requests that carry the intervals that waited, oldest first:
+    /// the counters of the newest (they are cumulative), the histogram
+    /// samples of all; each request below the size limit.
+    pub fn encode(&mut self, reports: &[Arc<IntervalReport>]) -> Vec<Vec<u8>> {
+        let Some(report) = reports.last() else {
+            return Vec::new();
+        };
         self.generation += 1;
+        for r in reports {
+            self.absorb(r);
+        }
         let time = nanos(report.end);
         let mut b = Batcher::new(&self.envelope, self.limit);
         self.flows(&mut b, report, time);
         self.tcp_counters(&mut b, report, time);
-        self.histograms(&mut b, report, time);
+        self.histograms(&mut b, time);
         let drops = report
             .drops
             .iter()
             .map(|p| (drop_attributes(&p.key), p.counters.packets, nanos(p.start)))
             .collect();
-        self.selected(&mut b, PACKET_DROPS, drops, time);
+        self.selected(&mut b, &catalogue::PACKET_DROPS, drops, time);
         let zones = report
             .zones
             .iter()
@@ -241,7 +221,7 @@ impl MetricsEncoder {
                 .map(|(d, bytes)| (zone_attributes(&p.key, d), bytes, start))
             })
             .collect();
-        self.selected(&mut b, ZONE_BYTES, zones, time);
+        self.selected(&mut b, &catalogue::ZONE_BYTES, zones, time);
         self.self_metrics(&mut b, time);
         let generation = self.generation;
         self.series.retain(|_, s| s.seen == generation);
@@ -250,13 +230,8 @@ impl MetricsEncoder {
         b.finish()
     }
 
-    fn counter(&self, d: Describe) -> MetricHeader {
-        MetricHeader {
-            name: d.name,
-            unit: d.unit,
-            description: d.description,
-            kind: Kind::Counter(self.temporality),
-        }
+    fn counter(&self, d: &Metric) -> MetricHeader {
+        families::header(d, self.temporality)
     }
 
     /// The value and start a counter point is exported with: as is when
@@ -289,7 +264,7 @@ impl MetricsEncoder {
     ) {
         let (value, start) = self.point_value(metric, attrs, value, start);
         let size = attrs.iter().map(|a| a.len()).sum::<usize>() + 32;
-        otlp_wire::number_point(b.points(size), attrs, start, time, value);
+        wire::number_point(b.points(size), attrs, start, time, value);
     }
 
     /// What `pick` reads from the attribute lists of `key` (encoding them
@@ -310,9 +285,9 @@ impl MetricsEncoder {
     }
 
     fn flows(&mut self, b: &mut Batcher, report: &IntervalReport, time: u64) {
-        for d in [FLOW_BYTES, FLOW_PACKETS] {
-            let pick = |c: crate::flow::Counters| {
-                if d.name == FLOW_BYTES.name {
+        for d in [&catalogue::FLOW_BYTES, &catalogue::FLOW_PACKETS] {
+            let pick = |c: Counters| {
+                if d.name == catalogue::FLOW_BYTES.name {
                     c.bytes
                 } else {
                     c.packets
@@ -352,7 +327,7 @@ impl MetricsEncoder {
                         s.directed
                             .get_or_insert_with(|| {
                                 [Direction::ClientToServer, Direction::ServerToClient].map(|d| {
-                                    otlp_wire::attributes(
+                                    wire::attributes(
                                         NUMBER_POINT_ATTRIBUTES,
                                         &series_attributes(&p.key, Some(d)),
                                     )
@@ -391,7 +366,7 @@ impl MetricsEncoder {
         self.cached(key, |s| {
             s.plain
                 .get_or_insert_with(|| {
-                    otlp_wire::attributes(NUMBER_POINT_ATTRIBUTES, &series_attributes(key, None))
+                    wire::attributes(NUMBER_POINT_ATTRIBUTES, &series_attributes(key, None))
                         .into()
                 })
                 .clone()
@@ -400,12 +375,8 @@ impl MetricsEncoder {
 
     /// The TCP connection counters: one point per series and outcome seen.
     fn tcp_counters(&mut self, b: &mut Batcher, report: &IntervalReport, time: u64) {
-        for (name, unit, description, parts) in health_counters() {
-            let d = Describe {
-                name,
-                unit,
-                description,
-            };
+        for (d, parts) in health_counters() {
+            let name = d.name;
             let keeps = |extra: &Option<(&str, &str)>, v: u64, opened: u64| {
                 // A series that never saw this outcome stays absent.
                 v > 0 || (extra.is_none() && opened > 0)
@@ -431,7 +402,7 @@ impl MetricsEncoder {
                 .iter()
                 .map(|(extra, _)| match extra {
                     Some((k, v)) => {
-                        otlp_wire::attributes(NUMBER_POINT_ATTRIBUTES, &[KeyValue::new(*k, *v)])
+                        wire::attributes(NUMBER_POINT_ATTRIBUTES, &[KeyValue::new(*k, *v)])
                     }
                     None => Box::default(),
                 })
@@ -450,23 +421,29 @@ impl MetricsEncoder {
         }
     }
 
-    /// RTT and connection-duration histograms, from this interval's
-    /// samples and, when cumulative, everything before.
-    fn histograms(&mut self, b: &mut Batcher, report: &IntervalReport, time: u64) {
+    /// The histograms, and their bounds.
+    const HISTOGRAMS: [(&'static Metric, &'static [f64]); 2] = [
+        (&catalogue::TCP_RTT, RTT_BOUNDS),
+        (&catalogue::TCP_DURATION, DURATION_BOUNDS),
+    ];
+
+    /// Adds the RTT and connection-duration samples of `report` to the
+    /// histograms of this export.
+    fn absorb(&mut self, report: &IntervalReport) {
         let generation = self.generation;
-        for (d, bounds) in [(TCP_RTT, RTT_BOUNDS), (TCP_DURATION, DURATION_BOUNDS)] {
-            let is_rtt = d.name == TCP_RTT.name;
+        for (d, bounds) in Self::HISTOGRAMS {
+            let is_rtt = std::ptr::eq(d, &catalogue::TCP_RTT);
             for p in &report.tcp {
                 let attrs: Arc<[u8]> = if self.selection.selects(d.name) {
                     let kept = self
                         .selection
                         .filter(d.name, &series_attributes(&p.key, None));
-                    otlp_wire::attributes(HISTOGRAM_POINT_ATTRIBUTES, &kept).into()
+                    wire::attributes(HISTOGRAM_POINT_ATTRIBUTES, &kept).into()
                 } else {
                     self.cached(&p.key, |s| {
                         s.histogram
                             .get_or_insert_with(|| {
-                                otlp_wire::attributes(
+                                wire::attributes(
                                     HISTOGRAM_POINT_ATTRIBUTES,
                                     &series_attributes(&p.key, None),
                                 )
@@ -495,18 +472,21 @@ impl MetricsEncoder {
                 }
                 state.add(bounds, samples);
             }
-            let states = if is_rtt {
+        }
+    }
+
+    /// RTT and connection-duration histograms: this export's samples and,
+    /// when cumulative, everything before.
+    fn histograms(&mut self, b: &mut Batcher, time: u64) {
+        let generation = self.generation;
+        for (d, bounds) in Self::HISTOGRAMS {
+            let states = if std::ptr::eq(d, &catalogue::TCP_RTT) {
                 &mut self.rtt
             } else {
                 &mut self.durations
             };
             states.retain(|_, s| s.seen == generation);
-            b.begin_metric(MetricHeader {
-                name: d.name,
-                unit: d.unit,
-                description: d.description,
-                kind: Kind::Histogram(self.temporality),
-            });
+            b.begin_metric(families::header(d, self.temporality));
             for (attrs, s) in states.iter() {
                 let (counts, sum, start) = match self.temporality {
                     Temporality::Cumulative => (&s.total, s.total_sum, s.start),
@@ -520,14 +500,7 @@ impl MetricsEncoder {
                     continue;
                 }
                 let size = attrs.len() + 64 + 16 * counts.len();
-                otlp_wire::histogram_point(
-                    b.points(size),
-                    attrs,
-                    (start, time),
-                    counts,
-                    sum,
-                    bounds,
-                );
+                wire::histogram_point(b.points(size), attrs, (start, time), counts, sum, bounds);
             }
             b.end_metric();
         }
@@ -538,7 +511,7 @@ impl MetricsEncoder {
     fn selected(
         &mut self,
         b: &mut Batcher,
-        d: Describe,
+        d: &Metric,
         points: Vec<(Vec<KeyValue>, u64, u64)>,
         time: u64,
     ) {
@@ -546,7 +519,7 @@ impl MetricsEncoder {
         let mut index: HashMap<Box<[u8]>, usize, RandomState> = HashMap::default();
         for (attrs, value, start) in points {
             let kept = self.selection.filter(d.name, &attrs);
-            let encoded = otlp_wire::attributes(NUMBER_POINT_ATTRIBUTES, &kept);
+            let encoded = wire::attributes(NUMBER_POINT_ATTRIBUTES, &kept);
             match index.get(&encoded) {
                 Some(&i) => {
                     merged[i].1 += value;
@@ -565,44 +538,38 @@ impl MetricsEncoder {
         b.end_metric();
     }
 
+    /// flowtel's own metrics, as the registry holds them now.
     fn self_metrics(&mut self, b: &mut Batcher, time: u64) {
-        let metrics = std::mem::take(&mut self.self_metrics);
-        for m in &metrics {
-            b.begin_metric(MetricHeader {
-                name: m.name,
-                unit: m.unit,
-                description: m.description,
-                kind: if m.gauge {
-                    Kind::Gauge
+        for (m, points) in self.telemetry.read() {
+            let gauge = m.instrument == Instrument::Gauge;
+            b.begin_metric(families::header(m, self.temporality));
+            for (labels, value) in points {
+                let attrs: Vec<KeyValue> = labels
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(*k, *v))
+                    .collect();
+                let encoded = wire::attributes(NUMBER_POINT_ATTRIBUTES, &attrs);
+                if gauge {
+                    wire::number_point(b.points(encoded.len() + 32), &[&encoded], 0, time, value);
                 } else {
-                    Kind::Counter(self.temporality)
-                },
-            });
-            for (attrs, value) in m.read() {
-                let encoded = otlp_wire::attributes(NUMBER_POINT_ATTRIBUTES, &attrs);
-                if m.gauge {
-                    otlp_wire::number_point(
-                        b.points(encoded.len() + 32),
-                        &[&encoded],
-                        0,
-                        time,
-                        value,
-                    );
-                } else {
-                    self.push(b, m.name, &[&encoded], (value, self.started, time));
+                    let start = self.started;
+                    self.push(b, m.name, &[&encoded], (value, start, time));
                 }
             }
             b.end_metric();
         }
-        self.self_metrics = metrics;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::aggregate::{Aggregator, DirectionalCounters, KeySpec};
-    use crate::flow::{Counters, Endpoint, FlowId, Nat, SourceKind, Transport};
+    use crate::export::resource::ResourceConfig;
+    use crate::export::ExportConfig;
+    use crate::flow::{
+        Endpoint, FlowId, FlowStage, FlowUpdate, FlowsConfig, Nat, SourceEvent, SourceKind,
+        Transport,
+    };
     use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
     use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
     use prost::Message;
@@ -624,7 +591,8 @@ mod tests {
         for r in requests {
             let r = ExportMetricsServiceRequest::decode(r.as_slice()).expect("decodes");
             for m in &r.resource_metrics[0].scope_metrics[0].metrics {
-                let (true, Some(metric::Data::Sum(s))) = (m.name == FLOW_BYTES.name, &m.data)
+                let (true, Some(metric::Data::Sum(s))) =
+                    (m.name == catalogue::FLOW_BYTES.name, &m.data)
                 else {
                     continue;
                 };
@@ -649,34 +617,38 @@ mod tests {
 
     #[test]
     fn delta_points_are_the_change_since_the_last_export() {
-        let mut cfg = Config::default();
-        cfg.export.otlp.temporality = ConfigTemporality::Delta;
-        let stats = Arc::new(SelfStats::default());
-        let mut encoder = MetricsEncoder::new(&cfg, Vec::new());
-        let spec = KeySpec::from_fields(&cfg.flows.key);
-        let mut agg = Aggregator::new(spec, 100, Duration::from_secs(3600), stats);
-        let send = |agg: &mut Aggregator, up: u64, down: u64| {
-            agg.record(
-                &flow(40_000),
-                &Nat::default(),
-                SourceKind::Ebpf,
-                DirectionalCounters {
-                    to_server: Counters::new(up, 1),
-                    to_client: Counters::new(down, 1),
-                },
-                &mut None,
-            );
+        let mut export = ExportConfig::default();
+        export.otlp.temporality = ConfigTemporality::Delta;
+        let telemetry = Telemetry::default();
+        let ctx = ExportContext {
+            export: &export,
+            resource: &ResourceConfig::default(),
+            interval: Duration::from_secs(10),
+            max_series: 100,
+            telemetry: &telemetry,
         };
-        send(&mut agg, 100, 1_000);
-        let first = agg.finish_interval();
-        let first_points = bytes(&encoder.encode(&first));
+        let mut encoder = MetricsEncoder::new(&ctx, telemetry.clone());
+        let mut stage = FlowStage::new(&FlowsConfig::default(), 0, None, &telemetry);
+        let mut send = |up: u64, down: u64| {
+            stage.apply(SourceEvent::Flow(FlowUpdate {
+                id: flow(40_000),
+                generation: 1,
+                nat: Nat::default(),
+                to_server: Counters::new(up, 1),
+                to_client: Counters::new(down, 1),
+                ended: false,
+                source: SourceKind::Ebpf,
+            }));
+            Arc::new(stage.finish())
+        };
+        let first = send(100, 1_000);
+        let first_points = bytes(&encoder.encode(std::slice::from_ref(&first)));
         assert_eq!(
             first_points.iter().map(|p| p.1).collect::<Vec<_>>(),
             [100, 1_000]
         );
-        send(&mut agg, 5, 50);
-        let second = agg.finish_interval();
-        let second_points = bytes(&encoder.encode(&second));
+        let second = send(105, 1_050);
+        let second_points = bytes(&encoder.encode(std::slice::from_ref(&second)));
         assert_eq!(
             second_points.iter().map(|p| p.1).collect::<Vec<_>>(),
             [5, 50],

@@ -1,9 +1,46 @@
 //! The OTLP resource: who is reporting (flowtel on which host and node).
 
+use std::collections::BTreeMap;
+
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
+use serde::{Deserialize, Serialize};
 
-use crate::config::ResourceConfig;
+use crate::component::ConfigError;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourceConfig {
+    /// `service.name`; `OTEL_SERVICE_NAME` sets it too.
+    pub service_name: String,
+    /// `k8s.cluster.name`, when known.
+    pub cluster_name: Option<String>,
+    /// `k8s.node.name`; defaults to `K8S_NODE_NAME` from the downward API.
+    pub node_name: Option<String>,
+    /// Extra resource attributes; `OTEL_RESOURCE_ATTRIBUTES` adds to these.
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Default for ResourceConfig {
+    fn default() -> Self {
+        Self {
+            service_name: "flowtel".into(),
+            cluster_name: None,
+            node_name: None,
+            attributes: BTreeMap::new(),
+        }
+    }
+}
+
+impl ResourceConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.service_name.is_empty() {
+            return Err(ConfigError::new("service_name", "must not be empty"));
+        }
+        Ok(())
+    }
+}
 
 /// The attributes of the resource shared by metrics and logs. Configured
 /// attributes (and `OTEL_RESOURCE_ATTRIBUTES`) come first so flowtel's own

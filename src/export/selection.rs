@@ -6,22 +6,54 @@
 use std::collections::{BTreeMap, HashMap};
 
 use opentelemetry::KeyValue;
+use serde::{Deserialize, Serialize};
 
-use crate::config::AttributeSelection;
+use crate::component::ConfigError;
+use crate::telemetry::catalogue;
 
-/// The metrics whose attributes can be selected.
-pub const SELECTABLE: &[&str] = &[
-    "flowtel.flow.bytes",
-    "flowtel.flow.packets",
-    "flowtel.zone.bytes",
-    "flowtel.tcp.connections.opened",
-    "flowtel.tcp.connections.closed",
-    "flowtel.tcp.connections.failed",
-    "flowtel.tcp.retransmits",
-    "flowtel.tcp.rtt",
-    "flowtel.tcp.connection.duration",
-    "flowtel.packet.drops",
-];
+/// How metrics are shaped, whichever way they leave (OTLP or Prometheus).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Per metric, the attributes it keeps; the others are summed over.
+    /// A list, because metric names hold dots that a map key would split.
+    pub attributes: Vec<AttributeSelection>,
+}
+
+/// One metric's kept attributes, e.g.
+/// `{metric: flowtel.flow.packets, keep: [server.port, network.transport]}`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeSelection {
+    pub metric: String,
+    pub keep: Vec<String>,
+}
+
+impl MetricsConfig {
+    /// Checks that every selection names a selectable metric; keys are
+    /// relative to `export.metrics`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (i, AttributeSelection { metric, keep }) in self.attributes.iter().enumerate() {
+            if !catalogue::selectable().any(|m| m.name == metric) {
+                let names: Vec<_> = catalogue::selectable().map(|m| m.name).collect();
+                return Err(ConfigError::new(
+                    format!("attributes[{i}].metric"),
+                    format!(
+                        "is not a metric whose attributes can be selected; one of: {}",
+                        names.join(", ")
+                    ),
+                ));
+            }
+            if keep.iter().any(|k| k.trim().is_empty()) {
+                return Err(ConfigError::new(
+                    format!("attributes[{i}].keep"),
+                    "lists an empty attribute name",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Which attributes each configured metric keeps.
 #[derive(Debug, Clone, Default)]

@@ -1,11 +1,22 @@
-//! Flows: the model every source speaks, the table that turns cumulative
-//! counters into deltas, and the bounded aggregation into metric series.
+//! The flow stage, and the model every stage speaks: what sources send
+//! ([`model`], [`mesh`]), what ends are called ([`names`]), the table that
+//! turns cumulative counters into exact deltas, the bounded series, and the
+//! [`report::IntervalReport`] each interval closes into.
 
-pub mod aggregate;
+pub mod drops;
+pub mod interval;
+pub mod mesh;
 pub mod model;
+pub mod names;
+pub mod records;
+pub mod report;
+pub mod series;
 pub mod table;
+pub mod tcp;
+pub mod zones;
 
+pub use interval::{FlowStage, FlowsConfig};
 pub use model::{
-    Counters, DropRecord, Endpoint, FlowId, FlowUpdate, Nat, SourceEvent, SourceKind, TcpClose,
-    TcpEvent, TcpEventKind, TcpFailure, Transport,
+    Counters, DirectionalCounters, DropRecord, Endpoint, FlowId, FlowUpdate, Nat, SourceEvent,
+    SourceKind, TcpClose, TcpEvent, TcpEventKind, TcpFailure, Transport,
 };

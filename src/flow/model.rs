@@ -6,9 +6,12 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
+
+use super::mesh::MeshUpdate;
 
 /// The transport protocol of a flow, as carried in the IP header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -131,6 +134,30 @@ impl Counters {
 
     pub fn is_zero(self) -> bool {
         self.bytes == 0 && self.packets == 0
+    }
+}
+
+/// Bytes and packets in each direction of a flow or series.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirectionalCounters {
+    pub to_server: Counters,
+    pub to_client: Counters,
+}
+
+impl DirectionalCounters {
+    pub fn add(&mut self, other: DirectionalCounters) {
+        self.to_server.add(other.to_server);
+        self.to_client.add(other.to_client);
+    }
+
+    pub fn total(&self) -> Counters {
+        let mut t = self.to_server;
+        t.add(self.to_client);
+        t
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.to_server.is_zero() && self.to_client.is_zero()
     }
 }
 
@@ -271,12 +298,16 @@ pub struct DropRecord {
     pub counters: Counters,
 }
 
-/// What a source sends down its channel to the flow table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a source sends down the pipeline's channel to the flow stage.
+#[derive(Clone, Debug, PartialEq)]
 pub enum SourceEvent {
     Flow(FlowUpdate),
     Tcp(TcpEvent),
     Drop(DropRecord),
+    /// A mesh or CNI source's metrics and log events.
+    Mesh(Box<MeshUpdate>),
+    /// The CNI the node's configuration names now (`None`: none found).
+    Cni(Option<Arc<str>>),
     /// A full table dump begins; every live flow will be reported before the
     /// matching `DumpFinished`.
     DumpStarted {

@@ -11,15 +11,13 @@
 //!   next complete dump, and counted in `flows_ended_unseen`.
 
 use std::collections::HashMap;
-
-use foldhash::fast::RandomState;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::enrich::FlowNames;
-use crate::flow::aggregate::{Aggregator, DirectionalCounters};
-use crate::flow::{Counters, FlowId, FlowUpdate, SourceEvent};
-use crate::stats::SelfStats;
+use foldhash::fast::RandomState;
+
+use super::model::{Counters, DirectionalCounters, FlowId, FlowUpdate, Nat};
+use super::names::FlowNames;
+use crate::telemetry::{catalogue, Counter, Gauge, Telemetry};
 
 #[derive(Debug)]
 struct Tracked {
@@ -42,6 +40,24 @@ struct Tombstone {
     swept: Option<(Counters, Counters)>,
 }
 
+/// The table's own counters.
+#[derive(Debug)]
+struct TableStats {
+    tracked: Gauge,
+    updates: Counter,
+    seen: Counter,
+    untracked: Counter,
+    ended_unseen: Counter,
+}
+
+/// One flow's traffic since its previous report, with its names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowDelta {
+    pub update: FlowUpdate,
+    pub delta: DirectionalCounters,
+    pub names: Option<Arc<FlowNames>>,
+}
+
 /// Per-connection state, bounded by `flows.max_flows`.
 #[derive(Debug)]
 pub struct FlowTable {
@@ -51,17 +67,23 @@ pub struct FlowTable {
     tombstones: HashMap<FlowId, Tombstone, RandomState>,
     max_flows: usize,
     epoch: u64,
-    stats: Arc<SelfStats>,
+    stats: TableStats,
 }
 
 impl FlowTable {
-    pub fn new(max_flows: usize, stats: Arc<SelfStats>) -> Self {
+    pub fn new(max_flows: usize, telemetry: &Telemetry) -> Self {
         Self {
             flows: HashMap::default(),
             tombstones: HashMap::default(),
             max_flows,
             epoch: 0,
-            stats,
+            stats: TableStats {
+                tracked: telemetry.gauge(&catalogue::FLOWS_TRACKED),
+                updates: telemetry.counter(&catalogue::FLOWS_UPDATES),
+                seen: telemetry.counter(&catalogue::FLOWS_SEEN),
+                untracked: telemetry.counter(&catalogue::FLOWS_UNTRACKED),
+                ended_unseen: telemetry.counter(&catalogue::FLOWS_ENDED_UNSEEN),
+            },
         }
     }
 
@@ -73,26 +95,44 @@ impl FlowTable {
         self.flows.is_empty()
     }
 
-    /// Applies one source event, recording any delta in `agg`.
-    pub fn apply(&mut self, event: SourceEvent, agg: &mut Aggregator) {
-        match event {
-            SourceEvent::Flow(update) => self.apply_update(update, agg),
-            SourceEvent::Tcp(event) => agg.record_tcp(&event),
-            SourceEvent::Drop(record) => agg.record_drop(&record),
-            SourceEvent::DumpStarted { epoch } => self.epoch = epoch,
-            SourceEvent::DumpFinished { epoch, complete } => {
-                if complete {
-                    self.sweep(epoch);
-                }
-            }
-        }
-        self.stats
-            .flows_tracked
-            .store(self.flows.len() as u64, Ordering::Relaxed);
+    /// A dump tagged `epoch` begins.
+    pub fn dump_started(&mut self, epoch: u64) {
+        self.epoch = epoch;
     }
 
-    fn apply_update(&mut self, u: FlowUpdate, agg: &mut Aggregator) {
-        SelfStats::inc(&self.stats.flow_updates);
+    /// The dump `epoch` is over; when `complete`, flows it did not report
+    /// are swept.
+    pub fn dump_finished(&mut self, epoch: u64, complete: bool) {
+        if complete {
+            self.sweep(epoch);
+        }
+        self.stats.tracked.set(self.flows.len() as u64);
+    }
+
+    /// Applies one source report of a flow's cumulative counters; returns
+    /// the traffic it adds, if any, named by `name`. `name` gets the
+    /// table's copy of the flow's names (`None` for a flow it does not
+    /// keep) to fill or renew.
+    pub fn apply(
+        &mut self,
+        u: FlowUpdate,
+        mut name: impl FnMut(&FlowId, &Nat, &mut Option<Arc<FlowNames>>) -> Option<Arc<FlowNames>>,
+    ) -> Option<FlowDelta> {
+        let delta = self.apply_update(&u, &mut name);
+        self.stats.tracked.set(self.flows.len() as u64);
+        delta.map(|(delta, names)| FlowDelta {
+            update: u,
+            delta,
+            names,
+        })
+    }
+
+    fn apply_update(
+        &mut self,
+        u: &FlowUpdate,
+        name: &mut impl FnMut(&FlowId, &Nat, &mut Option<Arc<FlowNames>>) -> Option<Arc<FlowNames>>,
+    ) -> Option<(DirectionalCounters, Option<Arc<FlowNames>>)> {
+        self.stats.updates.inc();
         if u.generation != 0 {
             if let Some(t) = self.tombstones.get_mut(&u.id) {
                 if t.generation == u.generation {
@@ -103,13 +143,12 @@ impl FlowTable {
                             to_server: u.to_server.since(ts).unwrap_or_default(),
                             to_client: u.to_client.since(tc).unwrap_or_default(),
                         };
-                        let mut names = None;
-                        agg.record(&u.id, &u.nat, u.source, delta, &mut names);
-                        agg.record_flow(&u, delta, names);
+                        let names = name(&u.id, &u.nat, &mut None);
+                        return Some((delta, names));
                     }
                     // Otherwise a stale dump entry (or duplicate end) of a
                     // connection already counted to its end.
-                    return;
+                    return None;
                 }
             }
         }
@@ -118,7 +157,7 @@ impl FlowTable {
             to_client: u.to_client,
         };
         let room = self.flows.len() < self.max_flows;
-        let mut names = None;
+        let names;
         let delta = match self.flows.get_mut(&u.id) {
             Some(t) => {
                 let delta = if t.generation == u.generation {
@@ -140,7 +179,7 @@ impl FlowTable {
                             },
                         );
                     } else {
-                        SelfStats::inc(&self.stats.flows_ended_unseen);
+                        self.stats.ended_unseen.inc();
                     }
                     t.generation = u.generation;
                     t.names = None;
@@ -149,15 +188,16 @@ impl FlowTable {
                 t.to_server = u.to_server;
                 t.to_client = u.to_client;
                 t.epoch_seen = self.epoch;
-                names = agg.names(&u.id, &u.nat, &mut t.names);
+                names = name(&u.id, &u.nat, &mut t.names);
                 delta
             }
             None if u.ended => {
-                SelfStats::inc(&self.stats.flows_seen);
+                self.stats.seen.inc();
+                names = name(&u.id, &u.nat, &mut None);
                 fresh
             }
             None if room => {
-                SelfStats::inc(&self.stats.flows_seen);
+                self.stats.seen.inc();
                 let t = self.flows.entry(u.id).or_insert(Tracked {
                     generation: u.generation,
                     to_server: u.to_server,
@@ -165,14 +205,14 @@ impl FlowTable {
                     epoch_seen: self.epoch,
                     names: None,
                 });
-                names = agg.names(&u.id, &u.nat, &mut t.names);
+                names = name(&u.id, &u.nat, &mut t.names);
                 fresh
             }
             None => {
                 // Table full: this connection is counted once, at its end
                 // (and seen then).
-                SelfStats::inc(&self.stats.flows_untracked);
-                return;
+                self.stats.untracked.inc();
+                return None;
             }
         };
         if u.ended {
@@ -188,8 +228,7 @@ impl FlowTable {
                 );
             }
         }
-        agg.record(&u.id, &u.nat, u.source, delta, &mut names);
-        agg.record_flow(&u, delta, names);
+        Some((delta, names))
     }
 
     fn sweep(&mut self, epoch: u64) {
@@ -226,17 +265,15 @@ impl FlowTable {
                 unseen += 1;
             }
         }
-        SelfStats::add(&self.stats.flows_ended_unseen, unseen);
+        self.stats.ended_unseen.add(unseen);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::aggregate::KeySpec;
-    use crate::flow::{Endpoint, Nat, SourceKind, Transport};
+    use crate::flow::model::{Endpoint, SourceEvent, SourceKind, Transport};
     use std::net::{IpAddr, Ipv4Addr};
-    use std::time::Duration;
 
     fn id(port: u16) -> FlowId {
         FlowId {
@@ -259,49 +296,65 @@ mod tests {
         })
     }
 
-    fn setup(max_flows: usize) -> (FlowTable, Aggregator, Arc<SelfStats>) {
-        let stats = Arc::new(SelfStats::default());
-        let spec = KeySpec::from_fields(&crate::config::FlowsConfig::default().key);
-        (
-            FlowTable::new(max_flows, stats.clone()),
-            Aggregator::new(spec, 1000, Duration::from_secs(600), stats.clone()),
-            stats,
-        )
+    /// The table and the client-to-server bytes of the deltas it returned.
+    struct Harness {
+        table: FlowTable,
+        bytes: u64,
     }
 
-    fn to_server_bytes(agg: &mut Aggregator) -> u64 {
-        agg.finish_interval()
-            .points
-            .iter()
-            .map(|p| p.interval.to_server.bytes)
-            .sum()
+    impl Harness {
+        fn apply(&mut self, event: SourceEvent) {
+            match event {
+                SourceEvent::Flow(u) => {
+                    if let Some(d) = self.table.apply(u, |_, _, _| None) {
+                        self.bytes += d.delta.to_server.bytes;
+                    }
+                }
+                SourceEvent::DumpStarted { epoch } => self.table.dump_started(epoch),
+                SourceEvent::DumpFinished { epoch, complete } => {
+                    self.table.dump_finished(epoch, complete)
+                }
+                other => panic!("not a table event: {other:?}"),
+            }
+        }
+
+        fn take_bytes(&mut self) -> u64 {
+            std::mem::take(&mut self.bytes)
+        }
     }
+
+    fn setup(max_flows: usize) -> (Harness, Telemetry) {
+        let telemetry = Telemetry::default();
+        let table = FlowTable::new(max_flows, &telemetry);
+        (Harness { table, bytes: 0 }, telemetry)
+    }
+
 
     #[test]
     fn deltas_between_dumps() {
-        let (mut t, mut a, _) = setup(10);
-        t.apply(update(1, 7, 1000, false), &mut a);
-        assert_eq!(to_server_bytes(&mut a), 1000);
-        t.apply(update(1, 7, 1500, false), &mut a);
-        assert_eq!(to_server_bytes(&mut a), 500);
-        t.apply(update(1, 7, 1500, false), &mut a);
-        assert_eq!(to_server_bytes(&mut a), 0);
+        let (mut t, _) = setup(10);
+        t.apply(update(1, 7, 1000, false));
+        assert_eq!(t.take_bytes(), 1000);
+        t.apply(update(1, 7, 1500, false));
+        assert_eq!(t.take_bytes(), 500);
+        t.apply(update(1, 7, 1500, false));
+        assert_eq!(t.take_bytes(), 0);
     }
 
     #[test]
     fn reused_tuple_and_counter_reset_never_go_negative() {
-        let (mut t, mut a, stats) = setup(10);
-        t.apply(update(1, 7, 1000, false), &mut a);
-        t.apply(update(1, 8, 300, false), &mut a);
-        assert_eq!(to_server_bytes(&mut a), 1300);
+        let (mut t, stats) = setup(10);
+        t.apply(update(1, 7, 1000, false));
+        t.apply(update(1, 8, 300, false));
+        assert_eq!(t.take_bytes(), 1300);
         // The old connection's DESTROY arrives late: only its rest counts.
-        t.apply(update(1, 7, 1100, true), &mut a);
-        assert_eq!(to_server_bytes(&mut a), 100);
-        assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 0);
-        assert_eq!(t.len(), 1, "the new connection is still tracked");
-        t.apply(update(1, 8, 100, false), &mut a);
+        t.apply(update(1, 7, 1100, true));
+        assert_eq!(t.take_bytes(), 100);
+        assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
+        assert_eq!(t.table.len(), 1, "the new connection is still tracked");
+        t.apply(update(1, 8, 100, false));
         assert_eq!(
-            to_server_bytes(&mut a),
+            t.take_bytes(),
             100,
             "a reset counts the new value afresh"
         );
@@ -309,134 +362,125 @@ mod tests {
 
     #[test]
     fn stale_dump_after_destroy_is_not_counted_twice() {
-        let (mut t, mut a, _) = setup(10);
-        t.apply(SourceEvent::DumpStarted { epoch: 1 }, &mut a);
-        t.apply(update(1, 7, 1000, false), &mut a);
+        let (mut t, _) = setup(10);
+        t.apply(SourceEvent::DumpStarted { epoch: 1 });
+        t.apply(update(1, 7, 1000, false));
         t.apply(
             SourceEvent::DumpFinished {
                 epoch: 1,
                 complete: true,
             },
-            &mut a,
         );
-        t.apply(SourceEvent::DumpStarted { epoch: 2 }, &mut a);
-        t.apply(update(1, 7, 1200, true), &mut a);
+        t.apply(SourceEvent::DumpStarted { epoch: 2 });
+        t.apply(update(1, 7, 1200, true));
         // the dump began before the end and still lists the connection
-        t.apply(update(1, 7, 1100, false), &mut a);
+        t.apply(update(1, 7, 1100, false));
         t.apply(
             SourceEvent::DumpFinished {
                 epoch: 2,
                 complete: true,
             },
-            &mut a,
         );
-        assert_eq!(to_server_bytes(&mut a), 1200);
-        assert!(t.is_empty());
+        assert_eq!(t.take_bytes(), 1200);
+        assert!(t.table.is_empty());
     }
 
     #[test]
     fn short_connection_seen_only_at_its_end_is_counted() {
-        let (mut t, mut a, _) = setup(10);
-        t.apply(update(9, 3, 640, true), &mut a);
-        assert_eq!(to_server_bytes(&mut a), 640);
-        assert!(t.is_empty());
+        let (mut t, _) = setup(10);
+        t.apply(update(9, 3, 640, true));
+        assert_eq!(t.take_bytes(), 640);
+        assert!(t.table.is_empty());
     }
 
     #[test]
     fn vanished_flows_are_swept_and_counted() {
-        let (mut t, mut a, stats) = setup(10);
-        t.apply(SourceEvent::DumpStarted { epoch: 1 }, &mut a);
-        t.apply(update(1, 1, 10, false), &mut a);
-        t.apply(update(2, 2, 10, false), &mut a);
+        let (mut t, stats) = setup(10);
+        t.apply(SourceEvent::DumpStarted { epoch: 1 });
+        t.apply(update(1, 1, 10, false));
+        t.apply(update(2, 2, 10, false));
         t.apply(
             SourceEvent::DumpFinished {
                 epoch: 1,
                 complete: true,
             },
-            &mut a,
         );
-        t.apply(SourceEvent::DumpStarted { epoch: 2 }, &mut a);
-        t.apply(update(1, 1, 20, false), &mut a);
+        t.apply(SourceEvent::DumpStarted { epoch: 2 });
+        t.apply(update(1, 1, 20, false));
         t.apply(
             SourceEvent::DumpFinished {
                 epoch: 2,
                 complete: false,
             },
-            &mut a,
         );
-        assert_eq!(t.len(), 2, "an incomplete dump removes nothing");
-        t.apply(SourceEvent::DumpStarted { epoch: 3 }, &mut a);
-        t.apply(update(1, 1, 20, false), &mut a);
+        assert_eq!(t.table.len(), 2, "an incomplete dump removes nothing");
+        t.apply(SourceEvent::DumpStarted { epoch: 3 });
+        t.apply(update(1, 1, 20, false));
         t.apply(
             SourceEvent::DumpFinished {
                 epoch: 3,
                 complete: true,
             },
-            &mut a,
         );
-        assert_eq!(t.len(), 1);
+        assert_eq!(t.table.len(), 1);
         // Its DESTROY event may still come; after one more complete dump
         // without it, it counts as ended unseen.
-        assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 0);
-        t.apply(SourceEvent::DumpStarted { epoch: 4 }, &mut a);
-        t.apply(update(1, 1, 20, false), &mut a);
+        assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
+        t.apply(SourceEvent::DumpStarted { epoch: 4 });
+        t.apply(update(1, 1, 20, false));
         t.apply(
             SourceEvent::DumpFinished {
                 epoch: 4,
                 complete: true,
             },
-            &mut a,
         );
-        assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 1);
+        assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 1);
     }
 
     #[test]
     fn destroy_after_the_sweep_adds_only_the_rest() {
-        let (mut t, mut a, stats) = setup(10);
-        t.apply(SourceEvent::DumpStarted { epoch: 1 }, &mut a);
-        t.apply(update(1, 7, 1000, false), &mut a);
+        let (mut t, stats) = setup(10);
+        t.apply(SourceEvent::DumpStarted { epoch: 1 });
+        t.apply(update(1, 7, 1000, false));
         t.apply(
             SourceEvent::DumpFinished {
                 epoch: 1,
                 complete: true,
             },
-            &mut a,
         );
-        assert_eq!(to_server_bytes(&mut a), 1000);
+        assert_eq!(t.take_bytes(), 1000);
         // The entry expired; the next dump skips it and the kernel sends
         // its DESTROY event, which arrives after that dump finished.
-        t.apply(SourceEvent::DumpStarted { epoch: 2 }, &mut a);
+        t.apply(SourceEvent::DumpStarted { epoch: 2 });
         t.apply(
             SourceEvent::DumpFinished {
                 epoch: 2,
                 complete: true,
             },
-            &mut a,
         );
-        t.apply(update(1, 7, 1200, true), &mut a);
+        t.apply(update(1, 7, 1200, true));
         assert_eq!(
-            to_server_bytes(&mut a),
+            t.take_bytes(),
             200,
             "only the bytes since the last dump"
         );
-        t.apply(SourceEvent::DumpStarted { epoch: 3 }, &mut a);
+        t.apply(SourceEvent::DumpStarted { epoch: 3 });
         t.apply(
             SourceEvent::DumpFinished {
                 epoch: 3,
                 complete: true,
             },
-            &mut a,
         );
-        assert_eq!(SelfStats::get(&stats.flows_ended_unseen), 0);
+        assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
     }
 
     #[test]
     fn full_table_counts_untracked_flows_at_their_end() {
-        let (mut t, mut a, stats) = setup(1);
-        t.apply(update(1, 1, 10, false), &mut a);
-        t.apply(update(2, 2, 10, false), &mut a);
-        assert_eq!(SelfStats::get(&stats.flows_untracked), 1);
-        t.apply(update(2, 2, 50, true), &mut a);
-        assert_eq!(to_server_bytes(&mut a), 60);
+        let (mut t, stats) = setup(1);
+        t.apply(update(1, 1, 10, false));
+        t.apply(update(2, 2, 10, false));
+        assert_eq!(stats.value(&catalogue::FLOWS_UNTRACKED), 1);
+        t.apply(update(2, 2, 50, true));
+        assert_eq!(t.take_bytes(), 60);
     }
 }

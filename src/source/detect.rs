@@ -9,8 +9,12 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+use super::Source;
+use crate::flow::SourceEvent;
 
 /// Where detection looks.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -38,8 +42,8 @@ impl Default for DetectConfig {
 /// anything slower means it is not there.
 pub const FELIX_CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 
-/// How often [`watch`] re-checks by default.
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// How often [`watch`] re-checks when run as a source.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Config files larger than this are not CNI configurations; the cap keeps a
 /// stray big file in the directory from being read whole.
@@ -349,41 +353,79 @@ pub async fn watch(
     (rx, task)
 }
 
-/// How a pod takes part in an Istio mesh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MeshRole {
-    /// An injected Envoy sidecar (`istio-proxy`), scraped on its own port.
-    IstioSidecar,
-    /// Ambient mode: ztunnel on the node carries the pod's traffic, so the
-    /// pod has no proxy to scrape.
-    IstioAmbient,
-    /// The node's ztunnel itself, scraped for every ambient pod.
-    IstioZtunnel,
+/// Detection as a source: checks the node every [`POLL_INTERVAL`] and sends
+/// the CNI it names each interval, for `/readyz` and `flowtel.cni.detected`.
+pub struct Detector {
+    detection: watch::Receiver<Detection>,
+    task: tokio::task::JoinHandle<()>,
+    events: mpsc::Sender<SourceEvent>,
 }
 
-/// The container Istio injects, and ztunnel's own container name.
-const ISTIO_PROXY: &str = "istio-proxy";
+impl Detector {
+    /// Detects once (and says what it found), then keeps checking.
+    pub async fn start(config: DetectConfig, events: mpsc::Sender<SourceEvent>) -> Self {
+        let (detection, task) = watch(config, POLL_INTERVAL).await;
+        log_detection(&detection.borrow());
+        Self {
+            detection,
+            task,
+            events,
+        }
+    }
 
-/// Tells a pod's mesh role from its container names (init containers
-/// included, since native sidecars are init containers), annotations and
-/// labels. The pod cache keeps none of these today; it would need container
-/// names, the annotations `sidecar.istio.io/status`,
-/// `ambient.istio.io/redirection`, `prometheus.io/port` and
-/// `prometheus.io/path`, and the `app` label.
-pub fn mesh_of(
-    containers: &[&str],
-    annotations: &[(&str, &str)],
-    labels: &[(&str, &str)],
-) -> Option<MeshRole> {
-    let annotation = |key: &str| annotations.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
-    let has_proxy = containers.contains(&ISTIO_PROXY);
-    if has_proxy && labels.contains(&("app", "ztunnel")) {
-        Some(MeshRole::IstioZtunnel)
-    } else if has_proxy && annotation("sidecar.istio.io/status").is_some() {
-        Some(MeshRole::IstioSidecar)
-    } else if annotation("ambient.istio.io/redirection") == Some("enabled") {
-        Some(MeshRole::IstioAmbient)
-    } else {
-        None
+    /// What detection finds, kept current.
+    pub fn detection(&self) -> watch::Receiver<Detection> {
+        self.detection.clone()
+    }
+}
+
+impl Source for Detector {
+    fn name(&self) -> &'static str {
+        "detect"
+    }
+
+    fn request(&mut self, _epoch: u64) -> bool {
+        let cni = self
+            .detection
+            .borrow()
+            .cni
+            .active
+            .as_ref()
+            .map(|c| std::sync::Arc::from(c.kind.as_str()));
+        // State, sent again each interval: when the channel is full this
+        // interval's copy is skipped and the next one brings it.
+        !matches!(
+            self.events.try_send(SourceEvent::Cni(cni)),
+            Err(mpsc::error::TrySendError::Closed(_))
+        )
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.task.abort();
+        Box::pin(async {})
+    }
+}
+
+/// Says once at start what the node runs besides the kernel.
+fn log_detection(d: &Detection) {
+    match &d.cni.active {
+        Some(c) => tracing::info!(
+            cni = %c.kind,
+            chained_on = ?c.chained_on.as_ref().map(|k| k.as_str()),
+            file = %c.file.display(),
+            hubble = d.hubble,
+            felix = d.felix,
+            "detected the node's CNI"
+        ),
+        None => tracing::info!(
+            reason = d
+                .cni
+                .dir_error
+                .as_deref()
+                .unwrap_or("no valid configuration"),
+            hubble = d.hubble,
+            felix = d.felix,
+            "no CNI configuration found"
+        ),
     }
 }

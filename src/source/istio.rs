@@ -1,10 +1,74 @@
-//! Istio's standard metrics from Envoy sidecars and ztunnel: which families
-//! flowtel keeps, their OTel names, and where each proxy serves them.
+//! The Istio source: the Envoy sidecars and ztunnel of this node's pods
+//! (found in the Kubernetes cache), each scraped every
+//! `mesh.istio.interval` on its own within the [`Scraper`] limits, and
+//! Istio's standard families kept under their OTel names. A proxy that
+//! fails is counted by kind and logged once per round; the others go on,
+//! and its last good values stay (the series are cumulative, and a missed
+//! scrape must not make them vanish).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use super::detect::MeshRole;
-use super::scrape::{FamilySpec, MetricKind, ScrapeError, ScrapedFamily, Scraper};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::hubble::Enabled;
+use super::scrape::{
+    self, FamilySpec, ScrapeCounts, ScrapeError, ScrapeLimits, Scraper, TargetKind,
+};
+use super::{Source, SourceContext};
+use crate::component::ConfigError;
+use crate::flow::mesh::{Family, FamilyGroup, MeshRole, MeshUpdate, ProxyTarget, ProxyTargets};
+use crate::flow::SourceEvent;
+use crate::telemetry::catalogue;
+
+/// `mesh.istio`: the Envoy sidecars and ztunnel of this node's pods.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IstioConfig {
+    /// `auto` and `on` both scrape the proxies the Kubernetes cache finds
+    /// (there is nothing to scrape without it); `off` never does.
+    pub enabled: Enabled,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Scrape this port on every proxy instead of the pod's
+    /// `prometheus.io/port` annotation or the proxy's default (15090/15020).
+    pub port: Option<u16>,
+    /// Largest response accepted from one proxy.
+    pub max_bytes: usize,
+    /// Time allowed for one proxy's whole scrape.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for IstioConfig {
+    fn default() -> Self {
+        Self {
+            enabled: Enabled::Auto,
+            interval: Duration::from_secs(15),
+            port: None,
+            max_bytes: scrape::DEFAULT_MAX_BYTES,
+            timeout: scrape::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl IstioConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        scrape::check_settings(self.interval, self.max_bytes, self.timeout)?;
+        if self.port == Some(0) {
+            return Err(ConfigError::new(
+                "port",
+                "must be a port between 1 and 65535",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Envoy's own Prometheus endpoint in a sidecar.
 pub const SIDECAR_PORT: u16 = 15090;
@@ -19,45 +83,27 @@ pub const ZTUNNEL_PATH: &str = "/metrics";
 pub static ISTIO_FAMILIES: &[FamilySpec] = &[
     FamilySpec {
         source: "istio_requests",
-        name: "istio.requests",
-        kind: MetricKind::Counter,
-        unit: "{request}",
-        description: "Requests handled by an Istio proxy.",
+        metric: &catalogue::ISTIO_REQUESTS,
     },
     FamilySpec {
         source: "istio_request_duration_milliseconds",
-        name: "istio.request.duration",
-        kind: MetricKind::Histogram,
-        unit: "ms",
-        description: "Request durations seen by an Istio proxy.",
+        metric: &catalogue::ISTIO_REQUEST_DURATION,
     },
     FamilySpec {
         source: "istio_tcp_sent_bytes",
-        name: "istio.tcp.sent",
-        kind: MetricKind::Counter,
-        unit: "By",
-        description: "Bytes sent by an Istio proxy on TCP connections.",
+        metric: &catalogue::ISTIO_TCP_SENT,
     },
     FamilySpec {
         source: "istio_tcp_received_bytes",
-        name: "istio.tcp.received",
-        kind: MetricKind::Counter,
-        unit: "By",
-        description: "Bytes received by an Istio proxy on TCP connections.",
+        metric: &catalogue::ISTIO_TCP_RECEIVED,
     },
     FamilySpec {
         source: "istio_tcp_connections_opened",
-        name: "istio.tcp.connections.opened",
-        kind: MetricKind::Counter,
-        unit: "{connection}",
-        description: "TCP connections an Istio proxy opened.",
+        metric: &catalogue::ISTIO_TCP_OPENED,
     },
     FamilySpec {
         source: "istio_tcp_connections_closed",
-        name: "istio.tcp.connections.closed",
-        kind: MetricKind::Counter,
-        unit: "{connection}",
-        description: "TCP connections an Istio proxy closed.",
+        metric: &catalogue::ISTIO_TCP_CLOSED,
     },
 ];
 
@@ -82,8 +128,223 @@ pub fn scrape_url(pod_ip: IpAddr, role: MeshRole, annotations: &[(&str, &str)]) 
 }
 
 /// Scrapes one proxy and keeps [`ISTIO_FAMILIES`].
-pub async fn scrape(scraper: &Scraper, url: &str) -> Result<Vec<ScrapedFamily>, ScrapeError> {
+pub async fn scrape(scraper: &Scraper, url: &str) -> Result<Vec<Family>, ScrapeError> {
     scraper.scrape(url, ISTIO_FAMILIES).await
+}
+
+/// Proxies scraped at the same time.
+const MAX_CONCURRENT_SCRAPES: usize = 32;
+
+/// The latest good scrape of one pod's proxy.
+#[derive(Debug, Clone)]
+struct PodScrape {
+    target: ProxyTarget,
+    kind: TargetKind,
+    families: Vec<Family>,
+}
+
+/// What the scrape task keeps for the source to send.
+#[derive(Debug, Default)]
+struct State {
+    /// One per pod whose proxy answered at its latest scrape.
+    pods: Vec<PodScrape>,
+    counts: ScrapeCounts,
+}
+
+impl State {
+    /// Each proxy's families, named by its pod, and the scrape counts.
+    fn update(&self) -> MeshUpdate {
+        let mut groups: Vec<FamilyGroup> = self
+            .pods
+            .iter()
+            .map(|p| FamilyGroup {
+                attributes: pod_attributes(&p.target, p.kind),
+                families: p.families.clone(),
+            })
+            .collect();
+        groups.push(FamilyGroup {
+            attributes: Vec::new(),
+            families: self.counts.families(),
+        });
+        MeshUpdate {
+            source: "istio",
+            active: !self.pods.is_empty(),
+            groups,
+            events: Vec::new(),
+        }
+    }
+}
+
+/// The attributes naming a proxy's pod, as a flow's local end is named
+/// (`docs/telemetry.md`, "Attributes of a flow series"), and the kind of
+/// proxy.
+fn pod_attributes(target: &ProxyTarget, kind: TargetKind) -> Vec<(&'static str, String)> {
+    let pod = &target.pod;
+    let mut attrs = Vec::new();
+    let mut put = |key, value: &Option<Arc<str>>| {
+        if let Some(v) = value {
+            attrs.push((key, v.to_string()));
+        }
+    };
+    put(catalogue::K8S_NAMESPACE, &pod.namespace);
+    put(catalogue::K8S_POD, &pod.pod);
+    put(catalogue::K8S_POD_UID, &pod.pod_uid);
+    put(catalogue::K8S_WORKLOAD_KIND, &pod.workload_kind);
+    put(catalogue::K8S_WORKLOAD, &pod.workload);
+    if let (Some(kind), Some(name)) = (&pod.workload_kind, &pod.workload) {
+        if let Some(key) = catalogue::workload_attribute(kind) {
+            attrs.push((key, name.to_string()));
+        }
+    }
+    attrs.push((catalogue::ISTIO_PROXY, kind.as_str().to_owned()));
+    attrs
+}
+
+/// The running Istio source.
+struct IstioSource {
+    state: Arc<Mutex<State>>,
+    task: tokio::task::JoinHandle<()>,
+    events: mpsc::Sender<SourceEvent>,
+}
+
+impl Source for IstioSource {
+    fn name(&self) -> &'static str {
+        "istio"
+    }
+
+    fn request(&mut self, _epoch: u64) -> bool {
+        let update = self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .update();
+        // State, sent again each interval: when the channel is full this
+        // interval's copy is skipped and the next one brings it.
+        !matches!(
+            self.events.try_send(SourceEvent::Mesh(Box::new(update))),
+            Err(mpsc::error::TrySendError::Closed(_))
+        )
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.task.abort();
+        Box::pin(async {})
+    }
+}
+
+/// Starts the source when the configuration and the Kubernetes cache
+/// allow it (`ctx.proxies` is taken: only this source scrapes proxies).
+pub fn build(
+    cfg: &IstioConfig,
+    ctx: &mut SourceContext,
+) -> anyhow::Result<Option<Box<dyn Source>>> {
+    if cfg.enabled == Enabled::Off {
+        return Ok(None);
+    }
+    let Some(targets) = ctx.proxies.take() else {
+        if cfg.enabled == Enabled::On {
+            tracing::warn!(
+                "mesh.istio.enabled is on but the Kubernetes cache is off: Istio proxies are found through it, so none will be scraped"
+            );
+        }
+        return Ok(None);
+    };
+    let scraper = Scraper::new(ScrapeLimits {
+        max_bytes: cfg.max_bytes,
+        timeout: cfg.timeout,
+    })
+    .map_err(|e| anyhow::anyhow!("starting the Istio scrapes: {e}"))?;
+    tracing::info!(interval = ?cfg.interval, "istio source: scraping the proxies of this node's pods");
+    let state = Arc::new(Mutex::new(State::default()));
+    let task = tokio::spawn(scrape_loop(scraper, cfg.clone(), targets, Arc::clone(&state)));
+    Ok(Some(Box::new(IstioSource {
+        state,
+        task,
+        events: ctx.events.clone(),
+    })))
+}
+
+/// Where to scrape each proxy, with `port` overriding the annotations.
+fn urls(targets: &[ProxyTarget], port: Option<u16>) -> Vec<Option<String>> {
+    targets
+        .iter()
+        .map(|t| {
+            let port_text;
+            let mut annotations: Vec<(&str, &str)> = Vec::new();
+            if let Some(p) = port.or(t.port) {
+                port_text = p.to_string();
+                annotations.push(("prometheus.io/port", &port_text));
+            }
+            if let Some(path) = &t.path {
+                annotations.push(("prometheus.io/path", path));
+            }
+            scrape_url(t.ip, t.role, &annotations)
+        })
+        .collect()
+}
+
+async fn scrape_loop(
+    scraper: Scraper,
+    cfg: IstioConfig,
+    targets: ProxyTargets,
+    state: Arc<Mutex<State>>,
+) {
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let targets = targets();
+        let urls = urls(&targets, cfg.port);
+        // Concurrently, so one slow proxy costs one timeout, not one per
+        // proxy after it; bounded, so a node with hundreds of meshed pods
+        // does not open hundreds of connections at once.
+        let scrapes: Vec<_> = urls
+            .iter()
+            .map(|url| {
+                let (scraper, url) = (scraper.clone(), url.clone());
+                async move {
+                    match url {
+                        Some(url) => Some(scrape(&scraper, &url).await),
+                        None => None,
+                    }
+                }
+            })
+            .collect();
+        let results: Vec<_> = futures::stream::iter(scrapes)
+            .buffered(MAX_CONCURRENT_SCRAPES)
+            .collect()
+            .await;
+        let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut previous = std::mem::take(&mut s.pods);
+        for ((target, url), result) in targets.into_iter().zip(urls).zip(results) {
+            let kind = match target.role {
+                MeshRole::IstioZtunnel => TargetKind::Ztunnel,
+                _ => TargetKind::IstioSidecar,
+            };
+            match result {
+                None => {}
+                Some(Ok(families)) => {
+                    s.counts.success(kind);
+                    s.pods.push(PodScrape {
+                        target,
+                        kind,
+                        families,
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(url = url.as_deref().unwrap_or(""), "scrape failed: {e}");
+                    s.counts.failure(kind, &e);
+                    // The last good values stay: the series are cumulative,
+                    // and a missed scrape must not make them vanish.
+                    let uid = &target.pod.pod_uid;
+                    if let Some(i) = previous.iter().position(|p| p.target.pod.pod_uid == *uid) {
+                        s.pods.push(previous.swap_remove(i));
+                    }
+                }
+            }
+        }
+        s.counts.log_round(TargetKind::IstioSidecar);
+    }
 }
 
 #[cfg(test)]

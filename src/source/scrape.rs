@@ -9,8 +9,12 @@
 //! Prometheus text format 0.0.4 and OpenMetrics 1.0, validates every line,
 //! but allocates only for the families asked for.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
+
+use crate::component::ConfigError;
+use crate::flow::mesh::{Family, HistogramValue, Point, PointValue};
+use crate::telemetry::catalogue::{self, Instrument, Metric};
 
 /// Largest response accepted; Envoy's full stats on a busy sidecar stay
 /// well under this.
@@ -100,6 +104,113 @@ impl ScrapeErrorTally {
     }
 }
 
+/// What kind of endpoint a scrape target is; the `flowtel.scrape.target`
+/// attribute of `flowtel.scrape.errors`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetKind {
+    IstioSidecar,
+    Ztunnel,
+    Felix,
+}
+
+impl TargetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IstioSidecar => "istio_sidecar",
+            Self::Ztunnel => "ztunnel",
+            Self::Felix => "felix",
+        }
+    }
+}
+
+/// Scrapes that succeeded and failed since start, by target kind (and
+/// error kind), and what was last logged of the failures.
+#[derive(Debug, Default)]
+pub struct ScrapeCounts {
+    errors: BTreeMap<(TargetKind, &'static str), u64>,
+    successes: BTreeMap<TargetKind, u64>,
+    tally: ScrapeErrorTally,
+}
+
+impl ScrapeCounts {
+    pub fn success(&mut self, kind: TargetKind) {
+        *self.successes.entry(kind).or_default() += 1;
+    }
+
+    pub fn failure(&mut self, kind: TargetKind, error: &ScrapeError) {
+        *self.errors.entry((kind, error.kind())).or_default() += 1;
+        self.tally.record(error);
+    }
+
+    /// Logs the failures since the last call: one line per error kind,
+    /// with the count and the first message.
+    pub fn log_round(&mut self, kind: TargetKind) {
+        for (error, count, first) in self.tally.take() {
+            tracing::warn!(
+                target_kind = kind.as_str(),
+                error = error,
+                count,
+                "scrapes failed this round; first: {first}"
+            );
+        }
+    }
+
+    /// `flowtel.scrape.errors` and `flowtel.scrape.successes`.
+    pub fn families(&self) -> Vec<Family> {
+        let target = |kind: TargetKind| (catalogue::SCRAPE_TARGET.to_owned(), kind.as_str().to_owned());
+        vec![
+            Family {
+                metric: &catalogue::SCRAPE_ERRORS,
+                points: self
+                    .errors
+                    .iter()
+                    .map(|((kind, error), n)| {
+                        Point::new(
+                            vec![
+                                target(*kind),
+                                (catalogue::ERROR_TYPE.to_owned(), (*error).to_owned()),
+                            ],
+                            PointValue::Int(*n),
+                        )
+                    })
+                    .collect(),
+            },
+            Family {
+                metric: &catalogue::SCRAPE_SUCCESSES,
+                points: self
+                    .successes
+                    .iter()
+                    .map(|(kind, n)| Point::new(vec![target(*kind)], PointValue::Int(*n)))
+                    .collect(),
+            },
+        ]
+    }
+}
+
+/// Checks the settings every scraped source has; errors name the key.
+pub fn check_settings(
+    interval: Duration,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<(), ConfigError> {
+    if interval.is_zero() {
+        return Err(ConfigError::new(
+            "interval",
+            "must be greater than 0, e.g. \"15s\"",
+        ));
+    }
+    if max_bytes < 4096 {
+        return Err(ConfigError::new("max_bytes", "must be at least 4096"));
+    }
+    if timeout.is_zero() || timeout > interval {
+        return Err(ConfigError::new(
+            "timeout",
+            "must be greater than 0 and at most the interval",
+        ));
+    }
+    Ok(())
+}
+
 /// The exposition format, from the response's content type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -126,64 +237,17 @@ impl Format {
     }
 }
 
-/// The OTel instrument kind a family is exported as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MetricKind {
-    /// Monotonic, cumulative.
-    Counter,
-    Gauge,
-    /// Explicit-bucket, cumulative.
-    Histogram,
-}
-
-/// A family to keep, and how it is named in OTel.
+/// A family to keep, and the catalogue metric it is exported as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FamilySpec {
     /// The Prometheus family name without `_total` (`istio_requests`); both
     /// `x` and `x_total` samples are accepted for counters, because Go and
     /// Envoy clients write one and OpenMetrics the other.
     pub source: &'static str,
-    /// The OTel name, chosen so that the standard OTLP→Prometheus
-    /// translation (unit suffix, `_total`) gives back the source name.
-    pub name: &'static str,
-    pub kind: MetricKind,
-    /// UCUM unit (`ms`, `By`, `{request}`).
-    pub unit: &'static str,
-    pub description: &'static str,
-}
-
-/// One kept family, with every series it had in the scrape.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScrapedFamily {
-    pub name: &'static str,
-    pub description: &'static str,
-    pub kind: MetricKind,
-    pub unit: &'static str,
-    pub points: Vec<Point>,
-}
-
-/// One series: its labels, in the order the endpoint wrote them, and value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Point {
-    pub labels: Vec<(String, String)>,
-    pub value: PointValue,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum PointValue {
-    Number(f64),
-    Histogram(HistogramValue),
-}
-
-/// A histogram in OTel's explicit-bucket form: `counts[i]` observations fell
-/// in `(bounds[i-1], bounds[i]]`, the last count above every bound (the
-/// exposition format's buckets are cumulative; these are not).
-#[derive(Debug, Clone, PartialEq)]
-pub struct HistogramValue {
-    pub bounds: Vec<f64>,
-    pub counts: Vec<u64>,
-    pub sum: f64,
-    pub count: u64,
+    /// Its OTel name, unit, kind and description, chosen so that the
+    /// standard OTLP→Prometheus translation (unit suffix, `_total`) gives
+    /// back the source name where it can.
+    pub metric: &'static Metric,
 }
 
 /// A scrape's body, checked for size, time, type and encoding.
@@ -292,7 +356,7 @@ impl Scraper {
         &self,
         url: &str,
         specs: &[FamilySpec],
-    ) -> Result<Vec<ScrapedFamily>, ScrapeError> {
+    ) -> Result<Vec<Family>, ScrapeError> {
         let body = self.fetch(url).await?;
         parse(&body.text, body.format, specs)
     }
@@ -322,11 +386,11 @@ enum Part {
 fn resolve(name: &str, specs: &[FamilySpec]) -> Option<(usize, Part)> {
     specs.iter().enumerate().find_map(|(i, spec)| {
         let rest = name.strip_prefix(spec.source)?;
-        let part = match (spec.kind, rest) {
-            (MetricKind::Counter, "" | "_total") | (MetricKind::Gauge, "") => Part::Value,
-            (MetricKind::Histogram, "_bucket") => Part::Bucket,
-            (MetricKind::Histogram, "_sum") => Part::Sum,
-            (MetricKind::Histogram, "_count") => Part::Count,
+        let part = match (spec.metric.instrument, rest) {
+            (Instrument::Counter, "" | "_total") | (Instrument::Gauge, "") => Part::Value,
+            (Instrument::Histogram, "_bucket") => Part::Bucket,
+            (Instrument::Histogram, "_sum") => Part::Sum,
+            (Instrument::Histogram, "_count") => Part::Count,
             _ => return None,
         };
         Some((i, part))
@@ -377,14 +441,10 @@ impl FamilyBuilder {
 
     fn finish(mut self) -> Vec<Point> {
         for series in self.histograms {
-            self.points.push(Point {
-                labels: series.labels,
-                value: PointValue::Histogram(to_otel_histogram(
-                    series.buckets,
-                    series.sum,
-                    series.count,
-                )),
-            });
+            self.points.push(Point::new(
+                series.labels,
+                PointValue::Histogram(to_otel_histogram(series.buckets, series.sum, series.count)),
+            ));
         }
         self.points
     }
@@ -434,7 +494,7 @@ pub fn parse(
     text: &str,
     format: Format,
     specs: &[FamilySpec],
-) -> Result<Vec<ScrapedFamily>, ScrapeError> {
+) -> Result<Vec<Family>, ScrapeError> {
     if !text.is_empty() && !text.ends_with('\n') {
         return Err(ScrapeError::Truncated(
             "the last line has no newline".into(),
@@ -468,11 +528,8 @@ pub fn parse(
         .zip(builders)
         .filter_map(|(spec, builder)| {
             let points = builder?.finish();
-            (!points.is_empty()).then_some(ScrapedFamily {
-                name: spec.name,
-                description: spec.description,
-                kind: spec.kind,
-                unit: spec.unit,
+            (!points.is_empty()).then_some(Family {
+                metric: spec.metric,
                 points,
             })
         })
@@ -533,10 +590,9 @@ fn parse_sample(
     };
     let builder = builders[family].get_or_insert_with(FamilyBuilder::default);
     match part {
-        Part::Value => builder.points.push(Point {
-            labels,
-            value: PointValue::Number(value),
-        }),
+        Part::Value => builder
+            .points
+            .push(Point::new(labels, PointValue::Number(value))),
         Part::Bucket => {
             let bound = le
                 .as_deref()
@@ -628,17 +684,11 @@ mod tests {
     const SPECS: &[FamilySpec] = &[
         FamilySpec {
             source: "requests",
-            name: "requests",
-            kind: MetricKind::Counter,
-            unit: "{request}",
-            description: "",
+            metric: &catalogue::ISTIO_REQUESTS,
         },
         FamilySpec {
             source: "latency_ms",
-            name: "latency",
-            kind: MetricKind::Histogram,
-            unit: "ms",
-            description: "",
+            metric: &catalogue::ISTIO_REQUEST_DURATION,
         },
     ];
 

@@ -209,7 +209,7 @@ pub(crate) fn pod(
 }
 
 /// The pod's Istio role, from its container names, annotations and `app`
-/// label (see [`crate::source::detect::mesh_of`]).
+/// label (see [`super::model::mesh_of`]).
 fn mesh_of(pod: &Pod) -> Option<Arc<PodMesh>> {
     let containers: Vec<&str> = pod
         .spec
@@ -237,7 +237,7 @@ fn mesh_of(pod: &Pod) -> Option<Arc<PodMesh>> {
         .filter(|(k, _)| k.as_str() == "app")
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let role = crate::source::detect::mesh_of(&containers, &annotations, &labels)?;
+    let role = super::model::mesh_of(&containers, &annotations, &labels)?;
     let annotation = |key: &str| annotations.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
     Some(Arc::new(PodMesh {
         role,

@@ -44,7 +44,6 @@ mod model;
 mod owners;
 mod watch;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -52,49 +51,62 @@ use kube::config::Kubeconfig;
 use tokio::sync::{oneshot, watch as channel};
 use tokio::task::JoinHandle;
 
+use crate::telemetry::{catalogue, Counter, Gauge, Telemetry};
+
 pub use config::{KubernetesConfig, KubernetesMode};
 pub use index::{Counts, Snapshot};
 pub use model::{
-    NodeInfo, Peer, PodInfo, PodMesh, Protocol, ServiceInfo, ServicePort, Workload, WorkloadKind,
+    mesh_of, NodeInfo, Peer, PodInfo, PodMesh, Protocol, ServiceInfo, ServicePort, Workload,
+    WorkloadKind,
 };
 
 /// How the cache task is doing, for self-telemetry and `/readyz`. Every
 /// counter only grows.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KubeStats {
-    watch_errors: AtomicU64,
-    relists: AtomicU64,
-    applied: AtomicU64,
-    rejected: AtomicU64,
-    synced: AtomicBool,
+    watch_errors: Counter,
+    relists: Counter,
+    applied: Counter,
+    rejected: Counter,
+    synced: Gauge,
 }
 
 impl KubeStats {
+    fn new(telemetry: &Telemetry) -> Self {
+        Self {
+            watch_errors: telemetry.counter(&catalogue::K8S_WATCH_ERRORS),
+            relists: telemetry.counter(&catalogue::K8S_RELISTS),
+            applied: Counter::default(),
+            rejected: telemetry.counter(&catalogue::K8S_OBJECTS_REJECTED),
+            synced: telemetry.gauge(&catalogue::K8S_SYNCED),
+        }
+    }
+
     /// Failed list, watch or connection attempts (each retried).
     pub fn watch_errors(&self) -> u64 {
-        self.watch_errors.load(Ordering::Relaxed)
+        self.watch_errors.get()
     }
 
     /// Complete lists after the first of each kind: after a `410 Gone`, an
     /// API server restart or a broken watch that could not resume.
     pub fn relists(&self) -> u64 {
-        self.relists.load(Ordering::Relaxed)
+        self.relists.get()
     }
 
     /// Objects listed, added, modified or deleted that the cache took in.
     pub fn objects_applied(&self) -> u64 {
-        self.applied.load(Ordering::Relaxed)
+        self.applied.get()
     }
 
     /// Objects skipped because a field flowtel needs is missing or wrong
     /// (a missing name, an address that does not parse).
     pub fn objects_rejected(&self) -> u64 {
-        self.rejected.load(Ordering::Relaxed)
+        self.rejected.get()
     }
 
     /// Every kind has been listed completely at least once.
     pub fn synced(&self) -> bool {
-        self.synced.load(Ordering::Relaxed)
+        self.synced.flag()
     }
 }
 
@@ -137,12 +149,15 @@ impl KubeHandle {
     }
 }
 
-/// Starts the cache when `cfg` enables it (`None` otherwise). Must be
-/// called within a tokio runtime. Returns at once: the API server is only
-/// contacted by the spawned task, and one that cannot be reached is
-/// retried, never an error. Only a configured kubeconfig file that cannot
-/// be read is.
-pub fn start(cfg: &KubernetesConfig) -> anyhow::Result<Option<KubeHandle>> {
+/// Starts the cache when `cfg` enables it (`None` otherwise), reporting its
+/// counters to `telemetry`. Must be called within a tokio runtime. Returns
+/// at once: the API server is only contacted by the spawned task, and one
+/// that cannot be reached is retried, never an error. Only a configured
+/// kubeconfig file that cannot be read is.
+pub fn start(
+    cfg: &KubernetesConfig,
+    telemetry: &Telemetry,
+) -> anyhow::Result<Option<KubeHandle>> {
     if !cfg.is_enabled() {
         return Ok(None);
     }
@@ -162,7 +177,7 @@ pub fn start(cfg: &KubernetesConfig) -> anyhow::Result<Option<KubeHandle>> {
     }
     let cache = cache::Cache::new(&cfg.pod_labels, cfg.ip_retention);
     let (publish, snapshots) = channel::channel(Arc::new(Snapshot::default()));
-    let stats = Arc::new(KubeStats::default());
+    let stats = Arc::new(KubeStats::new(telemetry));
     let (stop, stopped) = oneshot::channel();
     let task = runtime.spawn(watch::run(source, cache, publish, stats.clone(), stopped));
     Ok(Some(KubeHandle {

@@ -6,6 +6,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::flow::mesh::MeshRole;
+
 /// The kind of workload that runs a pod, found through `ownerReferences`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum WorkloadKind {
@@ -92,7 +94,7 @@ pub struct PodInfo {
 /// port and path its `prometheus.io/*` annotations set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodMesh {
-    pub role: crate::source::detect::MeshRole,
+    pub role: MeshRole,
     pub port: Option<u16>,
     pub path: Option<Arc<str>>,
 }
@@ -153,4 +155,29 @@ pub enum Peer {
     Pod(Arc<PodInfo>),
     Service(Arc<ServiceInfo>),
     Node(Arc<NodeInfo>),
+}
+
+/// The container Istio injects, and ztunnel's own container name.
+const ISTIO_PROXY: &str = "istio-proxy";
+
+/// Tells a pod's mesh role from its container names (init containers
+/// included, since native sidecars are init containers), annotations and
+/// labels: the annotations `sidecar.istio.io/status` and
+/// `ambient.istio.io/redirection`, and the `app` label.
+pub fn mesh_of(
+    containers: &[&str],
+    annotations: &[(&str, &str)],
+    labels: &[(&str, &str)],
+) -> Option<MeshRole> {
+    let annotation = |key: &str| annotations.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    let has_proxy = containers.contains(&ISTIO_PROXY);
+    if has_proxy && labels.contains(&("app", "ztunnel")) {
+        Some(MeshRole::IstioZtunnel)
+    } else if has_proxy && annotation("sidecar.istio.io/status").is_some() {
+        Some(MeshRole::IstioSidecar)
+    } else if annotation("ambient.istio.io/redirection") == Some("enabled") {
+        Some(MeshRole::IstioAmbient)
+    } else {
+        None
+    }
 }

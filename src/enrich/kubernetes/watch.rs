@@ -2,7 +2,6 @@
 //! watcher per kind, applies their events and publishes snapshots.
 
 use std::fmt::Debug;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -162,7 +161,7 @@ impl Task {
     /// API server's watch window moved on, which happens in any cluster
     /// now and then and is only worth an info line.
     fn on_error(&mut self, kind: Kind, error: &dyn std::fmt::Display, expired: bool) {
-        self.stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.watch_errors.inc();
         let log = self.log(kind);
         log.failing += 1;
         if let Some(held_back) = log.errors.allow(Instant::now()) {
@@ -198,10 +197,10 @@ impl Task {
         let kind = object.kind();
         match self.cache.apply(object, now) {
             Ok(()) => {
-                self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                self.stats.applied.inc();
             }
             Err(malformed) => {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                self.stats.rejected.inc();
                 if let Some(held_back) = self.log(kind).malformed.allow(Instant::now()) {
                     tracing::warn!(
                         resource = kind.resource(),
@@ -232,20 +231,20 @@ impl Task {
             Event::Init => self.cache.begin_list(kind),
             Event::InitApply(object) | Event::Apply(object) => self.apply(&object, now),
             Event::Delete(object) => {
-                self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                self.stats.applied.inc();
                 self.cache.delete(&object, now);
             }
             Event::InitDone => match self.cache.end_list(kind, now) {
                 ListEnd::First => {
                     if self.cache.synced() {
-                        self.stats.synced.store(true, Ordering::Relaxed);
+                        self.stats.synced.set_flag(true);
                         tracing::info!(counts = ?self.cache.counts(), "Kubernetes cache synced");
                         // The first complete view goes out at once.
                         self.due = Some(Instant::now());
                     }
                 }
                 ListEnd::Again => {
-                    self.stats.relists.fetch_add(1, Ordering::Relaxed);
+                    self.stats.relists.inc();
                 }
             },
         }

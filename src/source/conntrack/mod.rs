@@ -26,11 +26,88 @@ use anyhow::{anyhow, bail, Context};
 pub use decode::{decode_message, encode_message, DecodeError, MessageKind};
 pub use procfs::{parse_proc_line, ProcParseError};
 
-use crate::config::{ConntrackConfig, ConntrackMode};
+use serde::{Deserialize, Serialize};
+
+use crate::component::ConfigError;
 use crate::flow::SourceEvent;
 use crate::source::netns;
 use crate::source::out::Out;
-use crate::stats::SelfStats;
+use crate::source::kernel::KernelStats;
+
+/// How conntrack is read.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConntrackMode {
+    /// ctnetlink, falling back to procfs when netlink is not permitted.
+    Auto,
+    Netlink,
+    Procfs,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackConfig {
+    pub mode: ConntrackMode,
+    /// Read the conntrack table of this network namespace (a path such as
+    /// `/var/run/netns/NAME` or `/proc/PID/ns/net`) instead of flowtel's own.
+    pub netns: Option<PathBuf>,
+    /// Subscribe to NEW/DESTROY events so connections that end between two
+    /// dumps still count their final bytes.
+    pub events: bool,
+    /// Turn on `net.netfilter.nf_conntrack_acct` if it is off; without it the
+    /// kernel keeps no byte or packet counters.
+    pub enable_accounting: bool,
+    /// Add a match-only nft rule so the kernel tracks connections in a
+    /// namespace where no firewall, kube-proxy or container runtime does
+    /// (removed on exit). Off by default: nodes normally need no help.
+    pub ensure_tracking: bool,
+    /// The procfs table, used in `procfs` mode or when netlink is refused.
+    pub proc_path: PathBuf,
+    /// Receive buffer for the event socket, in bytes (set with
+    /// `SO_RCVBUFFORCE`; a bigger buffer loses fewer events in bursts).
+    pub event_buffer_bytes: usize,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        Self {
+            mode: ConntrackMode::Auto,
+            netns: None,
+            events: true,
+            enable_accounting: true,
+            ensure_tracking: false,
+            proc_path: PathBuf::from("/proc/net/nf_conntrack"),
+            event_buffer_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl ConntrackConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.event_buffer_bytes < 65_536 {
+            return Err(ConfigError::new(
+                "event_buffer_bytes",
+                "must be at least 65536",
+            ));
+        }
+        check_netns("netns", self.netns.as_deref())
+    }
+}
+
+/// An error at `key` when `netns` is set but does not exist.
+pub fn check_netns(key: &str, netns: Option<&Path>) -> Result<(), ConfigError> {
+    match netns {
+        Some(path) if !path.exists() => Err(ConfigError::new(
+            key,
+            format!(
+                "{} does not exist; give a path like /var/run/netns/NAME",
+                path.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// How often idle threads look at the stop flag.
 const POLL: Duration = Duration::from_millis(200);
@@ -85,7 +162,7 @@ impl Drop for ConntrackHandle {
 /// Starts the source. Errors (conntrack module not loaded, no permission and no procfs fallback, netns unusable) are returned with a message saying what to do.
 pub fn start(
     cfg: &ConntrackConfig,
-    stats: Arc<SelfStats>,
+    stats: Arc<KernelStats>,
     tx: tokio::sync::mpsc::Sender<SourceEvent>,
 ) -> anyhow::Result<ConntrackHandle> {
     start_reader(cfg, stats, tx, Reader::Counters)
@@ -97,7 +174,7 @@ pub fn start(
 /// counts the bytes itself.
 pub fn start_translations(
     cfg: &ConntrackConfig,
-    stats: Arc<SelfStats>,
+    stats: Arc<KernelStats>,
     tx: tokio::sync::mpsc::Sender<SourceEvent>,
 ) -> anyhow::Result<ConntrackHandle> {
     start_reader(cfg, stats, tx, Reader::Translations)
@@ -114,7 +191,7 @@ enum Reader {
 
 fn start_reader(
     cfg: &ConntrackConfig,
-    stats: Arc<SelfStats>,
+    stats: Arc<KernelStats>,
     tx: tokio::sync::mpsc::Sender<SourceEvent>,
     reader: Reader,
 ) -> anyhow::Result<ConntrackHandle> {
@@ -356,7 +433,7 @@ fn dump_loop(
     proc_path: &Path,
     requests: &mpsc::Receiver<u64>,
     out: &Out,
-    stats: &SelfStats,
+    stats: &KernelStats,
 ) {
     let mut dumper = netlink::Dumper::new();
     while !out.stopping() {
@@ -395,9 +472,9 @@ fn dump_loop(
             },
         };
         if complete {
-            SelfStats::inc(&stats.dumps);
+            stats.dumps.inc();
         } else {
-            SelfStats::inc(&stats.dump_errors);
+            stats.dump_errors.inc();
         }
         if out
             .send(SourceEvent::DumpFinished { epoch, complete })
@@ -409,7 +486,7 @@ fn dump_loop(
 }
 
 /// One pass over the procfs table: Some(complete), or None when halted.
-fn procfs_dump(path: &Path, out: &Out, stats: &SelfStats) -> Option<bool> {
+fn procfs_dump(path: &Path, out: &Out, stats: &KernelStats) -> Option<bool> {
     let mut halted = false;
     let result = procfs::dump_file(path, |update| {
         let ok = !out.stopping() && out.send(SourceEvent::Flow(update)).is_ok();
@@ -422,7 +499,7 @@ fn procfs_dump(path: &Path, out: &Out, stats: &SelfStats) -> Option<bool> {
                 return None;
             }
             if d.malformed > 0 {
-                SelfStats::add(&stats.parse_errors, d.malformed);
+                stats.parse_errors.add(d.malformed);
                 if let Some(e) = d.first_error {
                     tracing::warn!(
                         skipped = d.malformed,

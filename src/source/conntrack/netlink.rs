@@ -12,7 +12,7 @@ use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use super::decode::{self, DecodeError, Message, Messages};
 use super::{Every, Out};
 use crate::flow::SourceEvent;
-use crate::stats::SelfStats;
+use crate::source::kernel::KernelStats;
 
 /// How long a blocking receive waits before checking the stop flag.
 const RECV_TIMEOUT: Duration = Duration::from_millis(200);
@@ -179,7 +179,7 @@ impl Dumper {
     }
 
     /// Dumps the whole table, sending one `Flow` per entry.
-    pub(crate) fn run(&mut self, out: &Out, stats: &SelfStats) -> DumpEnd {
+    pub(crate) fn run(&mut self, out: &Out, stats: &KernelStats) -> DumpEnd {
         let mut entries = 0;
         let mut warned = false;
         for &family in DUMP_FAMILIES {
@@ -198,7 +198,7 @@ impl Dumper {
         &mut self,
         family: u8,
         out: &Out,
-        stats: &SelfStats,
+        stats: &KernelStats,
         entries: &mut u64,
         warned: &mut bool,
     ) -> DumpEnd {
@@ -230,7 +230,7 @@ impl Dumper {
                     continue;
                 }
                 Ok(Recv::Truncated) => {
-                    SelfStats::inc(&stats.parse_errors);
+                    stats.parse_errors.inc();
                     note_parse_error(
                         warned,
                         DecodeError::Truncated("datagram (larger than the buffer)"),
@@ -247,7 +247,7 @@ impl Dumper {
                 let (hdr, msg) = match parsed {
                     Ok(p) => p,
                     Err(e) => {
-                        SelfStats::inc(&stats.parse_errors);
+                        stats.parse_errors.inc();
                         note_parse_error(warned, e);
                         continue;
                     }
@@ -278,7 +278,7 @@ impl Dumper {
                         ))
                     }
                     Err(e) => {
-                        SelfStats::inc(&stats.parse_errors);
+                        stats.parse_errors.inc();
                         note_parse_error(warned, e);
                     }
                 }
@@ -298,7 +298,7 @@ fn note_parse_error(warned: &mut bool, e: DecodeError) {
 
 /// Reads NEW and DESTROY events until stop. Overruns are counted and
 /// reading goes on: the periodic dump catches up on what was lost.
-pub(crate) fn run_events(sock: NlSocket, out: &Out, stats: &SelfStats) {
+pub(crate) fn run_events(sock: NlSocket, out: &Out, stats: &KernelStats) {
     let mut buf = vec![0u8; RECV_BUF];
     let mut overrun_log = Every::new(Duration::from_secs(60));
     let mut parse_log = Every::new(Duration::from_secs(60));
@@ -308,10 +308,10 @@ pub(crate) fn run_events(sock: NlSocket, out: &Out, stats: &SelfStats) {
             Ok(Recv::Data(n)) => n,
             Ok(Recv::Timeout) => continue,
             Ok(Recv::Overrun) => {
-                SelfStats::inc(&stats.events_lost);
+                stats.events_lost.inc();
                 if overrun_log.ready() {
                     tracing::warn!(
-                        lost_total = SelfStats::get(&stats.events_lost),
+                        lost_total = stats.events_lost.get(),
                         "conntrack events were lost (netlink receive buffer overrun); connections that \
                          ended meanwhile are caught by the periodic dump, but their last bytes may be \
                          missed. Raise conntrack.event_buffer_bytes"
@@ -320,7 +320,7 @@ pub(crate) fn run_events(sock: NlSocket, out: &Out, stats: &SelfStats) {
                 continue;
             }
             Ok(Recv::Truncated) => {
-                SelfStats::inc(&stats.parse_errors);
+                stats.parse_errors.inc();
                 continue;
             }
             Err(e) => {
@@ -341,7 +341,7 @@ pub(crate) fn run_events(sock: NlSocket, out: &Out, stats: &SelfStats) {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    SelfStats::inc(&stats.parse_errors);
+                    stats.parse_errors.inc();
                     if parse_log.ready() {
                         tracing::warn!(
                             "skipping a conntrack event that could not be decoded ({e})"

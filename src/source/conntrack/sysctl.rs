@@ -6,11 +6,10 @@
 
 use std::io::ErrorKind;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context};
 
-use crate::stats::SelfStats;
+use crate::source::kernel::KernelStats;
 
 const NETFILTER_DIR: &str = "/proc/sys/net/netfilter";
 const ACCT: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
@@ -40,7 +39,7 @@ fn read_acct() -> anyhow::Result<bool> {
 /// the outcome in `stats.byte_counters_available` and returns it. A refusal
 /// to write is a warning, not an error: flows are still seen, just without
 /// byte counts.
-pub(crate) fn ensure_accounting(enable: bool, stats: &SelfStats) -> anyhow::Result<bool> {
+pub(crate) fn ensure_accounting(enable: bool, stats: &KernelStats) -> anyhow::Result<bool> {
     check_loaded()?;
     let mut on = read_acct()?;
     let mut write_error = None;
@@ -79,6 +78,6 @@ pub(crate) fn ensure_accounting(enable: bool, stats: &SelfStats) -> anyhow::Resu
              conntrack.enable_accounting: true"
         );
     }
-    stats.byte_counters_available.store(on, Ordering::Relaxed);
+    stats.byte_counters_available.set_flag(on);
     Ok(on)
 }

@@ -26,7 +26,7 @@ use crate::flow::{
     TcpFailure, Transport,
 };
 use crate::source::out::{Halt, Out};
-use crate::stats::SelfStats;
+use crate::source::kernel::KernelStats;
 
 /// Built by build.rs from `bpf/tcp.bpf.c` (empty without clang).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp.bpf.o"));
@@ -224,7 +224,7 @@ pub struct Health {
     local_clients: HashMap<FlowId, u64>,
     lost_seen: [u64; 3],
     stats: Arc<HealthStats>,
-    self_stats: Arc<SelfStats>,
+    self_stats: Arc<KernelStats>,
 }
 
 /// (program, tracepoint, is a TCP program rather than the drop program).
@@ -247,7 +247,7 @@ impl Health {
         netns_ino: u32,
         possible_cpus: usize,
         stats: Arc<HealthStats>,
-        self_stats: Arc<SelfStats>,
+        self_stats: Arc<KernelStats>,
     ) -> anyhow::Result<Option<Health>> {
         if !tcp.enabled && !drops.enabled {
             return Ok(None);
@@ -338,7 +338,7 @@ impl Health {
         if let Some(ring) = self.events.as_mut() {
             while let Some(item) = ring.next() {
                 if item.len() < std::mem::size_of::<RawEvent>() {
-                    SelfStats::inc(&self.self_stats.parse_errors);
+                    self.self_stats.parse_errors.inc();
                     continue;
                 }
                 // SAFETY: the length was checked; RawEvent is plain data
@@ -354,7 +354,7 @@ impl Health {
 
     fn on_event(&mut self, raw: &RawEvent, out: &Out) -> Result<(), Halt> {
         let Some(id) = raw.s.flow_id() else {
-            SelfStats::inc(&self.self_stats.parse_errors);
+            self.self_stats.parse_errors.inc();
             return Ok(());
         };
         let send = |kind| out.send(SourceEvent::Tcp(TcpEvent { id, kind }));
@@ -430,7 +430,7 @@ impl Health {
                     .then(|| Duration::from_nanos(raw.ts_ns.saturating_sub(raw.s.open_ns)));
                 send(TcpEventKind::Closed { cause, duration })?;
             }
-            _ => SelfStats::inc(&self.self_stats.parse_errors),
+            _ => self.self_stats.parse_errors.inc(),
         }
         Ok(())
     }

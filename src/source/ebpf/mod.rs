@@ -37,10 +37,14 @@ pub use maps::{FlowKey, FlowValue};
 pub use merge::{ConnKey, Connection, Connections};
 pub use nat::{NatTable, Translation};
 
+use crate::component::ConfigError;
 use crate::flow::SourceEvent;
+use crate::source::conntrack::check_netns;
+use crate::source::kernel::KernelStats;
 use crate::source::netns;
 use crate::source::out::{Halt, Out};
-use crate::stats::SelfStats;
+use crate::telemetry::catalogue::{self, Metric};
+use crate::telemetry::Telemetry;
 
 /// How often the interface list is re-read to attach to new interfaces.
 pub const RESCAN: Duration = Duration::from_secs(2);
@@ -156,6 +160,28 @@ impl Default for EbpfConfig {
     }
 }
 
+impl EbpfConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_flows == 0 {
+            return Err(ConfigError::new("max_flows", "must be at least 1"));
+        }
+        if self.nat_max_entries == 0 && self.nat != NatMode::Off {
+            return Err(ConfigError::new(
+                "nat_max_entries",
+                "must be at least 1 (or set ebpf.nat: off)",
+            ));
+        }
+        if self.interfaces_include.is_empty() {
+            return Err(ConfigError::new(
+                "interfaces_include",
+                "must name at least one interface pattern, e.g. [\"*\"]",
+            ));
+        }
+        check_netns("netns", self.netns.as_deref())
+    }
+}
+
 /// The source's own counters, for self-metrics. All monotonic unless noted.
 #[derive(Debug, Default)]
 pub struct EbpfStats {
@@ -183,6 +209,34 @@ pub struct EbpfStats {
     pub nat_refused: AtomicU64,
     /// The TCP health and drop programs' counters.
     pub health: Arc<HealthStats>,
+}
+
+impl EbpfStats {
+    /// Reports these counters (and the health programs') to `telemetry`.
+    pub fn register(self: &Arc<Self>, telemetry: &Telemetry) {
+        type Field = fn(&EbpfStats) -> &AtomicU64;
+        let fields: [(&'static Metric, Field); 13] = [
+            (&catalogue::EBPF_OVERFLOW_PACKETS, |s| &s.overflow_packets),
+            (&catalogue::EBPF_OVERFLOW_BYTES, |s| &s.overflow_bytes),
+            (&catalogue::EBPF_OVERFLOW_NOMEM_PACKETS, |s| &s.overflow_nomem_packets),
+            (&catalogue::EBPF_ATTACH_FAILURES, |s| &s.attach_failures),
+            (&catalogue::EBPF_FLOWS_EXPIRED, |s| &s.flows_expired),
+            (&catalogue::EBPF_NAT_REFUSED, |s| &s.nat_refused),
+            (&catalogue::EBPF_TCP_EVENTS_LOST, |s| &s.health.events_lost),
+            (&catalogue::EBPF_TCP_SOCKETS_UNTRACKED, |s| &s.health.sockets_untracked),
+            (&catalogue::EBPF_DROPS_UNRECORDED, |s| &s.health.drops_unrecorded),
+            (&catalogue::EBPF_INTERFACES, |s| &s.interfaces_attached),
+            (&catalogue::EBPF_MAP_ENTRIES, |s| &s.map_entries),
+            (&catalogue::EBPF_NAT_TRANSLATIONS, |s| &s.nat_translations),
+            (&catalogue::EBPF_TCP_SOCKETS, |s| &s.health.sockets_tracked),
+        ];
+        for (metric, field) in fields {
+            let stats = Arc::clone(self);
+            telemetry.register_points(metric, move || {
+                vec![(Vec::new(), field(&stats).load(Ordering::Relaxed))]
+            });
+        }
+    }
 }
 
 /// A running eBPF source. Dropping it without [`stop`](Self::stop) also
@@ -273,7 +327,7 @@ fn allocation(cfg: &EbpfConfig, possible_cpus: usize) -> (bool, u64) {
 /// why and what to do, so `source: auto` can fall back to conntrack.
 pub fn start(
     cfg: &EbpfConfig,
-    stats: Arc<SelfStats>,
+    stats: Arc<KernelStats>,
     tx: tokio::sync::mpsc::Sender<SourceEvent>,
 ) -> anyhow::Result<EbpfHandle> {
     if !built_with_ebpf() {
@@ -286,17 +340,7 @@ pub fn start(
              rebuild with clang, bpftool and libbpf-dev installed, or use source: conntrack"
         );
     }
-    if cfg.max_flows == 0 {
-        bail!("ebpf.max_flows must be at least 1");
-    }
-    if cfg.nat_max_entries == 0 && cfg.nat != NatMode::Off {
-        bail!("ebpf.nat_max_entries must be at least 1 (or set ebpf.nat: off)");
-    }
-    if cfg.interfaces_include.is_empty() {
-        bail!(
-            "ebpf.interfaces_include is empty: nothing would be counted (the default is [\"*\"])"
-        );
-    }
+    cfg.validate().map_err(|e| anyhow!(e.within("ebpf")))?;
     if !Path::new(KERNEL_BTF).exists() {
         bail!(
             "the kernel has no BTF ({KERNEL_BTF} is missing): the eBPF source needs a kernel built \
@@ -376,7 +420,7 @@ fn start_health(
     cfg: &EbpfConfig,
     possible_cpus: usize,
     ebpf_stats: &Arc<EbpfStats>,
-    stats: &Arc<SelfStats>,
+    stats: &Arc<KernelStats>,
 ) -> Option<health::Health> {
     use std::os::unix::fs::MetadataExt;
     // Tracepoints fire in every namespace: with ebpf.netns, only that one
@@ -516,7 +560,7 @@ struct Worker {
     /// The longest gap seen between two dump requests (the interval).
     interval: Option<Duration>,
     last_request: Option<Instant>,
-    stats: Arc<SelfStats>,
+    stats: Arc<KernelStats>,
     ebpf_stats: Arc<EbpfStats>,
     mode: Arc<AtomicU8>,
     /// conntrack's NAT translations (`ebpf.nat`), if in use.
@@ -529,7 +573,7 @@ struct Worker {
 impl Worker {
     fn setup(
         cfg: &EbpfConfig,
-        stats: Arc<SelfStats>,
+        stats: Arc<KernelStats>,
         ebpf_stats: Arc<EbpfStats>,
         mode: Arc<AtomicU8>,
         tx: tokio::sync::mpsc::Sender<SourceEvent>,
@@ -600,7 +644,9 @@ impl Worker {
         ebpf_stats
             .interfaces_attached
             .store(attacher.count() as u64, Ordering::Relaxed);
-        SelfStats::add(&ebpf_stats.attach_failures, scan.failed as u64);
+        ebpf_stats
+            .attach_failures
+            .fetch_add(scan.failed as u64, Ordering::Relaxed);
         if attacher.count() == 0 {
             tracing::warn!(
                 include = ?cfg.interfaces_include,
@@ -611,7 +657,7 @@ impl Worker {
         // After attaching: a source that cannot attach needs no translations.
         let nat = nat::Translations::start(cfg)?;
         let health = start_health(cfg, possible_cpus, &ebpf_stats, &stats);
-        stats.byte_counters_available.store(true, Ordering::Relaxed);
+        stats.byte_counters_available.set_flag(true);
         Ok(Worker {
             bpf,
             flows,
@@ -677,7 +723,9 @@ impl Worker {
                         "interfaces changed"
                     );
                 }
-                SelfStats::add(&self.ebpf_stats.attach_failures, r.failed as u64);
+                self.ebpf_stats
+                    .attach_failures
+                    .fetch_add(r.failed as u64, Ordering::Relaxed);
             }
             Err(e) => tracing::warn!("re-scanning interfaces failed: {e}"),
         }
@@ -741,14 +789,16 @@ impl Worker {
             }
             nat.request_dump();
         }
-        SelfStats::add(&self.ebpf_stats.flows_expired, expired);
+        self.ebpf_stats
+            .flows_expired
+            .fetch_add(expired, Ordering::Relaxed);
         self.ebpf_stats
             .map_entries
             .store(entries.saturating_sub(expired), Ordering::Relaxed);
         if complete {
-            SelfStats::inc(&self.stats.dumps);
+            self.stats.dumps.inc();
         } else {
-            SelfStats::inc(&self.stats.dump_errors);
+            self.stats.dump_errors.inc();
         }
         tracing::debug!(
             epoch,
@@ -774,7 +824,7 @@ impl Worker {
                     malformed += 1;
                 }
             });
-            SelfStats::add(&self.stats.parse_errors, malformed);
+            self.stats.parse_errors.add(malformed);
             match result {
                 Ok(entries) => return (conns, true, entries),
                 // No batch lookups (kernel before 5.6): one entry at a time.
@@ -802,7 +852,7 @@ impl Worker {
                 Ok((key, values)) => {
                     entries += 1;
                     if !conns.add(&key, &FlowValue::sum(values.iter())) {
-                        SelfStats::inc(&self.stats.parse_errors);
+                        self.stats.parse_errors.inc();
                     }
                 }
                 Err(e) => {
@@ -954,7 +1004,7 @@ mod tests {
         ];
         for (cfg, key) in cases {
             let (tx, _rx) = tokio::sync::mpsc::channel(1);
-            let err = start(&cfg, Arc::new(SelfStats::default()), tx)
+            let err = start(&cfg, Arc::new(KernelStats::default()), tx)
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
@@ -970,7 +1020,7 @@ mod tests {
     #[test]
     fn start_says_it_was_built_without_ebpf() {
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let err = start(&EbpfConfig::default(), Arc::new(SelfStats::default()), tx)
+        let err = start(&EbpfConfig::default(), Arc::new(KernelStats::default()), tx)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

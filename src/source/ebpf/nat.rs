@@ -24,10 +24,10 @@ use tokio::sync::mpsc::error::TryRecvError;
 
 use super::merge::ConnKey;
 use super::{EbpfConfig, EbpfStats, NatMode};
-use crate::config::{ConntrackConfig, ConntrackMode};
+use crate::source::conntrack::{ConntrackConfig, ConntrackMode};
 use crate::flow::{Endpoint, FlowId, Nat, SourceEvent};
 use crate::source::conntrack::{self, ConntrackHandle, Every};
-use crate::stats::SelfStats;
+use crate::source::kernel::KernelStats;
 
 /// Events buffered between two drains by the eBPF thread (every 100 ms and
 /// at each dump). When full, the conntrack threads wait; the event socket's
@@ -221,7 +221,7 @@ pub struct Translations {
     table: NatTable,
     /// The reader's own counters: its dumps and byte counters are not the
     /// eBPF source's, so they must not show in the pipeline's.
-    reader_stats: Arc<SelfStats>,
+    reader_stats: Arc<KernelStats>,
     /// Lost events and decode errors already passed on to the pipeline's
     /// counters, which they do concern (a lost NEW event means a NAT'ed
     /// flow reported per side until the next conntrack dump).
@@ -253,7 +253,7 @@ impl Translations {
             ensure_tracking: false,
             ..ConntrackConfig::default()
         };
-        let reader_stats = Arc::new(SelfStats::default());
+        let reader_stats = Arc::new(KernelStats::default());
         let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL);
         let handle = match conntrack::start_translations(&ct, reader_stats.clone(), tx) {
             Ok(h) => h,
@@ -290,7 +290,7 @@ impl Translations {
     }
 
     /// Applies everything the reader sent so far.
-    pub fn drain(&mut self, stats: &SelfStats, ebpf_stats: &EbpfStats) {
+    pub fn drain(&mut self, stats: &KernelStats, ebpf_stats: &EbpfStats) {
         loop {
             match self.rx.try_recv() {
                 Ok(event) => {
@@ -314,10 +314,10 @@ impl Translations {
                 }
             }
         }
-        let lost = SelfStats::get(&self.reader_stats.events_lost);
-        let bad = SelfStats::get(&self.reader_stats.parse_errors);
-        SelfStats::add(&stats.events_lost, lost.saturating_sub(self.passed_on.0));
-        SelfStats::add(&stats.parse_errors, bad.saturating_sub(self.passed_on.1));
+        let lost = self.reader_stats.events_lost.get();
+        let bad = self.reader_stats.parse_errors.get();
+        stats.events_lost.add(lost.saturating_sub(self.passed_on.0));
+        stats.parse_errors.add(bad.saturating_sub(self.passed_on.1));
         self.passed_on = (lost, bad);
         let refused = self.table.refused();
         if refused > self.refused_warned && self.refused_log.ready() {

@@ -1,23 +1,33 @@
-//! Cilium Hubble as a flow source: the agent's Observer API streams every
-//! flow Cilium's datapath and L7 proxy saw on this node, with verdicts
+//! Cilium Hubble as a source: the agent's Observer API streams every flow
+//! Cilium's datapath and L7 proxy saw on this node, with verdicts
 //! (forwarded, dropped and why), security identities and L7 records (HTTP,
 //! DNS, Kafka) the kernel sources cannot see.
 //!
-//! [`start`] spawns the client; the exporter calls
-//! [`HubbleHandle::report`] once per interval and turns the
-//! [`HubbleReport`] into metrics and flow records (names proposed in
-//! `docs/telemetry.md`, "Mesh and CNI sources").
+//! [`start`] spawns the client, which aggregates into a [`HubbleReport`];
+//! each interval the source sends that report's metrics ([`metrics`]) and
+//! the flows received since as log events ([`records`]) into the pipeline
+//! (names in `docs/telemetry.md`, "Mesh and CNI sources").
 
 pub mod client;
 pub mod convert;
+pub mod metrics;
 pub mod proto;
+pub mod records;
 pub mod report;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use super::detect::Detection;
+use super::{Source, SourceContext};
+use crate::component::ConfigError;
+use crate::flow::mesh::{FamilyGroup, MeshUpdate};
+use crate::flow::SourceEvent;
 
 pub use convert::{
     Direction, Dns, Http, HubbleEnd, HubbleFlow, Kafka, L7Record, ServiceName, Workload, L7,
@@ -114,6 +124,30 @@ impl Default for HubbleConfig {
     }
 }
 
+impl HubbleConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_series < 2 {
+            return Err(ConfigError::new(
+                "max_series",
+                "must be at least 2 (one series plus the overflow series)",
+            ));
+        }
+        for (key, value) in [
+            ("reconnect_backoff_max", self.reconnect_backoff_max),
+            ("log_interval", self.log_interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(
+                    key,
+                    "must be greater than 0, e.g. \"30s\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The running client and its counters. Dropping it stops the client.
 #[derive(Debug)]
 pub struct HubbleHandle {
@@ -178,4 +212,95 @@ pub fn start(config: &HubbleConfig) -> Option<HubbleHandle> {
         task,
         socket: config.socket.clone(),
     })
+}
+
+/// The Hubble source: starts the client when the socket is there (`auto`)
+/// or always (`on`), and each interval sends the report.
+struct HubbleSource {
+    cfg: HubbleConfig,
+    handle: Option<HubbleHandle>,
+    detection: watch::Receiver<Detection>,
+    events: mpsc::Sender<SourceEvent>,
+    /// An update the channel had no room for, sent with the next one.
+    pending: Option<MeshUpdate>,
+    /// Flow records dropped because pending ones filled `max_records`.
+    records_dropped: u64,
+}
+
+impl HubbleSource {
+    fn update(&mut self, handle: &HubbleHandle) -> MeshUpdate {
+        let mut report = handle.report();
+        let observed = SystemTime::now();
+        let mut events: Vec<_> = match self.pending.take() {
+            Some(p) => p.events,
+            None => Vec::new(),
+        };
+        events.extend(report.records.iter().map(|f| records::record(f, observed)));
+        let excess = events.len().saturating_sub(self.cfg.max_records);
+        if excess > 0 {
+            // The oldest go first, as in the client's own queue.
+            events.drain(..excess);
+            self.records_dropped += excess as u64;
+        }
+        report.records_dropped += self.records_dropped;
+        MeshUpdate {
+            source: "hubble",
+            active: report.stream.connected || report.stream.flows > 0,
+            groups: vec![FamilyGroup {
+                attributes: Vec::new(),
+                families: metrics::families(&report),
+            }],
+            events,
+        }
+    }
+}
+
+impl Source for HubbleSource {
+    fn name(&self) -> &'static str {
+        "hubble"
+    }
+
+    fn request(&mut self, _epoch: u64) -> bool {
+        // `auto` picks Hubble up when the socket appears after start.
+        if self.handle.is_none() && self.detection.borrow().hubble {
+            self.handle = start(&self.cfg);
+        }
+        let Some(handle) = self.handle.take() else {
+            return true;
+        };
+        let update = self.update(&handle);
+        self.handle = Some(handle);
+        match self.events.try_send(SourceEvent::Mesh(Box::new(update))) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(SourceEvent::Mesh(update))) => {
+                // Its flow records go with the next interval's.
+                self.pending = Some(*update);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let Some(h) = self.handle {
+                h.shutdown().await;
+            }
+        })
+    }
+}
+
+/// The source, unless `hubble.enabled` is `off`.
+pub fn build(cfg: &HubbleConfig, ctx: &SourceContext) -> Option<Box<dyn Source>> {
+    if cfg.enabled == Enabled::Off {
+        return None;
+    }
+    Some(Box::new(HubbleSource {
+        cfg: cfg.clone(),
+        handle: start(cfg),
+        detection: ctx.detection.clone(),
+        events: ctx.events.clone(),
+        pending: None,
+        records_dropped: 0,
+    }))
 }

@@ -6,7 +6,20 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::convert::{rcode_name, Converted, HubbleEnd, HubbleFlow, L7Record};
-use crate::source::scrape::HistogramValue;
+use crate::flow::mesh::HistogramValue;
+use crate::telemetry::catalogue;
+
+/// The keys of a series' source end: namespace, workload kind and name.
+const SOURCE_KEYS: [&str; 3] = [
+    catalogue::SOURCE_K8S_NAMESPACE,
+    catalogue::SOURCE_K8S_WORKLOAD_KIND,
+    catalogue::SOURCE_K8S_WORKLOAD,
+];
+const DESTINATION_KEYS: [&str; 3] = [
+    catalogue::DESTINATION_K8S_NAMESPACE,
+    catalogue::DESTINATION_K8S_WORKLOAD_KIND,
+    catalogue::DESTINATION_K8S_WORKLOAD,
+];
 
 /// Upper bounds, in seconds, of the L7 duration histogram: those of the
 /// OpenTelemetry HTTP semantic conventions (`http.server.request.duration`),
@@ -43,20 +56,16 @@ impl EndKey {
         }
     }
 
-    fn attributes(&self, prefix: &str, out: &mut Vec<(String, String)>) {
+    /// Its attributes, under the keys of its side: namespace, workload
+    /// kind, workload name.
+    fn attributes(&self, [namespace, kind, name]: [&str; 3], out: &mut Vec<(String, String)>) {
         if !self.namespace.is_empty() {
-            out.push((
-                format!("{prefix}.k8s.namespace.name"),
-                self.namespace.clone(),
-            ));
+            out.push((namespace.to_owned(), self.namespace.clone()));
         }
         if !self.workload_kind.is_empty() {
-            out.push((
-                format!("{prefix}.k8s.workload.kind"),
-                self.workload_kind.clone(),
-            ));
+            out.push((kind.to_owned(), self.workload_kind.clone()));
         }
-        out.push((format!("{prefix}.k8s.workload.name"), self.workload.clone()));
+        out.push((name.to_owned(), self.workload.clone()));
     }
 }
 
@@ -93,24 +102,21 @@ impl FlowKey {
     /// The proposed OTel attributes (see docs/telemetry.md, "Cilium Hubble").
     pub fn attributes(&self) -> Vec<(String, String)> {
         let mut out = vec![
-            ("flowtel.hubble.verdict".to_owned(), self.verdict.to_owned()),
+            (catalogue::HUBBLE_VERDICT.to_owned(), self.verdict.to_owned()),
             (
-                "flowtel.hubble.traffic_direction".to_owned(),
+                catalogue::HUBBLE_TRAFFIC_DIRECTION.to_owned(),
                 self.direction.to_owned(),
             ),
-            (
-                "flowtel.hubble.is_reply".to_owned(),
-                self.is_reply.to_owned(),
-            ),
+            (catalogue::HUBBLE_IS_REPLY.to_owned(), self.is_reply.to_owned()),
         ];
         if !self.drop_reason.is_empty() {
             out.push((
-                "flowtel.hubble.drop_reason".to_owned(),
+                catalogue::HUBBLE_DROP_REASON.to_owned(),
                 self.drop_reason.clone(),
             ));
         }
-        self.source.attributes("source", &mut out);
-        self.destination.attributes("destination", &mut out);
+        self.source.attributes(SOURCE_KEYS, &mut out);
+        self.destination.attributes(DESTINATION_KEYS, &mut out);
         out
     }
 }
@@ -177,22 +183,22 @@ impl L7Key {
     pub fn attributes(&self) -> Vec<(String, String)> {
         let mut out = vec![
             (
-                "flowtel.hubble.l7.protocol".to_owned(),
+                catalogue::HUBBLE_L7_PROTOCOL.to_owned(),
                 self.protocol.to_owned(),
             ),
-            ("flowtel.hubble.l7.type".to_owned(), self.l7_type.to_owned()),
+            (catalogue::HUBBLE_L7_TYPE.to_owned(), self.l7_type.to_owned()),
         ];
         if !self.operation.is_empty() {
             out.push((
-                "flowtel.hubble.l7.operation".to_owned(),
+                catalogue::HUBBLE_L7_OPERATION.to_owned(),
                 self.operation.clone(),
             ));
         }
         if !self.status.is_empty() {
-            out.push(("flowtel.hubble.l7.status".to_owned(), self.status.clone()));
+            out.push((catalogue::HUBBLE_L7_STATUS.to_owned(), self.status.clone()));
         }
-        self.source.attributes("source", &mut out);
-        self.destination.attributes("destination", &mut out);
+        self.source.attributes(SOURCE_KEYS, &mut out);
+        self.destination.attributes(DESTINATION_KEYS, &mut out);
         out
     }
 }

@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,8 +15,8 @@ use http_body_util::BodyExt as _;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tower::ServiceExt as _;
 
-use crate::config::{Compression, OtlpConfig, Protocol, RetryConfig, SignalOverrides, TlsConfig};
-use crate::stats::SelfStats;
+use super::{Compression, OtlpConfig, Protocol, RetryConfig, SignalOverrides, TlsConfig};
+use crate::telemetry::{catalogue, Counter, Telemetry};
 
 /// The settings of one signal after overrides.
 #[derive(Debug, Clone)]
@@ -213,7 +212,8 @@ pub struct OtlpClient {
     url: String,
     compression: Compression,
     retry: RetryConfig,
-    stats: Arc<SelfStats>,
+    successes: Counter,
+    failures: Counter,
     /// Set while exports fail, so a streak is logged once.
     failing: AtomicBool,
 }
@@ -226,12 +226,13 @@ struct Failure {
 }
 
 impl OtlpClient {
-    /// Builds the client; the connection is made at the first send. Must
-    /// run inside the tokio runtime.
+    /// Builds the client, counting its requests in `telemetry`; the
+    /// connection is made at the first send. Must run inside the tokio
+    /// runtime.
     pub fn new(
         transport: &SignalTransport,
         signal: Signal,
-        stats: Arc<SelfStats>,
+        telemetry: &Telemetry,
     ) -> anyhow::Result<Self> {
         let inner = match transport.protocol {
             Protocol::Grpc => transport.grpc(signal)?,
@@ -243,7 +244,8 @@ impl OtlpClient {
             url: transport.url.clone(),
             compression: transport.compression,
             retry: transport.retry.clone(),
-            stats,
+            successes: telemetry.counter(&catalogue::EXPORT_SUCCESSES),
+            failures: telemetry.counter(&catalogue::EXPORT_FAILURES),
             failing: AtomicBool::new(false),
         })
     }
@@ -268,7 +270,7 @@ impl OtlpClient {
         };
         match outcome {
             Ok(rejected) => {
-                SelfStats::inc(&self.stats.exports_ok);
+                self.successes.inc();
                 if self.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!(endpoint = %self.url, "OTLP {} export recovered", self.signal.name());
                 }
@@ -278,7 +280,7 @@ impl OtlpClient {
                 true
             }
             Err(f) => {
-                SelfStats::inc(&self.stats.exports_failed);
+                self.failures.inc();
                 if !self.failing.swap(true, Ordering::Relaxed) {
                     // Not every receiver takes zstd (rotel answers gRPC
                     // UNIMPLEMENTED or HTTP 400); say what to change.
@@ -303,13 +305,9 @@ impl OtlpClient {
 
     /// Sends the requests of one interval concurrently over the one
     /// connection, so the collector decodes one while the next is on the
-    /// wire; returns how many were delivered.
-    pub async fn send_all(&self, requests: Vec<Vec<u8>>) -> usize {
-        futures::future::join_all(requests.into_iter().map(|r| self.send(r)))
-            .await
-            .into_iter()
-            .filter(|delivered| *delivered)
-            .count()
+    /// wire; returns whether each was delivered, in order.
+    pub async fn send_all(&self, requests: Vec<Vec<u8>>) -> Vec<bool> {
+        futures::future::join_all(requests.into_iter().map(|r| self.send(r))).await
     }
 
     /// One attempt with the compressed body; a partial success comes back
@@ -503,6 +501,8 @@ fn partial_success(response: &[u8]) -> Option<(i64, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
     use std::io::Read as _;
     use std::sync::Mutex;
 
@@ -546,7 +546,7 @@ mod tests {
         (format!("http://{addr}"), seen)
     }
 
-    fn client(endpoint: &str, compression: Compression, stats: &Arc<SelfStats>) -> OtlpClient {
+    fn client(endpoint: &str, compression: Compression, stats: &Telemetry) -> OtlpClient {
         let mut otlp = OtlpConfig {
             endpoint: endpoint.to_string(),
             protocol: Protocol::HttpProtobuf,
@@ -557,13 +557,13 @@ mod tests {
         otlp.retry.initial_backoff = Duration::from_millis(10);
         otlp.retry.max_backoff = Duration::from_millis(20);
         let t = SignalTransport::resolve(&otlp, &otlp.metrics, "metrics").expect("a transport");
-        OtlpClient::new(&t, Signal::Metrics, stats.clone()).expect("a client")
+        OtlpClient::new(&t, Signal::Metrics, &stats).expect("a client")
     }
 
     #[tokio::test]
     async fn http_sends_headers_and_gzip_and_retries_what_is_retryable() {
         let (endpoint, seen) = collector(vec![503, 429]).await;
-        let stats = Arc::new(SelfStats::default());
+        let stats = Telemetry::default();
         let c = client(&endpoint, Compression::Gzip, &stats);
         assert!(
             c.send(b"request one".to_vec()).await,
@@ -577,14 +577,14 @@ mod tests {
             assert_eq!(headers["content-encoding"], "gzip");
             assert_eq!(body, b"request one");
         }
-        assert_eq!(SelfStats::get(&stats.exports_ok), 1);
-        assert_eq!(SelfStats::get(&stats.exports_failed), 0);
+        assert_eq!(stats.value(&catalogue::EXPORT_SUCCESSES), 1);
+        assert_eq!(stats.value(&catalogue::EXPORT_FAILURES), 0);
     }
 
     #[tokio::test]
     async fn http_sends_zstd_or_nothing_as_configured() {
         let (endpoint, seen) = collector(vec![]).await;
-        let stats = Arc::new(SelfStats::default());
+        let stats = Telemetry::default();
         let body = b"a request a request a request".to_vec();
         assert!(
             client(&endpoint, Compression::Zstd, &stats)
@@ -606,11 +606,11 @@ mod tests {
     #[tokio::test]
     async fn http_does_not_retry_a_rejected_request() {
         let (endpoint, seen) = collector(vec![400, 400]).await;
-        let stats = Arc::new(SelfStats::default());
+        let stats = Telemetry::default();
         let c = client(&endpoint, Compression::Gzip, &stats);
         assert!(!c.send(b"bad".to_vec()).await);
         assert_eq!(seen.lock().expect("lock").len(), 1, "400 is not retried");
-        assert_eq!(SelfStats::get(&stats.exports_failed), 1);
+        assert_eq!(stats.value(&catalogue::EXPORT_FAILURES), 1);
     }
 
     /// A gRPC collector that fails the first `failures` requests with
@@ -701,17 +701,17 @@ mod tests {
             otlp.headers.insert("X-Tenant".into(), "team-a".into());
             otlp.retry.initial_backoff = Duration::from_millis(10);
             let t = SignalTransport::resolve(&otlp, &otlp.metrics, "metrics").expect("a transport");
-            let stats = Arc::new(SelfStats::default());
-            let c = OtlpClient::new(&t, Signal::Metrics, stats.clone()).expect("a client");
-            let envelope = crate::export::otlp_wire::Envelope::new(&[], "flowtel", "0");
-            let mut batch = crate::export::otlp_wire::Batcher::new(&envelope, 1 << 20);
-            batch.begin_metric(crate::export::otlp_wire::MetricHeader {
+            let stats = Telemetry::default();
+            let c = OtlpClient::new(&t, Signal::Metrics, &stats).expect("a client");
+            let envelope = super::super::wire::Envelope::new(&[], "flowtel", "0");
+            let mut batch = super::super::wire::Batcher::new(&envelope, 1 << 20);
+            batch.begin_metric(super::super::wire::MetricHeader {
                 name: "m",
                 unit: "1",
                 description: "",
-                kind: crate::export::otlp_wire::Kind::Gauge,
+                kind: super::super::wire::Kind::Gauge,
             });
-            crate::export::otlp_wire::number_point(batch.points(40), &[], 0, 1, 1);
+            super::super::wire::number_point(batch.points(40), &[], 0, 1, 1);
             let requests = batch.finish();
             let Inner::Grpc {
                 channel,
@@ -739,7 +739,7 @@ mod tests {
             // The client: retried after UNAVAILABLE, delivered once.
             *collector.failures.lock().expect("lock") = 1;
             collector.seen.lock().expect("lock").clear();
-            assert_eq!(c.send_all(requests.clone()).await, 1);
+            assert_eq!(c.send_all(requests.clone()).await, [true]);
             let seen = collector.seen.lock().expect("lock").clone();
             let sent = ("team-a".to_string(), encoding.to_string(), 1);
             assert_eq!(
@@ -747,7 +747,7 @@ mod tests {
                 [sent.clone(), sent],
                 "{encoding:?}: one UNAVAILABLE, then delivered"
             );
-            assert_eq!(SelfStats::get(&stats.exports_ok), 1);
+            assert_eq!(stats.value(&catalogue::EXPORT_SUCCESSES), 1);
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The optional Prometheus endpoint (`export.prometheus.listen`): `/metrics`
-//! serves the metrics the OTLP exporter registers, read by a pull reader on
-//! the same meter provider at each scrape, always cumulative, and the mesh
-//! and CNI sources' latest snapshot ([`crate::export::mesh`]), written by
-//! the same [`MeshSnapshot::write`] that feeds their OTLP export.
+//! serves the flow and TCP metrics of the latest interval, read through the
+//! OpenTelemetry SDK's pull reader at each scrape ([`meter`]), always
+//! cumulative; the mesh and CNI sources' metrics of that interval and the
+//! self-metrics, written by the same [`families`] code that feeds their
+//! OTLP export.
 //!
 //! Names, labels and `target_info` follow the OpenTelemetry specification's
 //! "Prometheus and OpenMetrics Compatibility" rules, so a dashboard sees the
@@ -11,11 +12,13 @@
 //! translation is done here, because `opentelemetry-prometheus` appends a
 //! unit a name already carries (`flowtel_flow_bytes_bytes_total`).
 
+pub mod meter;
+
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
 
 use ::prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 use ::prometheus::{Encoder, TextEncoder};
@@ -29,9 +32,101 @@ use opentelemetry_sdk::metrics::data::{AggregatedMetrics, Metric, MetricData, Re
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, Temporality};
 
-use super::mesh::{LatestMesh, MeshSink, MeshSnapshot, Number, SCOPE, SCOPE_VERSION};
-use super::otlp_wire::{Any, Kind, MetricHeader};
-use crate::source::scrape::HistogramValue;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use super::families::{self, nanos, MetricSink, Number, MESH_SCOPE, SCOPE, SCOPE_VERSION};
+use super::otlp::wire::Any;
+use super::{Carries, ExportContext, Exporter};
+use crate::component::ConfigError;
+use crate::flow::mesh::HistogramValue;
+use crate::flow::report::IntervalReport;
+use crate::telemetry::catalogue::{prometheus_name, sanitize, Instrument, Metric as CatalogueMetric};
+use crate::telemetry::Telemetry;
+use meter::SdkMeter;
+
+/// The Prometheus exposition endpoint, for stacks that scrape instead of
+/// running a Collector. Off by default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    /// Where `/metrics` listens, e.g. `0.0.0.0:9811`; empty disables it.
+    pub listen: String,
+}
+
+impl PrometheusConfig {
+    /// Checks the address.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::new(
+                "listen",
+                format!(
+                    "{:?} is not an address and port, e.g. \"0.0.0.0:9811\"",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The interval the next scrapes read its mesh metrics from.
+type Latest = Arc<Mutex<Option<Arc<IntervalReport>>>>;
+
+/// Serves the latest interval on `/metrics`.
+pub struct PrometheusExporter {
+    meter: SdkMeter,
+    latest: Latest,
+}
+
+/// The exporter, when `export.prometheus.listen` is set; binds now, so a
+/// port clash is a start-up error. Must run inside the tokio runtime.
+pub fn build(
+    cfg: &PrometheusConfig,
+    ctx: &ExportContext<'_>,
+) -> anyhow::Result<Option<Box<dyn Exporter>>> {
+    if cfg.listen.is_empty() {
+        return Ok(None);
+    }
+    let addr: SocketAddr = cfg
+        .listen
+        .parse()
+        .map_err(|e| anyhow::anyhow!("export.prometheus.listen {:?}: {e}", cfg.listen))?;
+    let endpoint = PrometheusEndpoint::bind(addr, ctx.telemetry.clone())?;
+    let meter = SdkMeter::build(ctx, endpoint.reader());
+    let latest = endpoint.latest();
+    let local = endpoint.serve()?;
+    tracing::info!("Prometheus metrics on http://{local}/metrics");
+    Ok(Some(Box::new(PrometheusExporter { meter, latest })))
+}
+
+impl Exporter for PrometheusExporter {
+    fn name(&self) -> &'static str {
+        "prometheus"
+    }
+
+    fn carries(&self) -> Carries {
+        Carries {
+            records: 0,
+            samples: true,
+        }
+    }
+
+    fn export<'a>(&'a mut self, reports: &'a [Arc<IntervalReport>]) -> BoxFuture<'a, ()> {
+        for r in reports {
+            self.meter.publish(r);
+        }
+        if let Some(newest) = reports.last() {
+            *self.latest.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(newest));
+        }
+        Box::pin(async {})
+    }
+
+    fn shutdown(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.meter.shutdown();
+        Box::pin(async {})
+    }
+}
 
 /// Content type of the text exposition format 0.0.4.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -64,11 +159,15 @@ impl MetricReader for PullReader {
     }
 }
 
-/// What a scrape reads: the SDK's instruments and the mesh snapshot.
+/// What a scrape reads: the SDK's instruments, the latest interval's mesh
+/// metrics and the self-metrics.
 #[derive(Debug, Clone)]
 struct Sources {
     reader: PullReader,
-    mesh: LatestMesh,
+    latest: Latest,
+    telemetry: Telemetry,
+    /// When this process started: the start of self-metric counters.
+    started: u64,
 }
 
 /// The `/metrics` listener and what it serves.
@@ -78,13 +177,17 @@ pub struct PrometheusEndpoint {
 }
 
 impl PrometheusEndpoint {
-    /// Binds now, so that a port clash is a start-up error.
-    pub async fn bind(listen: SocketAddr) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+    /// Binds now, so that a port clash is a start-up error. Must run
+    /// inside the tokio runtime.
+    pub fn bind(listen: SocketAddr, telemetry: Telemetry) -> anyhow::Result<Self> {
+        let refused = |e: std::io::Error| {
             anyhow::anyhow!(
                 "cannot listen on {listen} for Prometheus (export.prometheus.listen): {e}"
             )
-        })?;
+        };
+        let std_listener = std::net::TcpListener::bind(listen).map_err(refused)?;
+        std_listener.set_nonblocking(true).map_err(refused)?;
+        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(refused)?;
         Ok(Self {
             listener,
             sources: Sources {
@@ -93,7 +196,9 @@ impl PrometheusEndpoint {
                         .with_temporality(Temporality::Cumulative)
                         .build(),
                 )),
-                mesh: LatestMesh::default(),
+                latest: Latest::default(),
+                telemetry,
+                started: nanos(SystemTime::now()),
             },
         })
     }
@@ -103,9 +208,9 @@ impl PrometheusEndpoint {
         self.sources.reader.clone()
     }
 
-    /// Where the mesh sources' snapshot is published for the next scrapes.
-    pub fn mesh(&self) -> LatestMesh {
-        self.sources.mesh.clone()
+    /// Where the latest interval is published for the next scrapes.
+    fn latest(&self) -> Latest {
+        Arc::clone(&self.sources.latest)
     }
 
     /// Serves `/metrics` in the background; returns the bound address.
@@ -126,27 +231,44 @@ impl PrometheusEndpoint {
 async fn metrics(State(sources): State<Sources>) -> Response {
     // Collecting runs every callback and walks every series: keep it off the
     // async workers.
-    match tokio::task::spawn_blocking(move || scrape(&sources.reader, &sources.mesh)).await {
+    match tokio::task::spawn_blocking(move || scrape(&sources)).await {
         Ok(Ok(text)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }
 
-fn scrape(reader: &PullReader, mesh: &LatestMesh) -> anyhow::Result<String> {
+fn scrape(sources: &Sources) -> anyhow::Result<String> {
     let mut rm = ResourceMetrics::default();
-    reader
+    sources
+        .reader
         .collect(&mut rm)
         .map_err(|e| anyhow::anyhow!("collecting metrics: {e}"))?;
+    let latest = sources
+        .latest
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let readings = sources.telemetry.read();
     let mut out = Vec::new();
-    TextEncoder::new().encode(&families(&rm, mesh.get().as_deref()), &mut out)?;
+    TextEncoder::new().encode(
+        &families(&rm, latest.as_deref(), (&readings, sources.started)),
+        &mut out,
+    )?;
     Ok(String::from_utf8(out)?)
 }
 
-/// Translates one collection, and the mesh snapshot, into metric families,
-/// one per Prometheus name. Both are on the same resource (the node's), so
-/// there is one `target_info`.
-fn families(rm: &ResourceMetrics, mesh: Option<&MeshSnapshot>) -> Vec<MetricFamily> {
+/// Self-metrics as read, and when their counters started (ns).
+type SelfReadings<'a> = (&'a [(&'static CatalogueMetric, Vec<crate::telemetry::Point>)], u64);
+
+/// Translates one collection, the latest interval's mesh metrics and the
+/// self-metrics into metric families, one per Prometheus name. All are on
+/// the same resource (the node's), so there is one `target_info`.
+fn families(
+    rm: &ResourceMetrics,
+    latest: Option<&IntervalReport>,
+    (readings, started): SelfReadings<'_>,
+) -> Vec<MetricFamily> {
     let mut out = Vec::new();
     if !rm.resource().is_empty() {
         let mut info = proto::Gauge::default();
@@ -180,9 +302,15 @@ fn families(rm: &ResourceMetrics, mesh: Option<&MeshSnapshot>) -> Vec<MetricFami
             );
         }
     }
-    if let Some(snapshot) = mesh {
-        snapshot.write(&mut FamilySink::new(&mut by_name));
+    if let Some(report) = latest {
+        let time = nanos(report.end);
+        families::write_mesh(
+            &mut FamilySink::new(&mut by_name, MESH_SCOPE),
+            &report.mesh,
+            time,
+        );
     }
+    families::write_self(&mut FamilySink::new(&mut by_name, SCOPE), readings, started);
     // The encoder refuses a family without points.
     out.extend(
         by_name
@@ -217,7 +345,12 @@ impl Families {
         kind: MetricType,
         points: Vec<proto::Metric>,
     ) {
-        match self.0.entry(metric_name(name, unit, kind)) {
+        let instrument = match kind {
+            MetricType::COUNTER => Instrument::Counter,
+            MetricType::HISTOGRAM => Instrument::Histogram,
+            _ => Instrument::Gauge,
+        };
+        match self.0.entry(prometheus_name(name, unit, instrument)) {
             Entry::Vacant(e) => {
                 let f = family(e.key(), description, kind, points);
                 e.insert(f);
@@ -234,19 +367,19 @@ impl Families {
     }
 }
 
-/// The mesh snapshot's metrics as families, in the scope `flowtel.mesh`.
+/// Metrics written by [`families`] as Prometheus families, in a scope.
 struct FamilySink<'f> {
     families: &'f mut Families,
     scope: Vec<LabelPair>,
-    metric: Option<(MetricHeader, MetricType)>,
+    metric: Option<(&'static CatalogueMetric, MetricType)>,
     points: Vec<proto::Metric>,
 }
 
 impl<'f> FamilySink<'f> {
-    fn new(families: &'f mut Families) -> Self {
+    fn new(families: &'f mut Families, scope: &str) -> Self {
         Self {
             families,
-            scope: scope_labels(SCOPE, Some(SCOPE_VERSION)),
+            scope: scope_labels(scope, Some(SCOPE_VERSION)),
             metric: None,
             points: Vec::new(),
         }
@@ -268,14 +401,14 @@ fn any_text(v: &Any<'_>) -> String {
     }
 }
 
-impl MeshSink for FamilySink<'_> {
-    fn begin(&mut self, header: MetricHeader, _start: u64) {
-        let kind = match header.kind {
-            Kind::Counter(_) => MetricType::COUNTER,
-            Kind::Gauge => MetricType::GAUGE,
-            Kind::Histogram(_) => MetricType::HISTOGRAM,
+impl MetricSink for FamilySink<'_> {
+    fn begin(&mut self, metric: &'static CatalogueMetric, _start: u64) {
+        let kind = match metric.instrument {
+            Instrument::Counter => MetricType::COUNTER,
+            Instrument::Gauge => MetricType::GAUGE,
+            Instrument::Histogram => MetricType::HISTOGRAM,
         };
-        self.metric = Some((header, kind));
+        self.metric = Some((metric, kind));
         self.points.clear();
     }
 
@@ -312,10 +445,10 @@ impl MeshSink for FamilySink<'_> {
     }
 
     fn end(&mut self) {
-        if let Some((h, kind)) = self.metric.take() {
+        if let Some((m, kind)) = self.metric.take() {
             let points = std::mem::take(&mut self.points);
             self.families
-                .add(h.name, h.unit, h.description, kind, points);
+                .add(m.name, m.unit, m.description, kind, points);
         }
     }
 }
@@ -477,114 +610,6 @@ fn labels<'a>(
     out
 }
 
-/// Replaces what a Prometheus metric name (`[a-zA-Z_:][a-zA-Z0-9_:]*`) or
-/// label name (no `:`) cannot hold with `_`, with no two `_` in a row.
-fn sanitize(name: &str, metric: bool) -> String {
-    let mut out = String::with_capacity(name.len() + 1);
-    if name.starts_with(|c: char| c.is_ascii_digit()) {
-        out.push('_');
-    }
-    for c in name.chars() {
-        let c = if c.is_ascii_alphanumeric() || (metric && c == ':') {
-            c
-        } else {
-            '_'
-        };
-        if !(c == '_' && out.ends_with('_')) {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The Prometheus name of an OTLP metric: sanitized, then the unit unless
-/// the name already holds it, then `_total` for counters.
-fn metric_name(name: &str, unit: &str, kind: MetricType) -> String {
-    let mut out = sanitize(name, true);
-    if let Some(unit) = unit_suffix(unit, kind == MetricType::GAUGE) {
-        if !format!("_{out}_").contains(&format!("_{unit}_")) {
-            out.push('_');
-            out.push_str(&unit);
-        }
-    }
-    if kind == MetricType::COUNTER && !out.ends_with("_total") {
-        out.push_str("_total");
-    }
-    out
-}
-
-/// The name suffix for a UCUM unit: full words (`By` → `bytes`, `s` →
-/// `seconds`), `{annotations}` dropped, `1` → `ratio` for gauges only,
-/// `a/b` → `a_per_b`; other units sanitized.
-fn unit_suffix(unit: &str, gauge: bool) -> Option<String> {
-    let mut plain = String::with_capacity(unit.len());
-    let mut depth = 0usize;
-    for c in unit.chars() {
-        match c {
-            '{' => depth += 1,
-            '}' => depth = depth.saturating_sub(1),
-            c if depth == 0 => plain.push(c),
-            _ => {}
-        }
-    }
-    let plain = plain.trim();
-    if plain == "1" {
-        return gauge.then(|| "ratio".to_string());
-    }
-    let per = |u: &str| -> Option<String> {
-        let w = match u {
-            "s" => "second",
-            "min" => "minute",
-            "h" => "hour",
-            "d" => "day",
-            "w" => "week",
-            "mo" => "month",
-            "y" => "year",
-            other => return unit_word(other),
-        };
-        Some(w.to_string())
-    };
-    match plain.split_once('/') {
-        Some((main, per_unit)) => match (unit_word(main), per(per_unit)) {
-            (Some(m), Some(p)) => Some(format!("{m}_per_{p}")),
-            (None, Some(p)) => Some(format!("per_{p}")),
-            (m, None) => m,
-        },
-        None => unit_word(plain),
-    }
-}
-
-/// One UCUM unit as a Prometheus word; unknown units keep their letters and
-/// digits.
-fn unit_word(unit: &str) -> Option<String> {
-    let w = match unit {
-        "d" => "days",
-        "h" => "hours",
-        "min" => "minutes",
-        "s" => "seconds",
-        "ms" => "milliseconds",
-        "us" => "microseconds",
-        "ns" => "nanoseconds",
-        "By" => "bytes",
-        "KiBy" => "kibibytes",
-        "MiBy" => "mebibytes",
-        "GiBy" => "gibibytes",
-        "KBy" => "kilobytes",
-        "MBy" => "megabytes",
-        "GBy" => "gigabytes",
-        "bit" => "bits",
-        "%" => "percent",
-        "Hz" => "hertz",
-        "Cel" => "celsius",
-        "1" => return None,
-        other => {
-            let kept: String = other.chars().filter(char::is_ascii_alphanumeric).collect();
-            return (!kept.is_empty()).then_some(kept);
-        }
-    };
-    Some(w.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use opentelemetry::metrics::MeterProvider as _;
@@ -594,77 +619,12 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn names_follow_the_specification() {
-        let cases = [
-            (
-                "flowtel.flow.bytes",
-                "By",
-                MetricType::COUNTER,
-                "flowtel_flow_bytes_total",
-            ),
-            (
-                "flowtel.flow.packets",
-                "{packet}",
-                MetricType::COUNTER,
-                "flowtel_flow_packets_total",
-            ),
-            (
-                "flowtel.tcp.rtt",
-                "s",
-                MetricType::HISTOGRAM,
-                "flowtel_tcp_rtt_seconds",
-            ),
-            (
-                "flowtel.flows.tracked",
-                "{flow}",
-                MetricType::GAUGE,
-                "flowtel_flows_tracked",
-            ),
-            (
-                "flowtel.source.byte_counters",
-                "1",
-                MetricType::GAUGE,
-                "flowtel_source_byte_counters_ratio",
-            ),
-            (
-                "flowtel.ebpf.overflow.bytes",
-                "By",
-                MetricType::COUNTER,
-                "flowtel_ebpf_overflow_bytes_total",
-            ),
-            (
-                "a.ratio.counter",
-                "1",
-                MetricType::COUNTER,
-                "a_ratio_counter_total",
-            ),
-            (
-                "net.io",
-                "By/s",
-                MetricType::GAUGE,
-                "net_io_bytes_per_second",
-            ),
-            (
-                "events",
-                "{event}/s",
-                MetricType::GAUGE,
-                "events_per_second",
-            ),
-            (
-                "2xx..requests_total",
-                "",
-                MetricType::COUNTER,
-                "_2xx_requests_total",
-            ),
-            ("q.depth", "msgs", MetricType::GAUGE, "q_depth_msgs"),
-        ];
-        for (name, unit, kind, want) in cases {
-            assert_eq!(
-                metric_name(name, unit, kind),
-                want,
-                "{name} [{unit}] {kind:?}"
-            );
+    fn sources(reader: PullReader) -> Sources {
+        Sources {
+            reader,
+            latest: Latest::default(),
+            telemetry: Telemetry::default(),
+            started: 0,
         }
     }
 
@@ -733,7 +693,7 @@ mod tests {
         for v in [0.0005, 0.005, 0.005, 0.5] {
             rtt.record(v, &[KeyValue::new("network.transport", "tcp")]);
         }
-        let text = scrape(&reader, &LatestMesh::default()).expect("scrape");
+        let text = scrape(&sources(reader)).expect("scrape");
         for line in [
             "# TYPE target_info gauge",
             "target_info{k8s_node_name=\"node-a\",service_name=\"flowtel\"} 1",
@@ -765,8 +725,10 @@ mod tests {
     /// identity and the scope as labels.
     #[test]
     fn renders_the_mesh_snapshot() {
-        use crate::export::mesh::tests::two_pods_and_ztunnel;
-        use crate::source::scrape::{Point, PointValue, ScrapedFamily};
+        use crate::export::families::tests::two_pods;
+        use crate::flow::mesh::{Family, Point, PointValue};
+        use crate::flow::{FlowStage, FlowsConfig};
+        use crate::telemetry::catalogue;
 
         let reader = PullReader(Arc::new(ManualReader::builder().build()));
         let provider = SdkMeterProvider::builder()
@@ -783,28 +745,25 @@ mod tests {
             .with_unit("By")
             .with_callback(|o| o.observe(1, &[]))
             .build();
-        let mut snapshot = two_pods_and_ztunnel();
-        let duration = &crate::source::istio::ISTIO_FAMILIES[1];
-        if let Some(s) = snapshot.scrapes.as_mut() {
-            s.istio[0].families.push(ScrapedFamily {
-                name: duration.name,
-                description: duration.description,
-                kind: duration.kind,
-                unit: duration.unit,
-                points: vec![Point {
-                    labels: vec![("response_code".into(), "200".into())],
-                    value: PointValue::Histogram(HistogramValue {
-                        bounds: vec![1.0, 5.0],
-                        counts: vec![1, 2, 1],
-                        sum: 9.5,
-                        count: 4,
-                    }),
-                }],
-            });
-        }
-        let mesh = LatestMesh::default();
-        mesh.publish(Arc::new(snapshot));
-        let text = scrape(&reader, &mesh).expect("scrape");
+        let telemetry = Telemetry::default();
+        let mut report =
+            FlowStage::new(&FlowsConfig::default(), 0, None, &telemetry).finish();
+        report.mesh = two_pods();
+        report.mesh.groups[1].families.push(Family {
+            metric: &catalogue::ISTIO_REQUEST_DURATION,
+            points: vec![Point::new(
+                vec![("response_code".into(), "200".into())],
+                PointValue::Histogram(HistogramValue {
+                    bounds: vec![1.0, 5.0],
+                    counts: vec![1, 2, 1],
+                    sum: 9.5,
+                    count: 4,
+                }),
+            )],
+        });
+        let sources = sources(reader);
+        *sources.latest.lock().expect("not poisoned") = Some(Arc::new(report));
+        let text = scrape(&sources).expect("scrape");
         let scope = format!(
             "otel_scope_name=\"flowtel.mesh\",otel_scope_version=\"{}\"",
             env!("CARGO_PKG_VERSION")

@@ -2,8 +2,7 @@
 //! instruments read the latest finished interval when a scrape collects
 //! them, and the RTT and duration histograms aggregate the samples. OTLP
 //! does not go through here ([`crate::export::otlp_metrics`] encodes it
-//! directly); both read the same report and the same self-metric
-//! descriptors.
+//! directly); both read the same report and the same catalogue entries.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,16 +12,17 @@ use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
 
-use crate::config::Config;
 use crate::export::attributes::{drop_attributes, series_attributes, zone_attributes, Direction};
-use crate::export::instruments::{
-    health_counters, Describe, DURATION_BOUNDS, FLOW_BYTES, FLOW_PACKETS, PACKET_DROPS, RTT_BOUNDS,
-    TCP_DURATION, TCP_RTT, ZONE_BYTES,
-};
+use crate::export::families::SCOPE;
+use crate::export::instruments::{health_counters, DURATION_BOUNDS, RTT_BOUNDS};
 use crate::export::resource;
 use crate::export::selection::Selection;
-use crate::export::self_metrics::SelfMetric;
-use crate::flow::aggregate::IntervalReport;
+use crate::export::ExportContext;
+use crate::flow::model::Counters;
+use crate::flow::report::IntervalReport;
+use crate::telemetry::catalogue::{
+    Metric as Describe, FLOW_BYTES, FLOW_PACKETS, PACKET_DROPS, TCP_DURATION, TCP_RTT, ZONE_BYTES,
+};
 
 /// Feeds a pull reader with flowtel's metrics.
 pub struct SdkMeter {
@@ -34,10 +34,15 @@ pub struct SdkMeter {
 }
 
 impl SdkMeter {
-    pub fn build(cfg: &Config, reader: impl MetricReader, self_metrics: Vec<SelfMetric>) -> Self {
-        let series_limit = cfg.flows.max_series * 2 + 2;
+    /// A meter of the context's resource and attribute selection, read by
+    /// `reader`.
+    pub fn build(ctx: &ExportContext<'_>, reader: impl MetricReader) -> Self {
+        // Two points per series with directions, and the overflow series:
+        // the SDK's own limit (2000) must not fold the budget again. (The
+        // SDK allocates its map for the limit up front.)
+        let series_limit = ctx.max_series * 2 + 2;
         let provider = SdkMeterProvider::builder()
-            .with_resource(resource::sdk(&cfg.resource))
+            .with_resource(resource::sdk(ctx.resource))
             .with_view(move |i: &Instrument| {
                 (i.name().starts_with("flowtel.flow.") || i.name().starts_with("flowtel.tcp."))
                     .then(|| {
@@ -54,15 +59,12 @@ impl SdkMeter {
         // The scope the OTLP requests carry, version included, so that the
         // labels are those a Collector would make of them.
         let meter = provider.meter_with_scope(
-            InstrumentationScope::builder("flowtel")
+            InstrumentationScope::builder(SCOPE)
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
         );
         register_flow_instruments(&meter, &latest);
         register_health_instruments(&meter, &latest);
-        for m in self_metrics {
-            register_self_metric(&meter, m);
-        }
         let rtt = meter
             .f64_histogram(TCP_RTT.name)
             .with_unit(TCP_RTT.unit)
@@ -80,7 +82,7 @@ impl SdkMeter {
             latest,
             rtt,
             duration,
-            selection: Selection::new(&cfg.export.metrics.attributes),
+            selection: Selection::new(&ctx.export.metrics.attributes),
         }
     }
 
@@ -113,30 +115,6 @@ impl SdkMeter {
     }
 }
 
-fn register_self_metric(meter: &Meter, m: SelfMetric) {
-    let (name, unit, description, gauge) = (m.name, m.unit, m.description, m.gauge);
-    let observe = move |o: &dyn opentelemetry::metrics::AsyncInstrument<u64>| {
-        for (attrs, v) in m.read() {
-            o.observe(v, &attrs);
-        }
-    };
-    if gauge {
-        meter
-            .u64_observable_gauge(name)
-            .with_unit(unit)
-            .with_description(description)
-            .with_callback(observe)
-            .build();
-    } else {
-        meter
-            .u64_observable_counter(name)
-            .with_unit(unit)
-            .with_description(description)
-            .with_callback(observe)
-            .build();
-    }
-}
-
 /// Data points of one metric: attributes and cumulative value.
 type Points = Vec<(Vec<KeyValue>, u64)>;
 
@@ -165,7 +143,7 @@ fn prepare(report: &IntervalReport, selection: &Selection) -> Prepared {
         .iter()
         .map(|p| (series_attributes(&p.key, None), p.cumulative))
         .collect();
-    for (name, _, _, parts) in health_counters() {
+    for (metric, parts) in health_counters() {
         let mut points = Vec::new();
         for (attrs, c) in &tcp {
             for (extra, pick) in &parts {
@@ -180,7 +158,7 @@ fn prepare(report: &IntervalReport, selection: &Selection) -> Prepared {
                 }
             }
         }
-        counters.insert(name, points);
+        counters.insert(metric.name, points);
     }
     let drops = report
         .drops
@@ -212,7 +190,7 @@ fn prepare(report: &IntervalReport, selection: &Selection) -> Prepared {
 fn prepare_flows(report: &IntervalReport) -> (Points, Points) {
     let mut bytes = Vec::with_capacity(report.points.len() * 2);
     let mut packets = Vec::with_capacity(report.points.len() * 2);
-    let mut push = |attributes: Vec<KeyValue>, c: crate::flow::Counters| {
+    let mut push = |attributes: Vec<KeyValue>, c: Counters| {
         packets.push((attributes.clone(), c.packets));
         bytes.push((attributes, c.bytes));
     };
@@ -236,13 +214,13 @@ fn snapshot(latest: &Latest) -> Arc<Prepared> {
 }
 
 fn register_flow_instruments(meter: &Meter, latest: &Latest) {
-    for d in [FLOW_BYTES, ZONE_BYTES, FLOW_PACKETS] {
+    for d in [&FLOW_BYTES, &ZONE_BYTES, &FLOW_PACKETS] {
         register_latest(meter, latest, d);
     }
 }
 
 /// An observable counter that reads metric `d` of the latest interval.
-fn register_latest(meter: &Meter, latest: &Latest, d: Describe) {
+fn register_latest(meter: &Meter, latest: &Latest, d: &'static Describe) {
     let l = latest.clone();
     meter
         .u64_observable_counter(d.name)
@@ -258,16 +236,8 @@ fn register_latest(meter: &Meter, latest: &Latest, d: Describe) {
 
 /// TCP connection counters and drops, read from the latest interval.
 fn register_health_instruments(meter: &Meter, latest: &Latest) {
-    for (name, unit, description, _) in health_counters() {
-        register_latest(
-            meter,
-            latest,
-            Describe {
-                name,
-                unit,
-                description,
-            },
-        );
+    for (metric, _) in health_counters() {
+        register_latest(meter, latest, metric);
     }
-    register_latest(meter, latest, PACKET_DROPS);
+    register_latest(meter, latest, &PACKET_DROPS);
 }

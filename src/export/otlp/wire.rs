@@ -278,6 +278,10 @@ pub struct Batcher {
     /// The metric being filled, and its points so far.
     metric: Option<MetricHeader>,
     points: Vec<u8>,
+    /// Items added with [`Self::item`] to the request being filled, and to
+    /// each finished request.
+    counted: usize,
+    counts: Vec<usize>,
 }
 
 impl Batcher {
@@ -294,6 +298,8 @@ impl Batcher {
             items: Vec::new(),
             metric: None,
             points: Vec::new(),
+            counted: 0,
+            counts: Vec::new(),
         }
     }
 
@@ -334,6 +340,7 @@ impl Batcher {
             self.cut();
         }
         len_field(&mut self.items, SCOPE_ITEMS, body);
+        self.counted += 1;
     }
 
     /// Ends the request being filled; the current metric, if any, goes on
@@ -354,12 +361,19 @@ impl Batcher {
         request.extend_from_slice(&self.items);
         self.items.clear();
         self.requests.push(request);
+        self.counts.push(std::mem::take(&mut self.counted));
     }
 
     /// The encoded `Export{Metrics,Logs}ServiceRequest`s, in order.
-    pub fn finish(mut self) -> Vec<Vec<u8>> {
+    pub fn finish(self) -> Vec<Vec<u8>> {
+        self.finish_counted().into_iter().map(|(r, _)| r).collect()
+    }
+
+    /// The requests, each with the number of items ([`Self::item`]) it
+    /// holds.
+    pub fn finish_counted(mut self) -> Vec<(Vec<u8>, usize)> {
         self.cut();
-        self.requests
+        self.requests.into_iter().zip(self.counts).collect()
     }
 }
 

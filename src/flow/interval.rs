@@ -1,0 +1,366 @@
+//! The flow stage: one task that applies what the sources send to the flow
+//! table and the series, and closes each interval into an
+//! [`IntervalReport`] for the exporters.
+//!
+//! It owns all of its state (no locks on the hot path). Each interval it
+//! asks the sources for their data; when the kernel source's dump is
+//! complete, the interval is closed and delivered.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::drops::DropSeries;
+use super::mesh::{Family, FamilyGroup, LogEvent, MeshUpdate, Point, PointValue};
+use super::model::{FlowId, Nat, SourceEvent};
+use super::names::{FlowNames, Naming};
+use super::records::RecordCollector;
+use super::report::{IntervalReport, MeshReport};
+use super::series::{FlowSeries, KeyField, KeySpec};
+use super::table::FlowTable;
+use super::tcp::TcpSeries;
+use super::zones::ZoneSeries;
+use crate::component::ConfigError;
+use crate::telemetry::{catalogue, ActiveSources, Telemetry};
+
+/// How long shutdown waits for the final dump before exporting what it has.
+const FINAL_DUMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `flows:` section: how flows are tracked and aggregated.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowsConfig {
+    /// Hard cap on connections tracked for delta computation.
+    pub max_flows: usize,
+    /// Hard cap on metric series; further series fold into one overflow series.
+    pub max_series: usize,
+    /// Attributes that identify a series.
+    pub key: Vec<KeyField>,
+    /// A series with no traffic for this long is forgotten (its cumulative
+    /// counter restarts if it comes back).
+    #[serde(with = "humantime_serde")]
+    pub series_idle_timeout: Duration,
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        Self {
+            max_flows: 262_144,
+            max_series: 20_000,
+            key: vec![
+                KeyField::ClientAddress,
+                KeyField::ServerAddress,
+                KeyField::ServerPort,
+                KeyField::Transport,
+                KeyField::Direction,
+                KeyField::Nat,
+            ],
+            series_idle_timeout: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+impl FlowsConfig {
+    /// Checks what serde cannot; `interval` is the export interval.
+    pub fn validate(&self, interval: Duration) -> Result<(), ConfigError> {
+        if self.max_flows == 0 {
+            return Err(ConfigError::new("max_flows", "must be at least 1"));
+        }
+        if self.max_series < 2 {
+            return Err(ConfigError::new(
+                "max_series",
+                "must be at least 2 (one series plus the overflow series)",
+            ));
+        }
+        if self.key.is_empty() {
+            return Err(ConfigError::new(
+                "key",
+                "must name at least one field (client_address, client_port, server_address, server_port, transport, direction, nat)",
+            ));
+        }
+        if self.series_idle_timeout < interval {
+            return Err(ConfigError::new(
+                "series_idle_timeout",
+                "must be at least one interval, or every series would be forgotten before it is exported",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The latest of each mesh source, and the log events since the last report.
+#[derive(Debug, Default)]
+struct MeshState {
+    latest: Vec<MeshUpdate>,
+    events: Vec<LogEvent>,
+    cni: Option<Arc<str>>,
+}
+
+impl MeshState {
+    fn update(&mut self, mut update: MeshUpdate) {
+        self.events.append(&mut update.events);
+        match self.latest.iter_mut().find(|u| u.source == update.source) {
+            Some(u) => *u = update,
+            None => self.latest.push(update),
+        }
+    }
+
+    /// The sources that deliver now, the kernel source first.
+    fn active(&self, kernel: Option<&'static str>) -> ActiveSources {
+        let mut sources: Vec<&'static str> = kernel.into_iter().collect();
+        for name in ["hubble", "istio", "felix"] {
+            if self.latest.iter().any(|u| u.source == name && u.active) {
+                sources.push(name);
+            }
+        }
+        ActiveSources {
+            cni: self.cni.as_deref().map(str::to_owned),
+            sources,
+        }
+    }
+
+    fn report(&mut self, started: SystemTime, active: &ActiveSources) -> MeshReport {
+        let gauge = |metric, key: &'static str, values: Vec<String>| Family {
+            metric,
+            points: values
+                .into_iter()
+                .map(|v| Point::new(vec![(key.to_owned(), v)], PointValue::Int(1)))
+                .collect(),
+        };
+        let status = FamilyGroup {
+            attributes: Vec::new(),
+            families: vec![
+                gauge(
+                    &catalogue::SOURCES_ACTIVE,
+                    catalogue::SOURCE,
+                    active.sources.iter().map(|s| (*s).to_owned()).collect(),
+                ),
+                gauge(
+                    &catalogue::CNI_DETECTED,
+                    catalogue::CNI_NAME,
+                    active.cni.iter().cloned().collect(),
+                ),
+            ],
+        };
+        let mut groups = vec![status];
+        groups.extend(self.latest.iter().flat_map(|u| u.groups.iter().cloned()));
+        MeshReport {
+            started,
+            groups,
+            events: std::mem::take(&mut self.events),
+        }
+    }
+}
+
+/// The flow stage's state between two reports.
+pub struct FlowStage {
+    table: FlowTable,
+    naming: Option<Box<dyn Naming>>,
+    series: FlowSeries,
+    tcp: TcpSeries,
+    drops: DropSeries,
+    zones: ZoneSeries,
+    records: RecordCollector,
+    mesh: MeshState,
+    started: SystemTime,
+    start: SystemTime,
+    telemetry: Telemetry,
+}
+
+/// The names of a flow: `cached` (the flow table's copy) unless it is
+/// missing or not yet settled, in which case the flow is named afresh and
+/// the cache updated.
+fn name_flow(
+    naming: Option<&dyn Naming>,
+    id: &FlowId,
+    nat: &Nat,
+    cached: &mut Option<Arc<FlowNames>>,
+) -> Option<Arc<FlowNames>> {
+    let naming = naming?;
+    match cached {
+        Some(n) if n.settled => {}
+        _ => *cached = Some(Arc::new(naming.name(id, nat))),
+    }
+    cached.clone()
+}
+
+impl FlowStage {
+    /// `records` is how many records of each kind an interval keeps for the
+    /// log exporter (0 when there is none); `naming` names flow ends.
+    pub fn new(
+        cfg: &FlowsConfig,
+        records: usize,
+        naming: Option<Box<dyn Naming>>,
+        telemetry: &Telemetry,
+    ) -> Self {
+        let spec = KeySpec::from_fields(&cfg.key);
+        let series = FlowSeries::new(
+            spec,
+            cfg.max_series,
+            cfg.series_idle_timeout,
+            telemetry,
+        );
+        let tcp = TcpSeries::new(
+            spec,
+            series.max_series(),
+            cfg.series_idle_timeout,
+            series.overflowed().clone(),
+            telemetry,
+        );
+        let now = SystemTime::now();
+        Self {
+            table: FlowTable::new(cfg.max_flows, telemetry),
+            naming,
+            series,
+            tcp,
+            drops: DropSeries::default(),
+            zones: ZoneSeries::default(),
+            records: RecordCollector::new(records, telemetry),
+            mesh: MeshState::default(),
+            started: now,
+            start: now,
+            telemetry: telemetry.clone(),
+        }
+    }
+
+    /// Applies one event from a source.
+    pub fn apply(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Flow(update) => {
+                let naming = self.naming.as_deref();
+                let Some(d) = self
+                    .table
+                    .apply(update, |id, nat, cached| name_flow(naming, id, nat, cached))
+                else {
+                    return;
+                };
+                let u = &d.update;
+                if let Some(names) = d.names.as_deref() {
+                    if !d.delta.is_zero() {
+                        self.zones.record(names, d.delta);
+                    }
+                }
+                self.series
+                    .record(&u.id, &u.nat, u.source, d.delta, d.names.as_deref());
+                self.records.flow(u, d.delta, d.names);
+            }
+            SourceEvent::Tcp(event) => {
+                let names = name_flow(self.naming.as_deref(), &event.id, &Nat::default(), &mut None);
+                self.tcp.record(&event, names.as_deref());
+                self.records.tcp(&event, names);
+            }
+            SourceEvent::Drop(record) => {
+                self.drops.record(&record);
+                self.records.packet_drop(&record);
+            }
+            SourceEvent::DumpStarted { epoch } => self.table.dump_started(epoch),
+            SourceEvent::DumpFinished { epoch, complete } => {
+                self.table.dump_finished(epoch, complete);
+            }
+            SourceEvent::Mesh(update) => self.mesh.update(*update),
+            SourceEvent::Cni(cni) => self.mesh.cni = cni,
+        }
+    }
+
+    /// Closes the interval.
+    pub fn finish(&mut self) -> IntervalReport {
+        let end = SystemTime::now();
+        let active = self.mesh.active(self.telemetry.source().map(|s| s.name));
+        let mesh = self.mesh.report(self.started, &active);
+        self.telemetry.set_active(active);
+        let report = IntervalReport {
+            points: self.series.finish(),
+            tcp: self.tcp.finish(),
+            drops: self.drops.points(),
+            zones: self.zones.points(),
+            records: self.records.finish(),
+            mesh,
+            spec: self.series.spec(),
+            start: self.start,
+            end,
+        };
+        self.start = end;
+        report
+    }
+
+    /// Runs until `shutdown` resolves, then takes a final dump and delivers
+    /// the last interval. Each `interval`, `request(epoch)` asks every
+    /// source for that interval's data (false once the kernel source has
+    /// stopped); `deliver` hands a finished interval to the exporters.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+        interval: Duration,
+        mut request: impl FnMut(u64) -> bool,
+        mut deliver: impl FnMut(Arc<IntervalReport>),
+        shutdown: impl Future<Output = ()>,
+    ) {
+        self.refresh();
+        let mut epoch = 1;
+        let mut pending = request(epoch).then_some(epoch);
+        let mut report_due = false;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else {
+                        tracing::error!("every source stopped unexpectedly");
+                        break;
+                    };
+                    let finished = matches!(event, SourceEvent::DumpFinished { epoch: e, .. } if Some(e) == pending);
+                    self.apply(event);
+                    if finished {
+                        pending = None;
+                        self.telemetry.set_ready();
+                        if std::mem::take(&mut report_due) {
+                            deliver(Arc::new(self.finish()));
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    if pending.is_some() {
+                        tracing::warn!("the previous dump is still running after a whole interval; exporting what was counted so far");
+                        deliver(Arc::new(self.finish()));
+                        report_due = false;
+                    } else {
+                        epoch += 1;
+                        self.refresh();
+                        if request(epoch) {
+                            pending = Some(epoch);
+                            report_due = true;
+                        }
+                    }
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+        tracing::info!("shutting down: final dump and export");
+        epoch += 1;
+        if request(epoch) {
+            let deadline = tokio::time::Instant::now() + FINAL_DUMP_TIMEOUT;
+            while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
+                let finished = matches!(event, SourceEvent::DumpFinished { epoch: e, .. } if e == epoch);
+                self.apply(event);
+                if finished {
+                    break;
+                }
+            }
+        }
+        // What the other sources answered to the final request.
+        while let Ok(event) = events.try_recv() {
+            self.apply(event);
+        }
+        deliver(Arc::new(self.finish()));
+    }
+
+    fn refresh(&mut self) {
+        if let Some(n) = &mut self.naming {
+            n.refresh();
+        }
+    }
+}
