@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::Criterion;
 use flowtel::enrich::kubernetes::{self, KubernetesConfig, KubernetesMode, Snapshot};
+use flowtel::telemetry::Telemetry;
 use kubeapi::{fx, KubeApi};
 use serde_json::Value;
 
@@ -195,7 +196,7 @@ fn config(kubeconfig: &Path) -> KubernetesConfig {
 async fn sync_once(kubeconfig: &Path, pods: usize) -> (Duration, (isize, isize), Arc<Snapshot>) {
     let before = live();
     let started = Instant::now();
-    let handle = kubernetes::start(&config(kubeconfig))
+    let handle = kubernetes::start(&config(kubeconfig), &Telemetry::default())
         .expect("the cache starts")
         .expect("enabled");
     let deadline = started + Duration::from_secs(120);

@@ -22,14 +22,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use flowtel::config::{Compression, Config};
+use flowtel::export::otlp::transport::{self, OtlpClient, Signal, SignalTransport};
+use flowtel::export::otlp::Compression;
 use flowtel::export::otlp_logs::OtlpLogsExporter;
-use flowtel::export::otlp_metrics::{MetricsEncoder, OtlpMetricsExporter};
-use flowtel::export::self_metrics;
-use flowtel::export::transport::{self, SignalTransport};
-use flowtel::flow::aggregate::{Aggregator, DirectionalCounters, IntervalReport, KeySpec};
-use flowtel::flow::{Counters, Endpoint, FlowId, FlowUpdate, Nat, SourceKind, Transport};
-use flowtel::stats::SelfStats;
+use flowtel::export::otlp_metrics::{self, MetricsEncoder};
+use flowtel::export::resource::ResourceConfig;
+use flowtel::export::{otlp_logs, ExportConfig, ExportContext};
+use flowtel::flow::report::IntervalReport;
+use flowtel::flow::{
+    Counters, Endpoint, FlowId, FlowStage, FlowUpdate, FlowsConfig, Nat, SourceEvent, SourceKind,
+    Transport,
+};
+use flowtel::telemetry::{catalogue, Telemetry};
 
 /// Series per metrics export, and flow records per logs export.
 const SERIES: usize = 20_000;
@@ -321,16 +325,30 @@ fn start_receiver(rt: &tokio::runtime::Runtime, counts: Arc<Counts>) -> SocketAd
     addr
 }
 
-fn config(endpoint: &str, compression: Compression) -> Config {
-    let mut cfg = Config::default();
-    cfg.export.otlp.endpoint = endpoint.to_string();
-    cfg.export.otlp.compression = compression;
-    cfg.export.otlp.retry.max_attempts = 1;
-    cfg.flows.max_series = SERIES + 2;
-    cfg.export.logs.rate_limit = 0;
-    cfg.export.logs.max_records = RECORDS;
-    cfg.interval = Duration::from_secs(3600);
+fn config(endpoint: &str, compression: Compression) -> ExportConfig {
+    let mut cfg = ExportConfig::default();
+    cfg.otlp.endpoint = endpoint.to_string();
+    cfg.otlp.compression = compression;
+    cfg.otlp.retry.max_attempts = 1;
+    cfg.logs.rate_limit = 0;
+    cfg.logs.max_records = RECORDS;
     cfg
+}
+
+/// The context the exporters are built with: an hour-long interval, room
+/// for `SERIES` series.
+fn context<'a>(
+    export: &'a ExportConfig,
+    resource: &'a ResourceConfig,
+    telemetry: &'a Telemetry,
+) -> ExportContext<'a> {
+    ExportContext {
+        export,
+        resource,
+        interval: Duration::from_secs(3600),
+        max_series: SERIES + 2,
+        telemetry,
+    }
 }
 
 fn flow(i: usize) -> FlowId {
@@ -350,54 +368,59 @@ fn flow(i: usize) -> FlowId {
     }
 }
 
-fn delta(i: usize) -> DirectionalCounters {
-    DirectionalCounters {
+/// The `i`-th flow, first seen with these counters.
+fn update(i: usize) -> SourceEvent {
+    SourceEvent::Flow(FlowUpdate {
+        id: flow(i),
+        generation: 0,
+        nat: Nat::default(),
         to_server: Counters::new(1_000 + i as u64, 10),
         to_client: Counters::new(50_000 + i as u64, 40),
-    }
+        ended: i.is_multiple_of(3),
+        source: SourceKind::Ebpf,
+    })
 }
 
 /// One interval of `SERIES` distinct series (client address, server
 /// address and port differ).
-fn metrics_report() -> IntervalReport {
-    let spec = KeySpec::from_fields(&flowtel::config::FlowsConfig::default().key);
-    let stats = Arc::new(SelfStats::default());
-    let mut agg = Aggregator::new(spec, SERIES + 2, Duration::from_secs(3600), stats);
+fn metrics_report() -> Arc<IntervalReport> {
+    let flows = FlowsConfig {
+        max_series: SERIES + 2,
+        series_idle_timeout: Duration::from_secs(3600),
+        ..FlowsConfig::default()
+    };
+    let mut stage = FlowStage::new(&flows, 0, None, &Telemetry::default());
     for i in 0..SERIES {
-        agg.record(
-            &flow(i),
-            &Nat::default(),
-            SourceKind::Ebpf,
-            delta(i),
-            &mut None,
-        );
+        stage.apply(update(i));
     }
-    let report = agg.finish_interval();
+    let report = stage.finish();
     assert_eq!(report.points.len(), SERIES, "distinct series");
-    report
+    Arc::new(report)
 }
 
 /// One interval of `RECORDS` flow records.
-fn logs_report() -> IntervalReport {
-    let spec = KeySpec::from_fields(&flowtel::config::FlowsConfig::default().key);
-    let stats = Arc::new(SelfStats::default());
-    let mut agg = Aggregator::new(spec, 16, Duration::from_secs(3600), stats).with_records(RECORDS);
+fn logs_report() -> Arc<IntervalReport> {
+    let mut stage = FlowStage::new(
+        &FlowsConfig::default(),
+        RECORDS,
+        None,
+        &Telemetry::default(),
+    );
     for i in 0..RECORDS {
-        let update = FlowUpdate {
-            id: flow(i),
-            generation: 0,
-            nat: Nat::default(),
-            to_server: Counters::default(),
-            to_client: Counters::default(),
-            ended: i.is_multiple_of(3),
-            source: SourceKind::Ebpf,
-        };
-        agg.record_flow(&update, delta(i), None);
+        stage.apply(update(i));
     }
-    let mut report = agg.finish_interval();
+    let mut report = stage.finish();
     report.start = SystemTime::now() - Duration::from_secs(10);
     assert_eq!(report.records.flows.len(), RECORDS, "distinct flows");
-    report
+    Arc::new(report)
+}
+
+/// A logs exporter whose `encode` the bench calls directly.
+fn logs_exporter(ctx: &ExportContext<'_>) -> OtlpLogsExporter {
+    let otlp = &ctx.export.otlp;
+    let transport = SignalTransport::resolve(otlp, &otlp.logs, "logs").expect("a logs transport");
+    let client = OtlpClient::new(&transport, Signal::Logs, ctx.telemetry).expect("the logs client");
+    OtlpLogsExporter::new(&ctx.export.logs, ctx, client).expect("the logs exporter")
 }
 
 fn bench(c: &mut Criterion) {
@@ -415,47 +438,33 @@ fn bench(c: &mut Criterion) {
     let mut rows = Vec::new();
     // Encoding alone, no network: what the exporter's own CPU time allows.
     let cfg = config(&endpoint, Compression::None);
-    let stats = Arc::new(SelfStats::default());
-    let source = flowtel::source::SourceInfo {
-        name: "ebpf",
-        mode: "tcx",
-    };
-    let mut encoder = MetricsEncoder::new(&cfg, self_metrics::all(&stats, None, None, source));
+    let resource = ResourceConfig::default();
+    let telemetry = Telemetry::default();
+    let ctx = context(&cfg, &resource, &telemetry);
+    let mut encoder = MetricsEncoder::new(&ctx, telemetry.clone());
+    let metrics = [metrics];
     group.throughput(Throughput::Elements((SERIES * 4) as u64));
     group.bench_function("metrics_data_points/encode_only", |b| {
         b.iter(|| encoder.encode(&metrics))
     });
-    let transport = SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.logs, "logs")
-        .expect("a logs transport");
-    let mut logs_encoder = rt
-        .block_on(async { OtlpLogsExporter::build(&cfg, &transport, stats.clone()) })
-        .expect("the logs exporter");
+    let mut logs_encoder = rt.block_on(async { logs_exporter(&ctx) });
     group.throughput(Throughput::Elements(RECORDS as u64));
     group.bench_function("log_records/encode_only", |b| {
         b.iter(|| logs_encoder.encode(&logs))
     });
+    let logs = [logs];
     for (name, compression) in [
         ("gzip", Compression::Gzip),
         ("zstd", Compression::Zstd),
         ("none", Compression::None),
     ] {
         let cfg = config(&endpoint, compression);
-        let transport =
-            SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.metrics, "metrics")
-                .expect("a metrics transport");
+        let telemetry = Telemetry::default();
+        let ctx = context(&cfg, &resource, &telemetry);
         let mut exporter = rt
-            .block_on(OtlpMetricsExporter::build(
-                &cfg,
-                Some(&transport),
-                Arc::new(SelfStats::default()),
-                None,
-                None,
-                flowtel::source::SourceInfo {
-                    name: "ebpf",
-                    mode: "tcx",
-                },
-            ))
-            .expect("the metrics exporter");
+            .block_on(async { otlp_metrics::build(&ctx) })
+            .expect("the metrics exporter")
+            .expect("an OTLP endpoint is set");
         let before = counts.flow_points.load(Ordering::Relaxed);
         let cpu = cpu_seconds_on(0);
         let mut exports = 0u64;
@@ -480,12 +489,10 @@ fn bench(c: &mut Criterion) {
         );
         rt.block_on(exporter.shutdown());
 
-        let transport = SignalTransport::resolve(&cfg.export.otlp, &cfg.export.otlp.logs, "logs")
-            .expect("a logs transport");
-        let stats = Arc::new(SelfStats::default());
         let mut exporter = rt
-            .block_on(async { OtlpLogsExporter::build(&cfg, &transport, stats.clone()) })
-            .expect("the logs exporter");
+            .block_on(async { otlp_logs::build(&cfg.logs, &ctx) })
+            .expect("the logs exporter")
+            .expect("an OTLP endpoint is set");
         let before = counts.log_records.load(Ordering::Relaxed);
         let cpu = cpu_seconds_on(0);
         let mut exports = 0u64;
@@ -507,7 +514,7 @@ fn bench(c: &mut Criterion) {
             got,
             exports * RECORDS as u64,
             "the receiver did not get every log record ({} export failures)",
-            SelfStats::get(&stats.exports_failed)
+            telemetry.value(&catalogue::EXPORT_FAILURES)
         );
         rt.block_on(exporter.shutdown());
     }
@@ -528,7 +535,14 @@ fn bench(c: &mut Criterion) {
     println!("requests per interval (uncompressed size):");
     for (signal, requests) in [
         ("metrics", encoder.encode(&metrics)),
-        ("logs", logs_encoder.encode(&logs)),
+        (
+            "logs",
+            logs_encoder
+                .encode(&logs[0])
+                .into_iter()
+                .map(|(r, _)| r)
+                .collect(),
+        ),
     ] {
         let largest = requests.iter().map(Vec::len).max().unwrap_or(0);
         let total: usize = requests.iter().map(Vec::len).sum();

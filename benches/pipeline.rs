@@ -4,8 +4,9 @@
 //!   pre-encoded IPv4/IPv6, TCP/UDP entries, some behind DNAT or SNAT;
 //! * `procfs`: `/proc/net/nf_conntrack` line parsing (`parse_proc_line`)
 //!   over the same mix, as the kernel prints it;
-//! * `aggregate`: one interval of 100 000 flows through `FlowTable::apply`
-//!   and `Aggregator::record`, closed by `finish_interval`. Each iteration is
+//! * `aggregate`: one interval of 100 000 flows through the flow stage
+//!   (`FlowStage::apply`: the flow table, then the series), closed by
+//!   `FlowStage::finish`. Each iteration is
 //!   one interval, and the throughput is in flows, so criterion's
 //!   "thrpt" is flows per second and "time" / 100 000 is the time per flow
 //!   per interval (target: at most 1 µs).
@@ -15,18 +16,15 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use flowtel::config::FlowsConfig;
-use flowtel::flow::aggregate::{Aggregator, KeySpec};
-use flowtel::flow::table::FlowTable;
 use flowtel::flow::{
-    Counters, Endpoint, FlowId, FlowUpdate, Nat, SourceEvent, SourceKind, Transport,
+    Counters, Endpoint, FlowId, FlowStage, FlowUpdate, FlowsConfig, Nat, SourceEvent, SourceKind,
+    Transport,
 };
 use flowtel::source::conntrack::{decode_message, encode_message, parse_proc_line, MessageKind};
-use flowtel::stats::SelfStats;
+use flowtel::telemetry::{catalogue, Telemetry};
 
 /// Distinct entries in the decode and procfs corpora.
 const CORPUS: usize = 4096;
@@ -181,25 +179,20 @@ fn bench_procfs(c: &mut Criterion) {
     group.finish();
 }
 
-/// A flow table and aggregator configured as `flowtel run` defaults them.
+/// The flow stage configured as `flowtel run` defaults it (no names, no
+/// log records).
 struct Pipeline {
-    table: FlowTable,
-    agg: Aggregator,
+    stage: FlowStage,
+    telemetry: Telemetry,
     epoch: u64,
 }
 
 impl Pipeline {
     fn new() -> Self {
-        let stats = Arc::new(SelfStats::default());
-        let flows = FlowsConfig::default();
+        let telemetry = Telemetry::default();
         Self {
-            table: FlowTable::new(flows.max_flows, stats.clone()),
-            agg: Aggregator::new(
-                KeySpec::from_fields(&flows.key),
-                flows.max_series,
-                flows.series_idle_timeout,
-                stats,
-            ),
+            stage: FlowStage::new(&FlowsConfig::default(), 0, None, &telemetry),
+            telemetry,
             epoch: 0,
         }
     }
@@ -218,22 +211,19 @@ impl Pipeline {
             u.to_client.packets += epoch * 6;
             SourceEvent::Flow(u)
         };
-        let (t, a) = (&mut self.table, &mut self.agg);
-        t.apply(SourceEvent::DumpStarted { epoch }, a);
+        let s = &mut self.stage;
+        s.apply(SourceEvent::DumpStarted { epoch });
         for u in ended {
-            t.apply(grown(u), a);
+            s.apply(grown(u));
         }
         for u in flows {
-            t.apply(grown(u), a);
+            s.apply(grown(u));
         }
-        t.apply(
-            SourceEvent::DumpFinished {
-                epoch,
-                complete: true,
-            },
-            a,
-        );
-        a.finish_interval().points.len()
+        s.apply(SourceEvent::DumpFinished {
+            epoch,
+            complete: true,
+        });
+        s.finish().points.len()
     }
 }
 
@@ -248,7 +238,10 @@ fn bench_aggregate(c: &mut Criterion) {
     // The daemon's usual interval: every flow already tracked.
     let mut steady = Pipeline::new();
     let series = steady.interval(&flows, &[]);
-    assert_eq!(steady.table.len(), FLOWS);
+    assert_eq!(
+        steady.telemetry.value(&catalogue::FLOWS_TRACKED),
+        FLOWS as u64
+    );
     println!("aggregate: {FLOWS} flows fold into {series} series");
     group.bench_function(format!("steady/{FLOWS}flows"), |b| {
         b.iter(|| black_box(steady.interval(&flows, &[])))

@@ -2,7 +2,7 @@
 //! Istio families flowtel keeps among Envoy's own, with Envoy's full label
 //! sets and the 20-bucket request-duration histogram. `envoy_1mb` parses
 //! into families; `envoy_1mb_to_otlp` also encodes them as the OTLP
-//! request flowtel sends (`export::mesh::encode_families`, with the pod's
+//! request flowtel sends (`export::families::encode_families`, with the pod's
 //! attributes). Target: 50 MB/s on one core. Run with
 //! `cargo bench --bench scrape_parse`; criterion prints the throughput
 //! (`thrpt`).
@@ -10,8 +10,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use flowtel::export::mesh::encode_families;
-use flowtel::export::otlp_wire::{Batcher, Envelope};
+use flowtel::export::families::encode_families;
+use flowtel::export::otlp::wire::{Batcher, Envelope};
 use flowtel::source::istio::ISTIO_FAMILIES;
 use flowtel::source::scrape::{parse, Format};
 
@@ -91,8 +91,8 @@ fn bench(c: &mut Criterion) {
                 &mut batch,
                 &families,
                 &[
-                    ("k8s.pod.name", "api-0-7d9f"),
-                    ("k8s.namespace.name", "shop"),
+                    ("k8s.pod.name", "api-0-7d9f".to_owned()),
+                    ("k8s.namespace.name", "shop".to_owned()),
                 ],
                 (1, 2),
             );

@@ -1,7 +1,8 @@
 //! One full conntrack dump plus aggregation, timed, the way `flowtel run`
 //! does it each interval: the conntrack source dumps the table of a network
-//! namespace onto a channel, and a `FlowTable` + `Aggregator` consume it
-//! until `DumpFinished`, then `finish_interval` closes the interval.
+//! namespace onto a channel, and the flow stage (`FlowStage`: the flow table
+//! and the series) consumes it until `DumpFinished`, then `finish` closes
+//! the interval.
 //!
 //! Used by `bench/conntrack_dump.sh`, which fills a throwaway namespace with
 //! 100 000 entries first. Run it as root:
@@ -22,12 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
-use flowtel::config::{ConntrackConfig, ConntrackMode, FlowsConfig};
-use flowtel::flow::aggregate::{Aggregator, KeySpec};
-use flowtel::flow::table::FlowTable;
-use flowtel::flow::SourceEvent;
-use flowtel::source::conntrack;
-use flowtel::stats::SelfStats;
+use flowtel::flow::{FlowStage, FlowsConfig, SourceEvent};
+use flowtel::source::conntrack::{self, ConntrackConfig, ConntrackMode};
+use flowtel::source::kernel::KernelStats;
+use flowtel::telemetry::{catalogue, Telemetry};
 
 /// The channel between source and table, as in `flowtel run`.
 const CHANNEL: usize = 65_536;
@@ -64,7 +63,8 @@ fn main() -> anyhow::Result<()> {
     if args.dumps == 0 {
         bail!("--dumps must be at least 1");
     }
-    let stats = Arc::new(SelfStats::default());
+    let telemetry = Telemetry::default();
+    let stats = Arc::new(KernelStats::new(&telemetry));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<SourceEvent>(CHANNEL);
     let cfg = ConntrackConfig {
         mode: match args.mode {
@@ -81,14 +81,7 @@ fn main() -> anyhow::Result<()> {
     let startup = started.elapsed();
     let mode = source.mode();
 
-    let flows = FlowsConfig::default();
-    let mut table = FlowTable::new(flows.max_flows, stats.clone());
-    let mut agg = Aggregator::new(
-        KeySpec::from_fields(&flows.key),
-        flows.max_series,
-        flows.series_idle_timeout,
-        stats.clone(),
-    );
+    let mut stage = FlowStage::new(&FlowsConfig::default(), 0, None, &telemetry);
 
     for epoch in 1..=args.dumps {
         let t0 = Instant::now();
@@ -109,7 +102,7 @@ fn main() -> anyhow::Result<()> {
                 _ => None,
             };
             if !args.drain_only {
-                table.apply(event, &mut agg);
+                stage.apply(event);
             }
             if let Some(complete) = done {
                 break complete;
@@ -119,7 +112,7 @@ fn main() -> anyhow::Result<()> {
         let series = if args.drain_only {
             0
         } else {
-            agg.finish_interval().points.len()
+            stage.finish().points.len()
         };
         let total = t0.elapsed();
         if !complete {
@@ -129,7 +122,7 @@ fn main() -> anyhow::Result<()> {
             "RESULT mode={mode} dump={epoch} entries={entries} flows={flows} series={series} \
              dump_aggregate_ms={total:.1} finish_interval_ms={finish:.2} ns_per_entry={per:.0} \
              startup_ms={startup:.1} drain_only={drain}",
-            flows = table.len(),
+            flows = telemetry.value(&catalogue::FLOWS_TRACKED),
             total = ms(total),
             finish = ms(total - dumped),
             per = total.as_nanos() as f64 / entries.max(1) as f64,
@@ -137,12 +130,13 @@ fn main() -> anyhow::Result<()> {
             drain = args.drain_only,
         );
     }
-    let snap = stats.snapshot();
     let (hwm, rss) = (status_kib("VmHWM:"), status_kib("VmRSS:"));
     println!(
         "RESULT mode={mode} vmhwm_kib={hwm} vmrss_kib={rss} parse_errors={} series_overflowed={} \
          flows_untracked={}",
-        snap.parse_errors, snap.series_overflowed, snap.flows_untracked,
+        telemetry.value(&catalogue::SOURCE_DECODE_ERRORS),
+        telemetry.value(&catalogue::SERIES_OVERFLOWED),
+        telemetry.value(&catalogue::FLOWS_UNTRACKED),
     );
     source.stop();
     Ok(())

@@ -27,8 +27,8 @@ const EVENTS: usize = 65_536;
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let telemetry = Telemetry::default();
     let node = cfg.resource.node_name.clone();
-    let kube = kubernetes::start(&cfg.kubernetes, &telemetry)
-        .context("starting the Kubernetes cache")?;
+    let kube =
+        kubernetes::start(&cfg.kubernetes, &telemetry).context("starting the Kubernetes cache")?;
     if kube.is_some() {
         tracing::info!(node = ?node, "naming flow ends from the Kubernetes API");
     }

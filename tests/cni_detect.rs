@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use flowtel::source::detect::{self, detect_cni, mesh_of, CniKind, DetectConfig, MeshRole};
+use flowtel::enrich::kubernetes::mesh_of;
+use flowtel::flow::mesh::MeshRole;
+use flowtel::source::detect::{self, detect_cni, CniKind, DetectConfig};
 
 const CALICO: &str = r#"{
   "name": "k8s-pod-network",

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flowtel::config::{ConntrackConfig, ConntrackMode};
 use flowtel::flow::{Counters, Endpoint, FlowUpdate, SourceEvent, Transport};
 use flowtel::source::conntrack;
-use flowtel::stats::SelfStats;
+use flowtel::source::conntrack::{ConntrackConfig, ConntrackMode};
+use flowtel::source::kernel::KernelStats;
 use tokio::sync::mpsc;
 
 /// A uniquely named network namespace, deleted on drop (also on panic).
@@ -265,7 +265,7 @@ fn conntrack_source_in_a_namespace() {
         &["-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1"],
     );
 
-    let stats = Arc::new(SelfStats::default());
+    let stats = Arc::new(KernelStats::default());
     let (tx, mut rx) = mpsc::channel(1024);
     let handle =
         conntrack::start(&cfg(&ns, ConntrackMode::Auto, true), stats.clone(), tx).expect("start");
@@ -275,7 +275,7 @@ fn conntrack_source_in_a_namespace() {
         "1",
         "source enables accounting"
     );
-    assert!(stats.byte_counters_available.load(Ordering::Relaxed));
+    assert!(stats.byte_counters_available.flag());
 
     // Live connections (made after accounting was turned on).
     let mut traffic = Traffic::start(&ns);
@@ -325,11 +325,11 @@ fn conntrack_source_in_a_namespace() {
     let dnat = find(&flows, Transport::Tcp, 40000, 80);
     assert_eq!(dnat.nat.server, Some(ep("198.18.2.7", 8080)));
     assert_eq!(dnat.nat.client, None);
-    assert_eq!(stats.parse_errors.load(Ordering::Relaxed), 0);
-    assert_eq!(stats.dumps.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.parse_errors.get(), 0);
+    assert_eq!(stats.dumps.get(), 1);
 
     // The same table through procfs (a second source, in the same namespace).
-    let pstats = Arc::new(SelfStats::default());
+    let pstats = Arc::new(KernelStats::default());
     let (ptx, mut prx) = mpsc::channel(1024);
     let procfs = conntrack::start(&cfg(&ns, ConntrackMode::Procfs, true), pstats.clone(), ptx)
         .expect("start procfs");
@@ -425,7 +425,7 @@ fn conntrack_source_in_a_namespace() {
         "stop took {:?}",
         t0.elapsed()
     );
-    println!("stats: {:?}", stats.snapshot());
+    println!("stats: {stats:?}");
 }
 
 #[test]
@@ -435,7 +435,7 @@ fn netns_errors_are_reported() {
         return;
     }
     let (tx, _rx) = mpsc::channel(16);
-    let stats = Arc::new(SelfStats::default());
+    let stats = Arc::new(KernelStats::default());
     let bad = ConntrackConfig {
         netns: Some(PathBuf::from("/nonexistent/netns")),
         ..ConntrackConfig::default()
@@ -518,7 +518,7 @@ fn fallback_child() {
         events: true,
         ..ConntrackConfig::default()
     };
-    let stats = Arc::new(SelfStats::default());
+    let stats = Arc::new(KernelStats::default());
     let (tx, mut rx) = mpsc::channel(64);
     let err = conntrack::start(&ns_cfg(ConntrackMode::Netlink), stats.clone(), tx.clone())
         .err()
@@ -542,7 +542,7 @@ fn event_overruns_are_counted_and_reading_goes_on() {
         return;
     }
     let ns = Netns::create();
-    let stats = Arc::new(SelfStats::default());
+    let stats = Arc::new(KernelStats::default());
     // A tiny channel nobody reads: the event thread stalls, the socket
     // buffer (the 64 KiB minimum) fills and the kernel reports ENOBUFS.
     let (tx, mut rx) = mpsc::channel(16);
@@ -577,7 +577,7 @@ fn event_overruns_are_counted_and_reading_goes_on() {
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
-    let lost = stats.events_lost.load(Ordering::Relaxed);
+    let lost = stats.events_lost.get();
     println!("5000 NEW events: {received} received, {lost} overruns counted");
     assert!(lost > 0, "expected ENOBUFS overruns");
     ns.run(
@@ -594,7 +594,7 @@ fn event_overruns_are_counted_and_reading_goes_on() {
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => panic!(
                 "no event after the overrun: {e} (received {received}, lost {})",
-                stats.events_lost.load(Ordering::Relaxed)
+                stats.events_lost.get()
             ),
         }
     }
@@ -614,15 +614,15 @@ fn accounting_left_off_is_reported() {
         return;
     }
     let ns = Netns::create();
-    let stats = Arc::new(SelfStats::default());
-    stats.byte_counters_available.store(true, Ordering::Relaxed);
+    let stats = Arc::new(KernelStats::default());
+    stats.byte_counters_available.set_flag(true);
     let (tx, _rx) = mpsc::channel(16);
     let cfg = ConntrackConfig {
         enable_accounting: false,
         ..cfg(&ns, ConntrackMode::Auto, false)
     };
     let handle = conntrack::start(&cfg, stats.clone(), tx).expect("start");
-    assert!(!stats.byte_counters_available.load(Ordering::Relaxed));
+    assert!(!stats.byte_counters_available.flag());
     assert_eq!(ns.sysctl("net.netfilter.nf_conntrack_acct"), "0");
     handle.stop();
 }
@@ -648,7 +648,7 @@ fn procfs_file_source_counts_errors() {
          sport=53 dport=5353 mark=0 zone=0 use=2\n",
     )
     .expect("write table");
-    let stats = Arc::new(SelfStats::default());
+    let stats = Arc::new(KernelStats::default());
     let (tx, mut rx) = mpsc::channel(16);
     let cfg = ConntrackConfig {
         mode: ConntrackMode::Procfs,
@@ -663,8 +663,8 @@ fn procfs_file_source_counts_errors() {
     assert_eq!(flows.len(), 2);
     assert_eq!(flows[0].to_client, Counters::new(4000, 4));
     assert_eq!(flows[1].id.server, ep("fd00::35", 53));
-    assert_eq!(stats.parse_errors.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.dumps.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.parse_errors.get(), 1);
+    assert_eq!(stats.dumps.get(), 1);
     // A table that cannot be read gives an incomplete dump, not a stop.
     std::fs::remove_file(&table).expect("remove");
     assert!(handle.request_dump(2));
@@ -682,6 +682,6 @@ fn procfs_file_source_counts_errors() {
             }
         ]
     );
-    assert_eq!(stats.dump_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.dump_errors.get(), 1);
     handle.stop();
 }

@@ -570,7 +570,7 @@ async fn realistic_flows_give_exact_counts_and_records() {
         .map(|s| ((s.key.protocol, s.key.status.clone()), &s.histogram))
         .collect();
     assert_eq!(durations.len(), 4);
-    let bucket_of = |h: &flowtel::source::scrape::HistogramValue| {
+    let bucket_of = |h: &flowtel::flow::mesh::HistogramValue| {
         assert_eq!(h.count, 1);
         assert_eq!(h.bounds, hubble::LATENCY_BOUNDS.to_vec());
         h.counts.iter().position(|c| *c == 1).unwrap()

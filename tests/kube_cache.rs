@@ -15,6 +15,7 @@ use common::kubeapi::{fx, KubeApi, Resource};
 use flowtel::enrich::kubernetes::{
     self, KubeHandle, KubernetesConfig, KubernetesMode, Peer, PodInfo, Snapshot, WorkloadKind,
 };
+use flowtel::telemetry::Telemetry;
 use serde_json::{json, Value};
 
 /// Longer than the watcher's backoff after a few failed attempts.
@@ -31,7 +32,7 @@ fn start(kubeconfig: &Path, retention: Duration) -> KubeHandle {
         pod_labels: vec!["app.kubernetes.io/name".into(), "team".into()],
         ip_retention: retention,
     };
-    kubernetes::start(&cfg)
+    kubernetes::start(&cfg, &Telemetry::default())
         .expect("the cache starts")
         .expect("enabled by the configuration")
 }
@@ -722,7 +723,7 @@ fn off_means_no_cache_and_a_missing_kubeconfig_is_an_error() {
         enabled: KubernetesMode::Off,
         ..KubernetesConfig::default()
     };
-    assert!(kubernetes::start(&off)
+    assert!(kubernetes::start(&off, &Telemetry::default())
         .expect("off is not an error")
         .is_none());
     let missing = KubernetesConfig {
@@ -730,7 +731,8 @@ fn off_means_no_cache_and_a_missing_kubeconfig_is_an_error() {
         kubeconfig: Some("/nonexistent/kubeconfig.yaml".into()),
         ..KubernetesConfig::default()
     };
-    let err = kubernetes::start(&missing).expect_err("an unreadable kubeconfig");
+    let err =
+        kubernetes::start(&missing, &Telemetry::default()).expect_err("an unreadable kubeconfig");
     assert!(
         err.to_string().contains("/nonexistent/kubeconfig.yaml"),
         "{err:#}"

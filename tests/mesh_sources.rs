@@ -54,8 +54,9 @@ use common::mesh::{
 };
 use common::netns::NetnsGuard;
 use common::otlp_receiver::{attrs_of, AttrValue, Attrs, OtlpReceiver};
+use flowtel::flow::mesh::PointValue;
 use flowtel::source::hubble::proto;
-use flowtel::source::scrape::{parse, Format, PointValue};
+use flowtel::source::scrape::{parse, Format};
 use hubble_server::{respond, HubbleServer, Step};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use prometheus::{http_get, promtool_check_metrics, PROMTOOL};
@@ -69,7 +70,7 @@ const NODE: &str = "node-m";
 fn fixtures_parse_with_their_values() {
     let envoy = parse(ENVOY, Format::Text, flowtel::source::istio::ISTIO_FAMILIES)
         .expect("the Envoy fixture parses");
-    let names: Vec<&str> = envoy.iter().map(|f| f.name).collect();
+    let names: Vec<&str> = envoy.iter().map(|f| f.metric.name).collect();
     assert_eq!(
         names,
         [
@@ -95,7 +96,7 @@ fn fixtures_parse_with_their_values() {
     .expect("the ztunnel fixture parses");
     let opened = ztunnel
         .iter()
-        .find(|f| f.name == "istio.tcp.connections.opened")
+        .find(|f| f.metric.name == "istio.tcp.connections.opened")
         .expect("ztunnel has opened connections");
     assert_eq!(opened.points.len(), 3);
     assert_eq!(opened.points[0].value, PointValue::Number(831.0));
@@ -103,7 +104,7 @@ fn fixtures_parse_with_their_values() {
         .expect("the Felix fixture parses");
     let rules = felix
         .iter()
-        .find(|f| f.name == "felix.iptables.rules")
+        .find(|f| f.metric.name == "felix.iptables.rules")
         .expect("felix has iptables rules");
     assert_eq!(rules.points.len(), 4);
 }
@@ -142,7 +143,7 @@ fn the_growing_fixture_grows_counters_and_histograms_only() {
     let value = |name: &str| {
         felix
             .iter()
-            .find(|f| f.name == name)
+            .find(|f| f.metric.name == name)
             .map(|f| f.points[0].value.clone())
     };
     assert_eq!(

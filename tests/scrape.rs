@@ -11,10 +11,10 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use flowtel::source::scrape::{
-    HistogramValue, MetricKind, PointValue, ScrapeError, ScrapeLimits, ScrapedFamily, Scraper,
-};
+use flowtel::flow::mesh::{Family, HistogramValue, PointValue};
+use flowtel::source::scrape::{ScrapeError, ScrapeLimits, Scraper};
 use flowtel::source::{felix, istio};
+use flowtel::telemetry::catalogue::Instrument;
 use tokio::io::AsyncWriteExt;
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -250,13 +250,16 @@ fn scraper(max_bytes: usize, timeout: Duration) -> Scraper {
     Scraper::new(ScrapeLimits { max_bytes, timeout }).expect("a client")
 }
 
-fn family<'a>(families: &'a [ScrapedFamily], name: &str) -> &'a ScrapedFamily {
-    families.iter().find(|f| f.name == name).unwrap_or_else(|| {
-        panic!(
-            "{name} missing from {:?}",
-            families.iter().map(|f| f.name).collect::<Vec<_>>()
-        )
-    })
+fn family<'a>(families: &'a [Family], name: &str) -> &'a Family {
+    families
+        .iter()
+        .find(|f| f.metric.name == name)
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} missing from {:?}",
+                families.iter().map(|f| f.metric.name).collect::<Vec<_>>()
+            )
+        })
 }
 
 fn label<'a>(labels: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -275,7 +278,7 @@ async fn envoy_sidecar_families_with_otel_names() {
     )
     .await
     .expect("a good scrape");
-    let names: Vec<_> = families.iter().map(|f| f.name).collect();
+    let names: Vec<_> = families.iter().map(|f| f.metric.name).collect();
     assert_eq!(
         names,
         [
@@ -287,8 +290,8 @@ async fn envoy_sidecar_families_with_otel_names() {
 
     let requests = family(&families, "istio.requests");
     assert_eq!(
-        (requests.kind, requests.unit),
-        (MetricKind::Counter, "{request}")
+        (requests.metric.instrument, requests.metric.unit),
+        (Instrument::Counter, "{request}")
     );
     assert_eq!(requests.points.len(), 3);
     let first = &requests.points[0];
@@ -310,8 +313,8 @@ async fn envoy_sidecar_families_with_otel_names() {
 
     let duration = family(&families, "istio.request.duration");
     assert_eq!(
-        (duration.kind, duration.unit),
-        (MetricKind::Histogram, "ms")
+        (duration.metric.instrument, duration.metric.unit),
+        (Instrument::Histogram, "ms")
     );
     assert_eq!(duration.points.len(), 1);
     assert!(label(&duration.points[0].labels, "le").is_none());
@@ -341,7 +344,10 @@ async fn ztunnel_openmetrics_families() {
     )
     .await
     .expect("a good scrape");
-    let names: Vec<_> = families.iter().map(|f| (f.name, f.unit)).collect();
+    let names: Vec<_> = families
+        .iter()
+        .map(|f| (f.metric.name, f.metric.unit))
+        .collect();
     assert_eq!(
         names,
         [
@@ -369,7 +375,7 @@ async fn felix_dataplane_and_policy_families() {
         .await
         .expect("a good scrape");
     let denied = family(&families, "calico.denied.packets");
-    assert_eq!(denied.kind, MetricKind::Gauge);
+    assert_eq!(denied.metric.instrument, Instrument::Gauge);
     assert_eq!(denied.points.len(), 2);
     assert_eq!(
         label(&denied.points[1].labels, "policy"),
@@ -385,15 +391,15 @@ async fn felix_dataplane_and_policy_families() {
     );
     let failures = family(&families, "felix.dataplane.failures");
     assert_eq!(
-        (failures.kind, &failures.points[0].value),
-        (MetricKind::Counter, &PointValue::Number(2.0))
+        (failures.metric.instrument, &failures.points[0].value),
+        (Instrument::Counter, &PointValue::Number(2.0))
     );
     assert_eq!(
         family(&families, "felix.dataplane.messages").points.len(),
         3
     );
     assert_eq!(family(&families, "felix.iptables.rules").points.len(), 2);
-    assert!(families.iter().all(|f| !f.name.starts_with("go")));
+    assert!(families.iter().all(|f| !f.metric.name.starts_with("go")));
     assert_eq!(
         felix::metrics_url(address),
         format!("http://{address}/metrics")

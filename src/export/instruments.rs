@@ -32,9 +32,10 @@ pub fn health_counters() -> [HealthCounter; 4] {
         (
             &catalogue::TCP_CLOSED,
             vec![
-                (Some((catalogue::TCP_CLOSE_CAUSE, TcpClose::Fin.as_str())), |c| {
-                    c.closed_fin
-                }),
+                (
+                    Some((catalogue::TCP_CLOSE_CAUSE, TcpClose::Fin.as_str())),
+                    |c| c.closed_fin,
+                ),
                 (
                     Some((catalogue::TCP_CLOSE_CAUSE, TcpClose::Reset.as_str())),
                     |c| c.closed_reset,

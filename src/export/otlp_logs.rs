@@ -357,7 +357,12 @@ impl Exporter for OtlpLogsExporter {
 }
 
 impl OtlpLogsExporter {
-    fn new(cfg: &LogsConfig, ctx: &ExportContext<'_>, client: OtlpClient) -> Result<Self, ConfigError> {
+    /// The exporter sending with `client`.
+    pub fn new(
+        cfg: &LogsConfig,
+        ctx: &ExportContext<'_>,
+        client: OtlpClient,
+    ) -> Result<Self, ConfigError> {
         Ok(Self {
             envelope: Envelope::new(&resource::attributes(ctx.resource), SCOPE, SCOPE_VERSION),
             limit: ctx.export.otlp.max_request_bytes,

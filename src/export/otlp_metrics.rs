@@ -366,8 +366,7 @@ impl MetricsEncoder {
         self.cached(key, |s| {
             s.plain
                 .get_or_insert_with(|| {
-                    wire::attributes(NUMBER_POINT_ATTRIBUTES, &series_attributes(key, None))
-                        .into()
+                    wire::attributes(NUMBER_POINT_ATTRIBUTES, &series_attributes(key, None)).into()
                 })
                 .clone()
         })
@@ -544,10 +543,8 @@ impl MetricsEncoder {
             let gauge = m.instrument == Instrument::Gauge;
             b.begin_metric(families::header(m, self.temporality));
             for (labels, value) in points {
-                let attrs: Vec<KeyValue> = labels
-                    .iter()
-                    .map(|(k, v)| KeyValue::new(*k, *v))
-                    .collect();
+                let attrs: Vec<KeyValue> =
+                    labels.iter().map(|(k, v)| KeyValue::new(*k, *v)).collect();
                 let encoded = wire::attributes(NUMBER_POINT_ATTRIBUTES, &attrs);
                 if gauge {
                     wire::number_point(b.points(encoded.len() + 32), &[&encoded], 0, time, value);

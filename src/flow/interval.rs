@@ -197,12 +197,7 @@ impl FlowStage {
         telemetry: &Telemetry,
     ) -> Self {
         let spec = KeySpec::from_fields(&cfg.key);
-        let series = FlowSeries::new(
-            spec,
-            cfg.max_series,
-            cfg.series_idle_timeout,
-            telemetry,
-        );
+        let series = FlowSeries::new(spec, cfg.max_series, cfg.series_idle_timeout, telemetry);
         let tcp = TcpSeries::new(
             spec,
             series.max_series(),
@@ -248,7 +243,12 @@ impl FlowStage {
                 self.records.flow(u, d.delta, d.names);
             }
             SourceEvent::Tcp(event) => {
-                let names = name_flow(self.naming.as_deref(), &event.id, &Nat::default(), &mut None);
+                let names = name_flow(
+                    self.naming.as_deref(),
+                    &event.id,
+                    &Nat::default(),
+                    &mut None,
+                );
                 self.tcp.record(&event, names.as_deref());
                 self.records.tcp(&event, names);
             }
@@ -344,7 +344,8 @@ impl FlowStage {
         if request(epoch) {
             let deadline = tokio::time::Instant::now() + FINAL_DUMP_TIMEOUT;
             while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
-                let finished = matches!(event, SourceEvent::DumpFinished { epoch: e, .. } if e == epoch);
+                let finished =
+                    matches!(event, SourceEvent::DumpFinished { epoch: e, .. } if e == epoch);
                 self.apply(event);
                 if finished {
                     break;

@@ -26,7 +26,10 @@ pub struct IntervalReport {
 impl IntervalReport {
     /// The RTT and duration samples of the interval.
     pub fn samples(&self) -> usize {
-        self.tcp.iter().map(|p| p.rtt.len() + p.durations.len()).sum()
+        self.tcp
+            .iter()
+            .map(|p| p.rtt.len() + p.durations.len())
+            .sum()
     }
 }
 

@@ -376,7 +376,6 @@ mod tests {
         )
     }
 
-
     #[test]
     fn ephemeral_ports_share_a_series() {
         let (mut a, _) = agg(100);
@@ -391,14 +390,8 @@ mod tests {
         }
         let points = a.finish();
         assert_eq!(points.len(), 1);
-        assert_eq!(
-            points[0].cumulative.to_server,
-            Counters::new(1000, 100)
-        );
-        assert_eq!(
-            points[0].cumulative.to_client,
-            Counters::new(2000, 200)
-        );
+        assert_eq!(points[0].cumulative.to_server, Counters::new(1000, 100));
+        assert_eq!(points[0].cumulative.to_client, Counters::new(2000, 200));
     }
 
     #[test]
@@ -419,10 +412,7 @@ mod tests {
         assert_eq!(overflow.len(), 1);
         assert_eq!(overflow[0].cumulative.to_server.bytes, 7 * 5);
         assert_eq!(stats.value(&catalogue::SERIES_OVERFLOWED), 7);
-        let total: u64 = points
-            .iter()
-            .map(|p| p.cumulative.to_server.bytes)
-            .sum();
+        let total: u64 = points.iter().map(|p| p.cumulative.to_server.bytes).sum();
         assert_eq!(total, 50, "nothing lost");
     }
 
@@ -439,19 +429,11 @@ mod tests {
                 None,
             );
         }
-        a.record(
-            &heavy,
-            &Nat::default(),
-            SourceKind::Ebpf,
-            delta(100),
-            None,
-        );
+        a.record(&heavy, &Nat::default(), SourceKind::Ebpf, delta(100), None);
         let points = a.finish();
         assert_eq!(points.len(), 4, "3 series plus overflow");
         assert!(
-            points
-                .iter()
-                .any(|p| p.key.server == Some(heavy.server.ip)),
+            points.iter().any(|p| p.key.server == Some(heavy.server.ip)),
             "the series with the most bytes must be kept: {:?}",
             points
         );
@@ -460,10 +442,7 @@ mod tests {
             3,
             "3 light series folded"
         );
-        let total: u64 = points
-            .iter()
-            .map(|p| p.cumulative.to_server.bytes)
-            .sum();
+        let total: u64 = points.iter().map(|p| p.cumulative.to_server.bytes).sum();
         assert_eq!(total, 105, "nothing lost");
         // A later interval: the folded series stay folded, totals keep growing.
         a.record(
@@ -474,10 +453,7 @@ mod tests {
             None,
         );
         let next = a.finish();
-        let total: u64 = next
-            .iter()
-            .map(|p| p.cumulative.to_server.bytes)
-            .sum();
+        let total: u64 = next.iter().map(|p| p.cumulative.to_server.bytes).sum();
         assert!(total >= 106, "cumulative totals never go back: {total}");
     }
 

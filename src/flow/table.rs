@@ -329,7 +329,6 @@ mod tests {
         (Harness { table, bytes: 0 }, telemetry)
     }
 
-
     #[test]
     fn deltas_between_dumps() {
         let (mut t, _) = setup(10);
@@ -353,11 +352,7 @@ mod tests {
         assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
         assert_eq!(t.table.len(), 1, "the new connection is still tracked");
         t.apply(update(1, 8, 100, false));
-        assert_eq!(
-            t.take_bytes(),
-            100,
-            "a reset counts the new value afresh"
-        );
+        assert_eq!(t.take_bytes(), 100, "a reset counts the new value afresh");
     }
 
     #[test]
@@ -365,22 +360,18 @@ mod tests {
         let (mut t, _) = setup(10);
         t.apply(SourceEvent::DumpStarted { epoch: 1 });
         t.apply(update(1, 7, 1000, false));
-        t.apply(
-            SourceEvent::DumpFinished {
-                epoch: 1,
-                complete: true,
-            },
-        );
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 1,
+            complete: true,
+        });
         t.apply(SourceEvent::DumpStarted { epoch: 2 });
         t.apply(update(1, 7, 1200, true));
         // the dump began before the end and still lists the connection
         t.apply(update(1, 7, 1100, false));
-        t.apply(
-            SourceEvent::DumpFinished {
-                epoch: 2,
-                complete: true,
-            },
-        );
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 2,
+            complete: true,
+        });
         assert_eq!(t.take_bytes(), 1200);
         assert!(t.table.is_empty());
     }
@@ -399,41 +390,33 @@ mod tests {
         t.apply(SourceEvent::DumpStarted { epoch: 1 });
         t.apply(update(1, 1, 10, false));
         t.apply(update(2, 2, 10, false));
-        t.apply(
-            SourceEvent::DumpFinished {
-                epoch: 1,
-                complete: true,
-            },
-        );
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 1,
+            complete: true,
+        });
         t.apply(SourceEvent::DumpStarted { epoch: 2 });
         t.apply(update(1, 1, 20, false));
-        t.apply(
-            SourceEvent::DumpFinished {
-                epoch: 2,
-                complete: false,
-            },
-        );
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 2,
+            complete: false,
+        });
         assert_eq!(t.table.len(), 2, "an incomplete dump removes nothing");
         t.apply(SourceEvent::DumpStarted { epoch: 3 });
         t.apply(update(1, 1, 20, false));
-        t.apply(
-            SourceEvent::DumpFinished {
-                epoch: 3,
-                complete: true,
-            },
-        );
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 3,
+            complete: true,
+        });
         assert_eq!(t.table.len(), 1);
         // Its DESTROY event may still come; after one more complete dump
         // without it, it counts as ended unseen.
         assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
         t.apply(SourceEvent::DumpStarted { epoch: 4 });
         t.apply(update(1, 1, 20, false));
-        t.apply(
-            SourceEvent::DumpFinished {
-                epoch: 4,
-                complete: true,
-            },
-        );
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 4,
+            complete: true,
+        });
         assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 1);
     }
 
@@ -442,35 +425,25 @@ mod tests {
         let (mut t, stats) = setup(10);
         t.apply(SourceEvent::DumpStarted { epoch: 1 });
         t.apply(update(1, 7, 1000, false));
-        t.apply(
-            SourceEvent::DumpFinished {
-                epoch: 1,
-                complete: true,
-            },
-        );
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 1,
+            complete: true,
+        });
         assert_eq!(t.take_bytes(), 1000);
         // The entry expired; the next dump skips it and the kernel sends
         // its DESTROY event, which arrives after that dump finished.
         t.apply(SourceEvent::DumpStarted { epoch: 2 });
-        t.apply(
-            SourceEvent::DumpFinished {
-                epoch: 2,
-                complete: true,
-            },
-        );
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 2,
+            complete: true,
+        });
         t.apply(update(1, 7, 1200, true));
-        assert_eq!(
-            t.take_bytes(),
-            200,
-            "only the bytes since the last dump"
-        );
+        assert_eq!(t.take_bytes(), 200, "only the bytes since the last dump");
         t.apply(SourceEvent::DumpStarted { epoch: 3 });
-        t.apply(
-            SourceEvent::DumpFinished {
-                epoch: 3,
-                complete: true,
-            },
-        );
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 3,
+            complete: true,
+        });
         assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
     }
 

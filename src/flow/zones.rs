@@ -71,4 +71,3 @@ fn zone_key(names: &FlowNames) -> Option<ZoneKey> {
         peer: peer.zone.clone()?,
     })
 }
-

@@ -256,7 +256,12 @@ pub fn build(
     .map_err(|e| anyhow::anyhow!("starting the Istio scrapes: {e}"))?;
     tracing::info!(interval = ?cfg.interval, "istio source: scraping the proxies of this node's pods");
     let state = Arc::new(Mutex::new(State::default()));
-    let task = tokio::spawn(scrape_loop(scraper, cfg.clone(), targets, Arc::clone(&state)));
+    let task = tokio::spawn(scrape_loop(
+        scraper,
+        cfg.clone(),
+        targets,
+        Arc::clone(&state),
+    ));
     Ok(Some(Box::new(IstioSource {
         state,
         task,

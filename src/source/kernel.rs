@@ -130,7 +130,10 @@ pub fn build(
     ctx.telemetry
         .register_points(&catalogue::SOURCE_ACTIVE, move || {
             vec![(
-                vec![(catalogue::SOURCE, info.name), (catalogue::SOURCE_MODE, info.mode)],
+                vec![
+                    (catalogue::SOURCE, info.name),
+                    (catalogue::SOURCE_MODE, info.mode),
+                ],
                 1,
             )]
         });

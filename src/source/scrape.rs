@@ -157,7 +157,12 @@ impl ScrapeCounts {
 
     /// `flowtel.scrape.errors` and `flowtel.scrape.successes`.
     pub fn families(&self) -> Vec<Family> {
-        let target = |kind: TargetKind| (catalogue::SCRAPE_TARGET.to_owned(), kind.as_str().to_owned());
+        let target = |kind: TargetKind| {
+            (
+                catalogue::SCRAPE_TARGET.to_owned(),
+                kind.as_str().to_owned(),
+            )
+        };
         vec![
             Family {
                 metric: &catalogue::SCRAPE_ERRORS,
@@ -490,11 +495,7 @@ fn to_count(value: f64) -> u64 {
 /// order (families with no series are left out). Every sample line is
 /// checked, kept or not, so a garbled response is an error rather than a
 /// silently partial result.
-pub fn parse(
-    text: &str,
-    format: Format,
-    specs: &[FamilySpec],
-) -> Result<Vec<Family>, ScrapeError> {
+pub fn parse(text: &str, format: Format, specs: &[FamilySpec]) -> Result<Vec<Family>, ScrapeError> {
     if !text.is_empty() && !text.ends_with('\n') {
         return Err(ScrapeError::Truncated(
             "the last line has no newline".into(),

@@ -655,11 +655,8 @@ pub const FELIX_IPTABLES_SAVE_ERRORS: Metric = counter(
     "{error}",
     "iptables-save failures.",
 );
-pub const FELIX_IPSET_ERRORS: Metric = counter(
-    "felix.ipset.errors",
-    "{error}",
-    "ipset command failures.",
-);
+pub const FELIX_IPSET_ERRORS: Metric =
+    counter("felix.ipset.errors", "{error}", "ipset command failures.");
 pub const FELIX_RESYNCS_STARTED: Metric = counter(
     "felix.resyncs.started",
     "{resync}",
@@ -1079,7 +1076,10 @@ mod tests {
             ISTIO_REQUEST_DURATION.prometheus_name(),
             "istio_request_duration_milliseconds"
         );
-        assert_eq!(ISTIO_TCP_SENT.prometheus_name(), "istio_tcp_sent_bytes_total");
+        assert_eq!(
+            ISTIO_TCP_SENT.prometheus_name(),
+            "istio_tcp_sent_bytes_total"
+        );
         assert_eq!(
             FELIX_CLUSTER_POLICIES.prometheus_name(),
             "felix_cluster_policies"

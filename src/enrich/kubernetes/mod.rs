@@ -154,10 +154,7 @@ impl KubeHandle {
 /// at once: the API server is only contacted by the spawned task, and one
 /// that cannot be reached is retried, never an error. Only a configured
 /// kubeconfig file that cannot be read is.
-pub fn start(
-    cfg: &KubernetesConfig,
-    telemetry: &Telemetry,
-) -> anyhow::Result<Option<KubeHandle>> {
+pub fn start(cfg: &KubernetesConfig, telemetry: &Telemetry) -> anyhow::Result<Option<KubeHandle>> {
     if !cfg.is_enabled() {
         return Ok(None);
     }

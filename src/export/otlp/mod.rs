@@ -248,4 +248,3 @@ fn check_headers(key: &str, headers: &BTreeMap<String, String>) -> Result<(), Co
     }
     Ok(())
 }
-

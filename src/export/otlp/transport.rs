@@ -557,7 +557,7 @@ mod tests {
         otlp.retry.initial_backoff = Duration::from_millis(10);
         otlp.retry.max_backoff = Duration::from_millis(20);
         let t = SignalTransport::resolve(&otlp, &otlp.metrics, "metrics").expect("a transport");
-        OtlpClient::new(&t, Signal::Metrics, &stats).expect("a client")
+        OtlpClient::new(&t, Signal::Metrics, stats).expect("a client")
     }
 
     #[tokio::test]

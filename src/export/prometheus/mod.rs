@@ -41,7 +41,9 @@ use super::{Carries, ExportContext, Exporter};
 use crate::component::ConfigError;
 use crate::flow::mesh::HistogramValue;
 use crate::flow::report::IntervalReport;
-use crate::telemetry::catalogue::{prometheus_name, sanitize, Instrument, Metric as CatalogueMetric};
+use crate::telemetry::catalogue::{
+    prometheus_name, sanitize, Instrument, Metric as CatalogueMetric,
+};
 use crate::telemetry::Telemetry;
 use meter::SdkMeter;
 
@@ -259,7 +261,10 @@ fn scrape(sources: &Sources) -> anyhow::Result<String> {
 }
 
 /// Self-metrics as read, and when their counters started (ns).
-type SelfReadings<'a> = (&'a [(&'static CatalogueMetric, Vec<crate::telemetry::Point>)], u64);
+type SelfReadings<'a> = (
+    &'a [(&'static CatalogueMetric, Vec<crate::telemetry::Point>)],
+    u64,
+);
 
 /// Translates one collection, the latest interval's mesh metrics and the
 /// self-metrics into metric families, one per Prometheus name. All are on
@@ -746,8 +751,7 @@ mod tests {
             .with_callback(|o| o.observe(1, &[]))
             .build();
         let telemetry = Telemetry::default();
-        let mut report =
-            FlowStage::new(&FlowsConfig::default(), 0, None, &telemetry).finish();
+        let mut report = FlowStage::new(&FlowsConfig::default(), 0, None, &telemetry).finish();
         report.mesh = two_pods();
         report.mesh.groups[1].families.push(Family {
             metric: &catalogue::ISTIO_REQUEST_DURATION,

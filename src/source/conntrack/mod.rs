@@ -30,9 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::component::ConfigError;
 use crate::flow::SourceEvent;
+use crate::source::kernel::KernelStats;
 use crate::source::netns;
 use crate::source::out::Out;
-use crate::source::kernel::KernelStats;
 
 /// How conntrack is read.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]

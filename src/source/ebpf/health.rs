@@ -25,8 +25,8 @@ use crate::flow::{
     Counters, DropRecord, Endpoint, FlowId, SourceEvent, TcpClose, TcpEvent, TcpEventKind,
     TcpFailure, Transport,
 };
-use crate::source::out::{Halt, Out};
 use crate::source::kernel::KernelStats;
+use crate::source::out::{Halt, Out};
 
 /// Built by build.rs from `bpf/tcp.bpf.c` (empty without clang).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp.bpf.o"));

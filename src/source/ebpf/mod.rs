@@ -218,13 +218,19 @@ impl EbpfStats {
         let fields: [(&'static Metric, Field); 13] = [
             (&catalogue::EBPF_OVERFLOW_PACKETS, |s| &s.overflow_packets),
             (&catalogue::EBPF_OVERFLOW_BYTES, |s| &s.overflow_bytes),
-            (&catalogue::EBPF_OVERFLOW_NOMEM_PACKETS, |s| &s.overflow_nomem_packets),
+            (&catalogue::EBPF_OVERFLOW_NOMEM_PACKETS, |s| {
+                &s.overflow_nomem_packets
+            }),
             (&catalogue::EBPF_ATTACH_FAILURES, |s| &s.attach_failures),
             (&catalogue::EBPF_FLOWS_EXPIRED, |s| &s.flows_expired),
             (&catalogue::EBPF_NAT_REFUSED, |s| &s.nat_refused),
             (&catalogue::EBPF_TCP_EVENTS_LOST, |s| &s.health.events_lost),
-            (&catalogue::EBPF_TCP_SOCKETS_UNTRACKED, |s| &s.health.sockets_untracked),
-            (&catalogue::EBPF_DROPS_UNRECORDED, |s| &s.health.drops_unrecorded),
+            (&catalogue::EBPF_TCP_SOCKETS_UNTRACKED, |s| {
+                &s.health.sockets_untracked
+            }),
+            (&catalogue::EBPF_DROPS_UNRECORDED, |s| {
+                &s.health.drops_unrecorded
+            }),
             (&catalogue::EBPF_INTERFACES, |s| &s.interfaces_attached),
             (&catalogue::EBPF_MAP_ENTRIES, |s| &s.map_entries),
             (&catalogue::EBPF_NAT_TRANSLATIONS, |s| &s.nat_translations),

@@ -24,9 +24,9 @@ use tokio::sync::mpsc::error::TryRecvError;
 
 use super::merge::ConnKey;
 use super::{EbpfConfig, EbpfStats, NatMode};
-use crate::source::conntrack::{ConntrackConfig, ConntrackMode};
 use crate::flow::{Endpoint, FlowId, Nat, SourceEvent};
 use crate::source::conntrack::{self, ConntrackHandle, Every};
+use crate::source::conntrack::{ConntrackConfig, ConntrackMode};
 use crate::source::kernel::KernelStats;
 
 /// Events buffered between two drains by the eBPF thread (every 100 ms and

@@ -102,12 +102,18 @@ impl FlowKey {
     /// The proposed OTel attributes (see docs/telemetry.md, "Cilium Hubble").
     pub fn attributes(&self) -> Vec<(String, String)> {
         let mut out = vec![
-            (catalogue::HUBBLE_VERDICT.to_owned(), self.verdict.to_owned()),
+            (
+                catalogue::HUBBLE_VERDICT.to_owned(),
+                self.verdict.to_owned(),
+            ),
             (
                 catalogue::HUBBLE_TRAFFIC_DIRECTION.to_owned(),
                 self.direction.to_owned(),
             ),
-            (catalogue::HUBBLE_IS_REPLY.to_owned(), self.is_reply.to_owned()),
+            (
+                catalogue::HUBBLE_IS_REPLY.to_owned(),
+                self.is_reply.to_owned(),
+            ),
         ];
         if !self.drop_reason.is_empty() {
             out.push((
@@ -186,7 +192,10 @@ impl L7Key {
                 catalogue::HUBBLE_L7_PROTOCOL.to_owned(),
                 self.protocol.to_owned(),
             ),
-            (catalogue::HUBBLE_L7_TYPE.to_owned(), self.l7_type.to_owned()),
+            (
+                catalogue::HUBBLE_L7_TYPE.to_owned(),
+                self.l7_type.to_owned(),
+            ),
         ];
         if !self.operation.is_empty() {
             out.push((
