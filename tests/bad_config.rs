@@ -256,3 +256,30 @@ fn a_good_config_is_accepted() {
         "effective settings printed: {stdout}"
     );
 }
+
+/// `FLOWTEL_CONFIG` names the file, as `--config` does, and is not taken
+/// for a configuration key (it once failed with "unknown field `config`").
+#[test]
+fn the_config_file_can_come_from_flowtel_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("from-env.yaml");
+    std::fs::write(&file, "interval: 7s\nflows:\n  max_series: 123\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_flowtel"))
+        .arg("check-config")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("FLOWTEL_CONFIG", &file)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("\"interval\": \"7s\"") && stdout.contains("\"max_series\": 123"),
+        "the file's settings are in force: {stdout}"
+    );
+}

@@ -7,6 +7,7 @@ use opentelemetry_sdk::Resource;
 use serde::{Deserialize, Serialize};
 
 use crate::component::ConfigError;
+use crate::telemetry::catalogue::{HOST_NAME, K8S_CLUSTER, K8S_NODE, SERVICE_NAME, SERVICE_VERSION};
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -51,16 +52,16 @@ pub fn attributes(cfg: &ResourceConfig) -> Vec<KeyValue> {
         .iter()
         .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
         .collect();
-    attrs.push(KeyValue::new("service.name", cfg.service_name.clone()));
-    attrs.push(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    attrs.push(KeyValue::new(SERVICE_NAME, cfg.service_name.clone()));
+    attrs.push(KeyValue::new(SERVICE_VERSION, env!("CARGO_PKG_VERSION")));
     if let Some(host) = hostname::get().ok().and_then(|h| h.into_string().ok()) {
-        attrs.push(KeyValue::new("host.name", host));
+        attrs.push(KeyValue::new(HOST_NAME, host));
     }
     if let Some(node) = &cfg.node_name {
-        attrs.push(KeyValue::new("k8s.node.name", node.clone()));
+        attrs.push(KeyValue::new(K8S_NODE, node.clone()));
     }
     if let Some(cluster) = &cfg.cluster_name {
-        attrs.push(KeyValue::new("k8s.cluster.name", cluster.clone()));
+        attrs.push(KeyValue::new(K8S_CLUSTER, cluster.clone()));
     }
     // A key set twice keeps its last value, as the SDK's resource did.
     let mut seen = std::collections::HashSet::new();

@@ -295,7 +295,7 @@ pub const SERIES_ACTIVE: Metric = gauge(
 .readyz("stats.series_active");
 pub const SERIES_OVERFLOWED: Metric = counter(
     "flowtel.series.overflowed",
-    "{flow}",
+    "{update}",
     "Flow deltas folded into the overflow series because the series budget was used up",
 )
 .readyz("stats.series_overflowed");
@@ -756,6 +756,13 @@ pub fn selectable() -> impl Iterator<Item = &'static Metric> {
     METRICS.iter().copied().filter(|m| m.selectable)
 }
 
+// ---- Attributes of the resource ----
+
+pub const SERVICE_NAME: &str = "service.name";
+pub const SERVICE_VERSION: &str = "service.version";
+pub const HOST_NAME: &str = "host.name";
+pub const K8S_CLUSTER: &str = "k8s.cluster.name";
+
 // ---- Attributes of flow series, TCP and drop metrics ----
 
 pub const NETWORK_TRANSPORT: &str = "network.transport";
@@ -783,6 +790,13 @@ pub const K8S_NODE: &str = "k8s.node.name";
 pub const K8S_WORKLOAD_KIND: &str = "flowtel.k8s.workload.kind";
 pub const K8S_WORKLOAD: &str = "flowtel.k8s.workload.name";
 pub const K8S_SERVICE: &str = "flowtel.k8s.service.name";
+/// The semantic-conventions names of a local pod's workload, by kind.
+pub const K8S_DEPLOYMENT: &str = "k8s.deployment.name";
+pub const K8S_STATEFULSET: &str = "k8s.statefulset.name";
+pub const K8S_DAEMONSET: &str = "k8s.daemonset.name";
+pub const K8S_REPLICASET: &str = "k8s.replicaset.name";
+pub const K8S_JOB: &str = "k8s.job.name";
+pub const K8S_CRONJOB: &str = "k8s.cronjob.name";
 /// `k8s.pod.label.<key>`, for each label in `kubernetes.pod_labels`.
 pub const K8S_POD_LABEL_PREFIX: &str = "k8s.pod.label.";
 pub const ZONE: &str = "cloud.availability_zone";
@@ -871,6 +885,10 @@ pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
 
 /// Every attribute name above (prefixes stand for their family).
 pub const ATTRIBUTES: &[&str] = &[
+    SERVICE_NAME,
+    SERVICE_VERSION,
+    HOST_NAME,
+    K8S_CLUSTER,
     NETWORK_TRANSPORT,
     NETWORK_TYPE,
     CLIENT_ADDRESS,
@@ -896,6 +914,12 @@ pub const ATTRIBUTES: &[&str] = &[
     K8S_WORKLOAD_KIND,
     K8S_WORKLOAD,
     K8S_SERVICE,
+    K8S_DEPLOYMENT,
+    K8S_STATEFULSET,
+    K8S_DAEMONSET,
+    K8S_REPLICASET,
+    K8S_JOB,
+    K8S_CRONJOB,
     K8S_POD_LABEL_PREFIX,
     ZONE,
     NETWORK,
@@ -969,12 +993,12 @@ pub const ATTRIBUTES: &[&str] = &[
 /// (`k8s.deployment.name`, ...), for the end on this node.
 pub fn workload_attribute(kind: &str) -> Option<&'static str> {
     Some(match kind {
-        "Deployment" => "k8s.deployment.name",
-        "StatefulSet" => "k8s.statefulset.name",
-        "DaemonSet" => "k8s.daemonset.name",
-        "ReplicaSet" => "k8s.replicaset.name",
-        "Job" => "k8s.job.name",
-        "CronJob" => "k8s.cronjob.name",
+        "Deployment" => K8S_DEPLOYMENT,
+        "StatefulSet" => K8S_STATEFULSET,
+        "DaemonSet" => K8S_DAEMONSET,
+        "ReplicaSet" => K8S_REPLICASET,
+        "Job" => K8S_JOB,
+        "CronJob" => K8S_CRONJOB,
         _ => return None,
     })
 }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -172,11 +172,29 @@ struct Shared {
     /// False while stopped: a request that still reaches a lingering
     /// connection is refused, not stored.
     up: AtomicBool,
+    /// While set, requests get no answer until it is cleared, and are then
+    /// refused, never stored: a collector that hangs.
+    stalled: AtomicBool,
+    /// Requests that arrived while stalled.
+    stalled_requests: AtomicUsize,
     received: Mutex<Vec<Received>>,
     logs: Mutex<Vec<ExportLogsServiceRequest>>,
 }
 
 impl Shared {
+    /// Holds a request that arrives while stalled until the stall ends;
+    /// true when it must then be refused.
+    async fn hold(&self) -> bool {
+        if !self.stalled.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.stalled_requests.fetch_add(1, Ordering::SeqCst);
+        while self.stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     fn store(&self, r: Received) {
         if let Ok(mut v) = self.received.lock() {
             v.push(r);
@@ -198,6 +216,9 @@ impl MetricsService for Grpc {
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        if self.0.hold().await {
+            return Err(tonic::Status::unavailable("test receiver stalled"));
+        }
         if !self.0.up.load(Ordering::SeqCst) {
             return Err(tonic::Status::unavailable("test receiver stopped"));
         }
@@ -225,6 +246,9 @@ impl LogsService for GrpcLogs {
         &self,
         request: tonic::Request<ExportLogsServiceRequest>,
     ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        if self.0.hold().await {
+            return Err(tonic::Status::unavailable("test receiver stalled"));
+        }
         if !self.0.up.load(Ordering::SeqCst) {
             return Err(tonic::Status::unavailable("test receiver stopped"));
         }
@@ -270,6 +294,9 @@ async fn http_export_logs(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if shared.hold().await {
+        return (StatusCode::SERVICE_UNAVAILABLE, "test receiver stalled").into_response();
+    }
     match decode_http::<ExportLogsServiceRequest>(&shared, &headers, &body) {
         Ok((request, _)) => {
             shared.store_logs(request);
@@ -292,6 +319,9 @@ async fn http_export(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if shared.hold().await {
+        return (StatusCode::SERVICE_UNAVAILABLE, "test receiver stalled").into_response();
+    }
     let (request, gzip) = match decode_http::<ExportMetricsServiceRequest>(&shared, &headers, &body)
     {
         Ok(r) => r,
@@ -466,6 +496,17 @@ impl OtlpReceiver {
                 }
             }
         }
+    }
+
+    /// Stalls (`true`): requests get no answer, and are refused without
+    /// being stored once the stall ends (`false`).
+    pub fn stall(&self, stalled: bool) {
+        self.shared.stalled.store(stalled, Ordering::SeqCst);
+    }
+
+    /// Requests that arrived while stalled.
+    pub fn stalled_requests(&self) -> usize {
+        self.shared.stalled_requests.load(Ordering::SeqCst)
     }
 
     /// Starts again on the same ports, keeping what was received before.
