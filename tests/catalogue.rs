@@ -29,7 +29,10 @@ fn tables(text: &str) -> Vec<Table> {
             continue;
         }
         let row = cells(line);
-        if row.iter().all(|c| c.chars().all(|ch| ch == '-' || ch == ':')) {
+        if row
+            .iter()
+            .all(|c| c.chars().all(|ch| ch == '-' || ch == ':'))
+        {
             continue;
         }
         match &mut current {
@@ -81,7 +84,10 @@ fn disagreements(text: &str, metrics: &[&Metric], attributes: &[&str]) -> Vec<St
     let mut out = Vec::new();
     let tables = tables(text);
     let mut documented = BTreeSet::new();
-    for t in tables.iter().filter(|t| t.header.first().is_some_and(|h| h == "metric")) {
+    for t in tables
+        .iter()
+        .filter(|t| t.header.first().is_some_and(|h| h == "metric"))
+    {
         for row in &t.rows {
             let Some(name) = row.first().and_then(|c| quoted(c).into_iter().next()) else {
                 continue;
@@ -137,7 +143,9 @@ fn disagreements(text: &str, metrics: &[&Metric], attributes: &[&str]) -> Vec<St
     let known = |name: &str| {
         let name = name.trim_end_matches("<key>");
         if let Some(prefix) = name.strip_suffix(".*") {
-            return attributes.iter().any(|a| a.starts_with(&format!("{prefix}.")));
+            return attributes
+                .iter()
+                .any(|a| a.starts_with(&format!("{prefix}.")));
         }
         attributes.contains(&name)
     };
@@ -157,7 +165,9 @@ fn disagreements(text: &str, metrics: &[&Metric], attributes: &[&str]) -> Vec<St
     for a in attributes {
         let named = everything.contains(*a)
             || everything.contains(&format!("{a}<key>"))
-            || everything.iter().any(|w| w.starts_with(*a) && a.ends_with('.'));
+            || everything
+                .iter()
+                .any(|w| w.starts_with(*a) && a.ends_with('.'));
         if !named {
             out.push(format!(
                 "catalogue: attribute `{a}` is not named in docs/telemetry.md"
@@ -196,7 +206,10 @@ fn the_check_catches_a_one_sided_addition() {
         "{text}\n| metric | instrument | unit |\n| --- | --- | --- |\n| `flowtel.docs.only` | Gauge | `1` |\n"
     );
     let found = disagreements(&documented, catalogue::METRICS, catalogue::ATTRIBUTES);
-    assert_eq!(found, ["docs: metric `flowtel.docs.only` is not in the catalogue"]);
+    assert_eq!(
+        found,
+        ["docs: metric `flowtel.docs.only` is not in the catalogue"]
+    );
     let mut attributes = catalogue::ATTRIBUTES.to_vec();
     attributes.push("flowtel.test.attribute");
     let found = disagreements(&text, catalogue::METRICS, &attributes);

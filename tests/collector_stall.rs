@@ -43,7 +43,10 @@ fn flow(lab: &Lab) -> u16 {
             let socket = UdpSocket::bind(SocketAddr::new(A_V4.parse().expect("A"), 0))
                 .expect("a UDP socket in A");
             socket
-                .send_to(b"one record", SocketAddr::new(B_V4.parse().expect("B"), PORT))
+                .send_to(
+                    b"one record",
+                    SocketAddr::new(B_V4.parse().expect("B"), PORT),
+                )
                 .expect("sending to B");
             socket.local_addr().expect("the socket's address").port()
         })
@@ -55,7 +58,9 @@ fn received(receiver: &OtlpReceiver) -> BTreeMap<i64, usize> {
     let mut out = BTreeMap::new();
     for e in receiver.log_events() {
         if e.event_name == "flowtel.flow" && e.int("destination.port") == Some(i64::from(PORT)) {
-            let port = e.int("source.port").expect("a flow record has a source port");
+            let port = e
+                .int("source.port")
+                .expect("a flow record has a source port");
             *out.entry(port).or_default() += 1;
         }
     }
@@ -94,7 +99,10 @@ fn records_are_received_or_counted_when_the_collector_stalls() {
             ("FLOWTEL_EXPORT__LOGS__RATE_LIMIT", "0".into()),
             ("FLOWTEL_EXPORT__OTLP__TIMEOUT", "1s".into()),
             ("FLOWTEL_EXPORT__OTLP__RETRY__MAX_ATTEMPTS", "2".into()),
-            ("FLOWTEL_EXPORT__OTLP__RETRY__INITIAL_BACKOFF", "100ms".into()),
+            (
+                "FLOWTEL_EXPORT__OTLP__RETRY__INITIAL_BACKOFF",
+                "100ms".into(),
+            ),
             ("FLOWTEL_EXPORT__OTLP__RETRY__MAX_BACKOFF", "200ms".into()),
             ("FLOWTEL_EXPORT__QUEUE_SIZE", "1".into()),
         ],
@@ -137,7 +145,10 @@ fn records_are_received_or_counted_when_the_collector_stalls() {
         last.0 + last.1 as usize >= sent
     });
     let stats = flowtel.stats().expect("flowtel's /readyz stats");
-    println!("{TEST}: sent {sent}, received {}, dropped {}; stats {stats}", last.0, last.1);
+    println!(
+        "{TEST}: sent {sent}, received {}, dropped {}; stats {stats}",
+        last.0, last.1
+    );
     assert!(
         settled,
         "{TEST}: {sent} records sent, {} received + {} counted as dropped after {TIMEOUT:?}: \
@@ -147,7 +158,10 @@ fn records_are_received_or_counted_when_the_collector_stalls() {
 
     let got = received(&receiver);
     let duplicated: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(duplicated.is_empty(), "{TEST}: records received twice: {duplicated:?}");
+    assert!(
+        duplicated.is_empty(),
+        "{TEST}: records received twice: {duplicated:?}"
+    );
     let ours: std::collections::BTreeSet<i64> = before
         .iter()
         .chain(&during)
@@ -155,7 +169,10 @@ fn records_are_received_or_counted_when_the_collector_stalls() {
         .map(|p| i64::from(*p))
         .collect();
     let strangers: Vec<_> = got.keys().filter(|p| !ours.contains(p)).collect();
-    assert!(strangers.is_empty(), "{TEST}: records of flows the test did not send: {strangers:?}");
+    assert!(
+        strangers.is_empty(),
+        "{TEST}: records of flows the test did not send: {strangers:?}"
+    );
     let (received_total, dropped) = (got.len(), flowtel.stat("records_dropped").expect("stat"));
     assert_eq!(
         received_total as u64 + dropped,
@@ -177,10 +194,22 @@ fn records_are_received_or_counted_when_the_collector_stalls() {
         during.len(),
         receiver.stalled_requests()
     );
-    assert!(dropped > 0, "{TEST}: a {STALL:?} stall with 1 s timeouts must cost records");
-    assert!(skipped > 0, "{TEST}: a queue of one interval must overflow in the stall");
-    assert!(late > 0, "{TEST}: the interval that waited in the queue was not delivered later");
-    assert!(receiver.stalled_requests() > 0, "{TEST}: the collector never stalled a request");
+    assert!(
+        dropped > 0,
+        "{TEST}: a {STALL:?} stall with 1 s timeouts must cost records"
+    );
+    assert!(
+        skipped > 0,
+        "{TEST}: a queue of one interval must overflow in the stall"
+    );
+    assert!(
+        late > 0,
+        "{TEST}: the interval that waited in the queue was not delivered later"
+    );
+    assert!(
+        receiver.stalled_requests() > 0,
+        "{TEST}: the collector never stalled a request"
+    );
     let status = flowtel.stop(Duration::from_secs(15));
     assert!(
         status.is_some_and(|s| s.success()),

@@ -53,7 +53,8 @@ fn references(relative: &Path, text: &str) -> Vec<(usize, String)> {
         let mut at = 0;
         while at < code.len() {
             let rest = &code[at..];
-            let boundary = at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
+            let boundary =
+                at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
             if boundary && rest.starts_with("crate::") {
                 let name: String = rest["crate::".len()..]
                     .chars()
@@ -141,13 +142,41 @@ fn stages_import_only_the_model_and_the_shared_modules() {
 #[test]
 fn the_check_catches_each_forbidden_direction() {
     let cases = [
-        ("source/kernel.rs", "use crate::export::queue;", "source uses export"),
-        ("flow/table.rs", "let q = crate::export::queue::Exporters::start;", "flow uses export"),
-        ("flow/table.rs", "use crate::enrich::Namer;", "flow uses enrich"),
-        ("enrich/mod.rs", "use crate::source::detect::MeshRole;", "enrich uses source"),
-        ("enrich/kubernetes/model.rs", "use super::super::super::export::x;", "enrich uses export"),
-        ("export/mesh.rs", "use crate::source::hubble::HubbleReport;", "export uses source"),
-        ("telemetry/mod.rs", "use crate::flow::SourceEvent;", "telemetry uses flow"),
+        (
+            "source/kernel.rs",
+            "use crate::export::queue;",
+            "source uses export",
+        ),
+        (
+            "flow/table.rs",
+            "let q = crate::export::queue::Exporters::start;",
+            "flow uses export",
+        ),
+        (
+            "flow/table.rs",
+            "use crate::enrich::Namer;",
+            "flow uses enrich",
+        ),
+        (
+            "enrich/mod.rs",
+            "use crate::source::detect::MeshRole;",
+            "enrich uses source",
+        ),
+        (
+            "enrich/kubernetes/model.rs",
+            "use super::super::super::export::x;",
+            "enrich uses export",
+        ),
+        (
+            "export/mesh.rs",
+            "use crate::source::hubble::HubbleReport;",
+            "export uses source",
+        ),
+        (
+            "telemetry/mod.rs",
+            "use crate::flow::SourceEvent;",
+            "telemetry uses flow",
+        ),
     ];
     for (file, line, want) in cases {
         let got = violations(Path::new(file), line);
@@ -158,10 +187,16 @@ fn the_check_catches_each_forbidden_direction() {
     }
     for (file, line) in [
         ("export/otlp/wire.rs", "use super::super::families::x;"),
-        ("source/hubble/report.rs", "use crate::flow::mesh::HistogramValue;"),
+        (
+            "source/hubble/report.rs",
+            "use crate::flow::mesh::HistogramValue;",
+        ),
         ("enrich/mod.rs", "/// see crate::source::detect"),
         ("pipeline.rs", "use crate::export::queue;"),
     ] {
-        assert!(violations(Path::new(file), line).is_empty(), "{file}: {line:?}");
+        assert!(
+            violations(Path::new(file), line).is_empty(),
+            "{file}: {line:?}"
+        );
     }
 }

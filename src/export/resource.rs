@@ -7,7 +7,9 @@ use opentelemetry_sdk::Resource;
 use serde::{Deserialize, Serialize};
 
 use crate::component::ConfigError;
-use crate::telemetry::catalogue::{HOST_NAME, K8S_CLUSTER, K8S_NODE, SERVICE_NAME, SERVICE_VERSION};
+use crate::telemetry::catalogue::{
+    HOST_NAME, K8S_CLUSTER, K8S_NODE, SERVICE_NAME, SERVICE_VERSION,
+};
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -163,6 +163,12 @@ impl Default for EbpfConfig {
 impl EbpfConfig {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_sizes()?;
+        check_netns("netns", self.netns.as_deref())
+    }
+
+    /// The map sizes and interface patterns, checked again at start.
+    fn check_sizes(&self) -> Result<(), ConfigError> {
         if self.max_flows == 0 {
             return Err(ConfigError::new("max_flows", "must be at least 1"));
         }
@@ -178,7 +184,7 @@ impl EbpfConfig {
                 "must name at least one interface pattern, e.g. [\"*\"]",
             ));
         }
-        check_netns("netns", self.netns.as_deref())
+        Ok(())
     }
 }
 
@@ -346,7 +352,7 @@ pub fn start(
              rebuild with clang, bpftool and libbpf-dev installed, or use source: conntrack"
         );
     }
-    cfg.validate().map_err(|e| anyhow!(e.within("ebpf")))?;
+    cfg.check_sizes().map_err(|e| anyhow!(e.within("ebpf")))?;
     if !Path::new(KERNEL_BTF).exists() {
         bail!(
             "the kernel has no BTF ({KERNEL_BTF} is missing): the eBPF source needs a kernel built \
