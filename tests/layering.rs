@@ -12,6 +12,19 @@
 
 use std::path::{Path, PathBuf};
 
+/// The crate's top-level modules.
+const MODULES: &[&str] = &[
+    "component",
+    "config",
+    "enrich",
+    "export",
+    "flow",
+    "health",
+    "pipeline",
+    "source",
+    "telemetry",
+];
+
 /// What each top-level module may use besides itself.
 fn allowed(module: &str) -> Option<&'static [&'static str]> {
     Some(match module {
@@ -101,6 +114,9 @@ fn violations(relative: &Path, text: &str) -> Vec<String> {
     };
     references(relative, text)
         .into_iter()
+        // `super::*` in an inline test module, or a path `super` resolves
+        // to below the crate root, names no top-level module.
+        .filter(|(_, name)| MODULES.contains(&name.as_str()))
         .filter(|(_, name)| name != own && !allowed.contains(&name.as_str()))
         .map(|(line, name)| format!("src/{}:{line}: {own} uses {name}", relative.display()))
         .collect()
@@ -192,6 +208,7 @@ fn the_check_catches_each_forbidden_direction() {
             "use crate::flow::mesh::HistogramValue;",
         ),
         ("enrich/mod.rs", "/// see crate::source::detect"),
+        ("telemetry/mod.rs", "    use super::*;"),
         ("pipeline.rs", "use crate::export::queue;"),
     ] {
         assert!(

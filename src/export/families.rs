@@ -76,7 +76,7 @@ pub fn write_mesh(sink: &mut impl MetricSink, mesh: &MeshReport, time: u64) {
     let mut order: Vec<&'static Metric> = Vec::new();
     for g in &mesh.groups {
         for f in &g.families {
-            if !f.points.is_empty() && !order.iter().any(|m| std::ptr::eq(*m, f.metric)) {
+            if !f.points.is_empty() && !order.iter().any(|m| m.name == f.metric.name) {
                 order.push(f.metric);
             }
         }
@@ -90,7 +90,7 @@ pub fn write_mesh(sink: &mut impl MetricSink, mesh: &MeshReport, time: u64) {
         };
         sink.begin(metric, start);
         for g in &mesh.groups {
-            for f in g.families.iter().filter(|f| std::ptr::eq(f.metric, metric)) {
+            for f in g.families.iter().filter(|f| f.metric.name == metric.name) {
                 write_points(sink, f, &g.attributes, &mut attrs);
             }
         }

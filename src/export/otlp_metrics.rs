@@ -431,7 +431,7 @@ impl MetricsEncoder {
     fn absorb(&mut self, report: &IntervalReport) {
         let generation = self.generation;
         for (d, bounds) in Self::HISTOGRAMS {
-            let is_rtt = std::ptr::eq(d, &catalogue::TCP_RTT);
+            let is_rtt = d.name == catalogue::TCP_RTT.name;
             for p in &report.tcp {
                 let attrs: Arc<[u8]> = if self.selection.selects(d.name) {
                     let kept = self
@@ -479,7 +479,7 @@ impl MetricsEncoder {
     fn histograms(&mut self, b: &mut Batcher, time: u64) {
         let generation = self.generation;
         for (d, bounds) in Self::HISTOGRAMS {
-            let states = if std::ptr::eq(d, &catalogue::TCP_RTT) {
+            let states = if d.name == catalogue::TCP_RTT.name {
                 &mut self.rtt
             } else {
                 &mut self.durations

@@ -193,62 +193,62 @@ fn unit_word(unit: &str) -> Option<String> {
 
 // ---- Flows (scope `flowtel`) ----
 
-pub const FLOW_BYTES: Metric = counter(
+pub static FLOW_BYTES: Metric = counter(
     "flowtel.flow.bytes",
     "By",
     "Bytes carried by flows (L3, IP headers included), by direction",
 )
 .selectable();
-pub const FLOW_PACKETS: Metric = counter(
+pub static FLOW_PACKETS: Metric = counter(
     "flowtel.flow.packets",
     "{packet}",
     "Packets carried by flows, by direction",
 )
 .selectable();
-pub const ZONE_BYTES: Metric = counter(
+pub static ZONE_BYTES: Metric = counter(
     "flowtel.zone.bytes",
     "By",
     "Bytes between this node's zone and each peer zone, same-zone and cross-zone",
 )
 .selectable();
-pub const PACKET_DROPS: Metric = counter(
+pub static PACKET_DROPS: Metric = counter(
     "flowtel.packet.drops",
     "{packet}",
     "Packets the kernel dropped, by its drop reason",
 )
 .selectable();
-pub const TCP_OPENED: Metric = counter(
+pub static TCP_OPENED: Metric = counter(
     "flowtel.tcp.connections.opened",
     "{connection}",
     "TCP connections that completed the handshake",
 )
 .selectable();
-pub const TCP_CLOSED: Metric = counter(
+pub static TCP_CLOSED: Metric = counter(
     "flowtel.tcp.connections.closed",
     "{connection}",
     "TCP connections that ended, by how (FIN, reset or timeout)",
 )
 .selectable();
-pub const TCP_FAILED: Metric = counter(
+pub static TCP_FAILED: Metric = counter(
     "flowtel.tcp.connections.failed",
     "{connection}",
     "TCP connection attempts that never opened, by why (refused or no answer)",
 )
 .selectable();
-pub const TCP_RETRANSMITS: Metric = counter(
+pub static TCP_RETRANSMITS: Metric = counter(
     "flowtel.tcp.retransmits",
     "{segment}",
     "TCP segments retransmitted, both ends of a connection summed",
 )
 .selectable();
-pub const TCP_RTT: Metric = histogram(
+pub static TCP_RTT: Metric = histogram(
     "flowtel.tcp.rtt",
     "s",
     "Smoothed round-trip time of TCP connections: one sample per connection and \
      interval in which it received data, and one at its close",
 )
 .selectable();
-pub const TCP_DURATION: Metric = histogram(
+pub static TCP_DURATION: Metric = histogram(
     "flowtel.tcp.connection.duration",
     "s",
     "How long TCP connections lasted, from SYN to close",
@@ -257,99 +257,99 @@ pub const TCP_DURATION: Metric = histogram(
 
 // ---- Self-telemetry (scope `flowtel`) ----
 
-pub const FLOWS_TRACKED: Metric = gauge(
+pub static FLOWS_TRACKED: Metric = gauge(
     "flowtel.flows.tracked",
     "{flow}",
     "Connections currently held in the flow table",
 )
 .readyz("stats.flows_tracked");
-pub const FLOWS_UPDATES: Metric = counter(
+pub static FLOWS_UPDATES: Metric = counter(
     "flowtel.flows.updates",
     "{update}",
     "Source reports of a connection's counters applied to the flow table",
 )
 .readyz("stats.flow_updates");
-pub const FLOWS_SEEN: Metric = counter(
+pub static FLOWS_SEEN: Metric = counter(
     "flowtel.flows.seen",
     "{flow}",
     "Connections seen for the first time",
 )
 .readyz("stats.flows_seen");
-pub const FLOWS_UNTRACKED: Metric = counter(
+pub static FLOWS_UNTRACKED: Metric = counter(
     "flowtel.flows.untracked",
     "{update}",
     "Flow updates not tracked because the flow table was full; those flows are counted at their end",
 )
 .readyz("stats.flows_untracked");
-pub const FLOWS_ENDED_UNSEEN: Metric = counter(
+pub static FLOWS_ENDED_UNSEEN: Metric = counter(
     "flowtel.flows.ended_unseen",
     "{flow}",
     "Flows that ended without a final event; traffic after their last dump was missed",
 )
 .readyz("stats.flows_ended_unseen");
-pub const SERIES_ACTIVE: Metric = gauge(
+pub static SERIES_ACTIVE: Metric = gauge(
     "flowtel.series.active",
     "{series}",
     "Metric series currently exported",
 )
 .readyz("stats.series_active");
-pub const SERIES_OVERFLOWED: Metric = counter(
+pub static SERIES_OVERFLOWED: Metric = counter(
     "flowtel.series.overflowed",
     "{update}",
     "Flow deltas folded into the overflow series because the series budget was used up",
 )
 .readyz("stats.series_overflowed");
-pub const TCP_SAMPLES_DROPPED: Metric = counter(
+pub static TCP_SAMPLES_DROPPED: Metric = counter(
     "flowtel.tcp.samples.dropped",
     "{sample}",
     "RTT and duration samples not kept (an interval already held the maximum, or an exporter fell \
      behind); counts stay exact",
 )
 .readyz("stats.tcp_samples_dropped");
-pub const SOURCE_ACTIVE: Metric = gauge(
+pub static SOURCE_ACTIVE: Metric = gauge(
     "flowtel.source.active",
     "1",
     "1 for the kernel source in use, with its name and mode",
 );
-pub const SOURCE_EVENTS_LOST: Metric = counter(
+pub static SOURCE_EVENTS_LOST: Metric = counter(
     "flowtel.source.events.lost",
     "{overrun}",
     "Kernel event-queue overruns (each lost at least one event)",
 )
 .readyz("stats.events_lost");
-pub const SOURCE_DECODE_ERRORS: Metric = counter(
+pub static SOURCE_DECODE_ERRORS: Metric = counter(
     "flowtel.source.decode.errors",
     "{message}",
     "Source messages that could not be decoded and were skipped",
 )
 .readyz("stats.parse_errors");
-pub const SOURCE_DUMPS: Metric =
+pub static SOURCE_DUMPS: Metric =
     counter("flowtel.source.dumps", "{dump}", "Table dumps completed").readyz("stats.dumps");
-pub const SOURCE_DUMPS_FAILED: Metric = counter(
+pub static SOURCE_DUMPS_FAILED: Metric = counter(
     "flowtel.source.dumps.failed",
     "{dump}",
     "Table dumps that failed",
 )
 .readyz("stats.dump_errors");
-pub const SOURCE_BYTE_COUNTERS: Metric = gauge(
+pub static SOURCE_BYTE_COUNTERS: Metric = gauge(
     "flowtel.source.byte_counters",
     "1",
     "1 when the kernel source reports byte and packet counters, 0 when accounting is off",
 )
 .readyz("stats.byte_counters_available");
-pub const EXPORT_SUCCESSES: Metric = counter(
+pub static EXPORT_SUCCESSES: Metric = counter(
     "flowtel.export.successes",
     "{request}",
     "OTLP export requests that succeeded",
 )
 .readyz("stats.exports_ok");
-pub const EXPORT_FAILURES: Metric = counter(
+pub static EXPORT_FAILURES: Metric = counter(
     "flowtel.export.failures",
     "{request}",
     "OTLP export requests that failed after retries",
 )
 .readyz("stats.exports_failed");
-pub const EXPORT_INTERVALS_SKIPPED: Metric = counter(
+pub static EXPORT_INTERVALS_SKIPPED: Metric = counter(
     "flowtel.export.intervals.skipped",
     "{interval}",
     "Finished intervals an exporter could not take because export.queue_size intervals were \
@@ -357,14 +357,14 @@ pub const EXPORT_INTERVALS_SKIPPED: Metric = counter(
      were counted as dropped",
 )
 .readyz("stats.intervals_skipped");
-pub const LOGS_RECORDS_DROPPED: Metric = counter(
+pub static LOGS_RECORDS_DROPPED: Metric = counter(
     "flowtel.logs.records.dropped",
     "{record}",
     "Log records lost: past export.logs.max_records in one interval, in an interval the log \
      exporter could not take, or in a request that failed after retries",
 )
 .readyz("stats.records_dropped");
-pub const LOGS_RECORDS_RATE_LIMITED: Metric = counter(
+pub static LOGS_RECORDS_RATE_LIMITED: Metric = counter(
     "flowtel.logs.records.rate_limited",
     "{record}",
     "Log records dropped by export.logs.rate_limit",
@@ -373,68 +373,68 @@ pub const LOGS_RECORDS_RATE_LIMITED: Metric = counter(
 
 // ---- The eBPF source ----
 
-pub const EBPF_OVERFLOW_PACKETS: Metric = counter(
+pub static EBPF_OVERFLOW_PACKETS: Metric = counter(
     "flowtel.ebpf.overflow.packets",
     "{packet}",
     "Packets that found the kernel flow map full and were not recorded (raise ebpf.max_flows)",
 );
-pub const EBPF_OVERFLOW_BYTES: Metric = counter(
+pub static EBPF_OVERFLOW_BYTES: Metric = counter(
     "flowtel.ebpf.overflow.bytes",
     "By",
     "Bytes of the packets that found the kernel flow map full",
 );
-pub const EBPF_OVERFLOW_NOMEM_PACKETS: Metric = counter(
+pub static EBPF_OVERFLOW_NOMEM_PACKETS: Metric = counter(
     "flowtel.ebpf.overflow.nomem_packets",
     "{packet}",
     "Part of the overflow caused by the kernel allocator, not by max_flows",
 );
-pub const EBPF_ATTACH_FAILURES: Metric = counter(
+pub static EBPF_ATTACH_FAILURES: Metric = counter(
     "flowtel.ebpf.attach.failures",
     "{failure}",
     "Interfaces flowtel could not attach to",
 );
-pub const EBPF_FLOWS_EXPIRED: Metric = counter(
+pub static EBPF_FLOWS_EXPIRED: Metric = counter(
     "flowtel.ebpf.flows.expired",
     "{flow}",
     "Idle flows reported ended and removed from the kernel map",
 );
-pub const EBPF_NAT_REFUSED: Metric = counter(
+pub static EBPF_NAT_REFUSED: Metric = counter(
     "flowtel.ebpf.nat.refused",
     "{translation}",
     "NAT translations not kept because ebpf.nat_max_entries were held; those connections are \
      reported once per side",
 );
-pub const EBPF_TCP_EVENTS_LOST: Metric = counter(
+pub static EBPF_TCP_EVENTS_LOST: Metric = counter(
     "flowtel.ebpf.tcp.events.lost",
     "{event}",
     "TCP open/close/fail events lost because the ring buffer was full",
 );
-pub const EBPF_TCP_SOCKETS_UNTRACKED: Metric = counter(
+pub static EBPF_TCP_SOCKETS_UNTRACKED: Metric = counter(
     "flowtel.ebpf.tcp.sockets.untracked",
     "{attempt}",
     "Times a TCP socket could not be followed because ebpf.tcp.max_sockets were",
 );
-pub const EBPF_DROPS_UNRECORDED: Metric = counter(
+pub static EBPF_DROPS_UNRECORDED: Metric = counter(
     "flowtel.ebpf.drops.unrecorded",
     "{packet}",
     "Dropped packets not recorded because ebpf.drops.max_entries pairs were held",
 );
-pub const EBPF_INTERFACES: Metric = gauge(
+pub static EBPF_INTERFACES: Metric = gauge(
     "flowtel.ebpf.interfaces",
     "{interface}",
     "Interfaces with flowtel's TC programs attached",
 );
-pub const EBPF_MAP_ENTRIES: Metric = gauge(
+pub static EBPF_MAP_ENTRIES: Metric = gauge(
     "flowtel.ebpf.map.entries",
     "{entry}",
     "Entries in the kernel flow map at the last dump",
 );
-pub const EBPF_NAT_TRANSLATIONS: Metric = gauge(
+pub static EBPF_NAT_TRANSLATIONS: Metric = gauge(
     "flowtel.ebpf.nat.translations",
     "{translation}",
     "NAT translations held to fold the two tuples of NAT'ed connections",
 );
-pub const EBPF_TCP_SOCKETS: Metric = gauge(
+pub static EBPF_TCP_SOCKETS: Metric = gauge(
     "flowtel.ebpf.tcp.sockets",
     "{socket}",
     "TCP sockets followed at the last dump",
@@ -442,37 +442,37 @@ pub const EBPF_TCP_SOCKETS: Metric = gauge(
 
 // ---- The Kubernetes cache ----
 
-pub const K8S_WATCH_ERRORS: Metric = counter(
+pub static K8S_WATCH_ERRORS: Metric = counter(
     "flowtel.k8s.watch.errors",
     "{error}",
     "Failed Kubernetes list, watch or connection attempts (each retried)",
 )
 .readyz("kubernetes.watch_errors");
-pub const K8S_RELISTS: Metric = counter(
+pub static K8S_RELISTS: Metric = counter(
     "flowtel.k8s.relists",
     "{list}",
     "Complete re-lists after a 410 Gone, an API server restart or a broken watch",
 )
 .readyz("kubernetes.relists");
-pub const K8S_OBJECTS_REJECTED: Metric = counter(
+pub static K8S_OBJECTS_REJECTED: Metric = counter(
     "flowtel.k8s.objects.rejected",
     "{object}",
     "Kubernetes objects skipped because a field flowtel needs was missing or malformed",
 )
 .readyz("kubernetes.objects_rejected");
-pub const K8S_SYNCED: Metric = gauge(
+pub static K8S_SYNCED: Metric = gauge(
     "flowtel.k8s.synced",
     "1",
     "1 once every watched kind has been listed completely, 0 before",
 )
 .readyz("kubernetes.synced");
-pub const K8S_ENDS_NAMED: Metric = counter(
+pub static K8S_ENDS_NAMED: Metric = counter(
     "flowtel.k8s.ends.named",
     "{end}",
     "Flow ends the Kubernetes cache named as a pod, Service or node",
 )
 .readyz("stats.k8s_ends_named");
-pub const K8S_ENDS_UNKNOWN: Metric = counter(
+pub static K8S_ENDS_UNKNOWN: Metric = counter(
     "flowtel.k8s.ends.unknown",
     "{end}",
     "Flow ends no Kubernetes object claimed, named by their network instead",
@@ -481,190 +481,190 @@ pub const K8S_ENDS_UNKNOWN: Metric = counter(
 
 // ---- Mesh and CNI sources (scope `flowtel.mesh`) ----
 
-pub const SOURCES_ACTIVE: Metric = gauge(
+pub static SOURCES_ACTIVE: Metric = gauge(
     "flowtel.sources.active",
     "1",
     "Sources delivering data: the kernel source, hubble, istio, felix.",
 );
-pub const CNI_DETECTED: Metric = gauge(
+pub static CNI_DETECTED: Metric = gauge(
     "flowtel.cni.detected",
     "1",
     "The CNI plugin named by the node's CNI configuration (1 while detected).",
 );
-pub const SCRAPE_ERRORS: Metric = counter(
+pub static SCRAPE_ERRORS: Metric = counter(
     "flowtel.scrape.errors",
     "{scrape}",
     "Failed scrapes of Istio proxies and Felix, by target kind and error kind.",
 );
-pub const SCRAPE_SUCCESSES: Metric = counter(
+pub static SCRAPE_SUCCESSES: Metric = counter(
     "flowtel.scrape.successes",
     "{scrape}",
     "Successful scrapes, by target kind.",
 );
-pub const HUBBLE_FLOWS: Metric = counter(
+pub static HUBBLE_FLOWS: Metric = counter(
     "flowtel.hubble.flows",
     "{flow}",
     "Flow events Hubble reported, by verdict and ends.",
 );
-pub const HUBBLE_L7_REQUESTS: Metric = counter(
+pub static HUBBLE_L7_REQUESTS: Metric = counter(
     "flowtel.hubble.l7.requests",
     "{request}",
     "L7 records Hubble reported (requests and responses).",
 );
-pub const HUBBLE_L7_DURATION: Metric = histogram(
+pub static HUBBLE_L7_DURATION: Metric = histogram(
     "flowtel.hubble.l7.duration",
     "s",
     "Request-to-response latency Hubble measured.",
 );
-pub const HUBBLE_LOST_EVENTS: Metric = counter(
+pub static HUBBLE_LOST_EVENTS: Metric = counter(
     "flowtel.hubble.lost_events",
     "{event}",
     "Events Hubble lost before flowtel could read them.",
 );
-pub const HUBBLE_STREAM_ERRORS: Metric = counter(
+pub static HUBBLE_STREAM_ERRORS: Metric = counter(
     "flowtel.hubble.stream.errors",
     "{error}",
     "Hubble stream failures, by kind.",
 );
-pub const HUBBLE_STREAM_CONNECTED: Metric = gauge(
+pub static HUBBLE_STREAM_CONNECTED: Metric = gauge(
     "flowtel.hubble.stream.connected",
     "1",
     "1 while a GetFlows stream is open.",
 );
-pub const HUBBLE_STREAM_RECONNECTS: Metric = counter(
+pub static HUBBLE_STREAM_RECONNECTS: Metric = counter(
     "flowtel.hubble.stream.reconnects",
     "{connection}",
     "GetFlows streams opened after the first.",
 );
-pub const HUBBLE_FLOWS_DUPLICATES: Metric = counter(
+pub static HUBBLE_FLOWS_DUPLICATES: Metric = counter(
     "flowtel.hubble.flows.duplicates",
     "{flow}",
     "Flows replayed after a reconnect and not counted again.",
 );
-pub const HUBBLE_FLOWS_MALFORMED: Metric = counter(
+pub static HUBBLE_FLOWS_MALFORMED: Metric = counter(
     "flowtel.hubble.flows.malformed",
     "{flow}",
     "Counted flows with a malformed part, by kind.",
 );
-pub const HUBBLE_RECORDS_DROPPED: Metric = counter(
+pub static HUBBLE_RECORDS_DROPPED: Metric = counter(
     "flowtel.hubble.records.dropped",
     "{flow}",
     "Flows dropped from the flow-record queue because it was full.",
 );
 
 // Istio's families, as the Istio source renames them.
-pub const ISTIO_REQUESTS: Metric = counter(
+pub static ISTIO_REQUESTS: Metric = counter(
     "istio.requests",
     "{request}",
     "Requests handled by an Istio proxy.",
 );
-pub const ISTIO_REQUEST_DURATION: Metric = histogram(
+pub static ISTIO_REQUEST_DURATION: Metric = histogram(
     "istio.request.duration",
     "ms",
     "Request durations seen by an Istio proxy.",
 );
-pub const ISTIO_TCP_SENT: Metric = counter(
+pub static ISTIO_TCP_SENT: Metric = counter(
     "istio.tcp.sent",
     "By",
     "Bytes sent by an Istio proxy on TCP connections.",
 );
-pub const ISTIO_TCP_RECEIVED: Metric = counter(
+pub static ISTIO_TCP_RECEIVED: Metric = counter(
     "istio.tcp.received",
     "By",
     "Bytes received by an Istio proxy on TCP connections.",
 );
-pub const ISTIO_TCP_OPENED: Metric = counter(
+pub static ISTIO_TCP_OPENED: Metric = counter(
     "istio.tcp.connections.opened",
     "{connection}",
     "TCP connections an Istio proxy opened.",
 );
-pub const ISTIO_TCP_CLOSED: Metric = counter(
+pub static ISTIO_TCP_CLOSED: Metric = counter(
     "istio.tcp.connections.closed",
     "{connection}",
     "TCP connections an Istio proxy closed.",
 );
 
 // Calico Felix's families, as the Felix source renames them.
-pub const CALICO_DENIED_PACKETS: Metric = gauge(
+pub static CALICO_DENIED_PACKETS: Metric = gauge(
     "calico.denied.packets",
     "{packet}",
     "Packets denied by Calico policy, per policy and source address.",
 );
-pub const CALICO_DENIED_BYTES: Metric = gauge(
+pub static CALICO_DENIED_BYTES: Metric = gauge(
     "calico.denied.bytes",
     "By",
     "Bytes denied by Calico policy, per policy and source address.",
 );
-pub const FELIX_ACTIVE_LOCAL_ENDPOINTS: Metric = gauge(
+pub static FELIX_ACTIVE_LOCAL_ENDPOINTS: Metric = gauge(
     "felix.active.local.endpoints",
     "{endpoint}",
     "Endpoints active on this node.",
 );
-pub const FELIX_ACTIVE_LOCAL_POLICIES: Metric = gauge(
+pub static FELIX_ACTIVE_LOCAL_POLICIES: Metric = gauge(
     "felix.active.local.policies",
     "{policy}",
     "Policies active on this node.",
 );
-pub const FELIX_CLUSTER_POLICIES: Metric = gauge(
+pub static FELIX_CLUSTER_POLICIES: Metric = gauge(
     "felix.cluster.policies",
     "{policy}",
     "Policies in the cluster.",
 );
-pub const FELIX_IPTABLES_RULES: Metric = gauge(
+pub static FELIX_IPTABLES_RULES: Metric = gauge(
     "felix.iptables.rules",
     "{rule}",
     "iptables rules Felix programmed, per table and IP version.",
 );
-pub const FELIX_IPSETS: Metric = gauge(
+pub static FELIX_IPSETS: Metric = gauge(
     "felix.ipsets",
     "{ipset}",
     "Calico IP sets in the dataplane.",
 );
-pub const FELIX_BPF_ENDPOINTS: Metric = gauge(
+pub static FELIX_BPF_ENDPOINTS: Metric = gauge(
     "felix.bpf.dataplane.endpoints",
     "{endpoint}",
     "Endpoints the BPF dataplane manages.",
 );
-pub const FELIX_BPF_ENDPOINTS_DIRTY: Metric = gauge(
+pub static FELIX_BPF_ENDPOINTS_DIRTY: Metric = gauge(
     "felix.bpf.dataplane.endpoints.dirty",
     "{endpoint}",
     "BPF endpoints left unprogrammed after a failure.",
 );
-pub const FELIX_RESYNC_STATE: Metric = gauge(
+pub static FELIX_RESYNC_STATE: Metric = gauge(
     "felix.resync.state",
     "1",
     "Felix's datastore sync state (3: in sync).",
 );
-pub const FELIX_DATAPLANE_FAILURES: Metric = counter(
+pub static FELIX_DATAPLANE_FAILURES: Metric = counter(
     "felix.dataplane.failures",
     "{failure}",
     "Dataplane updates that failed and will be retried.",
 );
-pub const FELIX_DATAPLANE_MESSAGES: Metric = counter(
+pub static FELIX_DATAPLANE_MESSAGES: Metric = counter(
     "felix.dataplane.messages",
     "{message}",
     "Dataplane messages, per type.",
 );
-pub const FELIX_IPTABLES_RESTORE_ERRORS: Metric = counter(
+pub static FELIX_IPTABLES_RESTORE_ERRORS: Metric = counter(
     "felix.iptables.restore.errors",
     "{error}",
     "iptables-restore failures.",
 );
-pub const FELIX_IPTABLES_SAVE_ERRORS: Metric = counter(
+pub static FELIX_IPTABLES_SAVE_ERRORS: Metric = counter(
     "felix.iptables.save.errors",
     "{error}",
     "iptables-save failures.",
 );
-pub const FELIX_IPSET_ERRORS: Metric =
+pub static FELIX_IPSET_ERRORS: Metric =
     counter("felix.ipset.errors", "{error}", "ipset command failures.");
-pub const FELIX_RESYNCS_STARTED: Metric = counter(
+pub static FELIX_RESYNCS_STARTED: Metric = counter(
     "felix.resyncs.started",
     "{resync}",
     "Datastore resyncs Felix started.",
 );
 
 /// Every metric above.
-pub const METRICS: &[&Metric] = &[
+pub static METRICS: &[&Metric] = &[
     &FLOW_BYTES,
     &FLOW_PACKETS,
     &ZONE_BYTES,

@@ -161,7 +161,7 @@ impl Telemetry {
                 Reader::Value(v) => vec![(Vec::new(), v.load(Ordering::Relaxed))],
                 Reader::Points(read) => read(),
             };
-            let slot = match out.iter().position(|(m, _)| std::ptr::eq(*m, e.metric)) {
+            let slot = match out.iter().position(|(m, _)| m.name == e.metric.name) {
                 Some(i) => &mut out[i].1,
                 None => {
                     out.push((e.metric, Vec::new()));
