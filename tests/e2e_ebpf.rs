@@ -10,7 +10,8 @@
 //!   flowtel counts them, while the veth counts GSO skbs.
 //!
 //! Needs root, `ip`, `nft`, `iperf3` and a binary built with eBPF on a kernel
-//! with BTF. Missing → skip with the reason, or fail under `CI`.
+//! with BTF. Missing → skipped with the reason ([`common::skip`]), or a
+//! failure under `CI`.
 
 mod common;
 

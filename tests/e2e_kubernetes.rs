@@ -32,7 +32,7 @@
 //! passed to the ledger pod while it was down (the change is picked up).
 //!
 //! Needs root, `ip`, `nft` and a flowtel built with eBPF support; otherwise
-//! the tests print why and pass, unless `CI` is set.
+//! the tests are skipped ([`common::skip`]), or fail under `CI`.
 
 mod common;
 

@@ -8,7 +8,8 @@
 //! port, which the kernel reports as drops with reason `NETFILTER_DROP`.
 //!
 //! Needs root, `ip`, `nft`, rotel and a binary built with eBPF on a kernel
-//! with BTF. Missing → skip with the reason, or fail under `CI`.
+//! with BTF. Missing → skipped with the reason ([`common::skip`]), or a
+//! failure under `CI`.
 
 mod common;
 
@@ -438,9 +439,10 @@ fn rotel_receives_events_and_the_rate_limit_counts_what_it_drops() {
     let Some((_, _)) = common::prerequisites_with(TEST, &[], &common::ebpf_conditions()) else {
         return;
     };
-    let Some(rotel_bin) = tools.rotel.clone() else {
-        return;
-    };
+    let rotel_bin = tools
+        .rotel
+        .clone()
+        .expect("prerequisites found rotel-agent");
     let topo = Topology::new(&tools, "lr");
     let rotel = Rotel::start(&rotel_bin).expect("rotel");
     const RATE: u64 = 40;

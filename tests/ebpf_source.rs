@@ -22,8 +22,10 @@
 //! before they reach TC.
 //!
 //! When something is missing (root, ip, iperf3, bpftool, tc, nft, or a
-//! binary built without eBPF) a test prints why and passes, unless `CI` is
-//! set, in which case it fails.
+//! binary built without eBPF) a test is skipped ([`common::skip`]), or
+//! fails under `CI`.
+
+mod common;
 
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -45,14 +47,9 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-}
-
-/// Skips (prints why, returns None) or, under CI, fails.
+/// Skips ([`common::skip`]: reported as skipped, or under CI a failure).
 fn skip(test: &str, why: &str) -> Option<Tools> {
-    assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
-    println!("skipping {test}: {why}");
+    common::skip(test, why);
     None
 }
 
@@ -926,7 +923,7 @@ fn new_interfaces_are_attached() {
 #[test]
 fn bad_netns_is_a_clear_error() {
     if !ebpf::built_with_ebpf() || unsafe { libc::geteuid() } != 0 {
-        println!("skipping bad_netns_is_a_clear_error: needs root and an eBPF build");
+        common::skip("bad_netns_is_a_clear_error", "needs root and an eBPF build");
         return;
     }
     let (tx, _rx) = mpsc::channel(16);

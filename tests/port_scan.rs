@@ -19,7 +19,7 @@
 //! an ICMP answer, so the scan is the only traffic.
 //!
 //! Needs root, `ip`, `nft` and a flowtel built with eBPF support; otherwise
-//! it prints why and passes, unless `CI` is set.
+//! it is skipped ([`common::skip`]), or fails under `CI`.
 
 mod common;
 

@@ -28,8 +28,8 @@
 //!   link, no tc filter and none of its programs behind.
 //!
 //! Needs root, `ip`, `nft`, `setpriv` (test 1), `bpftool`, `tc` and a
-//! binary built with eBPF on a kernel with BTF (test 2). Missing → skip with
-//! the reason, or fail under `CI`.
+//! binary built with eBPF on a kernel with BTF (test 2). Missing → skipped
+//! with the reason ([`common::skip`]), or a failure under `CI`.
 
 mod common;
 
