@@ -21,13 +21,8 @@ use common::flowtel::{Flowtel, FlowtelArgs};
 use common::netns::NetnsGuard;
 use common::otlp_receiver::OtlpReceiver;
 use common::scenario::{self, Lab, Series};
-use common::Tool;
+use common::IPERF3;
 
-const IPERF3: Tool = Tool {
-    name: "iperf3",
-    env: "IPERF3_BIN",
-    fallbacks: &["/usr/bin/iperf3"],
-};
 const IPERF_PORT: &str = "5201";
 /// Each iperf3 run, seconds.
 const SECONDS: &str = "2";

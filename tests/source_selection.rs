@@ -44,7 +44,7 @@ use common::flowtel::{Flowtel, FlowtelArgs};
 use common::netns::Netns;
 use common::otlp_receiver::{AttrValue, OtlpReceiver};
 use common::scenario::{self, Lab, Plan, Series, Totals};
-use common::{deviation_pct, strip_ansi, wait_until, within, Tool};
+use common::{deviation_pct, strip_ansi, wait_until, within, Tool, BPFTOOL, TC};
 
 /// Both tests compare counters on two shared CPUs; one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -57,16 +57,6 @@ const SETPRIV: Tool = Tool {
     name: "setpriv",
     env: "SETPRIV_BIN",
     fallbacks: &["/usr/bin/setpriv", "/bin/setpriv"],
-};
-const BPFTOOL: Tool = Tool {
-    name: "bpftool",
-    env: "BPFTOOL_BIN",
-    fallbacks: &["/usr/sbin/bpftool", "/sbin/bpftool"],
-};
-const TC: Tool = Tool {
-    name: "tc",
-    env: "TC_BIN",
-    fallbacks: &["/usr/sbin/tc", "/sbin/tc"],
 };
 
 /// Capabilities flowtel runs without in test 1.

@@ -56,6 +56,21 @@ pub const ROTEL_AGENT: Tool = Tool {
     env: "ROTEL_AGENT",
     fallbacks: &["/opt/flowtel-venv/lib/python3.11/site-packages/rotel/rotel-agent"],
 };
+pub const IPERF3: Tool = Tool {
+    name: "iperf3",
+    env: "IPERF3_BIN",
+    fallbacks: &["/usr/bin/iperf3"],
+};
+pub const BPFTOOL: Tool = Tool {
+    name: "bpftool",
+    env: "BPFTOOL_BIN",
+    fallbacks: &["/usr/sbin/bpftool", "/sbin/bpftool"],
+};
+pub const TC: Tool = Tool {
+    name: "tc",
+    env: "TC_BIN",
+    fallbacks: &["/usr/sbin/tc", "/sbin/tc"],
+};
 
 fn is_executable(path: &Path) -> bool {
     path.metadata()

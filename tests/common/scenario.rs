@@ -604,12 +604,24 @@ pub fn check_self_stats(what: &str, stats: &serde_json::Value) {
     );
 }
 
+/// The received-packet counters of the IP MIBs, one per ECN codepoint.
+const IP_IN_FIELDS: [&str; 4] = ["InNoECTPkts", "InECT1Pkts", "InECT0Pkts", "InCEPkts"];
+
 /// Wire packets `ns`'s IP layer received: IPv4 (`IpExt`), plus IPv6
 /// (`Ip6`) when `v6`, summed over the four ECN codepoints. The kernel adds
 /// `max(1, gso_segs)` per skb there, so these are GSO segments, as the eBPF
 /// source counts them (the veth counts skbs).
 pub fn ip_in_packets(ns: &Netns, v6: bool) -> u64 {
-    const FIELDS: [&str; 4] = ["InNoECTPkts", "InECT1Pkts", "InECT0Pkts", "InCEPkts"];
+    let v4 = ip4_in_packets(ns);
+    if !v6 {
+        return v4;
+    }
+    v4 + ip6_in_packets(ns)
+}
+
+/// IPv4 wire packets `ns` received (`IpExt: In*Pkts` of
+/// `/proc/net/netstat`); see [`ip_in_packets`].
+pub fn ip4_in_packets(ns: &Netns) -> u64 {
     let netstat = ns
         .run("cat", &["/proc/net/netstat"])
         .expect("/proc/net/netstat");
@@ -618,29 +630,30 @@ pub fn ip_in_packets(ns: &Netns, v6: bool) -> u64 {
         .filter(|l| l.starts_with("IpExt:"))
         .collect();
     assert_eq!(lines.len(), 2, "IpExt lines in /proc/net/netstat");
-    let v4: u64 = lines[0]
+    lines[0]
         .split_whitespace()
         .zip(lines[1].split_whitespace())
-        .filter(|(n, _)| FIELDS.contains(n))
+        .filter(|(n, _)| IP_IN_FIELDS.contains(n))
         .map(|(_, v)| v.parse::<u64>().expect("counter is a number"))
-        .sum();
-    if !v6 {
-        return v4;
-    }
+        .sum()
+}
+
+/// IPv6 wire packets `ns` received (`Ip6In*Pkts` of `/proc/net/snmp6`);
+/// see [`ip_in_packets`].
+pub fn ip6_in_packets(ns: &Netns) -> u64 {
     let snmp6 = ns
         .run("cat", &["/proc/net/snmp6"])
         .expect("/proc/net/snmp6");
-    let v6: u64 = snmp6
+    snmp6
         .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             let name = it.next()?.strip_prefix("Ip6")?;
-            FIELDS
+            IP_IN_FIELDS
                 .contains(&name)
                 .then(|| it.next()?.parse::<u64>().ok())?
         })
-        .sum();
-    v4 + v6
+        .sum()
 }
 
 /// Asserts the eBPF source's totals within 1 % per direction: bytes against
