@@ -58,7 +58,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::flowtel::{Flowtel, FlowtelArgs};
+use common::flowtel::{Flowtel, FlowtelArgs, Health};
 use common::kubeapi::{fx, KubeApi};
 use common::mesh::{self, Behaviour};
 use common::otlp_receiver::OtlpReceiver;
@@ -1068,7 +1068,6 @@ const CLOSED_PORT: u16 = 5555;
 const DROPPED_TCP_PORT: u16 = 9999;
 const DROPPED_UDP_PORT: u16 = 9998;
 const LOSS_PERCENT: u32 = 3;
-const CACHE_LAG: Duration = Duration::from_millis(2500);
 /// Where the meshed checkout pod's sidecar, ztunnel and Felix serve their
 /// scrapes: loopback addresses of flowtel's own namespace.
 const SIDECAR_IP: &str = "127.0.0.2";
@@ -1430,7 +1429,14 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         )
     });
     let prom = Prometheus::start(&bins[0], "flowtel", addr, "1s").expect("starting Prometheus");
-    std::thread::sleep(CACHE_LAG);
+    // Flows are named once the cache has synced and flowtel took that view
+    // (before its next dump).
+    let synced = flowtel
+        .wait_for_kube_synced(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{TEST}: {e:#}"));
+    flowtel
+        .wait_for_dump_after(&synced, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{TEST}: {e:#}"));
 
     let server = TrafficServer::start(
         &lab.b,

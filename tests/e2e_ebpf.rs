@@ -95,16 +95,10 @@ fn iperf3_tcp_udp_v4_v6_counted_within_one_percent_over_otlp() {
             .collect();
         println!("{TEST}: iperf3 {name}: {}", summary.join(" | "));
     }
-    let traffic_end = Instant::now();
     let clients = [scenario::A_V4, scenario::A_V6];
-    let series = scenario::wait_stable(
-        "receiver",
-        traffic_end,
-        Duration::from_secs(3),
-        Duration::from_secs(3),
-        Duration::from_secs(30),
-        || Series::of_clients(&receiver.sum_points(0), &clients),
-    );
+    let series = scenario::wait_exported("receiver", &flowtel, Duration::from_secs(30), || {
+        Series::of_clients(&receiver.sum_points(0), &clients)
+    });
     let after = lab.counters().expect("A's veth counters");
     let (a_in, b_in) = (
         scenario::ip_in_packets(&lab.a, true) - a_in0,

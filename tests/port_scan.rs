@@ -113,11 +113,9 @@ fn a_port_scan_stays_within_the_series_budget() {
         "{TEST}: A sent only the scan"
     );
 
-    let series = common::scenario::wait_stable(
+    let series = common::scenario::wait_exported(
         "receiver",
-        Instant::now(),
-        Duration::from_secs(3),
-        Duration::from_secs(3),
+        &ft,
         Duration::from_secs(60),
         // The latest flow export only: a series folded into the overflow
         // series is no longer exported (its last value would be counted

@@ -13,6 +13,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use super::flowtel::{intervals_after, Health};
 use super::netns::{IfStats, Netns, NetnsGuard, VethEnd};
 use super::otlp_receiver::{total_where, AttrValue, Attrs, SumPoint};
 use super::traffic::{self, Payload};
@@ -415,44 +416,41 @@ impl Series {
     }
 }
 
-/// Polls `read` until flowtel's totals hold still: some series arrived, at
-/// least `settle` has passed since the traffic ended and nothing changed for
-/// `quiet`. Returns the last series (possibly unsettled, after `timeout`:
-/// the assertions then show why).
-pub fn wait_stable(
+/// Waits until the receiving end holds everything flowtel counted before
+/// this call ([`Health::wait_until_shown`]: a dump begun after the call,
+/// applied, and an interval that ended after it, in what `read` returns),
+/// and returns that. `read` gives the flow series as the receiving end (the
+/// test receiver, a collector) holds them. Panics if flowtel exits or stops
+/// dumping; if nothing newer shows within `timeout`, returns the last series
+/// (the assertions then show what is missing).
+pub fn wait_exported(
     what: &str,
-    traffic_end: Instant,
-    settle: Duration,
-    quiet: Duration,
+    flowtel: &impl Health,
     timeout: Duration,
     mut read: impl FnMut() -> Series,
 ) -> Series {
-    let deadline = Instant::now() + timeout;
-    let mut last = read();
-    let mut changed = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(250));
-        let now = read();
-        if now.totals() != last.totals() || now.bytes.len() != last.bytes.len() {
-            changed = Instant::now();
-        }
-        last = now;
-        if !last.bytes.is_empty() && traffic_end.elapsed() >= settle && changed.elapsed() >= quiet {
-            println!(
-                "{what}: stable {:?} after the traffic: {}",
-                traffic_end.elapsed(),
-                last.totals()
-            );
-            return last;
-        }
-        if Instant::now() >= deadline {
-            println!(
-                "{what}: still changing after {timeout:?}; checking the last numbers: {}",
-                last.totals()
-            );
-            return last;
-        }
+    let started = Instant::now();
+    let mut last = Series::default();
+    let shown = flowtel
+        .wait_until_shown(1, timeout, |at| {
+            last = read();
+            intervals_after(last.bytes.values(), at)
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    if shown {
+        println!(
+            "{what}: exported, {:?} after the traffic: {}",
+            started.elapsed(),
+            last.totals()
+        );
+    } else {
+        println!(
+            "{what}: no interval after the traffic within {timeout:?}; checking the last \
+             numbers: {}",
+            last.totals()
+        );
     }
+    last
 }
 
 /// Asserts flowtel's totals per direction against the interface counters.
