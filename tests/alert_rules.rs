@@ -199,9 +199,7 @@ fn promtool_checks_and_tests_the_rules() {
     let promtool_bin = match find_tool(&PROMTOOL) {
         Ok(p) => p,
         Err(why) => {
-            let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
-            assert!(!in_ci, "alert_rules: promtool missing under CI: {why}");
-            println!("skipping promtool_checks_and_tests_the_rules: {why}");
+            common::skip("promtool_checks_and_tests_the_rules", &why);
             return;
         }
     };

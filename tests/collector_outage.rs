@@ -28,8 +28,6 @@ use common::scenario::{self, Lab, Plan, Series, Totals};
 const TEST: &str = "collector_outage";
 const INTERVAL: &str = "1s";
 const RSS_LIMIT_KIB: u64 = 64 * 1024;
-const SETTLE: Duration = Duration::from_secs(3);
-const QUIET: Duration = Duration::from_secs(3);
 const STABLE_TIMEOUT: Duration = Duration::from_secs(20);
 const FAILURE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -125,23 +123,16 @@ fn collector_outage() {
 
     // 1. Collector down from the start.
     let flows_1 = scenario::run(&lab, &PHASE_1).expect("phase 1 traffic");
-    let end_1 = Instant::now();
     wait_for_failures(&flowtel, &mut rss, 2, "collector down at start");
 
     // 2. Collector up: everything so far arrives.
     let mut receiver =
         OtlpReceiver::start_on(grpc_port, http_port).expect("starting the receiver late");
-    let series = scenario::wait_stable(
-        "after the first outage",
-        end_1,
-        SETTLE,
-        QUIET,
-        STABLE_TIMEOUT,
-        || {
+    let series =
+        scenario::wait_exported("after the first outage", &flowtel, STABLE_TIMEOUT, || {
             rss.sample(&flowtel);
             Series::from_points(&receiver.sum_points(0))
-        },
-    );
+        });
     let mid = lab.counters().expect("reading A's veth counters");
     let truth_1 = Totals::from_counters(&before, &mid);
     println!("{TEST}: phase 1 series:\n{}", series.describe());
@@ -153,7 +144,6 @@ fn collector_outage() {
     let stored_at_stop = receiver.request_count();
     let failed_before = flowtel.stat("exports_failed").expect("flowtel's stats");
     let flows_2 = scenario::run(&lab, &PHASE_2).expect("phase 2 traffic");
-    let end_2 = Instant::now();
     wait_for_failures(&flowtel, &mut rss, failed_before + 2, "collector stopped");
     assert_eq!(
         receiver.request_count(),
@@ -166,17 +156,11 @@ fn collector_outage() {
         .restart()
         .expect("restarting the receiver on the same port");
     let since = receiver.request_count();
-    let series = scenario::wait_stable(
-        "after the second outage",
-        end_2,
-        SETTLE,
-        QUIET,
-        STABLE_TIMEOUT,
-        || {
+    let series =
+        scenario::wait_exported("after the second outage", &flowtel, STABLE_TIMEOUT, || {
             rss.sample(&flowtel);
             Series::from_points(&receiver.sum_points(since))
-        },
-    );
+        });
     let server_errors = servers.errors();
     drop(servers);
     assert!(

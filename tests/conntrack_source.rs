@@ -1,6 +1,8 @@
 //! The conntrack source against the real kernel, inside throwaway network
-//! namespaces. Needs root, `ip`, `nft` and `python3`; otherwise it prints why
-//! and passes without checking anything.
+//! namespaces. Needs root, `ip`, `nft`, `python3` and `conntrack`; otherwise
+//! the tests are skipped ([`common::skip`]), or fail under `CI`.
+
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
@@ -254,7 +256,7 @@ fn ep(ip: &str, port: u16) -> Endpoint {
 #[test]
 fn conntrack_source_in_a_namespace() {
     if let Some(why) = skip_reason() {
-        println!("skipping conntrack_source_in_a_namespace: {why}");
+        common::skip("conntrack_source_in_a_namespace", &why);
         return;
     }
     let ns = Netns::create();
@@ -431,7 +433,7 @@ fn conntrack_source_in_a_namespace() {
 #[test]
 fn netns_errors_are_reported() {
     if let Some(why) = skip_reason() {
-        println!("skipping netns_errors_are_reported: {why}");
+        common::skip("netns_errors_are_reported", &why);
         return;
     }
     let (tx, _rx) = mpsc::channel(16);
@@ -461,11 +463,14 @@ const CHILD_NETNS: &str = "FLOWTEL_CT_TEST_CHILD_NETNS";
 #[test]
 fn auto_falls_back_without_cap_net_admin() {
     if let Some(why) = skip_reason() {
-        println!("skipping auto_falls_back_without_cap_net_admin: {why}");
+        common::skip("auto_falls_back_without_cap_net_admin", &why);
         return;
     }
     if Command::new("setpriv").arg("--version").output().is_err() {
-        println!("skipping auto_falls_back_without_cap_net_admin: `setpriv` is not installed");
+        common::skip(
+            "auto_falls_back_without_cap_net_admin",
+            "`setpriv` is not installed",
+        );
         return;
     }
     let ns = Netns::create();
@@ -538,7 +543,7 @@ fn fallback_child() {
 #[test]
 fn event_overruns_are_counted_and_reading_goes_on() {
     if let Some(why) = skip_reason() {
-        println!("skipping event_overruns_are_counted_and_reading_goes_on: {why}");
+        common::skip("event_overruns_are_counted_and_reading_goes_on", &why);
         return;
     }
     let ns = Netns::create();
@@ -610,7 +615,7 @@ fn event_overruns_are_counted_and_reading_goes_on() {
 #[test]
 fn accounting_left_off_is_reported() {
     if let Some(why) = skip_reason() {
-        println!("skipping accounting_left_off_is_reported: {why}");
+        common::skip("accounting_left_off_is_reported", &why);
         return;
     }
     let ns = Netns::create();
@@ -631,7 +636,10 @@ fn accounting_left_off_is_reported() {
 fn procfs_file_source_counts_errors() {
     init_logs();
     if !std::path::Path::new("/proc/sys/net/netfilter/nf_conntrack_acct").exists() {
-        println!("skipping procfs_file_source_counts_errors: nf_conntrack is not loaded");
+        common::skip(
+            "procfs_file_source_counts_errors",
+            "nf_conntrack is not loaded (`modprobe nf_conntrack`)",
+        );
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");

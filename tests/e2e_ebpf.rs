@@ -10,7 +10,8 @@
 //!   flowtel counts them, while the veth counts GSO skbs.
 //!
 //! Needs root, `ip`, `nft`, `iperf3` and a binary built with eBPF on a kernel
-//! with BTF. Missing → skip with the reason, or fail under `CI`.
+//! with BTF. Missing → skipped with the reason ([`common::skip`]), or a
+//! failure under `CI`.
 
 mod common;
 
@@ -20,13 +21,8 @@ use common::flowtel::{Flowtel, FlowtelArgs};
 use common::netns::NetnsGuard;
 use common::otlp_receiver::OtlpReceiver;
 use common::scenario::{self, Lab, Series};
-use common::Tool;
+use common::IPERF3;
 
-const IPERF3: Tool = Tool {
-    name: "iperf3",
-    env: "IPERF3_BIN",
-    fallbacks: &["/usr/bin/iperf3"],
-};
 const IPERF_PORT: &str = "5201";
 /// Each iperf3 run, seconds.
 const SECONDS: &str = "2";
@@ -99,16 +95,10 @@ fn iperf3_tcp_udp_v4_v6_counted_within_one_percent_over_otlp() {
             .collect();
         println!("{TEST}: iperf3 {name}: {}", summary.join(" | "));
     }
-    let traffic_end = Instant::now();
     let clients = [scenario::A_V4, scenario::A_V6];
-    let series = scenario::wait_stable(
-        "receiver",
-        traffic_end,
-        Duration::from_secs(3),
-        Duration::from_secs(3),
-        Duration::from_secs(30),
-        || Series::of_clients(&receiver.sum_points(0), &clients),
-    );
+    let series = scenario::wait_exported("receiver", &flowtel, Duration::from_secs(30), || {
+        Series::of_clients(&receiver.sum_points(0), &clients)
+    });
     let after = lab.counters().expect("A's veth counters");
     let (a_in, b_in) = (
         scenario::ip_in_packets(&lab.a, true) - a_in0,

@@ -32,15 +32,16 @@
 //! passed to the ledger pod while it was down (the change is picked up).
 //!
 //! Needs root, `ip`, `nft` and a flowtel built with eBPF support; otherwise
-//! the tests print why and pass, unless `CI` is set.
+//! the tests are skipped ([`common::skip`]), or fail under `CI`.
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::flowtel::{Flowtel, FlowtelArgs};
+use common::flowtel::{Flowtel, FlowtelArgs, Health};
 use common::kubeapi::{self, fx, KubeApi};
 use common::netns::IfStats;
 use common::otlp_receiver::{show, AttrValue, Attrs, OtlpReceiver};
@@ -62,12 +63,13 @@ const PIECES: u64 = 4;
 const PAUSE: Duration = Duration::from_millis(300);
 const INTERVAL: &str = "1s";
 const TOLERANCE: f64 = 0.01;
-const SETTLE: Duration = Duration::from_secs(3);
-const QUIET: Duration = Duration::from_secs(3);
 const STABLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Long enough for the cache to publish a change and flowtel to take it
-/// (at its next interval).
-const CACHE_LAG: Duration = Duration::from_millis(2500);
+/// Upper bounds for the cache to sync, and for a change to reach the names.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+const NAMING_TIMEOUT: Duration = Duration::from_secs(60);
+/// A port nothing listens on in B: connects to it are refused, and each is a
+/// flow of its own that shows how flowtel names B (see `wait_named`).
+const PROBE_PORT: u16 = 8081;
 
 /// Both tests load eBPF programs and count on the same two CPUs.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -92,12 +94,11 @@ fn flows_are_named_after_pods_workloads_services_and_zones() {
     };
     let (lab, api, receiver) = (&run.lab, &run.api, &run.receiver);
     let mut ft = run.flowtel();
-    // The first lists are in once the cache has asked for every kind.
-    std::thread::sleep(CACHE_LAG);
+    wait_synced(test, &ft);
 
     // 1. Through the Service.
     let (vip_c2s, vip_s2c) = transfer(lab, sock(VIP, VIP_PORT));
-    let series = settle(receiver);
+    let series = settle(&ft, receiver);
     check(test, &series, &vip_attrs(C2S), vip_c2s, "via the Service");
     check(test, &series, &vip_attrs(S2C), vip_s2c, "via the Service");
     let zone = |direction: &str| {
@@ -124,7 +125,7 @@ fn flows_are_named_after_pods_workloads_services_and_zones() {
 
     // 2. Straight to the pod, then the address passes to another pod.
     let (old_c2s, old_s2c) = transfer(lab, sock(B_V4, BACKEND_PORT));
-    let series = settle(receiver);
+    let series = settle(&ft, receiver);
     check(
         test,
         &series,
@@ -140,9 +141,9 @@ fn flows_are_named_after_pods_workloads_services_and_zones() {
         "to the payments pod",
     );
     reuse_address(api, &run.payments_pod);
-    std::thread::sleep(CACHE_LAG);
+    wait_named(test, &ft, lab, receiver, "bank", "ledger");
     let (new_c2s, new_s2c) = transfer(lab, sock(B_V4, BACKEND_PORT));
-    let series = settle(receiver);
+    let series = settle(&ft, receiver);
     check(
         test,
         &series,
@@ -179,7 +180,7 @@ fn flows_keep_flowing_while_the_api_server_is_away() {
 
     // 1. No API server: flows are counted and marked.
     let (c2s, s2c) = transfer(lab, sock(VIP, VIP_PORT));
-    let series = settle(receiver);
+    let series = settle(&ft, receiver);
     let pending = |direction: &str| -> u64 {
         series
             .bytes
@@ -215,9 +216,9 @@ fn flows_keep_flowing_while_the_api_server_is_away() {
         "{test}: flowtel never watched pods:\n{}",
         ft.output()
     );
-    std::thread::sleep(CACHE_LAG);
+    wait_synced(test, &ft);
     let (c2s, s2c) = transfer(lab, sock(VIP, VIP_PORT));
-    let series = settle(receiver);
+    let series = settle(&ft, receiver);
     check(
         test,
         &series,
@@ -237,7 +238,7 @@ fn flows_keep_flowing_while_the_api_server_is_away() {
     run.rt.block_on(api.stop());
     let before = series.bytes.get(&vip_attrs(C2S)).map_or(0, |p| p.value);
     let (c2s, _) = transfer(lab, sock(VIP, VIP_PORT));
-    let series = settle(receiver);
+    let series = settle(&ft, receiver);
     let after = series.bytes.get(&vip_attrs(C2S)).map_or(0, |p| p.value);
     println!(
         "{test}: API server stopped: the named series grew by {} B, veth {c2s} B ({:+.3} %)",
@@ -262,8 +263,7 @@ fn flows_keep_flowing_while_the_api_server_is_away() {
     run.rt.block_on(api.start());
     let resumed = common::wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
         let (c2s, _) = transfer(lab, sock(B_V4, BACKEND_PORT));
-        std::thread::sleep(Duration::from_secs(2));
-        let series = Series::from_points(&receiver.sum_points(0));
+        let series = settle(&ft, receiver);
         let named = series
             .bytes
             .get(&direct_attrs("bank", "ledger", C2S))
@@ -509,15 +509,65 @@ fn transfer(lab: &RouterLab, to: SocketAddr) -> (u64, u64) {
     (ra.rx_l3_bytes(), rb.rx_l3_bytes())
 }
 
-fn settle(receiver: &OtlpReceiver) -> Series {
-    common::scenario::wait_stable(
-        "receiver",
-        Instant::now(),
-        SETTLE,
-        QUIET,
-        STABLE_TIMEOUT,
-        || Series::from_points(&receiver.sum_points(0)),
-    )
+/// What the receiver holds once flowtel exported everything so far.
+fn settle(ft: &Flowtel, receiver: &OtlpReceiver) -> Series {
+    common::scenario::wait_exported("receiver", ft, STABLE_TIMEOUT, || {
+        Series::from_points(&receiver.sum_points(0))
+    })
+}
+
+/// Waits until the cache has listed every kind (`/readyz`
+/// `kubernetes.synced`) and flowtel has taken that view: it does so before
+/// each dump, so a dump begun after the sync names flows after it.
+fn wait_synced(test: &str, ft: &Flowtel) {
+    let synced = ft
+        .wait_for_kube_synced(SYNC_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{test}: {e:#}"));
+    ft.wait_for_dump_after(&synced, SYNC_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{test}: {e:#}"));
+}
+
+/// Waits until flowtel names B's address after Deployment `ns/workload`, as
+/// the API server now says. /readyz does not show which objects the cache
+/// holds, so this asks flowtel itself: a connect from A to B's closed
+/// `PROBE_PORT` (a series of its own) until the receiver shows one named
+/// so. Connections that start afterwards are named after it too.
+fn wait_named(
+    test: &str,
+    ft: &Flowtel,
+    lab: &RouterLab,
+    receiver: &OtlpReceiver,
+    ns: &str,
+    workload: &str,
+) {
+    let deadline = Instant::now() + NAMING_TIMEOUT;
+    let probe = AttrValue::Int(PROBE_PORT.into());
+    for attempt in 1.. {
+        let connect = lab
+            .a
+            .in_ns(|| TcpStream::connect_timeout(&sock(B_V4, PROBE_PORT), Duration::from_secs(5)))
+            .expect("entering A");
+        assert!(
+            matches!(&connect, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+            "{test}: a connect to {B_V4}:{PROBE_PORT} must be refused: {connect:?}"
+        );
+        let series = settle(ft, receiver);
+        let named = series.bytes.keys().any(|a| {
+            a.get("server.port") == Some(&probe)
+                && a.get("flowtel.peer.k8s.namespace.name") == Some(&s(ns))
+                && a.get("flowtel.peer.k8s.workload.name") == Some(&s(workload))
+        });
+        if named {
+            println!("{test}: probe {attempt}: {B_V4} is named {ns}/{workload}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: flowtel did not name {B_V4} {ns}/{workload} within {NAMING_TIMEOUT:?}\n\
+             series:\n{}",
+            series.describe()
+        );
+    }
 }
 
 fn check(test: &str, series: &Series, attrs: &Attrs, truth: u64, what: &str) {

@@ -8,7 +8,8 @@
 //! port, which the kernel reports as drops with reason `NETFILTER_DROP`.
 //!
 //! Needs root, `ip`, `nft`, rotel and a binary built with eBPF on a kernel
-//! with BTF. Missing → skip with the reason, or fail under `CI`.
+//! with BTF. Missing → skipped with the reason ([`common::skip`]), or a
+//! failure under `CI`.
 
 mod common;
 
@@ -17,9 +18,9 @@ use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::flowtel::{Flowtel, FlowtelArgs};
+use common::flowtel::{intervals_after, Flowtel, FlowtelArgs, Health};
 use common::netns::{Netns, NetnsGuard, VethEnd};
-use common::otlp_receiver::{LogEvent, OtlpReceiver};
+use common::otlp_receiver::{AttrValue, LogEvent, OtlpReceiver};
 use common::rotel::Rotel;
 use common::traffic::{self, TrafficServer};
 
@@ -33,6 +34,9 @@ const CLOSED_PORT: u16 = 5555;
 const DROPPED_PORT: u16 = 9998;
 const SHORT: u64 = 5;
 const UDP_DROPPED: u64 = 10;
+/// Upper bounds (not pacing) for what the tests wait for.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(30);
+const ENDED_TIMEOUT: Duration = Duration::from_secs(30);
 /// Severity numbers of the OpenTelemetry log data model.
 const INFO: i32 = 9;
 const WARN: i32 = 13;
@@ -172,19 +176,25 @@ fn describe(all: &[LogEvent]) -> String {
         .join(", ")
 }
 
-/// Waits until the number of records stops growing.
-fn wait_stable(what: &str, get: impl Fn() -> Vec<LogEvent>) -> Vec<LogEvent> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = get();
-    loop {
-        std::thread::sleep(Duration::from_millis(1500));
-        let now = get();
-        if now.len() == last.len() || Instant::now() > deadline {
-            println!("{what}: {} log records", now.len());
-            return now;
-        }
-        last = now;
-    }
+/// The log records rotel shows once flowtel has exported everything it
+/// counted before this call: flowtel applied a dump begun after the call,
+/// and rotel printed the metrics of two intervals that ended after that (an
+/// interval's records leave flowtel before the next interval's metrics do,
+/// and rotel's batches, 200 ms by default, are shorter than an interval).
+fn rotel_logs_shown(what: &str, flowtel: &Flowtel, rotel: &Rotel) -> Vec<LogEvent> {
+    let shown = flowtel
+        .wait_until_shown(2, EXPORT_TIMEOUT, |at| {
+            intervals_after(&rotel.sum_points(), at)
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    assert!(
+        shown,
+        "{what}: rotel printed no two intervals after the traffic within {EXPORT_TIMEOUT:?}:\n{}",
+        flowtel.output()
+    );
+    let all = rotel.log_events();
+    println!("{what}: {} log records", all.len());
+    all
 }
 
 /// The events both runs must show: `served` connections to `TCP_PORT`
@@ -328,7 +338,28 @@ fn flow_records_and_events_match_the_traffic() {
         traffic::udp_exchange(&topo.a, addr(B_V4, UDP_PORT), 20, 200, 300).expect("UDP exchanges");
     let refused = resets_refusals_and_drops(&topo.a);
     println!("{TEST}: paced {paced:?}, short {short:?}, udp {udp:?}, refused {refused}");
-    std::thread::sleep(Duration::from_millis(4500));
+    // The paced flow, idle for FLOWTEL_EBPF__IDLE_TIMEOUT, ends: its last
+    // record reaches the receiver before SIGTERM.
+    let paced_ended = common::wait_until(ENDED_TIMEOUT, Duration::from_millis(100), || {
+        let all = receiver.log_events();
+        let flows = events(&all, "flowtel.flow");
+        let paced: BTreeSet<_> = flows
+            .iter()
+            .filter(|e| e.int("destination.port") == Some(TCP_PORT.into()))
+            .filter(|e| e.int("flow.io.bytes").unwrap_or(0) > 100_000)
+            .map(|e| tuple(e))
+            .collect();
+        flows.iter().any(|e| {
+            paced.contains(&tuple(e))
+                && e.attrs.get("flowtel.flow.ended") == Some(&AttrValue::Bool(true))
+        })
+    });
+    assert!(
+        paced_ended,
+        "{TEST}: no last record (flowtel.flow.ended) of the paced transfer within \
+         {ENDED_TIMEOUT:?}: {}",
+        describe(&receiver.log_events())
+    );
     // A last datagram right before SIGTERM: only the final interval's
     // export can carry its record.
     let last_port = topo
@@ -438,9 +469,10 @@ fn rotel_receives_events_and_the_rate_limit_counts_what_it_drops() {
     let Some((_, _)) = common::prerequisites_with(TEST, &[], &common::ebpf_conditions()) else {
         return;
     };
-    let Some(rotel_bin) = tools.rotel.clone() else {
-        return;
-    };
+    let rotel_bin = tools
+        .rotel
+        .clone()
+        .expect("prerequisites found rotel-agent");
     let topo = Topology::new(&tools, "lr");
     let rotel = Rotel::start(&rotel_bin).expect("rotel");
     const RATE: u64 = 40;
@@ -453,18 +485,18 @@ fn rotel_receives_events_and_the_rate_limit_counts_what_it_drops() {
     );
     let server = TrafficServer::start(&topo.b, &[addr(B_V4, TCP_PORT)], &[]).expect("server in B");
     let refused = resets_refusals_and_drops(&topo.a);
-    // Wait an interval so these events leave with a full bucket.
-    std::thread::sleep(Duration::from_millis(1500));
-    let first = wait_stable("rotel before the flood", || rotel.log_events());
+    // These events leave before the flood (and its bucket is full again).
+    let first = rotel_logs_shown("rotel before the flood", &flowtel, &rotel);
     check_events("rotel", &first, 0, refused);
     let short = traffic::tcp_connections(&topo.a, addr(B_V4, TCP_PORT), CONNECTIONS, 100, 100)
         .expect("a burst of short connections");
     println!("{TEST}: burst {short:?}");
-    std::thread::sleep(Duration::from_millis(3000));
+    // Every interval holding the burst was encoded (the rate limit counts
+    // there) and its records are in rotel.
+    let all = rotel_logs_shown("rotel after the flood", &flowtel, &rotel);
     let limited = flowtel
         .stat("log_records_rate_limited")
         .expect("the rate-limit counter");
-    let all = wait_stable("rotel after the flood", || rotel.log_events());
     let elapsed = started.elapsed().as_secs_f64();
     println!(
         "{TEST}: rotel got {} records ({}), rate limit dropped {limited}, over {elapsed:.1} s",

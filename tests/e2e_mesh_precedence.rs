@@ -13,7 +13,7 @@ mod common;
 #[path = "common/hubble_server.rs"]
 mod hubble_server;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::flowtel::{Flowtel, FlowtelArgs};
 use common::otlp_receiver::{AttrValue, OtlpReceiver};
@@ -117,7 +117,6 @@ fn kernel_and_hubble_on_the_same_traffic_count_bytes_once() {
     let before = lab.counters().expect("reading A's veth counters");
     let servers = lab.servers().expect("starting the servers in B");
     let flows = scenario::run(&lab, &PLAN).expect("making the traffic");
-    let traffic_end = Instant::now();
     let errors = servers.errors();
     drop(servers);
     assert!(
@@ -125,14 +124,9 @@ fn kernel_and_hubble_on_the_same_traffic_count_bytes_once() {
         "{test}: the servers in B failed: {errors:?}"
     );
 
-    let series = scenario::wait_stable(
-        "receiver",
-        traffic_end,
-        Duration::from_secs(3),
-        Duration::from_secs(3),
-        Duration::from_secs(30),
-        || Series::from_points(&receiver.sum_points(0)),
-    );
+    let series = scenario::wait_exported("receiver", &ft, Duration::from_secs(30), || {
+        Series::from_points(&receiver.sum_points(0))
+    });
     let after = lab.counters().expect("reading A's veth counters");
     let truth = Totals::from_counters(&before, &after);
     println!("{test}: expected (veth, L3): {truth}");

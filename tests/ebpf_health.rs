@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::delayline::DelayLine;
-use common::flowtel::{Flowtel, FlowtelArgs};
+use common::flowtel::{Flowtel, FlowtelArgs, Health};
 use common::histogram::{histogram_points, latest_histograms, HistPoint};
 use common::netns::{NetnsGuard, VethEnd};
 use common::otlp_receiver::{show, AttrValue, Attrs, OtlpReceiver, SumPoint};
@@ -239,8 +239,13 @@ fn tcp_health_and_drops_match_what_was_done() {
         .expect("client sockets in A");
     assert_eq!(results, (REFUSED, true), "(refused, timed out) as arranged");
     drop(server);
-    // Let the last closes and the next dumps happen.
-    std::thread::sleep(Duration::from_millis(2500));
+    // The last closes and the next dumps: flowtel has applied a dump begun
+    // after the traffic (two intervals or more, time enough for a close
+    // whose FIN the delay line dropped to be retransmitted).
+    let now = flowtel.progress().expect("flowtel's /readyz");
+    flowtel
+        .wait_for_interval_after(&now, Duration::from_secs(30))
+        .expect("flowtel dumps after the traffic");
     let status = flowtel.stop(Duration::from_secs(15));
     assert!(
         status.is_some_and(|s| s.code() == Some(0)),

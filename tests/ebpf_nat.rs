@@ -23,7 +23,7 @@
 //!   tuples of the folded connection.
 //!
 //! Needs root, `ip`, `nft` and a flowtel built with eBPF support; otherwise
-//! the tests print why and pass, unless `CI` is set.
+//! the tests are skipped ([`common::skip`]), or fail under `CI`.
 
 mod common;
 
@@ -49,8 +49,6 @@ const PAUSE: Duration = Duration::from_millis(400);
 const INTERVAL: &str = "1s";
 const TOLERANCE: f64 = 0.01;
 
-const SETTLE: Duration = Duration::from_secs(3);
-const QUIET: Duration = Duration::from_secs(3);
 const STABLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A closed TCP connection expires after 5 s of quiet, at the next dump.
 const EXPIRY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -294,12 +292,10 @@ impl Run {
         if !flowtel::source::ebpf::built_with_ebpf()
             || !Path::new("/sys/kernel/btf/vmlinux").exists()
         {
-            let why = "flowtel was built without eBPF support, or the kernel has no BTF";
-            assert!(
-                std::env::var_os("CI").is_none_or(|v| v.is_empty()),
-                "{test}: prerequisites missing under CI: {why}"
+            common::skip(
+                test,
+                "flowtel was built without eBPF support, or the kernel has no BTF",
             );
-            println!("skipping {test}: {why}");
             return None;
         }
         let serial = serial();
@@ -315,7 +311,7 @@ impl Run {
     }
 
     /// Starts flowtel in R, makes the transfer, waits until the numbers
-    /// settle and the connection expired, and stops flowtel.
+    /// are exported and the connection expired, and stops flowtel.
     fn transfer(&self) -> Outcome {
         let test = self.test;
         let receiver = OtlpReceiver::start().expect("starting the test OTLP receiver");
@@ -342,7 +338,6 @@ impl Run {
         let rb0 = self.lab.r.if_stats(IF_RB).expect("R's veth counters");
         let payload = traffic::tcp_paced(&self.lab.a, sock(VIP, VIP_PORT), UP, DOWN, PIECES, PAUSE)
             .expect("the transfer A -> VIP");
-        let traffic_end = Instant::now();
         let errors = server.errors();
         drop(server);
         assert!(
@@ -366,14 +361,9 @@ impl Run {
              R {IF_RB}: {rb:?}",
             self.t0.elapsed().as_secs_f64()
         );
-        let series = common::scenario::wait_stable(
-            "receiver",
-            traffic_end,
-            SETTLE,
-            QUIET,
-            STABLE_TIMEOUT,
-            || Series::from_points(&receiver.sum_points(0)),
-        );
+        let series = common::scenario::wait_exported("receiver", &ft, STABLE_TIMEOUT, || {
+            Series::from_points(&receiver.sum_points(0))
+        });
         println!("{test}: series:\n{}", series.describe());
         self.wait_expired(&receiver, &ft);
         assert!(

@@ -1,7 +1,8 @@
 //! End-to-end tests of the eBPF source on the real kernel (root needed).
 //!
-//! Each test builds throwaway network namespaces joined by veth pairs
-//! (unique names, removed by a Drop guard even on panic), starts the source
+//! Each test builds throwaway network namespaces joined by veth pairs with
+//! the shared harness (`tests/common`: [`Lab`], A and B; [`RouterLab`],
+//! A, R and B; removed by a Drop guard even on panic), starts the source
 //! inside one of them, makes traffic and compares what the source counted
 //! with what the kernel itself counted:
 //!
@@ -16,23 +17,26 @@
 //!   `max(1, gso_segs)` per received skb, split by ECN codepoint; summed over
 //!   the four codepoints they are the wire packets that arrived.
 //!
-//! The links are made quiet so that the counters hold only the test's own
-//! traffic: no IPv6 link-local address (no router solicitation or DAD),
-//! permanent neighbour entries (no ARP or ND), MLD reports dropped by nft
-//! before they reach TC.
+//! The links are quiet (`common::netns`), so the counters hold only the
+//! test's own traffic.
 //!
-//! When something is missing (root, ip, iperf3, bpftool, tc, nft, or a
-//! binary built without eBPF) a test prints why and passes, unless `CI` is
-//! set, in which case it fails.
+//! When something is missing (root, ip, nft, iperf3, bpftool, tc, the
+//! nf_conntrack module the labs use, or a binary built without eBPF) a test
+//! is skipped ([`common::skip`]), or fails under `CI`.
 
-use std::fs::File;
+mod common;
+
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::netns::{Netns, NetnsGuard, VethEnd};
+use common::router::{self, RouterLab, IF_RA, IF_RB};
+use common::scenario::{self, Lab, A_V4, A_V6, B_V4, B_V6, IF_A};
+use common::{deviation_pct, Prerequisites, BPFTOOL, IPERF3, TC};
 use flowtel::flow::{Counters, FlowUpdate, SourceEvent, SourceKind};
 use flowtel::source::ebpf::{self, AttachMode, EbpfConfig, EbpfHandle};
 use flowtel::source::kernel::KernelStats;
@@ -45,68 +49,30 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-}
-
-/// Skips (prints why, returns None) or, under CI, fails.
-fn skip(test: &str, why: &str) -> Option<Tools> {
-    assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
-    println!("skipping {test}: {why}");
-    None
-}
-
+/// What the tests need besides [`Prerequisites`].
 struct Tools {
-    ip: PathBuf,
+    base: Prerequisites,
     iperf3: PathBuf,
     bpftool: PathBuf,
     tc: PathBuf,
-    nft: PathBuf,
 }
 
-fn find(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
+/// The tools, or `None` once [`common::skip`] said what is missing.
 fn tools(test: &str) -> Option<Tools> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip(test, "not running as root (namespaces and BPF need it)");
-    }
-    if !ebpf::built_with_ebpf() {
-        return skip(
-            test,
-            "flowtel was built without eBPF support (clang/bpftool missing)",
-        );
-    }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return skip(test, "the kernel has no BTF (/sys/kernel/btf/vmlinux)");
-    }
-    let mut missing = Vec::new();
-    let mut get = |n: &str| {
-        let p = find(n);
-        if p.is_none() {
-            missing.push(n.to_string());
-        }
-        p.unwrap_or_default()
-    };
-    let t = Tools {
-        ip: get("ip"),
-        iperf3: get("iperf3"),
-        bpftool: get("bpftool"),
-        tc: get("tc"),
-        nft: get("nft"),
-    };
-    if !missing.is_empty() {
-        return skip(test, &format!("not found on PATH: {}", missing.join(", ")));
-    }
-    Some(t)
+    let (base, found) =
+        common::prerequisites_with(test, &[IPERF3, BPFTOOL, TC], &common::ebpf_conditions())?;
+    let [iperf3, bpftool, tc]: [PathBuf; 3] = found
+        .try_into()
+        .expect("prerequisites_with returns the tools asked for");
+    Some(Tools {
+        base,
+        iperf3,
+        bpftool,
+        tc,
+    })
 }
 
+/// Runs a program on the host (not in a namespace); its stdout.
 fn run(program: &Path, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
@@ -123,176 +89,9 @@ fn run(program: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Namespaces and processes, removed on drop (also during a panic).
-struct Lab<'t> {
-    t: &'t Tools,
-    prefix: String,
-    namespaces: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl<'t> Lab<'t> {
-    fn new(t: &'t Tools) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        Lab {
-            t,
-            prefix: format!(
-                "fte-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ),
-            namespaces: Vec::new(),
-            children: Vec::new(),
-        }
-    }
-
-    /// A namespace with lo up and MLD reports/router solicitations dropped.
-    fn ns(&mut self, suffix: &str) -> String {
-        let name = format!("{}-{suffix}", self.prefix);
-        run(&self.t.ip, &["netns", "add", &name]);
-        self.namespaces.push(name.clone());
-        self.exec(&name, &self.t.ip, &["link", "set", "lo", "up"]);
-        self.nft(
-            &name,
-            "table inet ftquiet {\n chain out {\n type filter hook output priority 10; policy accept;\n \
-             icmpv6 type { mld-listener-report, mld2-listener-report, nd-router-solicit } drop\n }\n}",
-        );
-        name
-    }
-
-    /// Loads an nft ruleset (through a file: `nft -f` wants one).
-    fn nft(&self, ns: &str, ruleset: &str) {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "{}-{}.nft",
-            self.prefix,
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, format!("{ruleset}\n")).expect("writing the nft ruleset");
-        let path_s = path.to_string_lossy().into_owned();
-        self.exec(ns, &self.t.nft, &["-f", &path_s]);
-        let _ = std::fs::remove_file(&path);
-    }
-
-    fn exec(&self, ns: &str, program: &Path, args: &[&str]) -> String {
-        let mut all = vec!["netns", "exec", ns, program.to_str().unwrap_or_default()];
-        all.extend_from_slice(args);
-        run(&self.t.ip, &all)
-    }
-
-    fn spawn(&mut self, ns: &str, program: &Path, args: &[&str]) {
-        let child = Command::new(&self.t.ip)
-            .args(["netns", "exec", ns])
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
-        self.children.push(child);
-    }
-
-    /// Joins `a`/`ia` and `b`/`ib` with a veth pair: addresses, permanent
-    /// neighbours, no link-local addresses, both ends up.
-    fn veth(&self, a: (&str, &str, &End), b: (&str, &str, &End)) {
-        let ip = &self.t.ip;
-        run(
-            ip,
-            &[
-                "-n", a.0, "link", "add", a.1, "address", &a.2.mac, "type", "veth", "peer", "name",
-                b.1, "address", &b.2.mac, "netns", b.0,
-            ],
-        );
-        for (me, peer) in [(a, b), (b, a)] {
-            let (ns, ifname, end) = me;
-            run(
-                ip,
-                &[
-                    "-n",
-                    ns,
-                    "link",
-                    "set",
-                    "dev",
-                    ifname,
-                    "addrgenmode",
-                    "none",
-                ],
-            );
-            run(ip, &["-n", ns, "addr", "add", &end.v4, "dev", ifname]);
-            run(
-                ip,
-                &[
-                    "-n", ns, "-6", "addr", "add", &end.v6, "dev", ifname, "nodad",
-                ],
-            );
-            for addr in [peer.2.v4_addr(), peer.2.v6_addr()] {
-                run(
-                    ip,
-                    &[
-                        "-n",
-                        ns,
-                        "neigh",
-                        "replace",
-                        addr,
-                        "lladdr",
-                        &peer.2.mac,
-                        "dev",
-                        ifname,
-                        "nud",
-                        "permanent",
-                    ],
-                );
-            }
-        }
-        for (ns, ifname, _) in [a, b] {
-            run(ip, &["-n", ns, "link", "set", "dev", ifname, "up"]);
-        }
-    }
-
-    fn netns_path(ns: &str) -> PathBuf {
-        PathBuf::from(format!("/var/run/netns/{ns}"))
-    }
-}
-
-impl Drop for Lab<'_> {
-    fn drop(&mut self) {
-        for mut c in self.children.drain(..) {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.namespaces.drain(..).rev() {
-            let _ = Command::new(&self.t.ip)
-                .args(["netns", "del", &ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-/// One end of a veth pair.
-struct End {
-    mac: String,
-    v4: String,
-    v6: String,
-}
-
-impl End {
-    fn new(n: u8) -> End {
-        End {
-            mac: format!("02:f1:0e:00:00:{n:02x}"),
-            v4: format!("198.18.0.{n}/24"),
-            v6: format!("fd00:f10e::{n}/64"),
-        }
-    }
-
-    fn v4_addr(&self) -> &str {
-        self.v4.split('/').next().unwrap_or_default()
-    }
-
-    fn v6_addr(&self) -> &str {
-        self.v6.split('/').next().unwrap_or_default()
-    }
+/// A and B (`common::scenario`), joined by `IF_A` and `IF_B`.
+fn lab(t: &Tools) -> Lab {
+    Lab::new(&t.base).expect("setting up namespaces A and B")
 }
 
 /// A running source plus its event channel.
@@ -353,92 +152,22 @@ impl Source {
     }
 }
 
-fn config(netns: &str, include: &[&str]) -> EbpfConfig {
+fn config(netns: &Path, include: &[&str]) -> EbpfConfig {
     EbpfConfig {
         interfaces_include: include.iter().map(|s| s.to_string()).collect(),
-        netns: Some(Lab::netns_path(netns)),
+        netns: Some(netns.to_path_buf()),
         // Long enough that nothing expires while a test runs.
         idle_timeout: Some(Duration::from_secs(3600)),
         ..EbpfConfig::default()
     }
 }
 
-/// veth counters of one interface.
-#[derive(Debug, Clone, Copy, Default)]
-struct IfStats {
-    tx_bytes: u64,
-    tx_packets: u64,
-    rx_bytes: u64,
-    rx_packets: u64,
-}
-
-impl IfStats {
-    fn read(lab: &Lab, ns: &str, ifname: &str) -> IfStats {
-        let files = ["tx_bytes", "tx_packets", "rx_bytes", "rx_packets"]
-            .map(|f| format!("/sys/class/net/{ifname}/statistics/{f}"));
-        let args: Vec<&str> = files.iter().map(String::as_str).collect();
-        let out = lab.exec(ns, Path::new("/bin/cat"), &args);
-        let v: Vec<u64> = out
-            .split_whitespace()
-            .map(|s| s.parse().expect("counter is a number"))
-            .collect();
-        assert_eq!(v.len(), 4, "reading {ifname} counters: {out:?}");
-        IfStats {
-            tx_bytes: v[0],
-            tx_packets: v[1],
-            rx_bytes: v[2],
-            rx_packets: v[3],
-        }
-    }
-
-    fn since(&self, before: &IfStats) -> IfStats {
-        IfStats {
-            tx_bytes: self.tx_bytes - before.tx_bytes,
-            tx_packets: self.tx_packets - before.tx_packets,
-            rx_bytes: self.rx_bytes - before.rx_bytes,
-            rx_packets: self.rx_packets - before.rx_packets,
-        }
-    }
-
-    /// L3 bytes sent / received: minus one Ethernet header per skb.
-    fn tx_l3(&self) -> u64 {
-        self.tx_bytes - 14 * self.tx_packets
-    }
-
-    fn rx_l3(&self) -> u64 {
-        self.rx_bytes - 14 * self.rx_packets
-    }
-}
-
-/// Wire packets received by a namespace's IP layer (all ECN codepoints).
-fn ip_in_packets(lab: &Lab, ns: &str, v6: bool) -> u64 {
+/// Wire packets `ns`'s IP layer received, of one family only.
+fn ip_in_packets(ns: &Netns, v6: bool) -> u64 {
     if v6 {
-        let out = lab.exec(ns, Path::new("/bin/cat"), &["/proc/net/snmp6"]);
-        out.lines()
-            .filter_map(|l| {
-                let mut it = l.split_whitespace();
-                let (k, v) = (it.next()?, it.next()?);
-                [
-                    "Ip6InNoECTPkts",
-                    "Ip6InECT1Pkts",
-                    "Ip6InECT0Pkts",
-                    "Ip6InCEPkts",
-                ]
-                .contains(&k)
-                .then(|| v.parse::<u64>().ok())?
-            })
-            .sum()
+        scenario::ip6_in_packets(ns)
     } else {
-        let out = lab.exec(ns, Path::new("/bin/cat"), &["/proc/net/netstat"]);
-        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("IpExt:")).collect();
-        assert_eq!(lines.len(), 2, "IpExt lines in /proc/net/netstat");
-        let names = lines[0].split_whitespace();
-        let values = lines[1].split_whitespace();
-        names
-            .zip(values)
-            .filter(|(n, _)| ["InNoECTPkts", "InECT1Pkts", "InECT0Pkts", "InCEPkts"].contains(n))
-            .map(|(_, v)| v.parse::<u64>().expect("counter is a number"))
-            .sum()
+        scenario::ip4_in_packets(ns)
     }
 }
 
@@ -462,16 +191,12 @@ fn directional(flows: &[FlowUpdate], a: IpAddr, b: IpAddr, port: u16) -> (Counte
     (ab, ba)
 }
 
-fn pct(measured: u64, expected: u64) -> f64 {
-    if expected == 0 {
-        return if measured == 0 { 0.0 } else { f64::INFINITY };
-    }
-    (measured as f64 - expected as f64) / expected as f64 * 100.0
-}
-
 /// Prints and checks one direction within 1 %.
 fn check(label: &str, measured: Counters, bytes: u64, packets: u64) {
-    let (db, dp) = (pct(measured.bytes, bytes), pct(measured.packets, packets));
+    let (db, dp) = (
+        deviation_pct(measured.bytes, bytes),
+        deviation_pct(measured.packets, packets),
+    );
     println!(
         "{label:<32} bytes expected {bytes:>11} measured {:>11} ({db:+.3}%)   packets expected \
          {packets:>8} measured {:>8} ({dp:+.3}%)",
@@ -481,31 +206,32 @@ fn check(label: &str, measured: Counters, bytes: u64, packets: u64) {
     assert!(dp.abs() <= 1.0, "{label}: packets off by {dp:.3}%");
 }
 
-/// Runs one iperf3 test from `client_ns` to `server` (an address in
-/// `server_ns`) on `port`, retrying until the one-off server listens.
-fn iperf(lab: &mut Lab, client_ns: &str, server_ns: &str, server: &str, port: u16, args: &[&str]) {
+/// Runs one iperf3 test from `client` to `server` (an address in
+/// `server_ns`) on `port`, retrying until the one-off server listens. The
+/// server is `procs`'s child.
+fn iperf(
+    t: &Tools,
+    procs: &mut NetnsGuard,
+    client: &Netns,
+    server_ns: &Netns,
+    server: &str,
+    port: u16,
+    args: &[&str],
+) {
     let port_s = port.to_string();
-    let iperf3 = lab.t.iperf3.clone();
-    lab.spawn(
-        server_ns,
-        &iperf3,
-        &["-s", "-1", "-B", server, "-p", &port_s],
-    );
+    procs
+        .spawn_quiet(
+            server_ns,
+            &t.iperf3,
+            &["-s", "-1", "-B", server, "-p", &port_s],
+        )
+        .expect("starting the iperf3 server");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut all = vec![
-            "netns",
-            "exec",
-            client_ns,
-            iperf3.to_str().unwrap_or_default(),
-            "-c",
-            server,
-            "-p",
-            &port_s,
-        ];
+        let mut all = vec!["-c", server, "-p", &port_s];
         all.extend_from_slice(args);
-        let out = Command::new(&lab.t.ip)
-            .args(&all)
+        let out = client
+            .command(&t.iperf3, &all)
             .stdin(Stdio::null())
             .output()
             .expect("running iperf3");
@@ -530,17 +256,15 @@ fn iperf3_counts_match_interface_and_ip_counters() {
         return;
     };
     let _serial = serial();
-    let mut lab = Lab::new(&t);
-    let (na, nb) = (lab.ns("a"), lab.ns("b"));
-    let (ea, eb) = (End::new(1), End::new(2));
-    lab.veth((&na, "fta", &ea), (&nb, "ftb", &eb));
+    let lab = lab(&t);
+    let mut procs = NetnsGuard::new(&t.base);
 
     // Both attach modes: the counting must not depend on the hook flavour.
     for (m, attach) in [AttachMode::Tcx, AttachMode::Netlink]
         .into_iter()
         .enumerate()
     {
-        let mut cfg = config(&na, &["fta"]);
+        let mut cfg = config(&lab.a.path(), &[IF_A]);
         cfg.attach = attach;
         let mut src = Source::start(cfg);
         let mode = src.handle().mode();
@@ -553,19 +277,17 @@ fn iperf3_counts_match_interface_and_ip_counters() {
         for (i, (case, v6, args)) in cases.into_iter().enumerate() {
             let label = format!("{mode} {case}");
             let port = 5301 + (m * 10 + i) as u16;
-            let (a, b) = if v6 {
-                (ea.v6_addr(), eb.v6_addr())
-            } else {
-                (ea.v4_addr(), eb.v4_addr())
-            };
-            let if_before = IfStats::read(&lab, &na, "fta");
-            let (in_a0, in_b0) = (ip_in_packets(&lab, &na, v6), ip_in_packets(&lab, &nb, v6));
-            iperf(&mut lab, &na, &nb, b, port, args);
+            let (a, b) = if v6 { (A_V6, B_V6) } else { (A_V4, B_V4) };
+            let if_before = lab.counters().expect("A's veth counters");
+            let (in_a0, in_b0) = (ip_in_packets(&lab.a, v6), ip_in_packets(&lab.b, v6));
+            iperf(&t, &mut procs, &lab.a, &lab.b, b, port, args);
+            // The kernel's last packets of the test, not flowtel: the dump
+            // below is asked for explicitly.
             std::thread::sleep(Duration::from_millis(300));
-            let ifs = IfStats::read(&lab, &na, "fta").since(&if_before);
+            let ifs = lab.counters().expect("A's veth counters").since(&if_before);
             let (in_a, in_b) = (
-                ip_in_packets(&lab, &na, v6) - in_a0,
-                ip_in_packets(&lab, &nb, v6) - in_b0,
+                ip_in_packets(&lab.a, v6) - in_a0,
+                ip_in_packets(&lab.b, v6) - in_b0,
             );
             let flows = src.dump();
             let (ab, ba) = directional(
@@ -582,8 +304,18 @@ fn iperf3_counts_match_interface_and_ip_counters() {
             {
                 assert_eq!((f.id.client.ip, f.id.server.port), (a_ip, port), "{f:?}");
             }
-            check(&format!("{label} a->b (egress)"), ab, ifs.tx_l3(), in_b);
-            check(&format!("{label} b->a (ingress)"), ba, ifs.rx_l3(), in_a);
+            check(
+                &format!("{label} a->b (egress)"),
+                ab,
+                ifs.tx_l3_bytes(),
+                in_b,
+            );
+            check(
+                &format!("{label} b->a (ingress)"),
+                ba,
+                ifs.rx_l3_bytes(),
+                in_a,
+            );
             // Wire packets exceed skbs once GSO is in play (TCP here).
             if case.ends_with("tcp") {
                 println!(
@@ -606,40 +338,18 @@ fn forwarded_packets_are_counted_once() {
         return;
     };
     let _serial = serial();
-    let mut lab = Lab::new(&t);
-    let (na, nr, nb) = (lab.ns("a"), lab.ns("r"), lab.ns("b"));
-    let (ea, er0) = (End::new(1), End::new(2));
-    let mut er1 = End::new(3);
-    let mut eb = End::new(4);
-    // Second link on its own subnets.
-    er1.v4 = "198.19.0.3/24".into();
-    er1.v6 = "fd00:f10f::3/64".into();
-    eb.v4 = "198.19.0.4/24".into();
-    eb.v6 = "fd00:f10f::4/64".into();
-    lab.veth((&na, "fta", &ea), (&nr, "ftr0", &er0));
-    lab.veth((&nr, "ftr1", &er1), (&nb, "ftb", &eb));
-    lab.exec(
-        &nr,
-        &find("sysctl").expect("sysctl"),
-        &["-qw", "net.ipv4.ip_forward=1"],
-    );
-    lab.exec(
-        &nr,
-        &find("sysctl").expect("sysctl"),
-        &["-qw", "net.ipv6.conf.all.forwarding=1"],
-    );
-    for (ns, via4, via6) in [
-        (&na, er0.v4_addr(), er0.v6_addr()),
-        (&nb, er1.v4_addr(), er1.v6_addr()),
-    ] {
-        run(&t.ip, &["-n", ns, "route", "add", "default", "via", via4]);
-        run(
-            &t.ip,
-            &["-n", ns, "-6", "route", "add", "default", "via", via6],
-        );
+    let lab = RouterLab::new(&t.base).expect("setting up A — R — B");
+    let mut procs = NetnsGuard::new(&t.base);
+    // RouterLab forwards IPv4; IPv6 too here.
+    lab.r
+        .sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("IPv6 forwarding in R");
+    for (ns, via) in [(&lab.a, router::RA_V6), (&lab.b, router::RB_V6)] {
+        ns.ip(&["-6", "route", "add", "default", "via", via])
+            .expect("IPv6 default route");
     }
 
-    let mut src = Source::start(config(&nr, &["ftr*"]));
+    let mut src = Source::start(config(&lab.r.path(), &["ftr*"]));
     for (i, v6) in [false, true].into_iter().enumerate() {
         let port = 5401 + i as u16;
         let label = if v6 {
@@ -648,20 +358,28 @@ fn forwarded_packets_are_counted_once() {
             "routed ipv4 tcp"
         };
         let (a, b) = if v6 {
-            (ea.v6_addr(), eb.v6_addr())
+            (router::A_V6, router::B_V6)
         } else {
-            (ea.v4_addr(), eb.v4_addr())
+            (router::A_V4, router::B_V4)
         };
-        let r0_before = IfStats::read(&lab, &nr, "ftr0");
-        let r1_before = IfStats::read(&lab, &nr, "ftr1");
-        let (in_a0, in_b0) = (ip_in_packets(&lab, &na, v6), ip_in_packets(&lab, &nb, v6));
-        iperf(&mut lab, &na, &nb, b, port, &["-n", "50M"]);
+        let ra_before = lab.r.if_stats(IF_RA).expect("R's veth counters");
+        let rb_before = lab.r.if_stats(IF_RB).expect("R's veth counters");
+        let (in_a0, in_b0) = (ip_in_packets(&lab.a, v6), ip_in_packets(&lab.b, v6));
+        iperf(&t, &mut procs, &lab.a, &lab.b, b, port, &["-n", "50M"]);
         std::thread::sleep(Duration::from_millis(300));
-        let r0 = IfStats::read(&lab, &nr, "ftr0").since(&r0_before);
-        let r1 = IfStats::read(&lab, &nr, "ftr1").since(&r1_before);
+        let ra = lab
+            .r
+            .if_stats(IF_RA)
+            .expect("R's veth counters")
+            .since(&ra_before);
+        let rb = lab
+            .r
+            .if_stats(IF_RB)
+            .expect("R's veth counters")
+            .since(&rb_before);
         let (in_a, in_b) = (
-            ip_in_packets(&lab, &na, v6) - in_a0,
-            ip_in_packets(&lab, &nb, v6) - in_b0,
+            ip_in_packets(&lab.a, v6) - in_a0,
+            ip_in_packets(&lab.b, v6) - in_b0,
         );
         let flows = src.dump();
         let (ab, ba) = directional(
@@ -671,12 +389,23 @@ fn forwarded_packets_are_counted_once() {
             port,
         );
         println!(
-            "{label:<32} seen on ftr0 in {} B, on ftr1 out {} B (each alone is the whole flow)",
-            r0.rx_l3(),
-            r1.tx_l3()
+            "{label:<32} seen on {IF_RA} in {} B, on {IF_RB} out {} B (each alone is the whole \
+             flow)",
+            ra.rx_l3_bytes(),
+            rb.tx_l3_bytes()
         );
-        check(&format!("{label} a->b (2 hooks)"), ab, r0.rx_l3(), in_b);
-        check(&format!("{label} b->a (2 hooks)"), ba, r1.rx_l3(), in_a);
+        check(
+            &format!("{label} a->b (2 hooks)"),
+            ab,
+            ra.rx_l3_bytes(),
+            in_b,
+        );
+        check(
+            &format!("{label} b->a (2 hooks)"),
+            ba,
+            rb.rx_l3_bytes(),
+            in_a,
+        );
     }
     src.stop();
 }
@@ -689,43 +418,42 @@ fn full_map_counts_overflow() {
         return;
     };
     let _serial = serial();
-    let mut lab = Lab::new(&t);
-    let (na, nb) = (lab.ns("a"), lab.ns("b"));
-    let (ea, eb) = (End::new(1), End::new(2));
-    lab.veth((&na, "fta", &ea), (&nb, "ftb", &eb));
+    let mut lab = lab(&t);
     // No ICMP port-unreachable answers: drop the datagrams in b's input.
-    lab.nft(
-        &nb,
-        "table inet ftdrop {\n chain in {\n type filter hook input priority 0; policy accept;\n \
-         udp dport 20000-29999 drop\n }\n}",
-    );
-    let mut cfg = config(&na, &["fta"]);
+    lab.guard
+        .nft(
+            &lab.b,
+            "inet",
+            "ftdrop",
+            "chain in {\n type filter hook input priority 0; policy accept;\n \
+             udp dport 20000-29999 drop\n}",
+        )
+        .expect("nft drop rule in B");
+    let mut cfg = config(&lab.a.path(), &[IF_A]);
     cfg.max_flows = 64;
     let mut src = Source::start(cfg);
 
     const N: u16 = 10_000;
-    let target: IpAddr = eb.v4_addr().parse().expect("address");
-    let local: IpAddr = ea.v4_addr().parse().expect("address");
-    let ns_path = Lab::netns_path(&na);
-    let sent = std::thread::spawn(move || {
-        let ns = File::open(&ns_path).expect("open netns");
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let sock = UdpSocket::bind(SocketAddr::new(local, 0)).expect("bind in a");
-        let payload = [0u8; 64];
-        let mut sent = 0u64;
-        for i in 0..N {
-            let to = SocketAddr::new(target, 20000 + i);
-            if sock.send_to(&payload, to).is_ok() {
-                sent += 1;
+    let target: IpAddr = B_V4.parse().expect("address");
+    let local: IpAddr = A_V4.parse().expect("address");
+    let sent = lab
+        .a
+        .in_ns(move || {
+            let sock = UdpSocket::bind(SocketAddr::new(local, 0)).expect("bind in a");
+            let payload = [0u8; 64];
+            let mut sent = 0u64;
+            for i in 0..N {
+                let to = SocketAddr::new(target, 20000 + i);
+                if sock.send_to(&payload, to).is_ok() {
+                    sent += 1;
+                }
+                if i % 500 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
-            if i % 500 == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        sent
-    })
-    .join()
-    .expect("sender thread");
+            sent
+        })
+        .expect("entering A");
 
     let flows = src.dump();
     let udp: Vec<&FlowUpdate> = flows
@@ -796,13 +524,11 @@ fn links_of(t: &Tools, progs: &[u64]) -> usize {
         .count()
 }
 
-fn tc_filters(lab: &Lab, ns: &str, ifname: &str) -> String {
+/// `tc filter show` of both hooks of `ifname` in `ns`.
+fn tc_filters(t: &Tools, ns: &Netns, ifname: &str) -> String {
     ["ingress", "egress"]
         .map(|hook| {
-            Command::new(&lab.t.ip)
-                .args(["netns", "exec", ns])
-                .arg(&lab.t.tc)
-                .args(["filter", "show", "dev", ifname, hook])
+            ns.command(&t.tc, &["filter", "show", "dev", ifname, hook])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default()
@@ -818,27 +544,26 @@ fn stop_leaves_nothing_attached() {
         return;
     };
     let _serial = serial();
-    let mut lab = Lab::new(&t);
-    let (na, nb) = (lab.ns("a"), lab.ns("b"));
-    let (ea, eb) = (End::new(1), End::new(2));
-    lab.veth((&na, "fta", &ea), (&nb, "ftb", &eb));
+    let lab = lab(&t);
+    let na = &lab.a;
     // Someone else's filters (u32, matching nothing in particular) must survive.
-    lab.exec(&na, &t.tc, &["qdisc", "add", "dev", "fta", "clsact"]);
+    na.run(&t.tc, &["qdisc", "add", "dev", IF_A, "clsact"])
+        .expect("clsact qdisc");
     for hook in ["ingress", "egress"] {
-        lab.exec(
-            &na,
+        na.run(
             &t.tc,
             &[
-                "filter", "add", "dev", "fta", hook, "pref", "7", "u32", "match", "u32", "0", "0",
+                "filter", "add", "dev", IF_A, hook, "pref", "7", "u32", "match", "u32", "0", "0",
             ],
-        );
+        )
+        .expect("a foreign u32 filter");
     }
 
-    let foreign = tc_filters(&lab, &na, "fta");
+    let foreign = tc_filters(&t, na, IF_A);
     assert!(foreign.contains("u32"), "{foreign}");
     let before = flowtel_prog_ids(&t);
     for (attach, want_mode) in [(AttachMode::Tcx, "tcx"), (AttachMode::Netlink, "clsact")] {
-        let mut cfg = config(&na, &["fta"]);
+        let mut cfg = config(&na.path(), &[IF_A]);
         cfg.attach = attach;
         // The TC programs only; tests/source_selection.rs checks that the
         // tracepoint programs go too.
@@ -851,7 +576,7 @@ fn stop_leaves_nothing_attached() {
             .filter(|id| !before.contains(id))
             .collect();
         assert_eq!(ours.len(), 4, "four programs loaded: {ours:?}");
-        let filters = tc_filters(&lab, &na, "fta");
+        let filters = tc_filters(&t, na, IF_A);
         match attach {
             AttachMode::Tcx => assert_eq!(links_of(&t, &ours), 2, "ingress + egress links"),
             _ => assert_eq!(
@@ -863,7 +588,7 @@ fn stop_leaves_nothing_attached() {
         src.stop();
         // Filters and links go at once; the kernel frees the programs
         // after an RCU grace period, so allow it a moment.
-        let filters = tc_filters(&lab, &na, "fta");
+        let filters = tc_filters(&t, na, IF_A);
         assert!(!filters.contains("flowtel"), "filters left: {filters}");
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -894,27 +619,41 @@ fn new_interfaces_are_attached() {
         return;
     };
     let _serial = serial();
-    let mut lab = Lab::new(&t);
-    let (na, nb) = (lab.ns("a"), lab.ns("b"));
-    let src = Source::start(config(&na, &["ft*"]));
+    // The namespaces first, the link after the source started.
+    let mut guard = NetnsGuard::new(&t.base);
+    let na = guard.add("a").expect("namespace A");
+    let nb = guard.add("b").expect("namespace B");
+    let src = Source::start(config(&na.path(), &["ft*"]));
     let stats = src.handle().stats();
     assert_eq!(stats.interfaces_attached.load(Ordering::Relaxed), 0);
-    let (ea, eb) = (End::new(1), End::new(2));
-    lab.veth((&na, "fta", &ea), (&nb, "ftb", &eb));
+    let end = |ifname: &str, mac: &str, v4: &str, v6: &str| VethEnd {
+        ifname: ifname.into(),
+        mac: mac.into(),
+        v4: format!("{v4}/24"),
+        v6: format!("{v6}/64"),
+    };
+    guard
+        .veth(
+            &na,
+            &end(IF_A, "02:00:00:00:00:0a", A_V4, A_V6),
+            &nb,
+            &end(scenario::IF_B, "02:00:00:00:00:0b", B_V4, B_V6),
+        )
+        .expect("veth A-B");
     let deadline = Instant::now() + Duration::from_secs(6);
     while stats.interfaces_attached.load(Ordering::Relaxed) != 1 {
         assert!(
             Instant::now() < deadline,
-            "fta was not attached by the re-scan"
+            "{IF_A} was not attached by the re-scan"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    run(&t.ip, &["-n", &na, "link", "del", "fta"]);
+    na.ip(&["link", "del", IF_A]).expect("deleting the veth");
     let deadline = Instant::now() + Duration::from_secs(6);
     while stats.interfaces_attached.load(Ordering::Relaxed) != 0 {
         assert!(
             Instant::now() < deadline,
-            "fta was not dropped after it vanished"
+            "{IF_A} was not dropped after it vanished"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -924,8 +663,9 @@ fn new_interfaces_are_attached() {
 /// A bad namespace path is one clear error, not a panic or a hang.
 #[test]
 fn bad_netns_is_a_clear_error() {
+    // SAFETY: geteuid has no preconditions.
     if !ebpf::built_with_ebpf() || unsafe { libc::geteuid() } != 0 {
-        println!("skipping bad_netns_is_a_clear_error: needs root and an eBPF build");
+        common::skip("bad_netns_is_a_clear_error", "needs root and an eBPF build");
         return;
     }
     let (tx, _rx) = mpsc::channel(16);
@@ -938,19 +678,6 @@ fn bad_netns_is_a_clear_error() {
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("cannot open network namespace"), "{err}");
-}
-
-/// Runs `f` on a thread that has entered namespace `ns`; sockets made there
-/// stay in that namespace wherever they are used afterwards.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = Lab::netns_path(ns);
-    std::thread::spawn(move || {
-        let file = File::open(&path).expect("open netns");
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("namespace thread")
 }
 
 /// Sends one ICMP echo request (id `id`) to `to` from a raw socket in the
@@ -1039,22 +766,20 @@ fn idle_flows_end_and_icmp_echo_pairs() {
         return;
     };
     let _serial = serial();
-    let mut lab = Lab::new(&t);
-    let (na, nb) = (lab.ns("a"), lab.ns("b"));
-    let (ea, eb) = (End::new(1), End::new(2));
-    lab.veth((&na, "fta", &ea), (&nb, "ftb", &eb));
-    let mut cfg = config(&na, &["fta"]);
+    let lab = lab(&t);
+    let (na, nb) = (&lab.a, &lab.b);
+    let mut cfg = config(&na.path(), &[IF_A]);
     cfg.idle_timeout = Some(Duration::from_secs(1));
     let mut src = Source::start(cfg);
 
-    let a: IpAddr = ea.v4_addr().parse().expect("address");
-    let b: IpAddr = eb.v4_addr().parse().expect("address");
-    let server = in_ns(&nb, move || {
-        UdpSocket::bind(SocketAddr::new(b, 7000)).expect("bind b")
-    });
-    let client = in_ns(&na, move || {
-        UdpSocket::bind(SocketAddr::new(a, 40000)).expect("bind a")
-    });
+    let a: IpAddr = A_V4.parse().expect("address");
+    let b: IpAddr = B_V4.parse().expect("address");
+    let server = nb
+        .in_ns(|| UdpSocket::bind(SocketAddr::new(b, 7000)).expect("bind b"))
+        .expect("entering B");
+    let client = na
+        .in_ns(|| UdpSocket::bind(SocketAddr::new(a, 40000)).expect("bind a"))
+        .expect("entering A");
     let send = |n: usize| {
         for _ in 0..n {
             client
@@ -1092,18 +817,16 @@ fn idle_flows_end_and_icmp_echo_pairs() {
     // of payload each at MTU 1500, so three here): the first carries the
     // UDP header (counted under the ports), the others only the fragment
     // header (counted under UDP with ports 0).
-    let (a6, b6): (IpAddr, IpAddr) = (
-        ea.v6_addr().parse().expect("v6"),
-        eb.v6_addr().parse().expect("v6"),
-    );
-    let _sink = in_ns(&nb, move || {
-        UdpSocket::bind(SocketAddr::new(b6, 7001)).expect("bind")
-    });
-    in_ns(&na, move || {
+    let (a6, b6): (IpAddr, IpAddr) = (A_V6.parse().expect("v6"), B_V6.parse().expect("v6"));
+    let _sink = nb
+        .in_ns(|| UdpSocket::bind(SocketAddr::new(b6, 7001)).expect("bind"))
+        .expect("entering B");
+    na.in_ns(|| {
         let s = UdpSocket::bind(SocketAddr::new(a6, 40001)).expect("bind");
         s.send_to(&[1u8; 3000], SocketAddr::new(b6, 7001))
             .expect("send");
-    });
+    })
+    .expect("entering A");
     let flows = src.dump();
     let first = flows
         .iter()
@@ -1124,15 +847,17 @@ fn idle_flows_end_and_icmp_echo_pairs() {
         3000 + 8 + 3 * 48
     );
 
-    for (to, id) in [(b, 0x1234u16), (eb.v6_addr().parse().expect("v6"), 0x4321)] {
-        in_ns(&na, move || {
+    for (to, id) in [(b, 0x1234u16), (b6, 0x4321)] {
+        na.in_ns(|| {
             send_echo(to, id);
             send_echo(to, id);
-        });
+        })
+        .expect("entering A");
     }
+    // The peer kernel's replies, not flowtel: the dump is asked for below.
     std::thread::sleep(Duration::from_millis(200));
     let flows = src.dump();
-    for (to, id) in [(b, 0x1234u16), (eb.v6_addr().parse().expect("v6"), 0x4321)] {
+    for (to, id) in [(b, 0x1234u16), (b6, 0x4321)] {
         let f = flows
             .iter()
             .find(|f| f.id.server.ip == to && f.id.client.port == id)
@@ -1148,14 +873,15 @@ fn idle_flows_end_and_icmp_echo_pairs() {
 }
 
 /// The child half of `leftover_filters_are_replaced`: starts the source in
-/// clsact mode in `$FLOWTEL_EBPF_HELPER_NETNS` and waits to be killed.
+/// clsact mode in the namespace at `$FLOWTEL_EBPF_HELPER_NETNS` and waits
+/// to be killed.
 #[test]
 #[ignore = "helper run by leftover_filters_are_replaced"]
 fn helper_attach_and_wait() {
     let Some(ns) = std::env::var_os("FLOWTEL_EBPF_HELPER_NETNS") else {
         return;
     };
-    let mut cfg = config(&ns.to_string_lossy(), &["fta"]);
+    let mut cfg = config(Path::new(&ns), &[IF_A]);
     cfg.attach = AttachMode::Netlink;
     let _src = Source::start(cfg);
     println!("attached");
@@ -1171,10 +897,8 @@ fn leftover_filters_are_replaced() {
         return;
     };
     let _serial = serial();
-    let mut lab = Lab::new(&t);
-    let (na, nb) = (lab.ns("a"), lab.ns("b"));
-    let (ea, eb) = (End::new(1), End::new(2));
-    lab.veth((&na, "fta", &ea), (&nb, "ftb", &eb));
+    let lab = lab(&t);
+    let na = &lab.a;
 
     let exe = std::env::current_exe().expect("test binary");
     let mut child = Command::new(exe)
@@ -1184,13 +908,13 @@ fn leftover_filters_are_replaced() {
             "--ignored",
             "--nocapture",
         ])
-        .env("FLOWTEL_EBPF_HELPER_NETNS", &na)
+        .env("FLOWTEL_EBPF_HELPER_NETNS", na.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawning the helper");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while tc_filters(&lab, &na, "fta")
+    while tc_filters(&t, na, IF_A)
         .matches("handle 0xf10e flowtel_")
         .count()
         < 2
@@ -1200,13 +924,13 @@ fn leftover_filters_are_replaced() {
     }
     child.kill().expect("SIGKILL the helper");
     let _ = child.wait();
-    let left = tc_filters(&lab, &na, "fta");
+    let left = tc_filters(&t, na, IF_A);
     assert_eq!(left.matches("handle 0xf10e flowtel_").count(), 2, "{left}");
 
-    let mut cfg = config(&na, &["fta"]);
+    let mut cfg = config(&na.path(), &[IF_A]);
     cfg.attach = AttachMode::Netlink;
     let src = Source::start(cfg);
-    let now = tc_filters(&lab, &na, "fta");
+    let now = tc_filters(&t, na, IF_A);
     assert_eq!(
         now.matches("handle 0xf10e flowtel_").count(),
         2,
@@ -1214,7 +938,7 @@ fn leftover_filters_are_replaced() {
     );
     assert_ne!(now, left, "the leftover programs were replaced by ours");
     src.stop();
-    let after = tc_filters(&lab, &na, "fta");
+    let after = tc_filters(&t, na, IF_A);
     assert!(!after.contains("flowtel"), "filters left: {after}");
     println!("leftover clsact filters replaced and removed");
 }
@@ -1228,34 +952,37 @@ fn dump_time_100k_flows() {
         return;
     };
     let _serial = serial();
-    let mut lab = Lab::new(&t);
-    let (na, nb) = (lab.ns("a"), lab.ns("b"));
-    let (ea, eb) = (End::new(1), End::new(2));
-    lab.veth((&na, "fta", &ea), (&nb, "ftb", &eb));
-    lab.nft(
-        &nb,
-        "table inet ftdrop {\n chain in {\n type filter hook input priority 0; policy accept;\n \
-         udp dport 1-65535 drop\n }\n}",
-    );
+    let mut lab = lab(&t);
+    lab.guard
+        .nft(
+            &lab.b,
+            "inet",
+            "ftdrop",
+            "chain in {\n type filter hook input priority 0; policy accept;\n \
+             udp dport 1-65535 drop\n}",
+        )
+        .expect("nft drop rule in B");
     for prealloc in [true, false] {
-        let mut cfg = config(&na, &["fta"]);
+        let mut cfg = config(&lab.a.path(), &[IF_A]);
         cfg.max_flows = 131_072;
         cfg.preallocate = Some(prealloc);
         let mut src = Source::start(cfg);
-        let a: IpAddr = ea.v4_addr().parse().expect("address");
-        let b: IpAddr = eb.v4_addr().parse().expect("address");
-        in_ns(&na, move || {
-            // 2 source ports × 50 000 destination ports = 100 000 tuples.
-            for sport in [40000u16, 40001] {
-                let s = UdpSocket::bind(SocketAddr::new(a, sport)).expect("bind");
-                for dport in 1000..51000u16 {
-                    let _ = s.send_to(&[0u8; 8], SocketAddr::new(b, dport));
-                    if dport % 1000 == 0 {
-                        std::thread::sleep(Duration::from_millis(1));
+        let a: IpAddr = A_V4.parse().expect("address");
+        let b: IpAddr = B_V4.parse().expect("address");
+        lab.a
+            .in_ns(|| {
+                // 2 source ports × 50 000 destination ports = 100 000 tuples.
+                for sport in [40000u16, 40001] {
+                    let s = UdpSocket::bind(SocketAddr::new(a, sport)).expect("bind");
+                    for dport in 1000..51000u16 {
+                        let _ = s.send_to(&[0u8; 8], SocketAddr::new(b, dport));
+                        if dport % 1000 == 0 {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
                     }
                 }
-            }
-        });
+            })
+            .expect("entering A");
         for round in 0..3 {
             let started = Instant::now();
             let flows = src.dump();
@@ -1284,33 +1011,28 @@ fn per_packet_cost() {
         return;
     };
     let _serial = serial();
-    let mut lab = Lab::new(&t);
-    let (na, nb) = (lab.ns("a"), lab.ns("b"));
-    let (ea, eb) = (End::new(1), End::new(2));
-    lab.veth((&na, "fta", &ea), (&nb, "ftb", &eb));
-    let sysctl = find("sysctl").expect("sysctl");
-    let old = run(&sysctl, &["-n", "kernel.bpf_stats_enabled"]);
-    run(&sysctl, &["-qw", "kernel.bpf_stats_enabled=1"]);
-    struct Restore(PathBuf, String);
+    let lab = lab(&t);
+    let mut procs = NetnsGuard::new(&t.base);
+    // The host's setting (this sysctl is not per namespace).
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let old = std::fs::read_to_string(STATS).expect("reading kernel.bpf_stats_enabled");
+    std::fs::write(STATS, "1\n").expect("kernel.bpf_stats_enabled=1");
+    struct Restore(String);
     impl Drop for Restore {
         fn drop(&mut self) {
-            let _ = Command::new(&self.0)
-                .args([
-                    "-qw",
-                    &format!("kernel.bpf_stats_enabled={}", self.1.trim()),
-                ])
-                .status();
+            let _ = std::fs::write(STATS, &self.0);
         }
     }
-    let _restore = Restore(sysctl, old);
+    let _restore = Restore(old);
     let before = flowtel_prog_ids(&t);
-    let src = Source::start(config(&na, &["fta"]));
-    iperf(&mut lab, &na, &nb, eb.v4_addr(), 5501, &["-n", "200M"]);
+    let src = Source::start(config(&lab.a.path(), &[IF_A]));
+    iperf(&t, &mut procs, &lab.a, &lab.b, B_V4, 5501, &["-n", "200M"]);
     iperf(
-        &mut lab,
-        &na,
-        &nb,
-        eb.v4_addr(),
+        &t,
+        &mut procs,
+        &lab.a,
+        &lab.b,
+        B_V4,
         5502,
         &["-u", "-b", "200M", "-n", "50M"],
     );

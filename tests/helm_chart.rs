@@ -14,7 +14,10 @@
 //!
 //! Needs the tools venv (`$TOOLS_DIR/venv`, default `/opt/flowtel-tools/venv`)
 //! with helm-python-sdk, PyYAML and kubernetes-validate. Without them the
-//! tests fail under `CI` and otherwise print why and pass.
+//! tests fail under `CI` and are otherwise reported as skipped
+//! ([`common::skip`]).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -92,11 +95,7 @@ struct Tools {
     kubernetes_validate: PathBuf,
 }
 
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-}
-
-/// The tools venv, or `None` (after printing why) when it is missing.
+/// The tools venv, or `None` (after [`common::skip`]) when it is missing.
 fn tools(test: &str) -> Option<Tools> {
     let venv = std::env::var_os("TOOLS_DIR")
         .filter(|v| !v.is_empty())
@@ -128,9 +127,7 @@ fn tools(test: &str) -> Option<Tools> {
         ));
     }
     if !missing.is_empty() {
-        let why = missing.join("; ");
-        assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
-        println!("skipping {test}: {why}");
+        common::skip(test, &missing.join("; "));
         return None;
     }
     Some(Tools {

@@ -40,7 +40,7 @@ mod otel_config;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::flowtel::{Flowtel, FlowtelArgs};
+use common::flowtel::{intervals_after, Flowtel, FlowtelArgs, Health};
 use common::otlp_receiver::{AttrValue, LogEvent, OtlpReceiver, SumPoint, Transport};
 use common::rotel::Rotel;
 use common::scenario::{self, Lab, Plan, Series, Totals};
@@ -50,9 +50,14 @@ use serde_json::Value;
 const TEST: &str = "agent_forwards_flowtel_metrics_and_logs_to_the_gateway";
 const NODE: &str = "node-agent-test";
 const INTERVAL: &str = "1s";
-const SETTLE: Duration = Duration::from_secs(4);
-const QUIET: Duration = Duration::from_secs(3);
+/// An upper bound (not pacing) for the gateway to show everything.
 const STABLE_TIMEOUT: Duration = Duration::from_secs(40);
+/// Intervals the gateway must show after the traffic before the flow
+/// records are all there: the agent batches for up to 1 s (agent.yaml), one
+/// interval, so the records of the first interval after the traffic, which
+/// leave flowtel before the second's metrics, are at the gateway before the
+/// third's metrics.
+const LOG_INTERVALS: usize = 3;
 
 const PLAN: Plan = Plan {
     tcp4: Some((4 << 20, 3 << 20)),
@@ -272,7 +277,6 @@ fn agent_forwards_flowtel_metrics_and_logs_to_the_gateway() {
     let before = lab.counters().expect("reading A's veth counters");
     let servers = lab.servers().expect("starting the servers in B");
     let flows = scenario::run(&lab, &PLAN).expect("making the traffic");
-    let traffic_end = Instant::now();
     let server_errors = servers.errors();
     drop(servers);
     assert!(
@@ -288,10 +292,9 @@ fn agent_forwards_flowtel_metrics_and_logs_to_the_gateway() {
                 .cloned()
                 .collect()
         };
-        let series =
-            scenario::wait_stable(&what, traffic_end, SETTLE, QUIET, STABLE_TIMEOUT, || {
-                Series::from_points(&points())
-            });
+        let series = scenario::wait_exported(&what, &flowtels[i], STABLE_TIMEOUT, || {
+            Series::from_points(&points())
+        });
         let after = lab.counters().expect("reading A's veth counters");
         let truth = Totals::from_counters(&before, &after);
         println!("{what}: expected (veth, L3): {truth}");
@@ -299,25 +302,22 @@ fn agent_forwards_flowtel_metrics_and_logs_to_the_gateway() {
         scenario::check_flows(&what, &flows, &series);
         scenario::check_shape(&what, &points());
 
-        // Logs: wait until the number of records holds still.
-        let mut last = usize::MAX;
-        let mut changed = Instant::now();
-        let deadline = Instant::now() + STABLE_TIMEOUT;
-        let events = loop {
-            let all = gateway.log_events();
-            let mine: Vec<LogEvent> = tagged(&all, |e: &LogEvent| &e.resource, tag)
-                .into_iter()
-                .cloned()
-                .collect();
-            if mine.len() != last {
-                last = mine.len();
-                changed = Instant::now();
-            }
-            if (last > 0 && changed.elapsed() >= QUIET) || Instant::now() >= deadline {
-                break mine;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        };
+        // Logs: the records of every interval up to one after the traffic.
+        let shown = flowtels[i]
+            .wait_until_shown(LOG_INTERVALS, STABLE_TIMEOUT, |at| {
+                intervals_after(&points(), at)
+            })
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        if !shown {
+            println!(
+                "{what}: the gateway shows no {LOG_INTERVALS} intervals after the traffic \
+                 within {STABLE_TIMEOUT:?}; checking the records it has"
+            );
+        }
+        let events: Vec<LogEvent> = tagged(&gateway.log_events(), |e: &LogEvent| &e.resource, tag)
+            .into_iter()
+            .cloned()
+            .collect();
         let refs: Vec<&LogEvent> = events.iter().collect();
         let (c2s, s2c, records) = record_totals(&refs);
         println!(

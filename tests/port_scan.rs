@@ -19,7 +19,7 @@
 //! an ICMP answer, so the scan is the only traffic.
 //!
 //! Needs root, `ip`, `nft` and a flowtel built with eBPF support; otherwise
-//! it prints why and passes, unless `CI` is set.
+//! it is skipped ([`common::skip`]), or fails under `CI`.
 
 mod common;
 
@@ -113,11 +113,9 @@ fn a_port_scan_stays_within_the_series_budget() {
         "{TEST}: A sent only the scan"
     );
 
-    let series = common::scenario::wait_stable(
+    let series = common::scenario::wait_exported(
         "receiver",
-        Instant::now(),
-        Duration::from_secs(3),
-        Duration::from_secs(3),
+        &ft,
         Duration::from_secs(60),
         // The latest flow export only: a series folded into the overflow
         // series is no longer exported (its last value would be counted

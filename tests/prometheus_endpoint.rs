@@ -30,9 +30,9 @@ mod prometheus;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use common::flowtel::{Flowtel, FlowtelArgs};
+use common::flowtel::{Flowtel, FlowtelArgs, Health};
 use common::otlp_receiver::AttrValue;
 use common::scenario::{self, Flow, Lab, Plan, Totals, C2S, S2C};
 use common::{deviation_pct, within};
@@ -42,8 +42,7 @@ const TEST: &str = "prometheus_endpoint";
 const JOB: &str = "flowtel";
 const SCRAPE_INTERVAL: &str = "1s";
 const TOLERANCE: f64 = 0.01;
-const SETTLE: Duration = Duration::from_secs(3);
-const QUIET: Duration = Duration::from_secs(3);
+/// An upper bound (not pacing) for Prometheus to hold everything.
 const STABLE_TIMEOUT: Duration = Duration::from_secs(40);
 
 const NONE: Plan = Plan {
@@ -110,33 +109,42 @@ fn metrics_addr(flowtel: &Flowtel) -> Option<SocketAddr> {
     rest.split("/metrics").next()?.parse().ok()
 }
 
-/// Polls Prometheus until `flowtel_flow_bytes_total` holds still (see
-/// `scenario::wait_stable`); returns the last samples.
-fn wait_stable(prom: &Prometheus, traffic_end: Instant) -> Vec<Sample> {
+/// `flowtel_flow_bytes_total` once Prometheus holds everything flowtel
+/// counted before this call: flowtel applied a dump begun after the call
+/// (and handed every later interval to its endpoint, which, with no OTLP
+/// endpoint, takes it at once), and every series has a sample Prometheus
+/// scraped after that.
+fn wait_scraped(prom: &Prometheus, flowtel: &Flowtel) -> Vec<Sample> {
+    let started = Instant::now();
+    let since = flowtel.progress().expect("flowtel's /readyz");
+    let applied = flowtel
+        .wait_for_interval_after(&since, STABLE_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{TEST}: {e:#}"));
+    let after = applied
+        .at
+        .duration_since(UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs_f64();
     let query = format!("flowtel_flow_bytes_total{{job=\"{JOB}\"}}");
-    let read = || prom.query(&query).unwrap_or_default();
-    let deadline = Instant::now() + STABLE_TIMEOUT;
-    let mut last = read();
-    let mut changed = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = read();
-        if now != last {
-            changed = Instant::now();
-        }
-        last = now;
-        if !last.is_empty() && traffic_end.elapsed() >= SETTLE && changed.elapsed() >= QUIET {
-            println!(
-                "{TEST}: Prometheus stable {:?} after the traffic",
-                traffic_end.elapsed()
-            );
-            return last;
-        }
-        if Instant::now() >= deadline {
-            println!("{TEST}: still changing after {STABLE_TIMEOUT:?}; checking the last numbers");
-            return last;
-        }
+    let scraped = common::wait_until(
+        STABLE_TIMEOUT.saturating_sub(started.elapsed()),
+        Duration::from_millis(250),
+        || {
+            let at = prom
+                .query(&format!("timestamp({query})"))
+                .unwrap_or_default();
+            !at.is_empty() && at.iter().all(|s| s.value > after)
+        },
+    );
+    if scraped {
+        println!(
+            "{TEST}: Prometheus scraped everything {:?} after the traffic",
+            started.elapsed()
+        );
+    } else {
+        println!("{TEST}: no scrape after the traffic within {STABLE_TIMEOUT:?}; checking the last numbers");
     }
+    prom.query(&query).unwrap_or_default()
 }
 
 #[test]
@@ -206,7 +214,6 @@ fn prometheus_scrapes_flow_bytes_with_labels_and_values() {
             flows.push((f, truth));
         }
     }
-    let traffic_end = Instant::now();
     let server_errors = servers.errors();
     drop(servers);
     assert!(
@@ -214,7 +221,7 @@ fn prometheus_scrapes_flow_bytes_with_labels_and_values() {
         "the servers in B failed: {server_errors:?}"
     );
 
-    let bytes = wait_stable(&prom, traffic_end);
+    let bytes = wait_scraped(&prom, &flowtel);
     println!(
         "{TEST}: flowtel_flow_bytes_total in Prometheus:\n{}",
         show(&bytes)

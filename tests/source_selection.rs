@@ -28,23 +28,22 @@
 //!   link, no tc filter and none of its programs behind.
 //!
 //! Needs root, `ip`, `nft`, `setpriv` (test 1), `bpftool`, `tc` and a
-//! binary built with eBPF on a kernel with BTF (test 2). Missing → skip with
-//! the reason, or fail under `CI`.
+//! binary built with eBPF on a kernel with BTF (test 2). Missing → skipped
+//! with the reason ([`common::skip`]), or a failure under `CI`.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::flowtel::{Flowtel, FlowtelArgs};
+use common::flowtel::{get_readyz, Flowtel, FlowtelArgs, Health};
 use common::netns::Netns;
 use common::otlp_receiver::{AttrValue, OtlpReceiver};
 use common::scenario::{self, Lab, Plan, Series, Totals};
-use common::{deviation_pct, strip_ansi, wait_until, within, Tool};
+use common::{deviation_pct, strip_ansi, wait_until, within, Tool, BPFTOOL, TC};
 
 /// Both tests compare counters on two shared CPUs; one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -58,16 +57,6 @@ const SETPRIV: Tool = Tool {
     env: "SETPRIV_BIN",
     fallbacks: &["/usr/bin/setpriv", "/bin/setpriv"],
 };
-const BPFTOOL: Tool = Tool {
-    name: "bpftool",
-    env: "BPFTOOL_BIN",
-    fallbacks: &["/usr/sbin/bpftool", "/sbin/bpftool"],
-};
-const TC: Tool = Tool {
-    name: "tc",
-    env: "TC_BIN",
-    fallbacks: &["/usr/sbin/tc", "/sbin/tc"],
-};
 
 /// Capabilities flowtel runs without in test 1.
 const DROPPED_CAPS: &str = "-bpf,-sys_admin,-perfmon";
@@ -79,12 +68,13 @@ const EBPF_CAPS: &str = "-all,+bpf,+perfmon,+net_admin";
 /// the namespace itself (as a hostNetwork pod is in the node's), with the
 /// capability sets changed by `caps` (setpriv syntax, e.g. `-bpf`).
 struct Unprivileged {
-    child: Child,
+    // Behind locks so that the waits of `Health` need only `&self`.
+    child: Mutex<Child>,
     dir: tempfile::TempDir,
     ns: Netns,
     health: SocketAddr,
     caps: &'static str,
-    exited: Option<ExitStatus>,
+    exited: Mutex<Option<ExitStatus>>,
 }
 
 impl Unprivileged {
@@ -135,52 +125,34 @@ impl Unprivileged {
             .stderr(stderr)
             .spawn()?;
         Ok(Unprivileged {
-            child,
+            child: Mutex::new(child),
             dir,
             ns: ns.clone(),
             health,
             caps,
-            exited: None,
+            exited: Mutex::new(None),
         })
     }
 
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
+    fn child(&self) -> MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn exit_status(&self) -> Option<ExitStatus> {
+        let mut exited = self.exited.lock().unwrap_or_else(|e| e.into_inner());
+        if exited.is_none() {
+            *exited = self.child().try_wait().ok().flatten();
         }
-        self.exited
+        *exited
     }
 
     fn stderr(&self) -> String {
         strip_ansi(&std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default())
     }
 
-    /// `GET /readyz` on the namespace's loopback: the status code.
-    fn readyz(&self) -> Option<u16> {
-        let health = self.health;
-        self.ns
-            .in_ns(move || -> std::io::Result<String> {
-                let mut s = TcpStream::connect_timeout(&health, Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                write!(
-                    s,
-                    "GET /readyz HTTP/1.1\r\nHost: {health}\r\nConnection: close\r\n\r\n"
-                )?;
-                let mut text = String::new();
-                s.read_to_string(&mut text)?;
-                Ok(text)
-            })
-            .ok()?
-            .ok()?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    }
-
     fn wait_ready(&mut self, timeout: Duration) {
         let ready = wait_until(timeout, Duration::from_millis(50), || {
-            self.exit_status().is_some() || self.readyz() == Some(200)
+            self.exit_status().is_some() || self.readyz().is_ok_and(|(code, _)| code == 200)
         });
         let exit = self.exit_status();
         assert!(
@@ -197,16 +169,35 @@ impl Unprivileged {
         if self.exit_status().is_none() {
             // SAFETY: kill(2) on our own unreaped child.
             unsafe {
-                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+                libc::kill(self.child().id() as libc::pid_t, libc::SIGTERM);
             }
             if !wait_until(grace, Duration::from_millis(20), || {
                 self.exit_status().is_some()
             }) {
-                let _ = self.child.kill();
-                self.exited = self.child.wait().ok();
+                let mut child = self.child();
+                let _ = child.kill();
+                let status = child.wait().ok();
+                drop(child);
+                *self.exited.lock().unwrap_or_else(|e| e.into_inner()) = status;
             }
         }
-        self.exited
+        self.exit_status()
+    }
+}
+
+impl Health for Unprivileged {
+    /// `GET /readyz` on the namespace's loopback.
+    fn readyz(&self) -> anyhow::Result<(u16, serde_json::Value)> {
+        let health = self.health;
+        self.ns.in_ns(move || get_readyz(health))?
+    }
+
+    fn exit_status(&self) -> Option<ExitStatus> {
+        Unprivileged::exit_status(self)
+    }
+
+    fn output(&self) -> String {
+        self.stderr()
     }
 }
 
@@ -261,7 +252,7 @@ fn auto_without_bpf_capability_falls_back_to_conntrack() {
     let mut flowtel = Unprivileged::start(&lab.a, setpriv, &endpoint, DROPPED_CAPS, "auto")
         .expect("starting flowtel");
     flowtel.wait_ready(Duration::from_secs(20));
-    let (name, caps) = effective_caps(flowtel.child.id());
+    let (name, caps) = effective_caps(flowtel.child().id());
     println!("{TEST}: process {name:?}, CapEff {caps:#x}");
     assert_eq!(
         name, "flowtel",
@@ -283,7 +274,7 @@ fn auto_without_bpf_capability_falls_back_to_conntrack() {
     println!(
         "{TEST}: {:.1}s: flowtel {} ready in {} without {DROPPED_CAPS}, exporting to {endpoint}",
         t0.elapsed().as_secs_f64(),
-        flowtel.child.id(),
+        flowtel.child().id(),
         lab.a.name
     );
 
@@ -298,7 +289,6 @@ fn auto_without_bpf_capability_falls_back_to_conntrack() {
     let before = lab.counters().expect("reading A's veth counters");
     let servers = lab.servers().expect("starting the servers in B");
     let flows = scenario::run(&lab, &plan).expect("making the traffic");
-    let traffic_end = Instant::now();
     let server_errors = servers.errors();
     drop(servers);
     assert!(
@@ -309,14 +299,9 @@ fn auto_without_bpf_capability_falls_back_to_conntrack() {
         println!("{TEST}: sent {:<5} {:?}", f.name, f.payload);
     }
 
-    let series = scenario::wait_stable(
-        "receiver",
-        traffic_end,
-        Duration::from_secs(3),
-        Duration::from_secs(3),
-        Duration::from_secs(30),
-        || Series::of_clients(&receiver.sum_points(0), &[scenario::A_V4, scenario::A_V6]),
-    );
+    let series = scenario::wait_exported("receiver", &flowtel, Duration::from_secs(30), || {
+        Series::of_clients(&receiver.sum_points(0), &[scenario::A_V4, scenario::A_V6])
+    });
     let after = lab.counters().expect("reading A's veth counters");
     let truth = Totals::from_counters(&before, &after);
     println!("{TEST}: expected (veth {}, L3): {truth}", scenario::IF_A);
@@ -391,7 +376,7 @@ fn ebpf_runs_with_only_the_documented_capabilities() {
     let mut flowtel = Unprivileged::start(&lab.a, setpriv, &endpoint, EBPF_CAPS, "ebpf")
         .expect("starting flowtel");
     flowtel.wait_ready(Duration::from_secs(20));
-    let (name, caps) = effective_caps(flowtel.child.id());
+    let (name, caps) = effective_caps(flowtel.child().id());
     let wanted = (1u64 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN);
     println!("{TEST}: process {name:?}, CapEff {caps:#x} (wanted {wanted:#x})");
     assert_eq!(name, "flowtel");
@@ -420,16 +405,10 @@ fn ebpf_runs_with_only_the_documented_capabilities() {
     let before = lab.counters().expect("reading A's veth counters");
     let servers = lab.servers().expect("starting the servers in B");
     scenario::run(&lab, &plan).expect("making the traffic");
-    let traffic_end = Instant::now();
     drop(servers);
-    let series = scenario::wait_stable(
-        "receiver",
-        traffic_end,
-        Duration::from_secs(3),
-        Duration::from_secs(3),
-        Duration::from_secs(30),
-        || Series::of_clients(&receiver.sum_points(0), &[scenario::A_V4]),
-    );
+    let series = scenario::wait_exported("receiver", &flowtel, Duration::from_secs(30), || {
+        Series::of_clients(&receiver.sum_points(0), &[scenario::A_V4])
+    });
     let after = lab.counters().expect("reading A's veth counters");
     let truth = Totals::from_counters(&before, &after);
     let got = series.totals();

@@ -5,8 +5,9 @@
 //! Every external program is looked up the same way ([`find_tool`]): an
 //! environment variable naming its path, then `PATH`, then known install
 //! locations. When something a test needs is missing (a tool, or root), the
-//! test fails if `CI` is set and otherwise prints why and passes without
-//! checking anything ([`Prerequisites`]).
+//! test goes through [`skip`]: it fails if `CI` is set, and otherwise says
+//! why on stderr and in `$FLOWTEL_SKIP_LOG` and returns without checking
+//! anything, which `scripts/test.sh` then counts as skipped, not passed.
 
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
@@ -23,6 +24,7 @@ pub mod router;
 pub mod scenario;
 pub mod traffic;
 
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -53,6 +55,21 @@ pub const ROTEL_AGENT: Tool = Tool {
     name: "rotel-agent",
     env: "ROTEL_AGENT",
     fallbacks: &["/opt/flowtel-venv/lib/python3.11/site-packages/rotel/rotel-agent"],
+};
+pub const IPERF3: Tool = Tool {
+    name: "iperf3",
+    env: "IPERF3_BIN",
+    fallbacks: &["/usr/bin/iperf3"],
+};
+pub const BPFTOOL: Tool = Tool {
+    name: "bpftool",
+    env: "BPFTOOL_BIN",
+    fallbacks: &["/usr/sbin/bpftool", "/sbin/bpftool"],
+};
+pub const TC: Tool = Tool {
+    name: "tc",
+    env: "TC_BIN",
+    fallbacks: &["/usr/sbin/tc", "/sbin/tc"],
 };
 
 fn is_executable(path: &Path) -> bool {
@@ -108,8 +125,40 @@ fn in_ci() -> bool {
     std::env::var_os("CI").is_some_and(|v| !v.is_empty())
 }
 
-/// Checks root and the tools; `None` means "skip" (after printing why).
-/// Under `CI` a missing prerequisite is a failure instead.
+/// The one way a test skips itself because something it needs is missing
+/// (root, a tool, an eBPF build); the caller returns right after.
+///
+/// * Under `CI` (set and not empty) it panics with `why`: CI must never pass
+///   a test that checked nothing.
+/// * Otherwise it writes `SKIPPED <test>: <why>` straight to the process's
+///   stderr (not `eprintln!`, which libtest captures and hides when the test
+///   passes) and appends the same line to the file named by
+///   `$FLOWTEL_SKIP_LOG`, if set, so `scripts/test.sh` reports the test as
+///   skipped instead of passed (libtest has no runtime skip). Failing to
+///   append is a panic: the skip would otherwise pass unnoticed.
+pub fn skip(test: &str, why: &str) {
+    assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
+    let line = format!("SKIPPED {test}: {why}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    if let Some(path) = std::env::var_os("FLOWTEL_SKIP_LOG").filter(|p| !p.is_empty()) {
+        // One write of one short line to an O_APPEND file: lines of tests
+        // running in parallel (threads or binaries) do not interleave.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{test}: cannot record the skip in $FLOWTEL_SKIP_LOG ({}): {e}",
+                    Path::new(&path).display()
+                )
+            });
+    }
+}
+
+/// Checks root and the tools; `None` means "skip" (after [`skip`] said
+/// why). Under `CI` a missing prerequisite is a failure instead.
 pub fn prerequisites(test: &str, with_rotel: bool) -> Option<Prerequisites> {
     let mut missing = Vec::new();
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -134,9 +183,7 @@ pub fn prerequisites(test: &str, with_rotel: bool) -> Option<Prerequisites> {
         }
     }
     if !missing.is_empty() {
-        let why = missing.join("; ");
-        assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
-        println!("skipping {test}: {why}");
+        skip(test, &missing.join("; "));
         return None;
     }
     Some(Prerequisites {
@@ -168,9 +215,7 @@ pub fn prerequisites_with(
         }
     }
     if !missing.is_empty() {
-        let why = missing.join("; ");
-        assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
-        println!("skipping {test}: {why}");
+        skip(test, &missing.join("; "));
         return None;
     }
     Some((tools, found))

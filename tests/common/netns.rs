@@ -378,11 +378,27 @@ impl NetnsGuard {
         program: impl AsRef<Path>,
         args: &[&str],
     ) -> anyhow::Result<u32> {
-        let child = ns
-            .command(program.as_ref(), args)
+        self.spawn_command(ns, ns.command(program.as_ref(), args))
+    }
+
+    /// [`NetnsGuard::spawn`] with stdout and stderr discarded, for a chatty
+    /// server such as `iperf3 -s`.
+    pub fn spawn_quiet(
+        &mut self,
+        ns: &Netns,
+        program: impl AsRef<Path>,
+        args: &[&str],
+    ) -> anyhow::Result<u32> {
+        let mut command = ns.command(program.as_ref(), args);
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+        self.spawn_command(ns, command)
+    }
+
+    fn spawn_command(&mut self, ns: &Netns, mut command: Command) -> anyhow::Result<u32> {
+        let child = command
             .stdin(Stdio::null())
             .spawn()
-            .with_context(|| format!("spawning {} in {}", program.as_ref().display(), ns.name))?;
+            .with_context(|| format!("spawning {command:?} in {}", ns.name))?;
         let pid = child.id();
         self.children.push(child);
         Ok(pid)

@@ -10,6 +10,10 @@ pub const A_V4: &str = "198.18.0.1";
 pub const RA_V4: &str = "198.18.0.2";
 pub const RB_V4: &str = "198.19.0.2";
 pub const B_V4: &str = "198.19.0.4";
+pub const A_V6: &str = "fd00:a::1";
+pub const RA_V6: &str = "fd00:a::2";
+pub const RB_V6: &str = "fd00:b::2";
+pub const B_V6: &str = "fd00:b::4";
 pub const VIP: &str = "198.18.200.1";
 pub const VIP_PORT: u16 = 80;
 pub const BACKEND_PORT: u16 = 8080;
@@ -40,15 +44,15 @@ impl RouterLab {
         };
         guard.veth(
             &a,
-            &end("ftna", "02:00:00:00:0a:01", A_V4, "fd00:a::1"),
+            &end("ftna", "02:00:00:00:0a:01", A_V4, A_V6),
             &r,
-            &end(IF_RA, "02:00:00:00:0a:02", RA_V4, "fd00:a::2"),
+            &end(IF_RA, "02:00:00:00:0a:02", RA_V4, RA_V6),
         )?;
         guard.veth(
             &r,
-            &end(IF_RB, "02:00:00:00:0b:02", RB_V4, "fd00:b::2"),
+            &end(IF_RB, "02:00:00:00:0b:02", RB_V4, RB_V6),
             &b,
-            &end("ftnb", "02:00:00:00:0b:04", B_V4, "fd00:b::4"),
+            &end("ftnb", "02:00:00:00:0b:04", B_V4, B_V6),
         )?;
         a.ip(&["route", "add", "default", "via", RA_V4])?;
         b.ip(&["route", "add", "default", "via", RB_V4])?;

@@ -13,6 +13,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use super::flowtel::{intervals_after, Health};
 use super::netns::{IfStats, Netns, NetnsGuard, VethEnd};
 use super::otlp_receiver::{total_where, AttrValue, Attrs, SumPoint};
 use super::traffic::{self, Payload};
@@ -415,44 +416,41 @@ impl Series {
     }
 }
 
-/// Polls `read` until flowtel's totals hold still: some series arrived, at
-/// least `settle` has passed since the traffic ended and nothing changed for
-/// `quiet`. Returns the last series (possibly unsettled, after `timeout`:
-/// the assertions then show why).
-pub fn wait_stable(
+/// Waits until the receiving end holds everything flowtel counted before
+/// this call ([`Health::wait_until_shown`]: a dump begun after the call,
+/// applied, and an interval that ended after it, in what `read` returns),
+/// and returns that. `read` gives the flow series as the receiving end (the
+/// test receiver, a collector) holds them. Panics if flowtel exits or stops
+/// dumping; if nothing newer shows within `timeout`, returns the last series
+/// (the assertions then show what is missing).
+pub fn wait_exported(
     what: &str,
-    traffic_end: Instant,
-    settle: Duration,
-    quiet: Duration,
+    flowtel: &impl Health,
     timeout: Duration,
     mut read: impl FnMut() -> Series,
 ) -> Series {
-    let deadline = Instant::now() + timeout;
-    let mut last = read();
-    let mut changed = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(250));
-        let now = read();
-        if now.totals() != last.totals() || now.bytes.len() != last.bytes.len() {
-            changed = Instant::now();
-        }
-        last = now;
-        if !last.bytes.is_empty() && traffic_end.elapsed() >= settle && changed.elapsed() >= quiet {
-            println!(
-                "{what}: stable {:?} after the traffic: {}",
-                traffic_end.elapsed(),
-                last.totals()
-            );
-            return last;
-        }
-        if Instant::now() >= deadline {
-            println!(
-                "{what}: still changing after {timeout:?}; checking the last numbers: {}",
-                last.totals()
-            );
-            return last;
-        }
+    let started = Instant::now();
+    let mut last = Series::default();
+    let shown = flowtel
+        .wait_until_shown(1, timeout, |at| {
+            last = read();
+            intervals_after(last.bytes.values(), at)
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    if shown {
+        println!(
+            "{what}: exported, {:?} after the traffic: {}",
+            started.elapsed(),
+            last.totals()
+        );
+    } else {
+        println!(
+            "{what}: no interval after the traffic within {timeout:?}; checking the last \
+             numbers: {}",
+            last.totals()
+        );
     }
+    last
 }
 
 /// Asserts flowtel's totals per direction against the interface counters.
@@ -604,12 +602,24 @@ pub fn check_self_stats(what: &str, stats: &serde_json::Value) {
     );
 }
 
+/// The received-packet counters of the IP MIBs, one per ECN codepoint.
+const IP_IN_FIELDS: [&str; 4] = ["InNoECTPkts", "InECT1Pkts", "InECT0Pkts", "InCEPkts"];
+
 /// Wire packets `ns`'s IP layer received: IPv4 (`IpExt`), plus IPv6
 /// (`Ip6`) when `v6`, summed over the four ECN codepoints. The kernel adds
 /// `max(1, gso_segs)` per skb there, so these are GSO segments, as the eBPF
 /// source counts them (the veth counts skbs).
 pub fn ip_in_packets(ns: &Netns, v6: bool) -> u64 {
-    const FIELDS: [&str; 4] = ["InNoECTPkts", "InECT1Pkts", "InECT0Pkts", "InCEPkts"];
+    let v4 = ip4_in_packets(ns);
+    if !v6 {
+        return v4;
+    }
+    v4 + ip6_in_packets(ns)
+}
+
+/// IPv4 wire packets `ns` received (`IpExt: In*Pkts` of
+/// `/proc/net/netstat`); see [`ip_in_packets`].
+pub fn ip4_in_packets(ns: &Netns) -> u64 {
     let netstat = ns
         .run("cat", &["/proc/net/netstat"])
         .expect("/proc/net/netstat");
@@ -618,29 +628,30 @@ pub fn ip_in_packets(ns: &Netns, v6: bool) -> u64 {
         .filter(|l| l.starts_with("IpExt:"))
         .collect();
     assert_eq!(lines.len(), 2, "IpExt lines in /proc/net/netstat");
-    let v4: u64 = lines[0]
+    lines[0]
         .split_whitespace()
         .zip(lines[1].split_whitespace())
-        .filter(|(n, _)| FIELDS.contains(n))
+        .filter(|(n, _)| IP_IN_FIELDS.contains(n))
         .map(|(_, v)| v.parse::<u64>().expect("counter is a number"))
-        .sum();
-    if !v6 {
-        return v4;
-    }
+        .sum()
+}
+
+/// IPv6 wire packets `ns` received (`Ip6In*Pkts` of `/proc/net/snmp6`);
+/// see [`ip_in_packets`].
+pub fn ip6_in_packets(ns: &Netns) -> u64 {
     let snmp6 = ns
         .run("cat", &["/proc/net/snmp6"])
         .expect("/proc/net/snmp6");
-    let v6: u64 = snmp6
+    snmp6
         .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             let name = it.next()?.strip_prefix("Ip6")?;
-            FIELDS
+            IP_IN_FIELDS
                 .contains(&name)
                 .then(|| it.next()?.parse::<u64>().ok())?
         })
-        .sum();
-    v4 + v6
+        .sum()
 }
 
 /// Asserts the eBPF source's totals within 1 % per direction: bytes against
