@@ -7,7 +7,7 @@
 # TCP/UDP, some behind DNAT or SNAT), then in rounds measures
 #   conntrack -L > /dev/null              (inside the namespace)
 #   cat /proc/net/nf_conntrack > /dev/null (inside the namespace)
-#   examples/dump_bench (flowtel's conntrack source + FlowTable + Aggregator)
+#   examples/dump_bench (flowtel's conntrack source and flow stage)
 #     in netlink and procfs mode
 # and prints a markdown table of medians. Everything it created (namespace,
 # temporary files, a raised nf_conntrack_max) is undone on exit, also on

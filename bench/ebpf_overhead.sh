@@ -96,7 +96,7 @@ if ((${#missing[@]})); then
     die "missing: ${missing[*]}; on Debian: apt-get install iperf3 iproute2 python3 bpftool procps curl coreutils"
 fi
 
-# The libpcap peers. softflowd is in scripts/install-deps.sh; pmacct is not
+# The libpcap peers. softflowd is in scripts/install-test-deps.sh; pmacct is not
 # (it pulls in MariaDB, PostgreSQL, Kafka and ZeroMQ client libraries).
 if [[ -z ${PEERS+set} ]]; then
     PEERS=
@@ -257,7 +257,7 @@ if [[ -n ${ROTEL_AGENT:-} && -x ${ROTEL_AGENT:-} ]]; then
     OTLP_ENDPOINT=http://127.0.0.1:$grpc_port
     EXPORT_DESC="OTLP gRPC+gzip to a local rotel collector (blackhole exporter)"
 else
-    note "rotel is not installed (scripts/install-deps.sh installs it): flowtel will export nowhere"
+    note "rotel is not installed (scripts/install-test-deps.sh installs it): flowtel will export nowhere"
 fi
 for i in $(seq 0 $((MANY_CLIENTS - 1))); do
     wait_for 10 "iperf3 server $i" "$WORK/iperf3-server-$i.log" listening "$NS_RCV" $((IPERF_BASE + i))

@@ -27,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - reported to the caller
     sys.exit(
         "deploy/render.py needs the Helm SDK: pip install helm-python-sdk "
-        "(into the venv of scripts/install-deps.sh)"
+        "(into the venv of scripts/install-test-deps.sh)"
     )
 
 DEPLOY = Path(__file__).resolve().parent

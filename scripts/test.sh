@@ -3,7 +3,7 @@
 # (real conntrack, network namespaces, a real OTLP collector). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/install-deps.sh
+./scripts/install-test-deps.sh
 # shellcheck source=scripts/env.sh
 . scripts/env.sh
 cargo fmt --all -- --check
@@ -17,7 +17,7 @@ FLOWTEL_SKIP_LOG="$(mktemp)"
 export FLOWTEL_SKIP_LOG
 trap 'rm -f "$log" "$FLOWTEL_SKIP_LOG"' EXIT
 status=0
-cargo test --locked --all-targets 2>&1 | tee "$log" || status=$?
+cargo test --locked --all-targets --no-fail-fast 2>&1 | tee "$log" || status=$?
 # One closing line over every test binary (cargo prints one per binary):
 # skipped = ignored + skipped at run time, and those are not passed.
 runtime_skips="$(grep -c '^SKIPPED ' "$FLOWTEL_SKIP_LOG" || true)"

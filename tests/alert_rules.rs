@@ -3,7 +3,7 @@
 //! tests, `flowtel.rules.test.yaml`.
 //!
 //! Without promtool (Debian's `prometheus` package, installed by
-//! `scripts/install-deps.sh`; or `$PROMTOOL_BIN`) the promtool part fails
+//! `scripts/install-test-deps.sh`; or `$PROMTOOL_BIN`) the promtool part fails
 //! under `CI` and is skipped otherwise. Two checks need no promtool and
 //! always run: every alert has a unit test where it fires and one where it
 //! stays quiet, and every metric and label the rules use is in

@@ -36,9 +36,12 @@ const STALL: Duration = Duration::from_secs(7);
 const AFTER: usize = 40;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Sends one datagram from a fresh socket of A to B; its source port.
-fn flow(lab: &Lab) -> u16 {
-    lab.a
+/// Sends one datagram from a fresh socket of A to B, and keeps the socket
+/// open so its source port is not reused by a later flow (which would be
+/// the same conntrack entry); its source port.
+fn flow(lab: &Lab, open: &mut Vec<UdpSocket>) -> u16 {
+    let socket = lab
+        .a
         .in_ns(|| {
             let socket = UdpSocket::bind(SocketAddr::new(A_V4.parse().expect("A"), 0))
                 .expect("a UDP socket in A");
@@ -48,9 +51,12 @@ fn flow(lab: &Lab) -> u16 {
                     SocketAddr::new(B_V4.parse().expect("B"), PORT),
                 )
                 .expect("sending to B");
-            socket.local_addr().expect("the socket's address").port()
+            socket
         })
-        .expect("running in A")
+        .expect("running in A");
+    let port = socket.local_addr().expect("the socket's address").port();
+    open.push(socket);
+    port
 }
 
 /// The flow records received so far, by client port, of flows to `PORT`.
@@ -112,7 +118,8 @@ fn records_are_received_or_counted_when_the_collector_stalls() {
         .wait_ready(Duration::from_secs(30))
         .expect("flowtel ready");
 
-    let before: Vec<u16> = (0..BEFORE).map(|_| flow(&lab)).collect();
+    let mut open = Vec::new();
+    let before: Vec<u16> = (0..BEFORE).map(|_| flow(&lab, &mut open)).collect();
     assert!(
         common::wait_until(TIMEOUT, Duration::from_millis(100), || {
             received(&receiver).len() == BEFORE
@@ -125,12 +132,12 @@ fn records_are_received_or_counted_when_the_collector_stalls() {
     let stalled_at = Instant::now();
     let mut during = Vec::new();
     while stalled_at.elapsed() < STALL {
-        during.extend((0..PER_SECOND).map(|_| flow(&lab)));
+        during.extend((0..PER_SECOND).map(|_| flow(&lab, &mut open)));
         std::thread::sleep(Duration::from_secs(1));
     }
-    during.extend((0..PER_SECOND).map(|_| flow(&lab)));
+    during.extend((0..PER_SECOND).map(|_| flow(&lab, &mut open)));
     receiver.stall(false);
-    let after: Vec<u16> = (0..AFTER).map(|_| flow(&lab)).collect();
+    let after: Vec<u16> = (0..AFTER).map(|_| flow(&lab, &mut open)).collect();
     let sent = before.len() + during.len() + after.len();
 
     // Until every record is accounted for, one way or the other.

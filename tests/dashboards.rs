@@ -1018,7 +1018,7 @@ fn dashboards_are_well_formed() {
 /// `node dashboards/typecheck/check.mjs`: every dashboard against
 /// `@grafana/schema`'s `Dashboard` type (TypeScript, `satisfies`), every
 /// LogQL query through Grafana's LogQL grammar, and a self-test that both
-/// reject broken input. Needs the npm packages scripts/install-deps.sh
+/// reject broken input. Needs the npm packages scripts/install-test-deps.sh
 /// installs; missing, it is skipped ([`common::skip`]), or fails under `CI`.
 #[test]
 fn dashboards_type_check_against_grafana_schema() {
@@ -1031,7 +1031,7 @@ fn dashboards_type_check_against_grafana_schema() {
     let missing = match &node {
         Err(e) => Some(e.clone()),
         Ok(_) if !dir.join("node_modules/@grafana/schema").exists() => Some(format!(
-            "{} has no node_modules (scripts/install-deps.sh runs npm ci there)",
+            "{} has no node_modules (scripts/install-test-deps.sh runs npm ci there)",
             dir.display()
         )),
         Ok(_) => None,

@@ -106,7 +106,7 @@ fn tools(test: &str) -> Option<Tools> {
     let mut missing = Vec::new();
     if !python.is_file() {
         missing.push(format!(
-            "{} does not exist (run scripts/install-deps.sh)",
+            "{} does not exist (run scripts/install-test-deps.sh)",
             python.display()
         ));
     } else {

@@ -20,7 +20,7 @@
 //!   third-party build: as root it runs as `nobody`.
 //!
 //! The Collector is `$OTELCOL_CONTRIB` (scripts/env.sh) or the install
-//! location of scripts/install-deps.sh; missing, the third test is skipped
+//! location of scripts/install-test-deps.sh; missing, the third test is skipped
 //! ([`common::skip`]: reported as skipped, a failure under `CI`).
 
 mod common;
@@ -400,7 +400,7 @@ fn a_real_collector_validates_every_config() {
         Err(e) => {
             common::skip(
                 TEST,
-                &format!("no Collector: {e} (scripts/install-deps.sh installs it)"),
+                &format!("no Collector: {e} (scripts/install-test-deps.sh installs it)"),
             );
             return;
         }

@@ -13,7 +13,7 @@
 //!   folded flows are 50 000 less the scanned ports that kept a series;
 //! * the bytes of all series together equal A's veth counters: nothing is
 //!   lost by folding;
-//! * flowtel's RSS stays under `RSS_BOUND_KIB`, the bound in the README.
+//! * flowtel's RSS stays under `RSS_BOUND_KIB`, the bound docs/testing.md gives.
 //!
 //! IPv6 is switched off on both veth ends and B drops the datagrams without
 //! an ICMP answer, so the scan is the only traffic.
@@ -36,7 +36,7 @@ const FIRST_PORT: u16 = 10_000;
 const MAX_SERIES: usize = 1_000;
 const PAYLOAD: usize = 32;
 /// flowtel's resident memory during and after the scan must stay below this
-/// (the README's figure for this configuration).
+/// (the figure docs/testing.md gives for this configuration).
 const RSS_BOUND_KIB: u64 = 128 * 1024;
 
 #[test]

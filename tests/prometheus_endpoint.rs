@@ -22,7 +22,7 @@
 //! And `promtool check metrics` accepts the raw `/metrics` text.
 //!
 //! Needs root, `ip`, `nft`, `prometheus` and `promtool` (Debian's
-//! `prometheus` package, see `scripts/install-deps.sh`).
+//! `prometheus` package, see `scripts/install-test-deps.sh`).
 
 mod common;
 #[path = "common/prometheus.rs"]

@@ -61,7 +61,7 @@ const SETPRIV: Tool = Tool {
 /// Capabilities flowtel runs without in test 1.
 const DROPPED_CAPS: &str = "-bpf,-sys_admin,-perfmon";
 /// The whole capability set the eBPF source is documented to need
-/// (README, "Capabilities"): nothing else is left in any set.
+/// (docs/configuration.md, "Capabilities"): nothing else is left in any set.
 const EBPF_CAPS: &str = "-all,+bpf,+perfmon,+net_admin";
 
 /// flowtel started as `ip netns exec NS setpriv ... flowtel run ...`: in

@@ -4,16 +4,13 @@
 //! flow stage or the others.
 //!
 //! A new exporter is one module with a `build` function and one line in
-//! [`exporters!`] below.
+//! `exporters!` below.
 
 pub mod attributes;
-pub mod console;
 pub mod families;
 pub mod instruments;
 pub mod otlp;
-pub mod otlp_logs;
 pub mod otlp_metrics;
-pub mod prometheus;
 pub mod queue;
 pub mod resource;
 pub mod selection;
@@ -72,10 +69,13 @@ pub struct ExportContext<'a> {
 }
 
 /// Declares the exporters that have their own section under `export:`
-/// (its key, the module and its settings type): the section is added to
-/// [`ExportConfig`], validated with it, and the module's `build` is called.
+/// (its key, the module and its settings type): the module is declared,
+/// the section is added to [`ExportConfig`] and validated with it, and the
+/// module's `build` is called.
 macro_rules! exporters {
     ($($(#[$doc:meta])* $key:ident: $module:ident::$config:ident,)*) => {
+        $(pub mod $module;)*
+
         /// The `export:` section: the settings shared by every exporter,
         /// then each exporter's own.
         #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -3,7 +3,7 @@
 //!
 //! Each finished interval is turned into log records, filtered, sampled and
 //! rate-limited here, encoded straight into `ExportLogsServiceRequest`s
-//! ([`crate::export::otlp_wire`]; the SDK's logger and batch processor
+//! ([`super::otlp::wire`]; the SDK's logger and batch processor
 //! managed about 45,000 records/s) and sent with the same transport
 //! settings as metrics. Each interval's records leave right after it.
 //!

@@ -1,13 +1,13 @@
 //! OTLP metrics: flow bytes and packets, TCP health and drops as monotonic
 //! Sums and Histograms, plus flowtel's own counters, encoded from each
-//! finished interval ([`crate::export::otlp_wire`]) and sent with
+//! finished interval ([`super::otlp::wire`]) and sent with
 //! [`OtlpClient`].
 //!
 //! The flow table is the source of truth for cumulative values. Each
 //! series' attributes are encoded once and reused while the series lives;
 //! delta temporality is computed here from the previous export. The same
 //! report feeds the Prometheus endpoint when it is on
-//! ([`crate::export::sdk_meter`]).
+//! ([`super::prometheus::meter`]).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};

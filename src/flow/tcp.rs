@@ -49,7 +49,7 @@ pub struct TcpPoint {
 
 /// RTT and duration samples kept per interval over all series: bounds the
 /// memory a burst of short connections can take. Samples past it are
-/// counted in `SelfStats::tcp_samples_dropped`.
+/// counted in `flowtel.tcp.samples.dropped`.
 pub const MAX_SAMPLES_PER_INTERVAL: usize = 65_536;
 
 /// The TCP series of the current interval and their cumulative counts.
