@@ -316,6 +316,8 @@ impl FlowStage {
                     self.apply(event);
                     if finished {
                         pending = None;
+                        self.telemetry
+                            .set_active(self.mesh.active(self.telemetry.source().map(|s| s.name)));
                         self.telemetry.set_ready();
                         if std::mem::take(&mut report_due) {
                             deliver(Arc::new(self.finish()));

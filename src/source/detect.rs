@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::Source;
+use super::{offer_state, Source};
 use crate::flow::SourceEvent;
 
 /// Where detection looks.
@@ -392,12 +392,7 @@ impl Source for Detector {
             .active
             .as_ref()
             .map(|c| std::sync::Arc::from(c.kind.as_str()));
-        // State, sent again each interval: when the channel is full this
-        // interval's copy is skipped and the next one brings it.
-        !matches!(
-            self.events.try_send(SourceEvent::Cni(cni)),
-            Err(mpsc::error::TrySendError::Closed(_))
-        )
+        offer_state(&self.events, SourceEvent::Cni(cni))
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<'static, ()> {

@@ -7,17 +7,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::detect::Detection;
 use super::hubble::Enabled;
-use super::scrape::{self, FamilySpec, ScrapeCounts, ScrapeLimits, Scraper, TargetKind};
+use super::scrape::{
+    self, FamilySpec, ScrapeCounts, ScrapeLimits, ScrapeState, Scraped, Scraper, TargetKind,
+};
 use super::{Source, SourceContext};
 use crate::component::ConfigError;
 use crate::flow::mesh::{Family, FamilyGroup, MeshUpdate};
-use crate::flow::SourceEvent;
 use crate::telemetry::catalogue;
 
 /// `mesh.felix`: Calico Felix's metrics endpoint on the node.
@@ -147,7 +147,7 @@ struct State {
     counts: ScrapeCounts,
 }
 
-impl State {
+impl ScrapeState for State {
     fn update(&self) -> MeshUpdate {
         let mut groups = vec![FamilyGroup {
             attributes: Vec::new(),
@@ -168,38 +168,6 @@ impl State {
     }
 }
 
-/// The running Felix source.
-struct FelixSource {
-    state: Arc<Mutex<State>>,
-    task: tokio::task::JoinHandle<()>,
-    events: mpsc::Sender<SourceEvent>,
-}
-
-impl Source for FelixSource {
-    fn name(&self) -> &'static str {
-        "felix"
-    }
-
-    fn request(&mut self, _epoch: u64) -> bool {
-        let update = self
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .update();
-        // State, sent again each interval: when the channel is full this
-        // interval's copy is skipped and the next one brings it.
-        !matches!(
-            self.events.try_send(SourceEvent::Mesh(Box::new(update))),
-            Err(mpsc::error::TrySendError::Closed(_))
-        )
-    }
-
-    fn stop(self: Box<Self>) -> BoxFuture<'static, ()> {
-        self.task.abort();
-        Box::pin(async {})
-    }
-}
-
 /// Starts the source unless `mesh.felix.enabled` is `off`.
 pub fn build(cfg: &FelixConfig, ctx: &SourceContext) -> anyhow::Result<Option<Box<dyn Source>>> {
     if cfg.enabled == Enabled::Off {
@@ -210,18 +178,12 @@ pub fn build(cfg: &FelixConfig, ctx: &SourceContext) -> anyhow::Result<Option<Bo
         timeout: cfg.timeout,
     })
     .map_err(|e| anyhow::anyhow!("starting the Felix scrapes: {e}"))?;
-    let state = Arc::new(Mutex::new(State::default()));
-    let task = tokio::spawn(scrape_loop(
-        scraper,
-        cfg.clone(),
-        ctx.detection.clone(),
-        Arc::clone(&state),
-    ));
-    Ok(Some(Box::new(FelixSource {
-        state,
-        task,
-        events: ctx.events.clone(),
-    })))
+    let (cfg, detection) = (cfg.clone(), ctx.detection.clone());
+    Ok(Some(Box::new(Scraped::spawn(
+        "felix",
+        ctx.events.clone(),
+        |state: Arc<Mutex<State>>| scrape_loop(scraper, cfg, detection, state),
+    ))))
 }
 
 async fn scrape_loop(

@@ -10,19 +10,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use super::hubble::Enabled;
 use super::scrape::{
-    self, FamilySpec, ScrapeCounts, ScrapeError, ScrapeLimits, Scraper, TargetKind,
+    self, FamilySpec, ScrapeCounts, ScrapeError, ScrapeLimits, ScrapeState, Scraped, Scraper,
+    TargetKind,
 };
 use super::{Source, SourceContext};
 use crate::component::ConfigError;
 use crate::flow::mesh::{Family, FamilyGroup, MeshRole, MeshUpdate, ProxyTarget, ProxyTargets};
-use crate::flow::SourceEvent;
 use crate::telemetry::catalogue;
 
 /// `mesh.istio`: the Envoy sidecars and ztunnel of this node's pods.
@@ -151,7 +149,7 @@ struct State {
     counts: ScrapeCounts,
 }
 
-impl State {
+impl ScrapeState for State {
     /// Each proxy's families, named by its pod, and the scrape counts.
     fn update(&self) -> MeshUpdate {
         let mut groups: Vec<FamilyGroup> = self
@@ -200,38 +198,6 @@ fn pod_attributes(target: &ProxyTarget, kind: TargetKind) -> Vec<(&'static str, 
     attrs
 }
 
-/// The running Istio source.
-struct IstioSource {
-    state: Arc<Mutex<State>>,
-    task: tokio::task::JoinHandle<()>,
-    events: mpsc::Sender<SourceEvent>,
-}
-
-impl Source for IstioSource {
-    fn name(&self) -> &'static str {
-        "istio"
-    }
-
-    fn request(&mut self, _epoch: u64) -> bool {
-        let update = self
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .update();
-        // State, sent again each interval: when the channel is full this
-        // interval's copy is skipped and the next one brings it.
-        !matches!(
-            self.events.try_send(SourceEvent::Mesh(Box::new(update))),
-            Err(mpsc::error::TrySendError::Closed(_))
-        )
-    }
-
-    fn stop(self: Box<Self>) -> BoxFuture<'static, ()> {
-        self.task.abort();
-        Box::pin(async {})
-    }
-}
-
 /// Starts the source when the configuration and the Kubernetes cache
 /// allow it (`ctx.proxies` is taken: only this source scrapes proxies).
 pub fn build(
@@ -255,18 +221,12 @@ pub fn build(
     })
     .map_err(|e| anyhow::anyhow!("starting the Istio scrapes: {e}"))?;
     tracing::info!(interval = ?cfg.interval, "istio source: scraping the proxies of this node's pods");
-    let state = Arc::new(Mutex::new(State::default()));
-    let task = tokio::spawn(scrape_loop(
-        scraper,
-        cfg.clone(),
-        targets,
-        Arc::clone(&state),
-    ));
-    Ok(Some(Box::new(IstioSource {
-        state,
-        task,
-        events: ctx.events.clone(),
-    })))
+    let cfg = cfg.clone();
+    Ok(Some(Box::new(Scraped::spawn(
+        "istio",
+        ctx.events.clone(),
+        |state: Arc<Mutex<State>>| scrape_loop(scraper, cfg, targets, state),
+    ))))
 }
 
 /// Where to scrape each proxy, with `port` overriding the annotations.

@@ -40,6 +40,16 @@ pub trait Source: Send {
     fn stop(self: Box<Self>) -> BoxFuture<'static, ()>;
 }
 
+/// Sends a source's state for this interval without waiting. State is sent
+/// again each interval, so when the channel is full this interval's copy is
+/// skipped and the next one brings it. False once the pipeline is gone.
+pub fn offer_state(events: &mpsc::Sender<SourceEvent>, event: SourceEvent) -> bool {
+    !matches!(
+        events.try_send(event),
+        Err(mpsc::error::TrySendError::Closed(_))
+    )
+}
+
 /// What every source builder gets.
 pub struct SourceContext {
     /// Where the source sends what it reads.

@@ -10,7 +10,15 @@
 //! but allocates only for the families asked for.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::{offer_state, Source};
+use crate::flow::mesh::MeshUpdate;
+use crate::flow::SourceEvent;
 
 use crate::component::ConfigError;
 use crate::flow::mesh::{Family, HistogramValue, Point, PointValue};
@@ -189,6 +197,62 @@ impl ScrapeCounts {
                     .collect(),
             },
         ]
+    }
+}
+
+/// What a scraped source keeps between rounds, and sends each interval.
+pub trait ScrapeState: Default + Send + 'static {
+    /// The state as the source's update.
+    fn update(&self) -> MeshUpdate;
+}
+
+/// A scraped source (Istio, Felix): its task scrapes into `state` on its
+/// own schedule; each interval the latest state goes into the pipeline.
+pub struct Scraped<S> {
+    name: &'static str,
+    state: Arc<Mutex<S>>,
+    task: tokio::task::JoinHandle<()>,
+    events: mpsc::Sender<SourceEvent>,
+}
+
+impl<S: ScrapeState> Scraped<S> {
+    /// Spawns `run` with the shared state.
+    pub fn spawn<F>(
+        name: &'static str,
+        events: mpsc::Sender<SourceEvent>,
+        run: impl FnOnce(Arc<Mutex<S>>) -> F,
+    ) -> Self
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let state = Arc::new(Mutex::new(S::default()));
+        let task = tokio::spawn(run(Arc::clone(&state)));
+        Self {
+            name,
+            state,
+            task,
+            events,
+        }
+    }
+}
+
+impl<S: ScrapeState> Source for Scraped<S> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn request(&mut self, _epoch: u64) -> bool {
+        let update = self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .update();
+        offer_state(&self.events, SourceEvent::Mesh(Box::new(update)))
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.task.abort();
+        Box::pin(async {})
     }
 }
 
