@@ -13,19 +13,19 @@ cargo clippy --locked --all-targets -- -D warnings
 log="$(mktemp)"
 # A test whose prerequisite is missing says so here (tests/common: skip) and
 # returns, which libtest counts as passed; outside CI it is a skip.
-FLOWTEL_SKIP_LOG="$(mktemp)"
-export FLOWTEL_SKIP_LOG
-trap 'rm -f "$log" "$FLOWTEL_SKIP_LOG"' EXIT
+TEST_SKIP_LOG="$(mktemp)"
+export TEST_SKIP_LOG
+trap 'rm -f "$log" "$TEST_SKIP_LOG"' EXIT
 status=0
 cargo test --locked --all-targets --no-fail-fast 2>&1 | tee "$log" || status=$?
 # One closing line over every test binary (cargo prints one per binary):
 # skipped = ignored + skipped at run time, and those are not passed.
-runtime_skips="$(grep -c '^SKIPPED ' "$FLOWTEL_SKIP_LOG" || true)"
+runtime_skips="$(grep -c '^SKIPPED ' "$TEST_SKIP_LOG" || true)"
 ignored="$(sed -n -e 's/^test \(.*\) \.\.\. ignored, \(.*\)$/  \1: ignored: \2/p' \
   -e 's/^test \(.*\) \.\.\. ignored$/  \1: ignored/p' "$log")"
 if [ "$runtime_skips" -gt 0 ] || [ -n "$ignored" ]; then
   echo "Skipped:"
-  sed -n 's/^SKIPPED /  /p' "$FLOWTEL_SKIP_LOG"
+  sed -n 's/^SKIPPED /  /p' "$TEST_SKIP_LOG"
   [ -z "$ignored" ] || printf '%s\n' "$ignored"
 fi
 awk -v s="$runtime_skips" '/^test result:/ {p += $4; f += $6; i += $8}

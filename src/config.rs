@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::component::positive;
 pub use crate::component::ConfigError;
 use crate::enrich::kubernetes::KubernetesConfig;
 use crate::enrich::EnrichConfig;
@@ -343,12 +344,7 @@ pub fn parse_kv_list(value: &str) -> Result<Vec<(String, String)>, String> {
 
 /// Every section checks its own keys; the error says which section.
 fn validate(cfg: &Config) -> Result<(), ConfigError> {
-    if cfg.interval.is_zero() {
-        return Err(ConfigError::new(
-            "interval",
-            "must be greater than 0, e.g. \"10s\"",
-        ));
-    }
+    positive("interval", cfg.interval, "10s")?;
     if tracing_subscriber::EnvFilter::try_new(&cfg.log.level).is_err() {
         return Err(ConfigError::new(
             "log.level",

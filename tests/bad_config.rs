@@ -239,9 +239,12 @@ fn a_good_config_is_accepted() {
         "interval: 5s\nexport:\n  otlp:\n    endpoint: http://127.0.0.1:4317\n    headers:\n      x-tenant: a\nflows:\n  key: [server_address, server_port, transport, direction]\n",
     )
     .expect("write");
+    // A clean environment: the test runner's variables are not settings.
     let out = Command::new(env!("CARGO_BIN_EXE_flowtel"))
         .args(["check-config", "--config"])
         .arg(&file)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
         .output()
         .expect("runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

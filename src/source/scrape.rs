@@ -20,7 +20,7 @@ use super::{offer_state, Source};
 use crate::flow::mesh::MeshUpdate;
 use crate::flow::SourceEvent;
 
-use crate::component::ConfigError;
+use crate::component::{positive, ConfigError};
 use crate::flow::mesh::{Family, HistogramValue, Point, PointValue};
 use crate::telemetry::catalogue::{self, Instrument, Metric};
 
@@ -262,12 +262,7 @@ pub fn check_settings(
     max_bytes: usize,
     timeout: Duration,
 ) -> Result<(), ConfigError> {
-    if interval.is_zero() {
-        return Err(ConfigError::new(
-            "interval",
-            "must be greater than 0, e.g. \"15s\"",
-        ));
-    }
+    positive("interval", interval, "15s")?;
     if max_bytes < 4096 {
         return Err(ConfigError::new("max_bytes", "must be at least 4096"));
     }

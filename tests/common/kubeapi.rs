@@ -248,12 +248,15 @@ struct Serving {
 pub struct KubeApi {
     shared: Arc<Shared>,
     port: u16,
+    /// The port's listener from `new` until the first start, so nothing
+    /// else can take the port in between.
+    held: Mutex<Option<std::net::TcpListener>>,
     serving: Mutex<Option<Serving>>,
 }
 
 impl KubeApi {
-    /// A server that is not listening yet, on a port that was free a
-    /// moment ago.
+    /// A server that is not listening yet, on a port it holds until it
+    /// starts.
     pub fn new() -> Self {
         let probe = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .expect("bind an ephemeral port on 127.0.0.1");
@@ -269,6 +272,7 @@ impl KubeApi {
                 bookmark_every: Duration::from_secs(1),
             }),
             port,
+            held: Mutex::new(Some(probe)),
             serving: Mutex::new(None),
         }
     }
@@ -288,6 +292,23 @@ impl KubeApi {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Binds the server's port again after a stop; the old socket may take
+    /// a moment to close.
+    async fn rebind(&self) -> std::net::TcpListener {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::net::TcpListener::bind(addr) {
+                Ok(l) => return l,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("bind {addr}: {e}"),
+            }
+        }
+    }
+
     /// Starts listening (again) on the server's port.
     pub async fn start(&self) {
         let mut serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
@@ -300,9 +321,11 @@ impl KubeApi {
             }
             store.started_before = true;
         }
-        let listener =
-            std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)))
-                .unwrap_or_else(|e| panic!("bind 127.0.0.1:{}: {e}", self.port));
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let listener = match held {
+            Some(listener) => listener,
+            None => self.rebind().await,
+        };
         listener
             .set_nonblocking(true)
             .expect("a non-blocking listener");

@@ -6,7 +6,7 @@
 //! environment variable naming its path, then `PATH`, then known install
 //! locations. When something a test needs is missing (a tool, or root), the
 //! test goes through [`skip`]: it fails if `CI` is set, and otherwise says
-//! why on stderr and in `$FLOWTEL_SKIP_LOG` and returns without checking
+//! why on stderr and in `$TEST_SKIP_LOG` and returns without checking
 //! anything, which `scripts/test.sh` then counts as skipped, not passed.
 
 // Each test binary uses a different part of the harness.
@@ -133,14 +133,14 @@ fn in_ci() -> bool {
 /// * Otherwise it writes `SKIPPED <test>: <why>` straight to the process's
 ///   stderr (not `eprintln!`, which libtest captures and hides when the test
 ///   passes) and appends the same line to the file named by
-///   `$FLOWTEL_SKIP_LOG`, if set, so `scripts/test.sh` reports the test as
+///   `$TEST_SKIP_LOG`, if set, so `scripts/test.sh` reports the test as
 ///   skipped instead of passed (libtest has no runtime skip). Failing to
 ///   append is a panic: the skip would otherwise pass unnoticed.
 pub fn skip(test: &str, why: &str) {
     assert!(!in_ci(), "{test}: prerequisites missing under CI: {why}");
     let line = format!("SKIPPED {test}: {why}\n");
     let _ = std::io::stderr().write_all(line.as_bytes());
-    if let Some(path) = std::env::var_os("FLOWTEL_SKIP_LOG").filter(|p| !p.is_empty()) {
+    if let Some(path) = std::env::var_os("TEST_SKIP_LOG").filter(|p| !p.is_empty()) {
         // One write of one short line to an O_APPEND file: lines of tests
         // running in parallel (threads or binaries) do not interleave.
         std::fs::OpenOptions::new()
@@ -150,7 +150,7 @@ pub fn skip(test: &str, why: &str) {
             .and_then(|mut f| f.write_all(line.as_bytes()))
             .unwrap_or_else(|e| {
                 panic!(
-                    "{test}: cannot record the skip in $FLOWTEL_SKIP_LOG ({}): {e}",
+                    "{test}: cannot record the skip in $TEST_SKIP_LOG ({}): {e}",
                     Path::new(&path).display()
                 )
             });

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::component::ConfigError;
+use crate::component::{positive, ConfigError};
 
 /// OTLP wire protocol, named as in `OTEL_EXPORTER_OTLP_PROTOCOL`.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -155,12 +155,7 @@ impl OtlpConfig {
                 check_headers(&format!("{signal}.headers"), headers)?;
             }
         }
-        if self.timeout.is_zero() {
-            return Err(ConfigError::new(
-                "timeout",
-                "must be greater than 0, e.g. \"10s\"",
-            ));
-        }
+        positive("timeout", self.timeout, "10s")?;
         check_headers("headers", &self.headers)?;
         if self.max_request_bytes < 64 << 10 {
             return Err(ConfigError::new(

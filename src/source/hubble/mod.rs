@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::detect::Detection;
 use super::{Source, SourceContext};
-use crate::component::ConfigError;
+use crate::component::{positive, ConfigError};
 use crate::flow::mesh::{FamilyGroup, MeshUpdate};
 use crate::flow::SourceEvent;
 
@@ -133,18 +133,8 @@ impl HubbleConfig {
                 "must be at least 2 (one series plus the overflow series)",
             ));
         }
-        for (key, value) in [
-            ("reconnect_backoff_max", self.reconnect_backoff_max),
-            ("log_interval", self.log_interval),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError::new(
-                    key,
-                    "must be greater than 0, e.g. \"30s\"",
-                ));
-            }
-        }
-        Ok(())
+        positive("reconnect_backoff_max", self.reconnect_backoff_max, "30s")?;
+        positive("log_interval", self.log_interval, "60s")
     }
 }
 
