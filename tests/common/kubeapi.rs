@@ -311,8 +311,13 @@ impl KubeApi {
 
     /// Starts listening (again) on the server's port.
     pub async fn start(&self) {
-        let mut serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
-        assert!(serving.is_none(), "the test API server is already running");
+        assert!(
+            self.serving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none(),
+            "the test API server is already running"
+        );
         {
             let mut store = self.shared.store();
             if store.started_before {
@@ -346,7 +351,7 @@ impl KubeApi {
                 eprintln!("test API server: {e}");
             }
         });
-        *serving = Some(Serving { stop, task });
+        *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = Some(Serving { stop, task });
     }
 
     /// Stops listening and ends every open connection.
