@@ -42,6 +42,7 @@ use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::Router;
 use serde_json::{json, Value};
+use tokio::net::TcpSocket;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -248,17 +249,26 @@ struct Serving {
 pub struct KubeApi {
     shared: Arc<Shared>,
     port: u16,
-    /// The port's listener from `new` until the first start, so nothing
-    /// else can take the port in between.
-    held: Mutex<Option<std::net::TcpListener>>,
+    /// The port's socket, bound but not listening (so connections are
+    /// refused, as with a server that is down), from `new` until the first
+    /// start, so nothing else can take the port in between.
+    held: Mutex<Option<TcpSocket>>,
     serving: Mutex<Option<Serving>>,
+}
+
+/// A socket bound to `addr` and not listening yet.
+fn bound(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
 }
 
 impl KubeApi {
     /// A server that is not listening yet, on a port it holds until it
     /// starts.
     pub fn new() -> Self {
-        let probe = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        let probe = bound(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .expect("bind an ephemeral port on 127.0.0.1");
         let port = probe
             .local_addr()
@@ -294,11 +304,11 @@ impl KubeApi {
 
     /// Binds the server's port again after a stop; the old socket may take
     /// a moment to close.
-    async fn rebind(&self) -> std::net::TcpListener {
+    async fn rebind(&self) -> TcpSocket {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            match std::net::TcpListener::bind(addr) {
+            match bound(addr) {
                 Ok(l) => return l,
                 Err(e) if std::time::Instant::now() < deadline => {
                     let _ = e;
@@ -331,11 +341,7 @@ impl KubeApi {
             Some(listener) => listener,
             None => self.rebind().await,
         };
-        listener
-            .set_nonblocking(true)
-            .expect("a non-blocking listener");
-        let listener =
-            tokio::net::TcpListener::from_std(listener).expect("a listener in the runtime");
+        let listener = listener.listen(1024).expect("listen on the bound port");
         let (stop, mut stopped) = watch::channel(false);
         let app = Router::new()
             .fallback(handle)
