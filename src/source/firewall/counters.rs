@@ -130,7 +130,7 @@ impl Totals {
         out
     }
 
-    pub fn len(&self) -> usize {
+    pub fn series(&self) -> usize {
         self.series.len()
     }
 }
@@ -453,7 +453,7 @@ mod tests {
             now,
         );
         assert_eq!(c.drops.len(), 1);
-        assert_eq!(t.rules.len(), 1);
+        assert_eq!(t.rules.series(), 1);
         assert_eq!(t.rules.overflow, (6, 600));
         assert_eq!(t.rules.folded, 1);
         assert_eq!(t.drops.points()[0].1, 4);

@@ -413,8 +413,8 @@ fn labels(l: &Labels) -> Vec<(String, String)> {
 
 /// (packets points, bytes points) of `totals`, with the overflow series.
 fn totals(t: &Totals) -> (Vec<Point>, Vec<Point>) {
-    let mut packets = Vec::with_capacity(t.len() + 1);
-    let mut bytes = Vec::with_capacity(t.len() + 1);
+    let mut packets = Vec::with_capacity(t.series() + 1);
+    let mut bytes = Vec::with_capacity(t.series() + 1);
     for (l, p, b) in t.points() {
         packets.push(Point::new(labels(l), PointValue::Int(p)));
         bytes.push(Point::new(labels(l), PointValue::Int(b)));

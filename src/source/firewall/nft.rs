@@ -803,7 +803,7 @@ mod tests {
         assert_eq!(r.verdict, Verdict::Accept);
         assert_eq!(issues, vec![DecodeIssue::UnknownExpression("x".repeat(64))]);
         // User data of 60 KB whose comment record runs past its end.
-        let mut udata = vec![7u8, 0].repeat(30_000);
+        let mut udata = [7u8, 0].repeat(30_000);
         udata.extend_from_slice(&[UDATA_RULE_COMMENT, 200, b'a', b'b']);
         let msg = rule_message("cmp", 1, None, &udata);
         assert_eq!(
