@@ -44,8 +44,8 @@ pub struct FirewallConfig {
     pub enabled: Enabled,
     /// Read nftables (also what `iptables-nft` writes).
     pub nftables: bool,
-    /// Legacy xtables: `auto` when legacy tables are loaded and the save
-    /// programs are found; `on` counts their absence as a failure.
+    /// Legacy xtables: `auto` reads them while legacy tables are loaded
+    /// (and counts a missing save program as a failure), `on` always.
     pub xtables: Enabled,
     /// The programs that print legacy tables with counters: a name looked
     /// up on `PATH`, or a path.
@@ -271,14 +271,14 @@ impl Reader {
             if self.cfg.xtables == Enabled::Auto && !xtables::tables_loaded(family) {
                 continue;
             }
+            // Legacy tables are loaded (or `on`): not reading them is a
+            // failure each time.
             let Some(program) = find_program(&configured) else {
-                if self.cfg.xtables == Enabled::On || self.logs.ready(&configured) {
-                    self.failed(
-                        Backend::Xtables,
-                        "not_found",
-                        &format!("{configured} was not found; legacy {family} tables are not read"),
-                    );
-                }
+                self.failed(
+                    Backend::Xtables,
+                    "not_found",
+                    &format!("{configured} was not found; legacy {family} tables are not read"),
+                );
                 continue;
             };
             let mut issues = Issues::new();
@@ -296,7 +296,7 @@ impl Reader {
 
     fn failed(&mut self, backend: Backend, kind: &'static str, message: &str) {
         *self.failures.entry((backend, kind)).or_insert(0) += 1;
-        if self.logs.ready(&format!("fail {kind}")) {
+        if self.logs.ready(&format!("fail {} {kind}", backend.as_str())) {
             let hint = if kind == "permission" {
                 "; reading rule counters needs CAP_NET_ADMIN"
             } else {
