@@ -296,7 +296,10 @@ impl Reader {
 
     fn failed(&mut self, backend: Backend, kind: &'static str, message: &str) {
         *self.failures.entry((backend, kind)).or_insert(0) += 1;
-        if self.logs.ready(&format!("fail {} {kind}", backend.as_str())) {
+        if self
+            .logs
+            .ready(&format!("fail {} {kind}", backend.as_str()))
+        {
             let hint = if kind == "permission" {
                 "; reading rule counters needs CAP_NET_ADMIN"
             } else {
