@@ -1,10 +1,11 @@
 //! The firewall source against the real kernel: namespaces A and B joined
 //! by a veth pair; in B, nftables rules shaped like kube-proxy's nftables
-//! mode and like Calico's (through `iptables-nft`: `cali-*` chains,
-//! `Policy ...` comments), and legacy xtables rules shaped like
+//! mode and like Calico's (`cali-*` chains, `Policy ...` comments), a
+//! kube-proxy reject written by `iptables-nft` (xt match and target
+//! expressions), and legacy xtables rules shaped like
 //! kube-proxy's iptables mode and Calico's, loaded with Debian's
-//! `iptables-legacy`. A sends UDP datagrams of known size to four ports:
-//! two are accepted, two dropped. flowtel (`--netns B`) exports over OTLP
+//! `iptables-legacy`. A sends UDP datagrams of known size to five ports:
+//! two are accepted, two dropped, one rejected. flowtel (`--netns B`) exports over OTLP
 //! to the test receiver.
 //!
 //! * Every rule's packets and bytes must equal the kernel's own counters
@@ -42,6 +43,11 @@ const IPTABLES_LEGACY: Tool = Tool {
     env: "IPTABLES_LEGACY_BIN",
     fallbacks: &["/usr/sbin/iptables-legacy", "/sbin/iptables-legacy"],
 };
+const IPTABLES_NFT: Tool = Tool {
+    name: "iptables-nft",
+    env: "IPTABLES_NFT_BIN",
+    fallbacks: &["/usr/sbin/iptables-nft", "/sbin/iptables-nft"],
+};
 const IPTABLES_LEGACY_RESTORE: Tool = Tool {
     name: "iptables-legacy-restore",
     env: "IPTABLES_LEGACY_RESTORE_BIN",
@@ -57,11 +63,14 @@ const KUBE_NFT_PORT: u16 = 7001;
 const CALICO_NFT_PORT: u16 = 7002;
 const KUBE_LEGACY_PORT: u16 = 7003;
 const CALICO_LEGACY_PORT: u16 = 7004;
+/// Rejected by an `iptables-nft` rule (nftables with xt expressions).
+const KUBE_IPTABLES_NFT_PORT: u16 = 7005;
 const SENDS: &[(u16, u64, usize)] = &[
     (KUBE_NFT_PORT, 23, 100),
     (CALICO_NFT_PORT, 17, 300),
     (KUBE_LEGACY_PORT, 11, 500),
     (CALICO_LEGACY_PORT, 7, 700),
+    (KUBE_IPTABLES_NFT_PORT, 5, 200),
 ];
 
 const KUBE_NFT: &str = "chain input {\n  type filter hook input priority 0; policy accept;\n  \
@@ -134,7 +143,11 @@ fn settled_kernel_counts(b: &Netns, iptables: &PathBuf, rounds: u64) -> Counts {
                     *n
                 };
                 sum(&now, chain).0 >= want
-            });
+            })
+            // iptables-nft's reject rule keeps its counts.
+            && now
+                .get(&key("nftables", "ip", "filter", "INPUT", 1))
+                .is_some_and(|c| c.0 >= 5 * rounds);
         last = now;
         done
     });
@@ -295,12 +308,12 @@ fn wait_for(receiver: &OtlpReceiver, expected: &Counts, flowtel: &Flowtel) -> Co
 fn rule_counters_match_the_kernel_across_ruleset_replacement() {
     let Some((tools, extra)) = common::prerequisites_with(
         "rule_counters_match_the_kernel_across_ruleset_replacement",
-        &[IPTABLES_LEGACY, IPTABLES_LEGACY_RESTORE],
+        &[IPTABLES_LEGACY, IPTABLES_LEGACY_RESTORE, IPTABLES_NFT],
         &[],
     ) else {
         return;
     };
-    let (iptables, restore) = (&extra[0], &extra[1]);
+    let (iptables, restore, iptables_nft) = (&extra[0], &extra[1], &extra[2]);
     let mut guard = NetnsGuard::new(&tools);
     let a = guard.add("fwa").expect("namespace A");
     let b = guard.add("fwb").expect("namespace B");
@@ -343,6 +356,26 @@ fn rule_counters_match_the_kernel_across_ruleset_replacement() {
         );
     };
     load_legacy();
+    // kube-proxy's reject of a Service without endpoints, through
+    // iptables-nft (its table `ip filter` is not replaced below).
+    b.run(
+        iptables_nft,
+        &[
+            "-A",
+            "INPUT",
+            "-p",
+            "udp",
+            "--dport",
+            "7005",
+            "-m",
+            "comment",
+            "--comment",
+            "default/nosvc:http has no endpoints",
+            "-j",
+            "REJECT",
+        ],
+    )
+    .expect("iptables-nft rule");
 
     let receiver = OtlpReceiver::start().expect("OTLP receiver");
     let netns = b.path();
@@ -420,6 +453,27 @@ fn rule_counters_match_the_kernel_across_ruleset_replacement() {
             attr(&ep, "flowtel.firewall.endpoint")
         ),
         ("web", "198.18.18.2:7001")
+    );
+    let reject = packets
+        .values()
+        .find(|p| attr(p, "flowtel.firewall.verdict") == "reject")
+        .expect("the iptables-nft reject rule")
+        .clone();
+    assert_eq!(
+        (
+            attr(&reject, "flowtel.firewall.backend"),
+            attr(&reject, "flowtel.firewall.table"),
+            attr(&reject, "flowtel.k8s.service.name"),
+            attr(&reject, "flowtel.firewall.rule.comment"),
+            reject.value,
+        ),
+        (
+            "nftables",
+            "filter",
+            "nosvc",
+            "default/nosvc:http has no endpoints",
+            5
+        )
     );
     let pol = named("cali-pi-_AbCdEf");
     assert_eq!(
@@ -508,7 +562,10 @@ fn rule_counters_match_the_kernel_across_ruleset_replacement() {
     // ft_kube kept its counts; the others start again from zero.
     let mut expected = kernel2.clone();
     for (k, v) in expected.iter_mut() {
-        if k.2 != "ft_kube" {
+        // ft_kube was reloaded with its counters; iptables-nft's table was
+        // not touched.
+        let kept = k.2 == "ft_kube" || (k.0 == "nftables" && k.2 == "filter");
+        if !kept {
             let before = kernel1.get(k).copied().unwrap_or((0, 0));
             *v = (v.0 + before.0, v.1 + before.1);
         }

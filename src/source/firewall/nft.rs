@@ -44,6 +44,8 @@ const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFTA_TARGET_NAME: u16 = 1;
+const NFTA_MATCH_NAME: u16 = 1;
+const NFTA_MATCH_INFO: u16 = 3;
 /// `NFTNL_UDATA_RULE_COMMENT`, the type of the comment in a rule's user data.
 const UDATA_RULE_COMMENT: u8 = 0;
 
@@ -252,6 +254,14 @@ fn decode_rule(family: u8, buf: &[u8], issues: &mut Issues) -> Result<Rule, Deco
                             v.hash(&mut signature);
                             verdict = v;
                         }
+                        Expression::Comment(text) => {
+                            text.hash(&mut signature);
+                            // Calico writes its `cali:` id and a
+                            // description: the description is kept.
+                            if comment.is_none() || !text.starts_with("cali:") {
+                                comment = Some(text);
+                            }
+                        }
                         Expression::Other { name, data } => {
                             name.hash(&mut signature);
                             data.hash(&mut signature);
@@ -280,9 +290,17 @@ fn decode_rule(family: u8, buf: &[u8], issues: &mut Issues) -> Result<Rule, Deco
 }
 
 enum Expression<'a> {
-    Counter { packets: u64, bytes: u64 },
+    Counter {
+        packets: u64,
+        bytes: u64,
+    },
+    /// `iptables-nft`'s `-m comment`: an xt match holding the text.
+    Comment(String),
     Verdict(Verdict),
-    Other { name: String, data: &'a [u8] },
+    Other {
+        name: String,
+        data: &'a [u8],
+    },
 }
 
 fn decode_expression<'a>(
@@ -320,6 +338,23 @@ fn decode_expression<'a>(
             Some(v) => Ok(Expression::Verdict(v)),
             None => Ok(Expression::Other { name, data }),
         },
+        "match" => {
+            let mut match_name = String::new();
+            let mut info: &[u8] = &[];
+            for a in attrs(data) {
+                let (kind, value) = a?;
+                match kind {
+                    NFTA_MATCH_NAME => match_name = nl_str(value),
+                    NFTA_MATCH_INFO => info = value,
+                    _ => {}
+                }
+            }
+            if match_name == "comment" {
+                Ok(Expression::Comment(comment(&nl_str(info), issues)))
+            } else {
+                Ok(Expression::Other { name, data })
+            }
+        }
         "reject" => Ok(Expression::Verdict(Verdict::Reject)),
         "queue" => Ok(Expression::Verdict(Verdict::Queue)),
         "target" => {
@@ -809,6 +844,45 @@ mod tests {
         assert_eq!(
             decode(&msg, &mut issues).map(|_| ()),
             Err(DecodeIssue::Malformed("rule user data"))
+        );
+    }
+
+    #[test]
+    fn iptables_nft_comments_are_read_from_the_xt_match() {
+        let mut e = Encoder::rule(2);
+        e.attr(NFTA_RULE_TABLE, b"filter\0")
+            .attr(NFTA_RULE_CHAIN, b"KUBE-SERVICES\0")
+            .attr(NFTA_RULE_HANDLE, &7u64.to_be_bytes());
+        let list = e.begin(NFTA_RULE_EXPRESSIONS);
+        for text in ["cali:Zz9", "default/web:http has no endpoints"] {
+            expr(&mut e, "match", |e| {
+                let mut info = text.as_bytes().to_vec();
+                info.resize(256, 0);
+                e.attr(NFTA_MATCH_NAME, b"comment\0")
+                    .attr(2, &0u32.to_be_bytes())
+                    .attr(NFTA_MATCH_INFO, &info);
+            });
+        }
+        expr(&mut e, "counter", |e| {
+            e.attr(NFTA_COUNTER_BYTES, &60u64.to_be_bytes())
+                .attr(NFTA_COUNTER_PACKETS, &1u64.to_be_bytes());
+        });
+        expr(&mut e, "target", |e| {
+            e.attr(NFTA_TARGET_NAME, b"REJECT\0");
+        });
+        e.end(list);
+        let mut issues = Issues::new();
+        let Ok(Message::Rule(r)) = decode(&e.finish(), &mut issues) else {
+            panic!("not a rule");
+        };
+        assert!(issues.is_empty());
+        assert_eq!(
+            (r.comment.as_deref(), r.verdict, r.counters),
+            (
+                Some("default/web:http has no endpoints"),
+                Verdict::Reject,
+                Some((1, 60))
+            )
         );
     }
 
