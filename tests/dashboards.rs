@@ -26,7 +26,8 @@
 //!   while A's pod talks to B's pod, to the pod's Service and to an
 //!   address no object claims, through a router that loses 3 % of the
 //!   packets to B, with refused and unanswered connects, an aborted
-//!   connection and packets A's nftables drops, in two rounds (a counter's
+//!   connection and packets A's nftables drops (Calico-shaped rules with
+//!   counters, for the firewall panels), in two rounds (a counter's
 //!   first sample has no rate). flowtel also scrapes, every second, an Envoy
 //!   sidecar of a second checkout pod, ztunnel and Felix: local servers
 //!   serving the fixtures of `tests/fixtures/mesh/` with their counters
@@ -1323,8 +1324,9 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         dir.path(),
         "a.nft",
         &format!(
-            "table inet ft_dash_drop {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    \
-             tcp dport {DROPPED_TCP_PORT} drop\n    udp dport {DROPPED_UDP_PORT} drop\n  }}\n}}\n"
+            "table inet ft_dash_drop {{\n  chain cali-OUTPUT {{\n    type filter hook output priority 0; policy accept;\n    \
+             tcp dport {DROPPED_TCP_PORT} counter drop comment \"Policy default/knp.default.deny-dash egress\"\n    \
+             udp dport {DROPPED_UDP_PORT} counter drop comment \"Policy default/knp.default.deny-dash egress\"\n  }}\n}}\n"
         ),
     );
     nft(

@@ -12,6 +12,7 @@ pub mod conntrack;
 pub mod detect;
 pub mod ebpf;
 pub mod felix;
+pub mod firewall;
 pub mod hubble;
 pub mod istio;
 pub mod kernel;
@@ -71,6 +72,7 @@ pub struct SourcesConfig<'a> {
     pub hubble: &'a hubble::HubbleConfig,
     pub istio: &'a istio::IstioConfig,
     pub felix: &'a felix::FelixConfig,
+    pub firewall: &'a firewall::FirewallConfig,
 }
 
 /// The running sources, the kernel source first.
@@ -98,6 +100,7 @@ impl Sources {
         all.extend(hubble::build(cfg.hubble, &ctx));
         all.extend(istio::build(cfg.istio, &mut ctx)?);
         all.extend(felix::build(cfg.felix, &ctx)?);
+        all.extend(firewall::build(cfg.firewall, &ctx)?);
         Ok(Self(all))
     }
 
