@@ -98,7 +98,13 @@ impl SignalTransport {
         for e in &system.errors {
             tracing::debug!("reading the system's CA store: {e}");
         }
-        let mut roots = system.certs;
+        // A system certificate that is not a usable trust anchor is
+        // skipped, as each TLS stack would skip it.
+        let mut roots: Vec<CertificateDer<'static>> = system
+            .certs
+            .into_iter()
+            .filter(|c| rustls::RootCertStore::empty().add(c.clone()).is_ok())
+            .collect();
         if let Some(ca) = Self::read(&self.tls.ca_file, "CA file")? {
             let before = roots.len();
             for cert in CertificateDer::pem_slice_iter(&ca) {
@@ -917,6 +923,21 @@ mod tests {
                     "attempt {attempt}: nothing in [{low:?}, {high:?})"
                 );
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn both_transports_take_the_systems_store() {
+        for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
+            let otlp = OtlpConfig {
+                endpoint: "https://collector.example:4317".into(),
+                protocol,
+                ..OtlpConfig::default()
+            };
+            let t = SignalTransport::resolve(&otlp, &otlp.metrics, "metrics").expect("a transport");
+            assert!(!t.trust_roots().expect("the system's CAs").is_empty());
+            OtlpClient::new(&t, Signal::Metrics, &Telemetry::default())
+                .unwrap_or_else(|e| panic!("{protocol:?}: {e:#}"));
         }
     }
 
