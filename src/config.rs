@@ -244,12 +244,7 @@ fn otel_env(env: &HashMap<String, String>) -> Result<Vec<(String, config::Value)
             out.push((format!("{prefix}.endpoint"), v.into()));
         }
         if let Some(v) = get(&var("PROTOCOL")) {
-            if Protocol::parse(v).is_none() {
-                return Err(ConfigError::new(
-                    var("PROTOCOL"),
-                    format!("unsupported protocol {v:?}; use \"grpc\" or \"http/protobuf\""),
-                ));
-            }
+            Protocol::parse(v).map_err(|reason| ConfigError::new(var("PROTOCOL"), reason))?;
             out.push((format!("{prefix}.protocol"), v.into()));
         }
         if let Some(v) = get(&var("COMPRESSION")) {
@@ -275,15 +270,28 @@ fn otel_env(env: &HashMap<String, String>) -> Result<Vec<(String, config::Value)
                 parse_kv_list(v).map_err(|reason| ConfigError::new(var("HEADERS"), reason))?;
             out.push((format!("{prefix}.headers"), to_table(headers)));
         }
-    }
-    if let Some(v) = get("OTEL_EXPORTER_OTLP_CERTIFICATE") {
-        out.push(("export.otlp.tls.ca_file".into(), v.into()));
-    }
-    if let Some(v) = get("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE") {
-        out.push(("export.otlp.tls.cert_file".into(), v.into()));
-    }
-    if let Some(v) = get("OTEL_EXPORTER_OTLP_CLIENT_KEY") {
-        out.push(("export.otlp.tls.key_file".into(), v.into()));
+        if let Some(v) = get(&var("INSECURE")) {
+            let insecure = match v.to_ascii_lowercase().as_str() {
+                "true" => true,
+                "false" => false,
+                _ => {
+                    return Err(ConfigError::new(
+                        var("INSECURE"),
+                        format!("{v:?} is not a boolean; use \"true\" or \"false\""),
+                    ))
+                }
+            };
+            out.push((format!("{prefix}.insecure"), insecure.into()));
+        }
+        for (suffix, key) in [
+            ("CERTIFICATE", "ca_file"),
+            ("CLIENT_CERTIFICATE", "cert_file"),
+            ("CLIENT_KEY", "key_file"),
+        ] {
+            if let Some(v) = get(&var(suffix)) {
+                out.push((format!("{prefix}.tls.{key}"), v.into()));
+            }
+        }
     }
     if let Some(v) = get("OTEL_METRIC_EXPORT_INTERVAL") {
         let ms: u64 = v.parse().map_err(|_| {
@@ -445,6 +453,58 @@ mod tests {
                 && err.contains("\"gzip\", \"zstd\" or \"none\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn insecure_and_per_signal_certificates_come_from_the_otel_variables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (shared, logs) = (dir.path().join("shared.pem"), dir.path().join("logs.pem"));
+        std::fs::write(&shared, "").expect("write");
+        std::fs::write(&logs, "").expect("write");
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "otel:4317"),
+            ("OTEL_EXPORTER_OTLP_INSECURE", "TRUE"),
+            ("OTEL_EXPORTER_OTLP_METRICS_INSECURE", "false"),
+            (
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                shared.to_str().expect("utf-8"),
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_LOGS_CERTIFICATE",
+                logs.to_str().expect("utf-8"),
+            ),
+        ]);
+        let otlp = load(None, &e, &Overrides::default())
+            .expect("loads")
+            .export
+            .otlp;
+        assert!(otlp.insecure);
+        assert_eq!(otlp.metrics.insecure, Some(false));
+        assert_eq!(otlp.tls.ca_file.as_deref(), Some(shared.as_path()));
+        assert_eq!(otlp.logs.tls.ca_file.as_deref(), Some(logs.as_path()));
+        assert_eq!(otlp.metrics.tls.ca_file, None);
+        for (var, value, says) in [
+            (
+                "OTEL_EXPORTER_OTLP_INSECURE",
+                "yes",
+                "\"true\" or \"false\"",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "http/json",
+                "use \"http/protobuf\"",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL",
+                "http/json",
+                "use \"http/protobuf\"",
+            ),
+        ] {
+            let err = load(None, &env(&[(var, value)]), &Overrides::default())
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains(var) && err.contains(says), "{err}");
+        }
     }
 
     #[test]

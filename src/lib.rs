@@ -12,6 +12,8 @@ pub mod config;
 pub mod enrich;
 pub mod export;
 pub mod flow;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod pipeline;
 pub mod source;

@@ -102,6 +102,24 @@ const CASES: &[Case] = &[
         key: "`export.otlp.retry.max_attempts`",
     },
     Case {
+        name: "zero total retry time",
+        yaml: Some("export:\n  otlp:\n    retry:\n      max_elapsed_time: 0s\n"),
+        env: &[],
+        key: "`export.otlp.retry.max_elapsed_time`",
+    },
+    Case {
+        name: "http json protocol",
+        yaml: Some("export:\n  otlp:\n    protocol: http/json\n"),
+        env: &[],
+        key: "`export.otlp.protocol`",
+    },
+    Case {
+        name: "OTEL insecure variable",
+        yaml: None,
+        env: &[("OTEL_EXPORTER_OTLP_INSECURE", "maybe")],
+        key: "`OTEL_EXPORTER_OTLP_INSECURE`",
+    },
+    Case {
         name: "OTEL protocol variable",
         yaml: None,
         env: &[("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")],

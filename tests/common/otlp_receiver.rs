@@ -1,8 +1,10 @@
 //! A test-side OTLP receiver on 127.0.0.1: gRPC `MetricsService/Export` and
 //! `LogsService/Export` (tonic, gzip accepted) and HTTP `POST /v1/metrics`
 //! and `/v1/logs` (axum, protobuf, gzip or not). It keeps every request, can
-//! be stopped and restarted on the same ports, and flattens what it got into
-//! [`SumPoint`]s and [`LogEvent`]s.
+//! be stopped and restarted on the same ports, can answer UNAVAILABLE (HTTP
+//! 503) for a while, noting when each refused request came, can serve TLS
+//! with a given certificate, and flattens what it got into [`SumPoint`]s
+//! and [`LogEvent`]s.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -159,6 +161,15 @@ pub enum Transport {
     Http,
 }
 
+/// A request answered UNAVAILABLE: over what, from whom (its `x-agent`
+/// header), when.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub transport: Transport,
+    pub agent: String,
+    pub at: Instant,
+}
+
 #[derive(Debug, Clone)]
 pub struct Received {
     pub transport: Transport,
@@ -177,6 +188,10 @@ struct Shared {
     stalled: AtomicBool,
     /// Requests that arrived while stalled.
     stalled_requests: AtomicUsize,
+    /// While set, requests are answered UNAVAILABLE (HTTP 503) at once and
+    /// not stored; when each came is kept in `refused`.
+    unavailable: AtomicBool,
+    refused: Mutex<Vec<Refused>>,
     received: Mutex<Vec<Received>>,
     logs: Mutex<Vec<ExportLogsServiceRequest>>,
 }
@@ -191,6 +206,27 @@ impl Shared {
         self.stalled_requests.fetch_add(1, Ordering::SeqCst);
         while self.stalled.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// True (and the time noted) when a request must be refused as
+    /// UNAVAILABLE.
+    fn refuse(&self, transport: Transport, headers: &HeaderMap) -> bool {
+        if !self.unavailable.load(Ordering::SeqCst) {
+            return false;
+        }
+        let agent = headers
+            .get("x-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if let Ok(mut v) = self.refused.lock() {
+            v.push(Refused {
+                transport,
+                agent,
+                at: Instant::now(),
+            });
         }
         true
     }
@@ -221,6 +257,12 @@ impl MetricsService for Grpc {
         }
         if !self.0.up.load(Ordering::SeqCst) {
             return Err(tonic::Status::unavailable("test receiver stopped"));
+        }
+        if self
+            .0
+            .refuse(Transport::Grpc, &request.metadata().clone().into_headers())
+        {
+            return Err(tonic::Status::unavailable("test receiver unavailable"));
         }
         let gzip = request
             .metadata()
@@ -322,6 +364,9 @@ async fn http_export(
     if shared.hold().await {
         return (StatusCode::SERVICE_UNAVAILABLE, "test receiver stalled").into_response();
     }
+    if shared.refuse(Transport::Http, &headers) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "test receiver unavailable").into_response();
+    }
     let (request, gzip) = match decode_http::<ExportMetricsServiceRequest>(&shared, &headers, &body)
     {
         Ok(r) => r,
@@ -356,6 +401,8 @@ pub struct OtlpReceiver {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     running: Option<Running>,
+    /// The certificate chain and key (PEM) both servers present, if TLS.
+    tls: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl OtlpReceiver {
@@ -378,9 +425,48 @@ impl OtlpReceiver {
             grpc_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, grpc_port)),
             http_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, http_port)),
             running: None,
+            tls: None,
         };
         r.serve()?;
         Ok(r)
+    }
+
+    /// Starts on ephemeral ports, both servers speaking TLS with the
+    /// certificate chain `cert` and its `key` (PEM); the endpoints are
+    /// `https://localhost:PORT`.
+    pub fn start_tls(cert: &[u8], key: &[u8]) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("otlp-receiver")
+            .enable_all()
+            .build()
+            .context("building the receiver's runtime")?;
+        let mut r = OtlpReceiver {
+            rt: Some(rt),
+            shared: Arc::new(Shared::default()),
+            grpc_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            http_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            running: None,
+            tls: Some((cert.to_vec(), key.to_vec())),
+        };
+        r.serve()?;
+        Ok(r)
+    }
+
+    /// Answers every request UNAVAILABLE (gRPC) or 503 (HTTP) while
+    /// `unavailable`, storing nothing.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.shared.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// When each request refused as UNAVAILABLE came, and over which
+    /// transport.
+    pub fn refused(&self) -> Vec<Refused> {
+        self.shared
+            .refused
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
     }
 
     fn rt(&self) -> anyhow::Result<&tokio::runtime::Runtime> {
@@ -411,6 +497,10 @@ impl OtlpReceiver {
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
 
+        let tls = self.tls.as_ref().map(|(cert, key)| {
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(cert, key))
+        });
         let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
         let service = MetricsServiceServer::new(Grpc(self.shared.clone()))
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
@@ -418,8 +508,16 @@ impl OtlpReceiver {
         let logs = LogsServiceServer::new(GrpcLogs(self.shared.clone()))
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
             .max_decoding_message_size(64 * 1024 * 1024);
+        let grpc_tls = tls.clone();
         let grpc = rt.spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let mut server = tonic::transport::Server::builder();
+            if let Some(tls) = grpc_tls {
+                server = match server.tls_config(tls) {
+                    Ok(s) => s,
+                    Err(e) => return eprintln!("test OTLP gRPC receiver: TLS: {e}"),
+                };
+            }
+            let result = server
                 .add_service(service)
                 .add_service(logs)
                 .serve_with_incoming_shutdown(
@@ -441,11 +539,29 @@ impl OtlpReceiver {
             .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(self.shared.clone());
         let http = rt.spawn(async move {
-            let result = axum::serve(http_listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = http_stopped.await;
-                })
-                .await;
+            let stopped = async {
+                let _ = http_stopped.await;
+            };
+            let result = match tls {
+                // Over TLS the same routes are served by tonic's server
+                // (HTTP/2, as a client negotiates it with ALPN).
+                Some(tls) => match tonic::transport::Server::builder().tls_config(tls) {
+                    Ok(server) => server
+                        .accept_http1(true)
+                        .add_routes(tonic::service::Routes::from(app))
+                        .serve_with_incoming_shutdown(
+                            tonic::transport::server::TcpIncoming::from(http_listener),
+                            stopped,
+                        )
+                        .await
+                        .map_err(anyhow::Error::from),
+                    Err(e) => Err(e.into()),
+                },
+                None => axum::serve(http_listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                    .map_err(anyhow::Error::from),
+            };
             if let Err(e) = result {
                 eprintln!("test OTLP HTTP receiver: {e}");
             }
@@ -461,15 +577,23 @@ impl OtlpReceiver {
         Ok(())
     }
 
-    /// `http://127.0.0.1:PORT` of the gRPC receiver.
+    /// `http://127.0.0.1:PORT` of the gRPC receiver
+    /// (`https://localhost:PORT` over TLS).
     pub fn grpc_endpoint(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        self.endpoint(self.grpc_addr)
     }
 
     /// `http://127.0.0.1:PORT` of the HTTP receiver (flowtel appends
-    /// `/v1/metrics`).
+    /// `/v1/metrics`; `https://localhost:PORT` over TLS).
     pub fn http_endpoint(&self) -> String {
-        format!("http://{}", self.http_addr)
+        self.endpoint(self.http_addr)
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> String {
+        match self.tls {
+            Some(_) => format!("https://localhost:{}", addr.port()),
+            None => format!("http://{addr}"),
+        }
     }
 
     pub fn is_running(&self) -> bool {

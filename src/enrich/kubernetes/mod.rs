@@ -35,7 +35,7 @@
 //!
 //! The RBAC rules this needs are in `deploy/rbac.yaml`.
 
-mod cache;
+pub(crate) mod cache;
 mod config;
 mod convert;
 mod index;

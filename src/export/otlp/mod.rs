@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::component::{positive, ConfigError};
 
 /// OTLP wire protocol, named as in `OTEL_EXPORTER_OTLP_PROTOCOL`.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub enum Protocol {
     #[serde(rename = "grpc")]
     Grpc,
@@ -23,13 +23,26 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// The protocol named `value` (`grpc`, `http/protobuf`).
-    pub fn parse(value: &str) -> Option<Self> {
+    /// The protocol named `value` (`grpc`, `http/protobuf`), or why not.
+    pub fn parse(value: &str) -> Result<Self, String> {
         match value {
-            "grpc" => Some(Self::Grpc),
-            "http/protobuf" => Some(Self::HttpProtobuf),
-            _ => None,
+            "grpc" => Ok(Self::Grpc),
+            "http/protobuf" => Ok(Self::HttpProtobuf),
+            "http/json" => Err("\"http/json\" is not supported: flowtel encodes OTLP as \
+                 protobuf only; use \"http/protobuf\" (the same endpoint and port, every \
+                 OTLP/HTTP receiver accepts it) or \"grpc\""
+                .into()),
+            other => Err(format!(
+                "unsupported protocol {other:?}; use \"grpc\" or \"http/protobuf\""
+            )),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Self::parse(&name).map_err(serde::de::Error::custom)
     }
 }
 
@@ -63,6 +76,9 @@ pub struct OtlpConfig {
     /// Requests are cut below this many bytes (before compression), so a
     /// Collector's gRPC receiver (4 MiB by default) takes every one.
     pub max_request_bytes: usize,
+    /// For an endpoint given without a scheme (`host:port`): plaintext when
+    /// true, TLS when false (`OTEL_EXPORTER_OTLP_INSECURE`).
+    pub insecure: bool,
     pub tls: TlsConfig,
     pub retry: RetryConfig,
     /// Per-signal overrides (`OTEL_EXPORTER_OTLP_METRICS_*`).
@@ -81,6 +97,7 @@ impl Default for OtlpConfig {
             timeout: Duration::from_secs(10),
             temporality: Temporality::Cumulative,
             max_request_bytes: 3 << 20,
+            insecure: false,
             tls: TlsConfig::default(),
             retry: RetryConfig::default(),
             metrics: SignalOverrides::default(),
@@ -101,17 +118,34 @@ pub struct SignalOverrides {
     pub compression: Option<Compression>,
     #[serde(with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    pub insecure: Option<bool>,
+    /// Each file set here wins over the shared `tls` one
+    /// (`OTEL_EXPORTER_OTLP_<SIGNAL>_CERTIFICATE`, `_CLIENT_CERTIFICATE`,
+    /// `_CLIENT_KEY`).
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
-    /// PEM bundle of CAs that sign the collector's certificate. Without it an
-    /// `https` endpoint is checked against the platform's roots.
+    /// PEM bundle of CAs that sign the collector's certificate, trusted in
+    /// addition to the system's store (`SSL_CERT_FILE`, `SSL_CERT_DIR`, or
+    /// the distribution's bundle), for gRPC and HTTP alike.
     pub ca_file: Option<PathBuf>,
     /// Client certificate and key (PEM) for mutual TLS; set both or neither.
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// These files, each falling back to `shared`'s.
+    pub fn over(&self, shared: &TlsConfig) -> TlsConfig {
+        TlsConfig {
+            ca_file: self.ca_file.clone().or_else(|| shared.ca_file.clone()),
+            cert_file: self.cert_file.clone().or_else(|| shared.cert_file.clone()),
+            key_file: self.key_file.clone().or_else(|| shared.key_file.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -123,6 +157,10 @@ pub struct RetryConfig {
     pub initial_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// The longest one request may spend being retried, from its first
+    /// attempt; a wait that would end later gives up instead.
+    #[serde(with = "humantime_serde")]
+    pub max_elapsed_time: Duration,
 }
 
 impl Default for RetryConfig {
@@ -131,6 +169,7 @@ impl Default for RetryConfig {
             max_attempts: 4,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(5),
+            max_elapsed_time: Duration::from_secs(60),
         }
     }
 }
@@ -141,6 +180,7 @@ impl OtlpConfig {
         if !self.endpoint.is_empty() {
             check_url("endpoint", &self.endpoint)?;
         }
+        check_tls("tls", &self.tls)?;
         for (signal, o) in [("metrics", &self.metrics), ("logs", &self.logs)] {
             if let Some(endpoint) = &o.endpoint {
                 check_url(&format!("{signal}.endpoint"), endpoint)?;
@@ -154,6 +194,7 @@ impl OtlpConfig {
             if let Some(headers) = &o.headers {
                 check_headers(&format!("{signal}.headers"), headers)?;
             }
+            check_tls(&format!("{signal}.tls"), &o.tls.over(&self.tls))?;
         }
         positive("timeout", self.timeout, "10s")?;
         check_headers("headers", &self.headers)?;
@@ -175,36 +216,60 @@ impl OtlpConfig {
                 "must not exceed export.otlp.retry.max_backoff",
             ));
         }
-        let tls = &self.tls;
-        if tls.cert_file.is_some() != tls.key_file.is_some() {
+        positive("retry.max_elapsed_time", self.retry.max_elapsed_time, "60s")?;
+        if self.retry.max_elapsed_time < self.retry.initial_backoff {
             return Err(ConfigError::new(
-                if tls.cert_file.is_some() {
-                    "tls.key_file"
-                } else {
-                    "tls.cert_file"
-                },
-                "mutual TLS needs both cert_file and key_file",
+                "retry.max_elapsed_time",
+                "must not be below export.otlp.retry.initial_backoff",
             ));
-        }
-        for (key, file) in [
-            ("tls.ca_file", &tls.ca_file),
-            ("tls.cert_file", &tls.cert_file),
-            ("tls.key_file", &tls.key_file),
-        ] {
-            if let Some(path) = file {
-                if !path.is_file() {
-                    return Err(ConfigError::new(
-                        key,
-                        format!("{} is not a readable file", path.display()),
-                    ));
-                }
-            }
         }
         Ok(())
     }
 }
 
+fn check_tls(key: &str, tls: &TlsConfig) -> Result<(), ConfigError> {
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        return Err(ConfigError::new(
+            if tls.cert_file.is_some() {
+                format!("{key}.key_file")
+            } else {
+                format!("{key}.cert_file")
+            },
+            "mutual TLS needs both cert_file and key_file",
+        ));
+    }
+    for (name, file) in [
+        ("ca_file", &tls.ca_file),
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+    ] {
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    format!("{key}.{name}"),
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `value` with a scheme: a `host:port` endpoint gets `http://` when
+/// `insecure`, else `https://`.
+pub fn with_scheme(value: &str, insecure: bool) -> String {
+    if value.contains("://") {
+        value.to_string()
+    } else if insecure {
+        format!("http://{value}")
+    } else {
+        format!("https://{value}")
+    }
+}
+
 fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    let scheme_less = !value.contains("://");
+    let value = &with_scheme(value, true);
     let url = url::Url::parse(value).map_err(|e| {
         ConfigError::new(
             key,
@@ -222,6 +287,16 @@ fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(ConfigError::new(key, format!("{value:?} has no host")));
+    }
+    if scheme_less && url.port().is_none() {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{:?} is not a URL; expected e.g. http://localhost:4317, or host:port \
+                 (TLS unless export.otlp.insecure is true)",
+                value.trim_start_matches("http://")
+            ),
+        ));
     }
     Ok(())
 }

@@ -7,9 +7,9 @@
 //! netlink sockets, sysctls and `/proc/thread-self/net` then all belong to
 //! that namespace.
 
-mod decode;
+pub(crate) mod decode;
 mod netlink;
-mod procfs;
+pub(crate) mod procfs;
 mod sysctl;
 mod tracking;
 
