@@ -440,6 +440,18 @@ pub static EBPF_TCP_SOCKETS: Metric = gauge(
     "TCP sockets followed at the last dump",
 );
 
+pub static EBPF_INTERFACE_BYTES: Metric = counter(
+    "flowtel.ebpf.interface.bytes",
+    "By",
+    "L3 bytes on the attached interfaces by hook, as their own counters and as flowtel saw them",
+);
+
+pub static EBPF_TCP_SOCKETS_SWEPT: Metric = counter(
+    "flowtel.ebpf.tcp.sockets.swept",
+    "{socket}",
+    "Half-open sockets removed after 5 minutes because their close was never seen",
+);
+
 // ---- The Kubernetes cache ----
 
 pub static K8S_WATCH_ERRORS: Metric = counter(
@@ -707,6 +719,8 @@ pub static METRICS: &[&Metric] = &[
     &EBPF_MAP_ENTRIES,
     &EBPF_NAT_TRANSLATIONS,
     &EBPF_TCP_SOCKETS,
+    &EBPF_TCP_SOCKETS_SWEPT,
+    &EBPF_INTERFACE_BYTES,
     &K8S_WATCH_ERRORS,
     &K8S_RELISTS,
     &K8S_OBJECTS_REJECTED,
@@ -813,6 +827,10 @@ pub const PEER_ZONE: &str = "flowtel.peer.zone";
 pub const PEER_NETWORK: &str = "flowtel.peer.network";
 pub const ENRICHMENT_PENDING: &str = "flowtel.enrichment.pending";
 pub const ZONE_CROSSING: &str = "flowtel.zone.crossing";
+/// Who counted `flowtel.ebpf.interface.bytes`: `kernel` or `flowtel`.
+pub const OBSERVER: &str = "flowtel.observer";
+/// The TC hook of `flowtel.ebpf.interface.bytes`: `ingress` or `egress`.
+pub const HOOK: &str = "flowtel.hook";
 /// Which exporter a self-metric is about.
 pub const EXPORTER: &str = "flowtel.exporter";
 
