@@ -232,6 +232,8 @@ static __always_inline void record(struct __sk_buff *skb, struct flow_key *key,
 		record_in(&flows_a, skb, key, l2_len, flags);
 }
 
+#include "dns.h"
+
 /* Reads the transport ports (or ICMP echo id) and TCP flags at `off`. */
 static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off,
 				     struct flow_key *key, __u32 *flags)
@@ -287,8 +289,10 @@ static __always_inline void count_ipv4(struct __sk_buff *skb, __u32 l2_len, __u8
 	key.dir = dir;
 	key.ifindex = skb->ifindex;
 	/* Non-first fragments carry no transport header: ports stay 0. */
-	if ((bpf_ntohs(ip.frag_off) & 0x1fff) == 0)
+	if ((bpf_ntohs(ip.frag_off) & 0x1fff) == 0) {
 		parse_l4(skb, l2_len + ihl, &key, &flags);
+		dns_check(skb, l2_len + ihl, &key);
+	}
 	record(skb, &key, l2_len, flags);
 }
 
@@ -337,8 +341,10 @@ static __always_inline void count_ipv6(struct __sk_buff *skb, __u32 l2_len, __u8
 	}
 	/* More extension headers than we walk: counted under the last one. */
 	key.proto = nh;
-	if (!fragment)
+	if (!fragment) {
 		parse_l4(skb, off, &key, &flags);
+		dns_check(skb, off, &key);
+	}
 	record(skb, &key, l2_len, flags);
 }
 

@@ -13,7 +13,10 @@ TOOLS_DIR="${TOOLS_DIR:-/opt/flowtel-tools}"
 # softflowd (about 160 KiB plus libpcap) is the libpcap peer of bench/ebpf_overhead.sh.
 # pmacct, the other one, is left out: it pulls in MariaDB, PostgreSQL, Kafka and
 # ZeroMQ client libraries (the benchmark says how to install it).
-PACKAGES=(conntrack iperf3 iproute2 procps util-linux prometheus python3-venv softflowd)
+# dnsmasq-base (no system service) and bind9-dnsutils (dig): the DNS server and
+# client of tests/ebpf_dns.rs.
+PACKAGES=(conntrack iperf3 iproute2 procps util-linux prometheus python3-venv softflowd
+  dnsmasq-base bind9-dnsutils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::dns::DnsSeries;
 use super::drops::DropSeries;
 use super::mesh::{Family, FamilyGroup, LogEvent, MeshUpdate, Point, PointValue};
 use super::model::{FlowId, Nat, SourceEvent};
@@ -162,6 +163,7 @@ pub struct FlowStage {
     series: FlowSeries,
     tcp: TcpSeries,
     drops: DropSeries,
+    dns: DnsSeries,
     zones: ZoneSeries,
     records: RecordCollector,
     mesh: MeshState,
@@ -212,6 +214,7 @@ impl FlowStage {
             series,
             tcp,
             drops: DropSeries::default(),
+            dns: DnsSeries::default(),
             zones: ZoneSeries::default(),
             records: RecordCollector::new(records, telemetry),
             mesh: MeshState::default(),
@@ -256,6 +259,7 @@ impl FlowStage {
                 self.drops.record(&record);
                 self.records.packet_drop(&record);
             }
+            SourceEvent::Dns(record) => self.dns.record(&record),
             SourceEvent::DumpStarted { epoch } => self.table.dump_started(epoch),
             SourceEvent::DumpFinished { epoch, complete } => {
                 self.table.dump_finished(epoch, complete);
@@ -271,10 +275,13 @@ impl FlowStage {
         let active = self.mesh.active(self.telemetry.source().map(|s| s.name));
         let mesh = self.mesh.report(self.started, &active);
         self.telemetry.set_active(active);
+        let (dns, dns_records) = self.dns.finish();
         let report = IntervalReport {
             points: self.series.finish(),
             tcp: self.tcp.finish(),
             drops: self.drops.points(),
+            dns,
+            dns_records,
             zones: self.zones.points(),
             records: self.records.finish(),
             mesh,

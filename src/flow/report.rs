@@ -2,6 +2,7 @@
 
 use std::time::SystemTime;
 
+use super::dns::{DnsPoint, DnsRecord};
 use super::drops::DropPoint;
 use super::mesh::{FamilyGroup, LogEvent};
 use super::records::Records;
@@ -15,6 +16,10 @@ pub struct IntervalReport {
     pub points: Vec<SeriesPoint>,
     pub tcp: Vec<TcpPoint>,
     pub drops: Vec<DropPoint>,
+    /// DNS series, cumulative.
+    pub dns: Vec<DnsPoint>,
+    /// This interval's DNS lookups, for the logs.
+    pub dns_records: Vec<DnsRecord>,
     pub zones: Vec<ZonePoint>,
     pub records: Records,
     pub mesh: MeshReport,

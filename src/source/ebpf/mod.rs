@@ -18,6 +18,7 @@
 mod attach;
 mod btf;
 mod coverage;
+pub mod dns;
 mod health;
 mod maps;
 mod merge;
@@ -159,6 +160,8 @@ pub struct EbpfConfig {
     pub tcp: TcpHealthConfig,
     /// Packets the kernel dropped, with its reason.
     pub drops: DropsConfig,
+    /// DNS queries matched with their responses (latency, RCODE, name).
+    pub dns: dns::DnsConfig,
 }
 
 impl Default for EbpfConfig {
@@ -176,6 +179,7 @@ impl Default for EbpfConfig {
             nat_max_entries: 65_536,
             tcp: TcpHealthConfig::default(),
             drops: DropsConfig::default(),
+            dns: dns::DnsConfig::default(),
         }
     }
 }
@@ -184,6 +188,7 @@ impl EbpfConfig {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_sizes()?;
+        self.dns.validate().map_err(|e| e.within("dns"))?;
         check_netns("netns", self.netns.as_deref())
     }
 
@@ -235,6 +240,8 @@ pub struct EbpfStats {
     pub nat_refused: AtomicU64,
     /// The TCP health and drop programs' counters.
     pub health: Arc<HealthStats>,
+    /// DNS tracking's counters.
+    pub dns: Arc<dns::DnsStats>,
     /// L3 bytes the attached interfaces' own counters saw, by hook
     /// ([`FlowKey::dir`]: ingress, egress), summed over interfaces.
     pub interface_bytes_kernel: [AtomicU64; 2],
@@ -729,6 +736,8 @@ struct Worker {
     nat: Option<nat::Translations>,
     /// The TCP health and drop programs, when enabled and loadable.
     health: Option<health::Health>,
+    /// DNS tracking, when enabled.
+    dns: Option<dns::Dns>,
     out: Out,
 }
 
@@ -748,6 +757,7 @@ impl Worker {
         let mut bpf = aya::EbpfLoader::new()
             .map_max_entries("flows_a", cfg.max_flows)
             .map_max_entries("flows_b", cfg.max_flows)
+            .map_max_entries("dns_reqs", cfg.dns.max_requests)
             .load(if prealloc { OBJECT_PREALLOC } else { OBJECT })
             .map_err(load_error)?;
         tracing::info!(
@@ -776,6 +786,7 @@ impl Worker {
             })?;
         }
         let flows = maps::EpochMaps::take(&mut bpf, ["flows_a", "flows_b"], "epoch")?;
+        let dns = dns::Dns::start(&cfg.dns, &mut bpf, ebpf_stats.dns.clone())?;
         let overflow = bpf
             .take_map("overflow")
             .ok_or_else(|| anyhow!("map `overflow` is missing from flowtel's eBPF object"))?;
@@ -832,6 +843,7 @@ impl Worker {
             mode,
             nat,
             health,
+            dns,
             out: Out { tx, stop },
         })
     }
@@ -862,6 +874,11 @@ impl Worker {
             // Keeps the reader's channel from filling between dumps.
             if let Some(nat) = &mut self.nat {
                 nat.drain(&self.stats, &self.ebpf_stats);
+            }
+            if let Some(dns) = &mut self.dns {
+                if dns.poll(&self.out).is_err() {
+                    return;
+                }
             }
             // Keeps the ring buffer of connection events from filling.
             if let Some(health) = &mut self.health {

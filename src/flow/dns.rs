@@ -1,0 +1,158 @@
+//! DNS lookups seen by the kernel source: one [`DnsRecord`] per query,
+//! answered or timed out.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use foldhash::fast::RandomState;
+
+use super::model::{Endpoint, Transport};
+
+/// How a query ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsOutcome {
+    /// A response came back with this RCODE (0 NOERROR, 2 SERVFAIL,
+    /// 3 NXDOMAIN, 5 REFUSED, ...).
+    Answered { rcode: u8, latency: Duration },
+    /// No response within `ebpf.dns.timeout`.
+    Timeout,
+}
+
+/// One DNS query and how it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsRecord {
+    pub client: Endpoint,
+    /// The server the client addressed (a Service VIP before its DNAT).
+    pub server: Endpoint,
+    pub transport: Transport,
+    /// The DNS transaction id.
+    pub id: u16,
+    pub opcode: u8,
+    /// The question type (1 A, 28 AAAA, ...); 0 when the name was too long
+    /// for the type to be copied.
+    pub qtype: u16,
+    /// The query name, dotted, without the final dot (`.` for the root);
+    /// bytes other than letters, digits, `-` and `_` as `\DDD`.
+    pub name: Arc<str>,
+    /// Only the start of the name was copied (`name` ends early).
+    pub name_truncated: bool,
+    pub outcome: DnsOutcome,
+}
+
+/// The mnemonic of an RCODE (RFC 6895), `RCODE<n>` for the rest.
+pub fn rcode_name(rcode: u8) -> Arc<str> {
+    match rcode {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}").into(),
+    }
+}
+
+/// The mnemonic of a question type, `TYPE<n>` (RFC 3597) for the rest.
+pub fn qtype_name(qtype: u16) -> Arc<str> {
+    match qtype {
+        1 => "A".into(),
+        2 => "NS".into(),
+        5 => "CNAME".into(),
+        6 => "SOA".into(),
+        12 => "PTR".into(),
+        15 => "MX".into(),
+        16 => "TXT".into(),
+        28 => "AAAA".into(),
+        33 => "SRV".into(),
+        64 => "SVCB".into(),
+        65 => "HTTPS".into(),
+        255 => "ANY".into(),
+        n => format!("TYPE{n}").into(),
+    }
+}
+
+/// What identifies a DNS series: the client, the server it addressed, how
+/// the lookup ended and its question type. Names are never part of it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DnsKey {
+    pub client: IpAddr,
+    pub server: Endpoint,
+    pub transport: Transport,
+    /// `None`: timed out.
+    pub rcode: Option<u8>,
+    pub qtype: u16,
+}
+
+/// One DNS series at the end of an interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsPoint {
+    pub key: DnsKey,
+    /// Lookups since `start`.
+    pub requests: u64,
+    /// Latencies of this interval's answered lookups, in seconds.
+    pub latency: Vec<f64>,
+    pub start: SystemTime,
+}
+
+/// The DNS series, cumulative, and this interval's records for the logs.
+#[derive(Debug, Default)]
+pub struct DnsSeries {
+    series: HashMap<DnsKey, (u64, Vec<f64>, SystemTime), RandomState>,
+    records: Vec<DnsRecord>,
+}
+
+impl DnsSeries {
+    pub fn record(&mut self, record: &DnsRecord) {
+        let (rcode, latency) = match record.outcome {
+            DnsOutcome::Answered { rcode, latency } => (Some(rcode), Some(latency)),
+            DnsOutcome::Timeout => (None, None),
+        };
+        let key = DnsKey {
+            client: record.client.ip,
+            server: record.server,
+            transport: record.transport,
+            rcode,
+            qtype: record.qtype,
+        };
+        let entry = self
+            .series
+            .entry(key)
+            .or_insert_with(|| (0, Vec::new(), SystemTime::now()));
+        entry.0 += 1;
+        if let Some(l) = latency {
+            entry.1.push(l.as_secs_f64());
+        }
+        self.records.push(record.clone());
+    }
+
+    /// Every series now (this interval's latencies move into the points),
+    /// and the interval's records.
+    pub fn finish(&mut self) -> (Vec<DnsPoint>, Vec<DnsRecord>) {
+        let points = self
+            .series
+            .iter_mut()
+            .map(|(key, (requests, latency, start))| DnsPoint {
+                key: key.clone(),
+                requests: *requests,
+                latency: std::mem::take(latency),
+                start: *start,
+            })
+            .collect();
+        (points, std::mem::take(&mut self.records))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mnemonics() {
+        assert_eq!(&*rcode_name(3), "NXDOMAIN");
+        assert_eq!(&*rcode_name(9), "RCODE9");
+        assert_eq!(&*qtype_name(28), "AAAA");
+        assert_eq!(&*qtype_name(99), "TYPE99");
+    }
+}
