@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use foldhash::fast::RandomState;
 
 use super::model::{Endpoint, Transport};
+use super::names::FlowNames;
 
 /// How a query ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,11 +74,15 @@ pub fn qtype_name(qtype: u16) -> Arc<str> {
     }
 }
 
-/// What identifies a DNS series: the client, the server it addressed, how
-/// the lookup ended and its question type. Names are never part of it.
+/// What identifies a DNS series: the client (its name, else its address),
+/// the server it addressed, how the lookup ended and its question type.
+/// Query names are never part of it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DnsKey {
-    pub client: IpAddr,
+    /// Both ends' names, when naming is on.
+    pub names: Option<Arc<FlowNames>>,
+    /// The client's address when nothing names it.
+    pub client: Option<IpAddr>,
     pub server: Endpoint,
     pub transport: Transport,
     /// `None`: timed out.
@@ -104,13 +109,15 @@ pub struct DnsSeries {
 }
 
 impl DnsSeries {
-    pub fn record(&mut self, record: &DnsRecord) {
+    pub fn record(&mut self, record: &DnsRecord, names: Option<Arc<FlowNames>>) {
         let (rcode, latency) = match record.outcome {
             DnsOutcome::Answered { rcode, latency } => (Some(rcode), Some(latency)),
             DnsOutcome::Timeout => (None, None),
         };
+        let named = names.as_ref().is_some_and(|n| n.client.is_named());
         let key = DnsKey {
-            client: record.client.ip,
+            names,
+            client: (!named).then_some(record.client.ip),
             server: record.server,
             transport: record.transport,
             rcode,

@@ -259,7 +259,16 @@ impl FlowStage {
                 self.drops.record(&record);
                 self.records.packet_drop(&record);
             }
-            SourceEvent::Dns(record) => self.dns.record(&record),
+            SourceEvent::Dns(record) => {
+                let id = FlowId {
+                    transport: record.transport,
+                    client: record.client,
+                    server: record.server,
+                    zone: 0,
+                };
+                let names = name_flow(self.naming.as_deref(), &id, &Nat::default(), &mut None);
+                self.dns.record(&record, names);
+            }
             SourceEvent::DumpStarted { epoch } => self.table.dump_started(epoch),
             SourceEvent::DumpFinished { epoch, complete } => {
                 self.table.dump_finished(epoch, complete);

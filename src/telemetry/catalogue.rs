@@ -254,6 +254,19 @@ pub static TCP_DURATION: Metric = histogram(
     "How long TCP connections lasted, from SYN to close",
 )
 .selectable();
+pub static DNS_REQUESTS: Metric = counter(
+    "flowtel.dns.requests",
+    "{request}",
+    "DNS queries seen by the eBPF source, by response code (TIMEOUT when unanswered) and \
+     question type",
+)
+.selectable();
+pub static DNS_LATENCY: Metric = histogram(
+    "flowtel.dns.latency",
+    "s",
+    "Time from a DNS query to its response, as the kernel saw them",
+)
+.selectable();
 
 // ---- Self-telemetry (scope `flowtel`) ----
 
@@ -450,6 +463,12 @@ pub static EBPF_TCP_SOCKETS_SWEPT: Metric = counter(
     "flowtel.ebpf.tcp.sockets.swept",
     "{socket}",
     "Half-open sockets removed after 5 minutes because their close was never seen",
+);
+
+pub static EBPF_DNS_ERRORS: Metric = counter(
+    "flowtel.ebpf.dns.errors",
+    "{message}",
+    "DNS messages not (or not fully) recorded, by flowtel.dns.error",
 );
 
 // ---- The Kubernetes cache ----
@@ -687,6 +706,8 @@ pub static METRICS: &[&Metric] = &[
     &TCP_RETRANSMITS,
     &TCP_RTT,
     &TCP_DURATION,
+    &DNS_REQUESTS,
+    &DNS_LATENCY,
     &FLOWS_TRACKED,
     &FLOWS_UPDATES,
     &FLOWS_SEEN,
@@ -721,6 +742,7 @@ pub static METRICS: &[&Metric] = &[
     &EBPF_TCP_SOCKETS,
     &EBPF_TCP_SOCKETS_SWEPT,
     &EBPF_INTERFACE_BYTES,
+    &EBPF_DNS_ERRORS,
     &K8S_WATCH_ERRORS,
     &K8S_RELISTS,
     &K8S_OBJECTS_REJECTED,
@@ -831,6 +853,14 @@ pub const ZONE_CROSSING: &str = "flowtel.zone.crossing";
 pub const OBSERVER: &str = "flowtel.observer";
 /// The TC hook of `flowtel.ebpf.interface.bytes`: `ingress` or `egress`.
 pub const HOOK: &str = "flowtel.hook";
+/// Why a DNS message was not (fully) recorded: `map_full`, `ring_full`,
+/// `parse_error`, `name_truncated`, `unmatched`.
+pub const DNS_ERROR: &str = "flowtel.dns.error";
+/// The RCODE mnemonic of a DNS response (`NOERROR`, `NXDOMAIN`, ...), or
+/// `TIMEOUT`.
+pub const DNS_RCODE: &str = "flowtel.dns.rcode";
+/// The question type mnemonic (`A`, `AAAA`, ...).
+pub const DNS_QUESTION_TYPE: &str = "flowtel.dns.question.type";
 /// Which exporter a self-metric is about.
 pub const EXPORTER: &str = "flowtel.exporter";
 
@@ -903,6 +933,9 @@ pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
 
 /// Every attribute name above (prefixes stand for their family).
 pub const ATTRIBUTES: &[&str] = &[
+    DNS_ERROR,
+    DNS_RCODE,
+    DNS_QUESTION_TYPE,
     SERVICE_NAME,
     SERVICE_VERSION,
     HOST_NAME,

@@ -15,6 +15,7 @@ use crate::component::ConfigError;
 use crate::flow::dns::{DnsOutcome, DnsRecord};
 use crate::flow::{Endpoint, SourceEvent, Transport};
 use crate::source::out::{Halt, Out};
+use crate::telemetry::{catalogue, Telemetry};
 
 /// Question bytes the program copies (`FT_DNS_QBYTES`).
 const QBYTES: usize = 128;
@@ -129,6 +130,29 @@ pub struct DnsStats {
     /// already expired, or the second sighting of a response on a later
     /// hook).
     pub unmatched: AtomicU64,
+}
+
+impl DnsStats {
+    /// Reports `flowtel.ebpf.dns.errors` by reason.
+    pub fn register(self: &Arc<Self>, telemetry: &Telemetry) {
+        let stats = Arc::clone(self);
+        telemetry.register_points(&catalogue::EBPF_DNS_ERRORS, move || {
+            let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            [
+                ("map_full", load(&stats.map_full)),
+                ("ring_full", load(&stats.ring_full)),
+                (
+                    "parse_error",
+                    load(&stats.parse_errors) + load(&stats.kernel_parse_errors),
+                ),
+                ("name_truncated", load(&stats.names_truncated)),
+                ("unmatched", load(&stats.unmatched)),
+            ]
+            .into_iter()
+            .map(|(reason, v)| (vec![(catalogue::DNS_ERROR, reason)], v))
+            .collect()
+        });
+    }
 }
 
 /// The decoded question: name, type, and whether the name was cut short.

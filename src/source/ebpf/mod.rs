@@ -285,6 +285,7 @@ impl EbpfStats {
                 vec![(Vec::new(), field(&stats).load(Ordering::Relaxed))]
             });
         }
+        self.dns.register(telemetry);
         let stats = Arc::clone(self);
         telemetry.register_points(&catalogue::EBPF_INTERFACE_BYTES, move || {
             let mut points = Vec::with_capacity(4);
