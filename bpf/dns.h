@@ -60,6 +60,10 @@ struct dns_event {
 	__u32 pad;
 };
 
+/* Only pointed to, so BTF would leave it out; this anchor (in .rodata,
+ * never read) keeps it for the layout check of its Rust mirror. */
+const volatile struct dns_event *const dns_event_btf = 0;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096); /* EbpfConfig::dns.max_requests */
