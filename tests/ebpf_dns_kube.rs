@@ -214,5 +214,50 @@ fn lookups_through_the_kube_dns_vip_are_named() {
         .map(|p| p.value)
         .sum();
     assert_eq!(total, LOOKUPS, "{test}: lookups counted elsewhere too");
+
+    // A failed lookup is a log event naming the pod, the name and the
+    // Service.
+    let missing = "missing.shop.svc.cluster.local";
+    let out = lab
+        .a
+        .run(
+            &dig,
+            &[&format!("@{VIP}"), missing, "A", "+tries=1", "+timeout=2"],
+        )
+        .expect("dig for a missing name");
+    assert!(out.contains("status: NXDOMAIN"), "dig: {out}");
+    let event = loop {
+        let events = receiver.log_events();
+        if let Some(e) = events
+            .into_iter()
+            .find(|e| e.event_name == "flowtel.dns.failed")
+        {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: no flowtel.dns.failed event\n{}",
+            ft.output()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("{test}: {} {:?}", event.body, event.attrs);
+    for (key, want) in [
+        ("dns.question.name", missing),
+        ("flowtel.dns.rcode", "NXDOMAIN"),
+        ("flowtel.dns.question.type", "A"),
+        ("source.address", A_V4),
+        ("destination.address", VIP),
+        ("k8s.namespace.name", "shop"),
+        ("flowtel.k8s.workload.name", "checkout"),
+        ("flowtel.peer.k8s.service.name", "kube-dns"),
+    ] {
+        assert_eq!(
+            event.str(key),
+            Some(want),
+            "{test}: {key} in {:?}",
+            event.attrs
+        );
+    }
     ft.stop(Duration::from_secs(10));
 }

@@ -101,11 +101,26 @@ pub struct DnsPoint {
     pub start: SystemTime,
 }
 
-/// The DNS series, cumulative, and this interval's records for the logs.
+/// A failed lookup (an error RCODE or a timeout) for the logs, with both
+/// ends' names.
+#[derive(Debug, Clone)]
+pub struct DnsFailure {
+    pub record: DnsRecord,
+    pub names: Option<Arc<FlowNames>>,
+    pub at: SystemTime,
+}
+
+impl DnsRecord {
+    /// NXDOMAIN, SERVFAIL, REFUSED, any other error RCODE, or a timeout.
+    pub fn failed(&self) -> bool {
+        !matches!(self.outcome, DnsOutcome::Answered { rcode: 0, .. })
+    }
+}
+
+/// The DNS series, cumulative.
 #[derive(Debug, Default)]
 pub struct DnsSeries {
     series: HashMap<DnsKey, (u64, Vec<f64>, SystemTime), RandomState>,
-    records: Vec<DnsRecord>,
 }
 
 impl DnsSeries {
@@ -131,14 +146,11 @@ impl DnsSeries {
         if let Some(l) = latency {
             entry.1.push(l.as_secs_f64());
         }
-        self.records.push(record.clone());
     }
 
-    /// Every series now (this interval's latencies move into the points),
-    /// and the interval's records.
-    pub fn finish(&mut self) -> (Vec<DnsPoint>, Vec<DnsRecord>) {
-        let points = self
-            .series
+    /// Every series now (this interval's latencies move into the points).
+    pub fn finish(&mut self) -> Vec<DnsPoint> {
+        self.series
             .iter_mut()
             .map(|(key, (requests, latency, start))| DnsPoint {
                 key: key.clone(),
@@ -146,8 +158,7 @@ impl DnsSeries {
                 latency: std::mem::take(latency),
                 start: *start,
             })
-            .collect();
-        (points, std::mem::take(&mut self.records))
+            .collect()
     }
 }
 

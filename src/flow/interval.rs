@@ -267,7 +267,10 @@ impl FlowStage {
                     zone: 0,
                 };
                 let names = name_flow(self.naming.as_deref(), &id, &Nat::default(), &mut None);
-                self.dns.record(&record, names);
+                self.dns.record(&record, names.clone());
+                if record.failed() {
+                    self.records.dns_failure(record, names);
+                }
             }
             SourceEvent::DumpStarted { epoch } => self.table.dump_started(epoch),
             SourceEvent::DumpFinished { epoch, complete } => {
@@ -284,13 +287,11 @@ impl FlowStage {
         let active = self.mesh.active(self.telemetry.source().map(|s| s.name));
         let mesh = self.mesh.report(self.started, &active);
         self.telemetry.set_active(active);
-        let (dns, dns_records) = self.dns.finish();
         let report = IntervalReport {
             points: self.series.finish(),
             tcp: self.tcp.finish(),
             drops: self.drops.points(),
-            dns,
-            dns_records,
+            dns: self.dns.finish(),
             zones: self.zones.points(),
             records: self.records.finish(),
             mesh,

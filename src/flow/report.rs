@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use super::dns::{DnsPoint, DnsRecord};
+use super::dns::DnsPoint;
 use super::drops::DropPoint;
 use super::mesh::{FamilyGroup, LogEvent};
 use super::records::Records;
@@ -18,8 +18,6 @@ pub struct IntervalReport {
     pub drops: Vec<DropPoint>,
     /// DNS series, cumulative.
     pub dns: Vec<DnsPoint>,
-    /// This interval's DNS lookups, for the logs.
-    pub dns_records: Vec<DnsRecord>,
     pub zones: Vec<ZonePoint>,
     pub records: Records,
     pub mesh: MeshReport,

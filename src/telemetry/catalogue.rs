@@ -929,6 +929,7 @@ pub const EVENT_OPENED: &str = "flowtel.connection.opened";
 pub const EVENT_CLOSED: &str = "flowtel.connection.closed";
 pub const EVENT_FAILED: &str = "flowtel.connection.failed";
 pub const EVENT_DROP: &str = "flowtel.packet.dropped";
+pub const EVENT_DNS_FAILED: &str = "flowtel.dns.failed";
 pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
 
 /// Every attribute name above (prefixes stand for their family).
