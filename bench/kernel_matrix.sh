@@ -231,7 +231,7 @@ run_guest() { # package
     initramfs "$dir" "$kver" "$WORK/initramfs-$kver.gz"
     log="$WORK/guest-$kver.log"
     start=$(date +%s)
-    timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 2048 \
+    timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=single -cpu max -smp 2 -m 2048 \
         -nographic -no-reboot -kernel "$vmlinuz" -initrd "$WORK/initramfs-$kver.gz" \
         -append "console=ttyS0 panic=-1 quiet" \
         -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on \
