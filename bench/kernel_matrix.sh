@@ -36,7 +36,8 @@
 #   the list above, default all), CACHE (default /var/tmp/flowtel-kernels),
 #   MB (iperf3 traffic of the attach check in the guests, default 2; the
 #   host uses the test's default), GUEST_TIMEOUT (seconds per guest,
-#   default 2400), CARGO_TARGET_DIR (scripts/env.sh supplies the default).
+#   default 2400), BOOT_WAIT (seconds for a guest to reach init before it
+#   is booted once more, default 240), CARGO_TARGET_DIR (scripts/env.sh supplies the default).
 # Needs qemu-system-x86, busybox-static, kmod (depmod), cpio, plus what the
 # tests need (scripts/install-test-deps.sh).
 set -euo pipefail
@@ -231,11 +232,29 @@ run_guest() { # package
     initramfs "$dir" "$kver" "$WORK/initramfs-$kver.gz"
     log="$WORK/guest-$kver.log"
     start=$(date +%s)
-    timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=single -cpu max -smp 2 -m 2048 \
-        -nographic -no-reboot -kernel "$vmlinuz" -initrd "$WORK/initramfs-$kver.gz" \
-        -append "console=ttyS0 panic=-1 quiet" \
-        -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on \
-        </dev/null >"$log" 2>&1 || true
+    local attempt pid waited
+    for attempt in 1 2; do
+        timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 2048 \
+            -nographic -no-reboot -kernel "$vmlinuz" -initrd "$WORK/initramfs-$kver.gz" \
+            -append "console=ttyS0 panic=-1 quiet" \
+            -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on \
+            </dev/null >"$log" 2>&1 &
+        pid=$!
+        # An emulated SMP boot on a loaded host sometimes stalls before init
+        # (RCU stall, soft lockup): give it BOOT_WAIT s, then boot again.
+        waited=0
+        while kill -0 "$pid" 2>/dev/null && ! grep -q FTBOOT "$log" && [ "$waited" -lt "${BOOT_WAIT:-240}" ]; do
+            sleep 2
+            waited=$((waited + 2))
+        done
+        if grep -q FTBOOT "$log"; then
+            wait "$pid" || true
+            break
+        fi
+        echo "guest $kver did not boot within ${BOOT_WAIT:-240} s (attempt $attempt)" >&2
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     tr -d '\r' <"$log" >"$log.txt"
     echo "guest $kver: $(( $(date +%s) - start )) s, $(grep -m1 '^FTBOOT' "$log.txt" || echo 'did not boot')" >&2
     grep -q '^FTDONE' "$log.txt" || { echo "guest $kver did not finish; its console:" >&2; tail -n 30 "$log.txt" >&2; }
