@@ -92,14 +92,30 @@ struct overflow_val {
 #define FT_FLOWS_FLAGS BPF_F_NO_PREALLOC
 #endif
 
-/* max_entries is set by userspace before loading (EbpfConfig::max_flows). */
-struct {
+/* Two flow maps, and `epoch` says which one the programs write: 0 for
+ * flows_a, 1 for flows_b. At each dump userspace flips `epoch`, waits for an
+ * RCU grace period (every program that read the old value has returned),
+ * then reads and empties the other map, which nothing writes any more, and
+ * adds it to its running totals. No entry is ever deleted while a program
+ * may still hold a pointer to it (the eviction race of a single map).
+ * max_entries is set by userspace before loading (EbpfConfig::max_flows). */
+struct flow_map {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(map_flags, FT_FLOWS_FLAGS);
 	__uint(max_entries, 65536);
 	__type(key, struct flow_key);
 	__type(value, struct flow_val);
-} flows SEC(".maps");
+};
+
+struct flow_map flows_a SEC(".maps");
+struct flow_map flows_b SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} epoch SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -149,8 +165,8 @@ static __always_inline int load(struct __sk_buff *skb, __u32 off, void *to, __u3
 	return bpf_skb_load_bytes(skb, off, to, len);
 }
 
-static __always_inline void record(struct __sk_buff *skb, struct flow_key *key,
-				   __u32 l2_len, __u32 flags)
+static __always_inline void record_in(void *flows, struct __sk_buff *skb,
+				      struct flow_key *key, __u32 l2_len, __u32 flags)
 {
 	__u32 len = skb->len;
 	__u64 bytes = len > l2_len ? len - l2_len : 0;
@@ -164,7 +180,7 @@ static __always_inline void record(struct __sk_buff *skb, struct flow_key *key,
 	if (segs == 0)
 		segs = 1;
 
-	v = bpf_map_lookup_elem(&flows, key);
+	v = bpf_map_lookup_elem(flows, key);
 	if (!v) {
 		struct flow_val init = {
 			.bytes = bytes,
@@ -173,12 +189,12 @@ static __always_inline void record(struct __sk_buff *skb, struct flow_key *key,
 			.last_ns = now,
 			.flags = flags,
 		};
-		err = bpf_map_update_elem(&flows, key, &init, BPF_NOEXIST);
+		err = bpf_map_update_elem(flows, key, &init, BPF_NOEXIST);
 		if (err == 0)
 			return;
 		/* Another CPU inserted the key first: add to our CPU's slot. */
 		if (err == -FT_EEXIST)
-			v = bpf_map_lookup_elem(&flows, key);
+			v = bpf_map_lookup_elem(flows, key);
 		if (!v) {
 			/* The map is full (E2BIG) or out of memory: say so. */
 			__u32 zero = 0;
@@ -201,6 +217,22 @@ static __always_inline void record(struct __sk_buff *skb, struct flow_key *key,
 	if (v->first_ns == 0)
 		v->first_ns = now;
 }
+
+/* Adds the packet to the map `epoch` names. Two inlined copies, each with
+ * its own map: the verifier then inlines each hash lookup. */
+static __always_inline void record(struct __sk_buff *skb, struct flow_key *key,
+				   __u32 l2_len, __u32 flags)
+{
+	__u32 zero = 0;
+	__u32 *e = bpf_map_lookup_elem(&epoch, &zero);
+
+	if (e && *e)
+		record_in(&flows_b, skb, key, l2_len, flags);
+	else
+		record_in(&flows_a, skb, key, l2_len, flags);
+}
+
+#include "dns.h"
 
 /* Reads the transport ports (or ICMP echo id) and TCP flags at `off`. */
 static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off,
@@ -257,8 +289,10 @@ static __always_inline void count_ipv4(struct __sk_buff *skb, __u32 l2_len, __u8
 	key.dir = dir;
 	key.ifindex = skb->ifindex;
 	/* Non-first fragments carry no transport header: ports stay 0. */
-	if ((bpf_ntohs(ip.frag_off) & 0x1fff) == 0)
+	if ((bpf_ntohs(ip.frag_off) & 0x1fff) == 0) {
 		parse_l4(skb, l2_len + ihl, &key, &flags);
+		dns_check(skb, l2_len + ihl, &key);
+	}
 	record(skb, &key, l2_len, flags);
 }
 
@@ -307,8 +341,10 @@ static __always_inline void count_ipv6(struct __sk_buff *skb, __u32 l2_len, __u8
 	}
 	/* More extension headers than we walk: counted under the last one. */
 	key.proto = nh;
-	if (!fragment)
+	if (!fragment) {
 		parse_l4(skb, off, &key, &flags);
+		dns_check(skb, off, &key);
+	}
 	record(skb, &key, l2_len, flags);
 }
 

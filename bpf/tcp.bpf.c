@@ -93,6 +93,11 @@ struct ft_tcp_event {
 	__u8 pad[6];
 };
 
+/* Only local variables have this type, and clang emits BTF for global
+ * ones: this anchor (in .rodata, never read) keeps `struct ft_tcp_event` in
+ * the object's BTF, so its Rust mirror is checked against it. */
+const volatile struct ft_tcp_event *const ft_tcp_event_btf = 0;
+
 /* Mirrored by `DropKey`. Addresses as the dropped packet carried them. */
 struct ft_drop_key {
 	__u8 src[16];
@@ -123,12 +128,26 @@ struct {
 	__uint(max_entries, 1 << 20);
 } tcp_events SEC(".maps");
 
-struct {
+/* Two drop maps and the `drop_epoch` that names the one written (0:
+ * drops_a, 1: drops_b), as for the flow maps in flow.bpf.c: userspace
+ * flips it, waits for an RCU grace period, then reads and empties the other
+ * map, so no entry is deleted while a program may still add to it. */
+struct drop_map {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, struct ft_drop_key);
 	__type(value, struct ft_drop_val);
-} drops SEC(".maps");
+};
+
+struct drop_map drops_a SEC(".maps");
+struct drop_map drops_b SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} drop_epoch SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -247,10 +266,12 @@ int BPF_PROG(flowtel_tcp_state, const struct sock *sk, const int oldstate, const
 
 	if (newstate == TCP_ESTABLISHED &&
 	    (oldstate == TCP_SYN_SENT || oldstate == TCP_SYN_RECV)) {
-		s = bpf_map_lookup_elem(&socks, &key);
+		/* A server socket (born in SYN_RECV) always starts afresh: an
+		 * entry under its address is a stale one of a freed socket. */
+		s = oldstate == TCP_SYN_SENT ? bpf_map_lookup_elem(&socks, &key) : 0;
 		if (!s) {
-			/* A server socket (born in SYN_RECV), or a client whose
-			 * SYN_SENT entry did not fit. */
+			/* A server socket, or a client whose SYN_SENT entry did
+			 * not fit. */
 			struct ft_sock init = {};
 
 			init.role = oldstate == TCP_SYN_SENT ? FT_ROLE_CLIENT : FT_ROLE_SERVER;
@@ -397,11 +418,31 @@ static __always_inline void read_ports(const unsigned char *l4, struct ft_drop_k
 	k->dport = bpf_ntohs(ports[1]);
 }
 
+static __always_inline void add_drop(void *drops, struct ft_drop_key *k, __u64 segs,
+				     __u64 bytes)
+{
+	struct ft_drop_val *v, init = {};
+
+	v = bpf_map_lookup_elem(drops, k);
+	if (!v) {
+		init.packets = segs;
+		init.bytes = bytes;
+		if (bpf_map_update_elem(drops, k, &init, BPF_NOEXIST) == 0)
+			return;
+		v = bpf_map_lookup_elem(drops, k);
+		if (!v) {
+			count_lost(FT_LOST_DROPS, segs);
+			return;
+		}
+	}
+	v->packets += segs;
+	v->bytes += bytes;
+}
+
 SEC("tp_btf/kfree_skb")
 int BPF_PROG(flowtel_drop, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
 {
 	struct ft_drop_key k = {};
-	struct ft_drop_val *v, init = {};
 	unsigned char *head;
 	__u16 nh, proto;
 	__u64 bytes = 0, segs;
@@ -445,20 +486,15 @@ int BPF_PROG(flowtel_drop, struct sk_buff *skb, void *location, enum skb_drop_re
 	if (segs == 0)
 		segs = 1;
 
-	v = bpf_map_lookup_elem(&drops, &k);
-	if (!v) {
-		init.packets = segs;
-		init.bytes = bytes;
-		if (bpf_map_update_elem(&drops, &k, &init, BPF_NOEXIST) == 0)
-			return 0;
-		v = bpf_map_lookup_elem(&drops, &k);
-		if (!v) {
-			count_lost(FT_LOST_DROPS, segs);
-			return 0;
-		}
+	{
+		__u32 zero = 0;
+		__u32 *e = bpf_map_lookup_elem(&drop_epoch, &zero);
+
+		if (e && *e)
+			add_drop(&drops_b, &k, segs, bytes);
+		else
+			add_drop(&drops_a, &k, segs, bytes);
 	}
-	v->packets += segs;
-	v->bytes += bytes;
 	return 0;
 }
 

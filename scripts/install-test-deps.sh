@@ -15,7 +15,10 @@ TOOLS_DIR="${TOOLS_DIR:-/opt/flowtel-tools}"
 # pmacct, the other one, is left out: it pulls in MariaDB, PostgreSQL, Kafka and
 # ZeroMQ client libraries (the benchmark says how to install it).
 # iptables: iptables-legacy for tests/firewall.rs (nftables is install-deps.sh's).
-PACKAGES=(conntrack iperf3 iproute2 iptables nftables procps util-linux prometheus python3-venv softflowd)
+# dnsmasq-base (no system service) and bind9-dnsutils (dig): the DNS server and
+# client of tests/ebpf_dns.rs.
+PACKAGES=(conntrack iperf3 iproute2 iptables nftables procps util-linux prometheus python3-venv softflowd
+  dnsmasq-base bind9-dnsutils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

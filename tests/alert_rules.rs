@@ -176,9 +176,13 @@ fn rules_use_only_documented_metrics_and_labels() {
     let documented = documented_names(&read("docs/telemetry.md"));
     let rules = read(RULES);
     // Metrics, and flowtel labels, in expressions and annotations alike. The
-    // rules only use counters, whose Prometheus names end in `_total`.
+    // rules use counters, whose Prometheus names end in `_total`, and
+    // histograms in seconds (`_seconds_bucket`).
     for name in flowtel_identifiers(&rules) {
-        let base = name.strip_suffix("_total").unwrap_or(&name);
+        let base = ["_total", "_seconds_bucket"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name);
         assert!(
             documented.contains(base),
             "{RULES} uses {name}, which docs/telemetry.md does not define"

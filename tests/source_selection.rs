@@ -359,7 +359,7 @@ fn ebpf_runs_with_only_the_documented_capabilities() {
         &[SETPRIV],
         &[(
             flowtel::source::ebpf::built_with_ebpf(),
-            "flowtel was built without eBPF support (clang/bpftool missing)",
+            "flowtel was built without eBPF support (clang or libbpf-dev missing)",
         )],
     ) else {
         return;
@@ -506,7 +506,7 @@ fn ebpf_sigterm_exports_final_interval_and_detaches() {
         &[
             (
                 flowtel::source::ebpf::built_with_ebpf(),
-                "flowtel was built without eBPF support (clang/bpftool missing)",
+                "flowtel was built without eBPF support (clang or libbpf-dev missing)",
             ),
             (
                 std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),

@@ -5,6 +5,7 @@
 
 use opentelemetry::KeyValue;
 
+use crate::flow::dns::{qtype_name, rcode_name, DnsKey};
 use crate::flow::drops::DropKey;
 use crate::flow::names::{EndName, Role};
 use crate::flow::series::SeriesKey;
@@ -165,6 +166,26 @@ pub fn drop_attributes(key: &DropKey) -> Vec<KeyValue> {
     ];
     if let Some(nt) = key.network_type {
         attrs.push(KeyValue::new(NETWORK_TYPE, nt));
+    }
+    attrs
+}
+
+/// The attributes of one DNS series: how the lookup ended, its type, the
+/// server the client addressed, and the client's name (else its address).
+pub fn dns_attributes(key: &DnsKey) -> Vec<KeyValue> {
+    let rcode = key.rcode.map_or_else(|| "TIMEOUT".into(), rcode_name);
+    let mut attrs = vec![
+        KeyValue::new(DNS_RCODE, rcode.to_string()),
+        KeyValue::new(DNS_QUESTION_TYPE, qtype_name(key.qtype).to_string()),
+        KeyValue::new(NETWORK_TRANSPORT, key.transport.as_str()),
+        KeyValue::new(SERVER_ADDRESS, key.server.ip.to_string()),
+        KeyValue::new(SERVER_PORT, i64::from(key.server.port)),
+    ];
+    if let Some(ip) = key.client {
+        attrs.push(KeyValue::new(CLIENT_ADDRESS, ip.to_string()));
+    }
+    if let Some(n) = &key.names {
+        name_attributes(n.local, Some(&n.client), Some(&n.server), false, &mut attrs);
     }
     attrs
 }

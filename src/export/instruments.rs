@@ -12,6 +12,11 @@ pub const RTT_BOUNDS: &[f64] = &[
     2.5, 5.0,
 ];
 /// Connection durations, in seconds: 1 ms to 1 h.
+/// `flowtel.dns.latency`: 100 µs to 10 s.
+pub const DNS_LATENCY_BOUNDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
 pub const DURATION_BOUNDS: &[f64] = &[
     0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];

@@ -31,6 +31,7 @@ use crate::flow::mesh::{self, LogEvent};
 use crate::flow::names::{EndName, FlowNames};
 use crate::flow::records::{ConnectionEvent, FlowRecord};
 use crate::flow::report::IntervalReport;
+use crate::flow::dns::{qtype_name, rcode_name, DnsFailure, DnsOutcome};
 use crate::flow::{DropRecord, Endpoint, FlowId, Nat, TcpClose, TcpEventKind};
 use crate::telemetry::catalogue::*;
 use crate::telemetry::Counter;
@@ -47,6 +48,8 @@ pub struct LogsConfig {
     pub connections: bool,
     /// Packets the kernel dropped, with its reason (eBPF source only).
     pub drops: bool,
+    /// Failed DNS lookups: error RCODEs and timeouts (eBPF source only).
+    pub dns: bool,
     /// The fraction of flows that get flow records, chosen by a hash of the
     /// flow's tuple: a flow is always or never sampled, on every node.
     pub sampling: f64,
@@ -66,6 +69,7 @@ impl Default for LogsConfig {
             flows: true,
             connections: true,
             drops: true,
+            dns: true,
             sampling: 1.0,
             filter: LogsFilter::default(),
             rate_limit: 500,
@@ -132,6 +136,7 @@ struct Selector {
     flows: bool,
     connections: bool,
     drops: bool,
+    dns: bool,
     /// Flows whose hash is below this are sampled (`u64::MAX` with
     /// sampling 1, where every flow is).
     threshold: u64,
@@ -159,6 +164,7 @@ impl Selector {
             flows: cfg.flows,
             connections: cfg.connections,
             drops: cfg.drops,
+            dns: cfg.dns,
             threshold,
             sampling_rate: if cfg.sampling > 0.0 {
                 (1.0 / cfg.sampling).round() as i64
@@ -395,6 +401,14 @@ impl OtlpLogsExporter {
                 }
             }
         }
+        if self.selector.dns {
+            for f in &report.records.dns {
+                if self.admit() {
+                    dns_record(&mut self.writer, f, observed);
+                    batch.item(self.writer.encoded());
+                }
+            }
+        }
         if self.selector.connections {
             for c in &report.records.connections {
                 if is_connection_event(c) && self.admit() {
@@ -604,6 +618,37 @@ fn connection_record(w: &mut LogRecordWriter, c: &ConnectionEvent, observed: u64
         w.attribute(TCP_DURATION_ATTRIBUTE, Any::Double(d.as_secs_f64()));
     }
     names(w, c.names.as_deref());
+}
+
+/// A failed DNS lookup: who asked what of whom, and how it ended.
+fn dns_record(w: &mut LogRecordWriter, f: &DnsFailure, observed: u64) {
+    let r = &f.record;
+    begin(w, EVENT_DNS_FAILED, WARN, nanos(f.at), observed);
+    let (rcode, qtype) = (
+        match r.outcome {
+            DnsOutcome::Answered { rcode, .. } => rcode_name(rcode),
+            DnsOutcome::Timeout => "TIMEOUT".into(),
+        },
+        qtype_name(r.qtype),
+    );
+    w.body(format_args!(
+        "{} {} {}: {rcode} from {} ({})",
+        r.name, qtype, r.transport, r.server, r.client
+    ));
+    w.attribute(DNS_RCODE, Any::Str(&rcode));
+    w.attribute(DNS_QUESTION_TYPE, Any::Str(&qtype));
+    w.attribute(DNS_QUESTION_NAME, Any::Str(&r.name));
+    endpoints(
+        w,
+        &FlowId {
+            transport: r.transport,
+            client: r.client,
+            server: r.server,
+            zone: 0,
+        },
+    );
+    w.attribute(SOURCE, Any::Str("ebpf"));
+    names(w, f.names.as_deref());
 }
 
 /// A kernel drop event; `rule` names the firewall drop rule that alone

@@ -18,9 +18,11 @@ use foldhash::fast::RandomState;
 use futures::future::BoxFuture;
 use opentelemetry::KeyValue;
 
-use super::attributes::{drop_attributes, series_attributes, zone_attributes, Direction};
+use super::attributes::{
+    dns_attributes, drop_attributes, series_attributes, zone_attributes, Direction,
+};
 use super::families::{self, nanos, OtlpSink, MESH_SCOPE, SCOPE, SCOPE_VERSION};
-use super::instruments::{health_counters, DURATION_BOUNDS, RTT_BOUNDS};
+use super::instruments::{health_counters, DNS_LATENCY_BOUNDS, DURATION_BOUNDS, RTT_BOUNDS};
 use super::otlp::transport::{OtlpClient, Signal, SignalTransport};
 use super::otlp::wire::{
     self, Batcher, Envelope, MetricHeader, Temporality, HISTOGRAM_POINT_ATTRIBUTES,
@@ -158,6 +160,7 @@ pub struct MetricsEncoder {
     last_time: Option<u64>,
     rtt: HashMap<Arc<[u8]>, HistogramState, RandomState>,
     durations: HashMap<Arc<[u8]>, HistogramState, RandomState>,
+    dns_latency: HashMap<Arc<[u8]>, HistogramState, RandomState>,
     generation: u64,
     hasher: RandomState,
 }
@@ -182,6 +185,7 @@ impl MetricsEncoder {
             last_time: None,
             rtt: HashMap::default(),
             durations: HashMap::default(),
+            dns_latency: HashMap::default(),
             generation: 0,
             hasher: RandomState::default(),
         }
@@ -209,6 +213,12 @@ impl MetricsEncoder {
             .map(|p| (drop_attributes(&p.key), p.counters.packets, nanos(p.start)))
             .collect();
         self.selected(&mut b, &catalogue::PACKET_DROPS, drops, time);
+        let dns = report
+            .dns
+            .iter()
+            .map(|p| (dns_attributes(&p.key), p.requests, nanos(p.start)))
+            .collect();
+        self.selected(&mut b, &catalogue::DNS_REQUESTS, dns, time);
         let zones = report
             .zones
             .iter()
@@ -472,15 +482,36 @@ impl MetricsEncoder {
                 state.add(bounds, samples);
             }
         }
+        let d = &catalogue::DNS_LATENCY;
+        for p in &report.dns {
+            let kept = self.selection.filter(d.name, &dns_attributes(&p.key));
+            let attrs: Arc<[u8]> = wire::attributes(HISTOGRAM_POINT_ATTRIBUTES, &kept).into();
+            let state = match self.dns_latency.get_mut(&attrs) {
+                Some(s) => s,
+                None if p.latency.is_empty() => continue,
+                None => self.dns_latency.entry(attrs).or_insert_with(|| {
+                    HistogramState::new(DNS_LATENCY_BOUNDS.len() + 1, nanos(p.start))
+                }),
+            };
+            if state.seen != generation {
+                state.seen = generation;
+                state.interval.iter_mut().for_each(|c| *c = 0);
+                state.interval_sum = 0.0;
+            }
+            state.add(DNS_LATENCY_BOUNDS, &p.latency);
+        }
     }
 
     /// RTT and connection-duration histograms: this export's samples and,
     /// when cumulative, everything before.
     fn histograms(&mut self, b: &mut Batcher, time: u64) {
         let generation = self.generation;
-        for (d, bounds) in Self::HISTOGRAMS {
+        let dns = (&catalogue::DNS_LATENCY, DNS_LATENCY_BOUNDS);
+        for (d, bounds) in Self::HISTOGRAMS.into_iter().chain([dns]) {
             let states = if d.name == catalogue::TCP_RTT.name {
                 &mut self.rtt
+            } else if d.name == catalogue::DNS_LATENCY.name {
+                &mut self.dns_latency
             } else {
                 &mut self.durations
             };

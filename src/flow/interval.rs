@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::dns::DnsSeries;
 use super::drops::DropSeries;
 use super::mesh::{Family, FamilyGroup, LogEvent, MeshUpdate, Point, PointValue, Value};
 use super::model::{FlowId, Nat, SourceEvent};
@@ -202,6 +203,7 @@ pub struct FlowStage {
     series: FlowSeries,
     tcp: TcpSeries,
     drops: DropSeries,
+    dns: DnsSeries,
     zones: ZoneSeries,
     records: RecordCollector,
     mesh: MeshState,
@@ -252,6 +254,7 @@ impl FlowStage {
             series,
             tcp,
             drops: DropSeries::default(),
+            dns: DnsSeries::default(),
             zones: ZoneSeries::default(),
             records: RecordCollector::new(records, telemetry),
             mesh: MeshState::default(),
@@ -296,6 +299,19 @@ impl FlowStage {
                 self.drops.record(&record);
                 self.records.packet_drop(&record);
             }
+            SourceEvent::Dns(record) => {
+                let id = FlowId {
+                    transport: record.transport,
+                    client: record.client,
+                    server: record.server,
+                    zone: 0,
+                };
+                let names = name_flow(self.naming.as_deref(), &id, &Nat::default(), &mut None);
+                self.dns.record(&record, names.clone());
+                if record.failed() {
+                    self.records.dns_failure(record, names);
+                }
+            }
             SourceEvent::DumpStarted { epoch } => self.table.dump_started(epoch),
             SourceEvent::DumpFinished { epoch, complete } => {
                 self.table.dump_finished(epoch, complete);
@@ -318,6 +334,7 @@ impl FlowStage {
             points: self.series.finish(),
             tcp: self.tcp.finish(),
             drops: self.drops.points(),
+            dns: self.dns.finish(),
             zones: self.zones.points(),
             records,
             mesh,

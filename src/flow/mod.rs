@@ -3,6 +3,7 @@
 //! turns cumulative counters into exact deltas, the bounded series, and the
 //! [`report::IntervalReport`] each interval closes into.
 
+pub mod dns;
 pub mod drops;
 pub mod interval;
 pub mod mesh;

@@ -304,6 +304,8 @@ pub enum SourceEvent {
     Flow(FlowUpdate),
     Tcp(TcpEvent),
     Drop(DropRecord),
+    /// A DNS query, answered or timed out.
+    Dns(super::dns::DnsRecord),
     /// A mesh or CNI source's metrics and log events.
     Mesh(Box<MeshUpdate>),
     /// The CNI the node's configuration names now (`None`: none found).

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use foldhash::fast::RandomState;
 
+use super::dns::{DnsFailure, DnsRecord};
 use super::model::{
     DirectionalCounters, DropRecord, FlowId, FlowUpdate, Nat, SourceKind, TcpEvent, TcpEventKind,
 };
@@ -51,12 +52,14 @@ pub struct Records {
     /// The firewall drop rule that alone moved during the interval: its
     /// attributes, put on the interval's `NETFILTER_DROP` drop events.
     pub firewall_rule: Option<Vec<(&'static str, String)>>,
+    /// Failed DNS lookups.
+    pub dns: Vec<DnsFailure>,
 }
 
 impl Records {
     /// Records of all kinds.
     pub fn len(&self) -> usize {
-        self.flows.len() + self.connections.len() + self.drops.len()
+        self.flows.len() + self.connections.len() + self.drops.len() + self.dns.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,6 +76,7 @@ pub struct RecordCollector {
     flows: HashMap<FlowId, FlowRecord, RandomState>,
     connections: Vec<ConnectionEvent>,
     drops: Vec<DropRecord>,
+    dns: Vec<DnsFailure>,
     dropped: Counter,
 }
 
@@ -83,6 +87,7 @@ impl RecordCollector {
             flows: HashMap::default(),
             connections: Vec::new(),
             drops: Vec::new(),
+            dns: Vec::new(),
             dropped: telemetry.counter(&catalogue::LOGS_RECORDS_DROPPED),
         }
     }
@@ -161,6 +166,22 @@ impl RecordCollector {
         }
     }
 
+    /// Keeps a failed DNS lookup.
+    pub fn dns_failure(&mut self, record: DnsRecord, names: Option<Arc<FlowNames>>) {
+        if self.max_records == 0 {
+            return;
+        }
+        if self.dns.len() < self.max_records {
+            self.dns.push(DnsFailure {
+                record,
+                names,
+                at: SystemTime::now(),
+            });
+        } else {
+            self.dropped.inc();
+        }
+    }
+
     /// The interval's records; the next interval starts empty.
     pub fn finish(&mut self) -> Records {
         Records {
@@ -168,6 +189,7 @@ impl RecordCollector {
             connections: std::mem::take(&mut self.connections),
             drops: std::mem::take(&mut self.drops),
             firewall_rule: None,
+            dns: std::mem::take(&mut self.dns),
         }
     }
 }

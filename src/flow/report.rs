@@ -2,6 +2,7 @@
 
 use std::time::SystemTime;
 
+use super::dns::DnsPoint;
 use super::drops::DropPoint;
 use super::mesh::{FamilyGroup, LogEvent};
 use super::records::Records;
@@ -15,6 +16,8 @@ pub struct IntervalReport {
     pub points: Vec<SeriesPoint>,
     pub tcp: Vec<TcpPoint>,
     pub drops: Vec<DropPoint>,
+    /// DNS series, cumulative.
+    pub dns: Vec<DnsPoint>,
     pub zones: Vec<ZonePoint>,
     pub records: Records,
     pub mesh: MeshReport,

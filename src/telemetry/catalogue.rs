@@ -254,6 +254,19 @@ pub static TCP_DURATION: Metric = histogram(
     "How long TCP connections lasted, from SYN to close",
 )
 .selectable();
+pub static DNS_REQUESTS: Metric = counter(
+    "flowtel.dns.requests",
+    "{request}",
+    "DNS queries seen by the eBPF source, by response code (TIMEOUT when unanswered) and \
+     question type",
+)
+.selectable();
+pub static DNS_LATENCY: Metric = histogram(
+    "flowtel.dns.latency",
+    "s",
+    "Time from a DNS query to its response, as the kernel saw them",
+)
+.selectable();
 
 // ---- Self-telemetry (scope `flowtel`) ----
 
@@ -396,7 +409,7 @@ pub static EBPF_ATTACH_FAILURES: Metric = counter(
 pub static EBPF_FLOWS_EXPIRED: Metric = counter(
     "flowtel.ebpf.flows.expired",
     "{flow}",
-    "Idle flows reported ended and removed from the kernel map",
+    "Idle flows reported ended and forgotten",
 );
 pub static EBPF_NAT_REFUSED: Metric = counter(
     "flowtel.ebpf.nat.refused",
@@ -427,7 +440,7 @@ pub static EBPF_INTERFACES: Metric = gauge(
 pub static EBPF_MAP_ENTRIES: Metric = gauge(
     "flowtel.ebpf.map.entries",
     "{entry}",
-    "Entries in the kernel flow map at the last dump",
+    "Sightings (5-tuple, interface, hook) held after the last dump",
 );
 pub static EBPF_NAT_TRANSLATIONS: Metric = gauge(
     "flowtel.ebpf.nat.translations",
@@ -438,6 +451,24 @@ pub static EBPF_TCP_SOCKETS: Metric = gauge(
     "flowtel.ebpf.tcp.sockets",
     "{socket}",
     "TCP sockets followed at the last dump",
+);
+
+pub static EBPF_INTERFACE_BYTES: Metric = counter(
+    "flowtel.ebpf.interface.bytes",
+    "By",
+    "L3 bytes on the attached interfaces by hook, as their own counters and as flowtel saw them",
+);
+
+pub static EBPF_TCP_SOCKETS_SWEPT: Metric = counter(
+    "flowtel.ebpf.tcp.sockets.swept",
+    "{socket}",
+    "Half-open sockets removed after 5 minutes because their close was never seen",
+);
+
+pub static EBPF_DNS_ERRORS: Metric = counter(
+    "flowtel.ebpf.dns.errors",
+    "{message}",
+    "DNS messages not (or not fully) recorded, by flowtel.dns.error",
 );
 
 // ---- The Kubernetes cache ----
@@ -723,6 +754,8 @@ pub static METRICS: &[&Metric] = &[
     &TCP_RETRANSMITS,
     &TCP_RTT,
     &TCP_DURATION,
+    &DNS_REQUESTS,
+    &DNS_LATENCY,
     &FLOWS_TRACKED,
     &FLOWS_UPDATES,
     &FLOWS_SEEN,
@@ -755,6 +788,9 @@ pub static METRICS: &[&Metric] = &[
     &EBPF_MAP_ENTRIES,
     &EBPF_NAT_TRANSLATIONS,
     &EBPF_TCP_SOCKETS,
+    &EBPF_TCP_SOCKETS_SWEPT,
+    &EBPF_INTERFACE_BYTES,
+    &EBPF_DNS_ERRORS,
     &K8S_WATCH_ERRORS,
     &K8S_RELISTS,
     &K8S_OBJECTS_REJECTED,
@@ -870,6 +906,18 @@ pub const PEER_ZONE: &str = "flowtel.peer.zone";
 pub const PEER_NETWORK: &str = "flowtel.peer.network";
 pub const ENRICHMENT_PENDING: &str = "flowtel.enrichment.pending";
 pub const ZONE_CROSSING: &str = "flowtel.zone.crossing";
+/// Who counted `flowtel.ebpf.interface.bytes`: `kernel` or `flowtel`.
+pub const OBSERVER: &str = "flowtel.observer";
+/// The TC hook of `flowtel.ebpf.interface.bytes`: `ingress` or `egress`.
+pub const HOOK: &str = "flowtel.hook";
+/// Why a DNS message was not (fully) recorded: `map_full`, `ring_full`,
+/// `parse_error`, `name_truncated`, `unmatched`.
+pub const DNS_ERROR: &str = "flowtel.dns.error";
+/// The RCODE mnemonic of a DNS response (`NOERROR`, `NXDOMAIN`, ...), or
+/// `TIMEOUT`.
+pub const DNS_RCODE: &str = "flowtel.dns.rcode";
+/// The question type mnemonic (`A`, `AAAA`, ...).
+pub const DNS_QUESTION_TYPE: &str = "flowtel.dns.question.type";
 /// Which exporter a self-metric is about.
 pub const EXPORTER: &str = "flowtel.exporter";
 
@@ -955,11 +1003,15 @@ pub const EVENT_OPENED: &str = "flowtel.connection.opened";
 pub const EVENT_CLOSED: &str = "flowtel.connection.closed";
 pub const EVENT_FAILED: &str = "flowtel.connection.failed";
 pub const EVENT_DROP: &str = "flowtel.packet.dropped";
+pub const EVENT_DNS_FAILED: &str = "flowtel.dns.failed";
 pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
 pub const EVENT_FIREWALL_DROP: &str = "flowtel.firewall.drop";
 
 /// Every attribute name above (prefixes stand for their family).
 pub const ATTRIBUTES: &[&str] = &[
+    DNS_ERROR,
+    DNS_RCODE,
+    DNS_QUESTION_TYPE,
     SERVICE_NAME,
     SERVICE_VERSION,
     HOST_NAME,

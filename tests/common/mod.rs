@@ -227,7 +227,7 @@ pub fn ebpf_conditions() -> [(bool, &'static str); 2] {
     [
         (
             ::flowtel::source::ebpf::built_with_ebpf(),
-            "flowtel was built without eBPF support (clang/bpftool missing)",
+            "flowtel was built without eBPF support (clang or libbpf-dev missing)",
         ),
         (
             Path::new("/sys/kernel/btf/vmlinux").exists(),

@@ -12,16 +12,21 @@ use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
 
-use crate::export::attributes::{drop_attributes, series_attributes, zone_attributes, Direction};
+use crate::export::attributes::{
+    dns_attributes, drop_attributes, series_attributes, zone_attributes, Direction,
+};
 use crate::export::families::SCOPE;
-use crate::export::instruments::{health_counters, DURATION_BOUNDS, RTT_BOUNDS};
+use crate::export::instruments::{
+    health_counters, DNS_LATENCY_BOUNDS, DURATION_BOUNDS, RTT_BOUNDS,
+};
 use crate::export::resource;
 use crate::export::selection::Selection;
 use crate::export::ExportContext;
 use crate::flow::model::Counters;
 use crate::flow::report::IntervalReport;
 use crate::telemetry::catalogue::{
-    Metric as Describe, FLOW_BYTES, FLOW_PACKETS, PACKET_DROPS, TCP_DURATION, TCP_RTT, ZONE_BYTES,
+    Metric as Describe, DNS_LATENCY, DNS_REQUESTS, FLOW_BYTES, FLOW_PACKETS, PACKET_DROPS,
+    TCP_DURATION, TCP_RTT, ZONE_BYTES,
 };
 
 /// Feeds a pull reader with flowtel's metrics.
@@ -30,6 +35,7 @@ pub struct SdkMeter {
     latest: Latest,
     rtt: Histogram<f64>,
     duration: Histogram<f64>,
+    dns_latency: Histogram<f64>,
     selection: Selection,
 }
 
@@ -77,11 +83,18 @@ impl SdkMeter {
             .with_description(TCP_DURATION.description)
             .with_boundaries(DURATION_BOUNDS.to_vec())
             .build();
+        let dns_latency = meter
+            .f64_histogram(DNS_LATENCY.name)
+            .with_unit(DNS_LATENCY.unit)
+            .with_description(DNS_LATENCY.description)
+            .with_boundaries(DNS_LATENCY_BOUNDS.to_vec())
+            .build();
         Self {
             provider,
             latest,
             rtt,
             duration,
+            dns_latency,
             selection: Selection::new(&ctx.export.metrics.attributes),
         }
     }
@@ -91,6 +104,17 @@ impl SdkMeter {
         let prepared = Arc::new(prepare(report, &self.selection));
         if let Ok(mut latest) = self.latest.lock() {
             *latest = prepared;
+        }
+        for p in &report.dns {
+            if p.latency.is_empty() {
+                continue;
+            }
+            let attributes = self
+                .selection
+                .filter(DNS_LATENCY.name, &dns_attributes(&p.key));
+            for v in &p.latency {
+                self.dns_latency.record(*v, &attributes);
+            }
         }
         for p in &report.tcp {
             if p.rtt.is_empty() && p.durations.is_empty() {
@@ -166,6 +190,12 @@ fn prepare(report: &IntervalReport, selection: &Selection) -> Prepared {
         .map(|p| (drop_attributes(&p.key), p.counters.packets))
         .collect();
     counters.insert(PACKET_DROPS.name, drops);
+    let dns = report
+        .dns
+        .iter()
+        .map(|p| (dns_attributes(&p.key), p.requests))
+        .collect();
+    counters.insert(DNS_REQUESTS.name, dns);
     let zones = report
         .zones
         .iter()
@@ -240,4 +270,5 @@ fn register_health_instruments(meter: &Meter, latest: &Latest) {
         register_latest(meter, latest, metric);
     }
     register_latest(meter, latest, &PACKET_DROPS);
+    register_latest(meter, latest, &DNS_REQUESTS);
 }

@@ -174,6 +174,7 @@ fn tc_os_error(e: &tc::TcError) -> Option<i32> {
 /// One attached interface.
 struct Attached {
     name: String,
+    kind: L2,
     links: Vec<(&'static str, SchedClassifierLinkId)>,
 }
 
@@ -190,6 +191,7 @@ pub struct Attacher {
     mode: Mode,
     /// Whether a TCX failure may switch to clsact (`attach: auto`).
     fallback: bool,
+    position: super::AttachPosition,
     include: Vec<String>,
     exclude: Vec<String>,
     attached: HashMap<u32, Attached>,
@@ -199,10 +201,17 @@ pub struct Attacher {
 }
 
 impl Attacher {
-    pub fn new(mode: Mode, fallback: bool, include: Vec<String>, exclude: Vec<String>) -> Self {
+    pub fn new(
+        mode: Mode,
+        fallback: bool,
+        position: super::AttachPosition,
+        include: Vec<String>,
+        exclude: Vec<String>,
+    ) -> Self {
         Self {
             mode,
             fallback,
+            position,
             include,
             exclude,
             attached: HashMap::new(),
@@ -212,6 +221,17 @@ impl Attacher {
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// The attached interfaces: (ifindex, name, L2 header length).
+    pub fn interfaces(&self) -> impl Iterator<Item = (u32, &str, u64)> {
+        self.attached.iter().map(|(idx, a)| {
+            let l2 = match a.kind {
+                L2::Ethernet => 14,
+                L2::None => 0,
+            };
+            (*idx, a.name.as_str(), l2)
+        })
     }
 
     pub fn count(&self) -> usize {
@@ -280,7 +300,7 @@ impl Attacher {
             match self.attach_one(bpf, &name, kind) {
                 Ok(links) => {
                     tracing::debug!(interface = %name, ifindex = idx, mode = self.mode.as_str(), "attached");
-                    self.attached.insert(idx, Attached { name, links });
+                    self.attached.insert(idx, Attached { name, kind, links });
                     result.attached += 1;
                 }
                 Err(AttachError::Unsupported(e))
@@ -294,6 +314,14 @@ impl Attacher {
                         detached: r.detached + result.detached,
                         ..r
                     });
+                }
+                Err(AttachError::Unsupported(e))
+                    if self.mode == Mode::Tcx && self.attached.is_empty() =>
+                {
+                    anyhow::bail!(
+                        "the kernel refused a TCX link on {name} ({e}): TCX needs kernel 6.6 or \
+                         later; use ebpf.attach: auto or netlink"
+                    );
                 }
                 Err(AttachError::Permission(e)) => {
                     anyhow::bail!(
@@ -354,9 +382,12 @@ impl Attacher {
     ) -> Result<SchedClassifierLinkId, AttachError> {
         let prog = program(bpf, prog_name).map_err(AttachError::Other)?;
         let options = || match self.mode {
-            // First: flowtel only observes, so it should see packets before
-            // another program redirects or drops them.
-            Mode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::first()),
+            // First by default: flowtel only observes, so it should see
+            // packets before another program redirects or drops them.
+            Mode::Tcx => TcAttachOptions::TcxOrder(match self.position {
+                super::AttachPosition::First => LinkOrder::first(),
+                super::AttachPosition::Last => LinkOrder::last(),
+            }),
             Mode::Clsact => TcAttachOptions::Netlink(NlOptions {
                 priority: TC_PRIORITY,
                 handle: TcHandle::from(TC_HANDLE),
@@ -462,6 +493,7 @@ mod tests {
         let a = Attacher::new(
             Mode::Tcx,
             true,
+            super::super::AttachPosition::First,
             vec!["*".into()],
             vec!["lo".into(), "docker*".into()],
         );

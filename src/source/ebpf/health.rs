@@ -20,7 +20,7 @@ use anyhow::{anyhow, Context};
 use aya::maps::{MapData, RingBuf};
 use serde::{Deserialize, Serialize};
 
-use super::maps;
+use super::{btf, maps};
 use crate::flow::{
     Counters, DropRecord, Endpoint, FlowId, SourceEvent, TcpClose, TcpEvent, TcpEventKind,
     TcpFailure, Transport,
@@ -84,6 +84,22 @@ pub struct HealthStats {
     pub drops_unrecorded: AtomicU64,
     /// Sockets followed at the last dump (a gauge).
     pub sockets_tracked: AtomicU64,
+    /// Entries of `socks` removed by userspace: half-open far longer than
+    /// any handshake lasts, so their close was never seen.
+    pub sockets_swept: AtomicU64,
+}
+
+/// A socket still opening after this long lost its close event: connect()
+/// gives up after about 127 s (6 SYN retries) and a server's SYN_RECV
+/// after about 63 s, so it is removed from `socks`.
+const HALF_OPEN_MAX: Duration = Duration::from_secs(300);
+
+/// Whether the entry `s` is a half-open socket older than [`HALF_OPEN_MAX`]
+/// at `now_ns` (CLOCK_MONOTONIC, the clock of `open_ns`).
+fn half_open_stale(s: &SockState, now_ns: u64) -> bool {
+    s.established == 0
+        && s.open_ns != 0
+        && now_ns.saturating_sub(s.open_ns) > HALF_OPEN_MAX.as_nanos() as u64
 }
 
 const EV_OPENED: u8 = 1;
@@ -215,7 +231,7 @@ pub struct Health {
     _bpf: aya::Ebpf,
     events: Option<RingBuf<MapData>>,
     socks: Option<aya::maps::HashMap<MapData, u64, SockState>>,
-    drops: Option<aya::maps::Map>,
+    drops: Option<maps::EpochMaps>,
     lost: aya::maps::PerCpuArray<MapData, u64>,
     possible_cpus: usize,
     memo: HashMap<u64, SockMemo>,
@@ -265,7 +281,8 @@ impl Health {
         let mut bpf = aya::EbpfLoader::new()
             .override_global("netns_ino", &netns_ino, true)
             .map_max_entries("socks", tcp.max_sockets)
-            .map_max_entries("drops", drops.max_entries)
+            .map_max_entries("drops_a", drops.max_entries)
+            .map_max_entries("drops_b", drops.max_entries)
             .load(OBJECT)
             .map_err(|e| anyhow!("loading the TCP health programs failed: {e}"))?;
         let btf = aya::Btf::from_sys_fs()
@@ -309,7 +326,11 @@ impl Health {
             None
         };
         let drops_map = if drops.enabled {
-            Some(take(&mut bpf, "drops")?)
+            Some(maps::EpochMaps::take(
+                &mut bpf,
+                ["drops_a", "drops_b"],
+                "drop_epoch",
+            )?)
         } else {
             None
         };
@@ -456,7 +477,7 @@ impl Health {
     }
 
     fn dump_sockets(&mut self, out: &Out) -> Result<(), Halt> {
-        let Some(socks) = self.socks.as_ref() else {
+        let Some(socks) = self.socks.as_mut() else {
             return Ok(());
         };
         let mut live = Vec::new();
@@ -469,6 +490,19 @@ impl Health {
                 }
             }
         }
+        // `socks` is bounded by max_sockets (refusals are counted); this
+        // sweep removes what the kernel can no longer remove itself.
+        let now = super::monotonic_ns();
+        let mut swept = 0;
+        for (sk, _) in live.iter().filter(|(_, s)| half_open_stale(s, now)) {
+            if socks.remove(sk).is_ok() {
+                swept += 1;
+            }
+        }
+        self.stats.sockets_swept.fetch_add(swept, Ordering::Relaxed);
+        self.stats
+            .sockets_tracked
+            .store(live.len() as u64 - swept, Ordering::Relaxed);
         let mut present = HashSet::with_capacity(live.len());
         for (sk, s) in live {
             if s.established == 0 || !present.insert(sk) {
@@ -512,15 +546,19 @@ impl Health {
         // Sockets gone without a close event (the ring buffer was full).
         self.memo.retain(|sk, _| present.contains(sk));
         self.local_clients.retain(|_, sk| present.contains(sk));
-        self.stats
-            .sockets_tracked
-            .store(present.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
     fn dump_drops(&mut self, out: &Out) -> Result<(), Halt> {
-        let Some(map) = self.drops.as_ref() else {
+        let Some(maps) = self.drops.as_mut() else {
             return Ok(());
+        };
+        let map = match maps.flip() {
+            Ok(map) => map,
+            Err(e) => {
+                tracing::warn!("drops are read at the next dump: {e}");
+                return Ok(());
+            }
         };
         let aya::maps::Map::PerCpuHashMap(data) = map else {
             tracing::warn!("the drop map is not a per-CPU hash map");
@@ -536,8 +574,7 @@ impl Health {
             };
         let keys: Vec<RawDropKey> = view.keys().filter_map(Result::ok).collect();
         for key in keys {
-            // Read and remove in one step: drops counted meanwhile either
-            // land in these values or in a new entry for the next dump.
+            // No program writes this map any more: read and remove.
             let values: Vec<RawDropValue> = match maps::take_percpu(data, &key, self.possible_cpus)
             {
                 Ok(Some(v)) => v,
@@ -603,7 +640,7 @@ pub fn drop_reason_name(reason: u32) -> &'static str {
     let names = NAMES.get_or_init(|| {
         match std::fs::read(KERNEL_BTF)
             .map_err(|e| e.to_string())
-            .and_then(|data| enum_members(&data, "skb_drop_reason"))
+            .and_then(|data| btf::enum_members(&data, "skb_drop_reason"))
         {
             Ok(members) => members
                 .into_iter()
@@ -628,75 +665,49 @@ pub fn drop_reason_name(reason: u32) -> &'static str {
     names.get(&reason).map_or("UNKNOWN", String::as_str)
 }
 
-/// The members of the enum called `name` in a raw BTF blob (the format of
-/// `/sys/kernel/btf/vmlinux`). Hand-read because aya's BTF parser does not
-/// expose enum members and the BTF crates on crates.io are LGPL.
-pub fn enum_members(data: &[u8], name: &str) -> Result<Vec<(String, u32)>, String> {
-    let u32_at = |off: usize| -> Result<u32, String> {
-        data.get(off..off + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
-            .ok_or_else(|| format!("BTF truncated at byte {off}"))
-    };
-    if data.get(0..2) != Some(&[0x9f, 0xeb]) {
-        return Err("not little-endian BTF (bad magic)".into());
-    }
-    let hdr_len = u32_at(4)? as usize;
-    let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
-    let str_off = u32_at(16)? as usize;
-    let (types, strings) = (hdr_len + type_off, hdr_len + str_off);
-    let string = |off: u32| -> Result<String, String> {
-        let start = strings + off as usize;
-        let rest = data
-            .get(start..)
-            .ok_or_else(|| format!("BTF string offset {off} out of range"))?;
-        let end = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| format!("BTF string at offset {off} is not terminated"))?;
-        Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
-    };
-    let mut pos = types;
-    while pos < types + type_len {
-        let (name_off, info) = (u32_at(pos)?, u32_at(pos + 4)?);
-        let vlen = (info & 0xffff) as usize;
-        let kind = (info >> 24) & 0x1f;
-        pos += 12;
-        let extra = match kind {
-            1 | 14 | 17 => 4,   // int, var, decl_tag
-            3 => 12,            // array
-            4 | 5 => 12 * vlen, // struct, union
-            6 => 8 * vlen,      // enum
-            13 => 8 * vlen,     // func_proto
-            15 => 12 * vlen,    // datasec
-            19 => 12 * vlen,    // enum64
-            2 | 7..=12 | 16 | 18 => 0,
-            k => return Err(format!("unknown BTF kind {k} at byte {pos}")),
-        };
-        if (kind == 6 || kind == 19) && string(name_off)? == name {
-            let step = if kind == 6 { 8 } else { 12 };
-            return (0..vlen)
-                .map(|i| {
-                    let m = pos + i * step;
-                    Ok((string(u32_at(m)?)?, u32_at(m + 4)?))
-                })
-                .collect();
-        }
-        pos += extra;
-    }
-    Err(format!("enum {name} not found"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Every mirror against the struct's BTF in the compiled `tcp.bpf.o`.
     #[test]
-    fn layouts_match_the_c_structs() {
-        assert_eq!(std::mem::size_of::<SockState>(), 64);
-        assert_eq!(std::mem::size_of::<RawEvent>(), 88);
-        assert_eq!(std::mem::size_of::<RawDropKey>(), 44);
-        assert_eq!(std::mem::size_of::<RawDropValue>(), 16);
+    #[cfg(not(flowtel_no_ebpf))]
+    fn layouts_match_the_compiled_object() {
+        use crate::source::ebpf::btf::assert_mirrors;
+        #[rustfmt::skip]
+        assert_mirrors!(OBJECT, "ft_sock", SockState, [laddr, raddr, lport, rport, family, role,
+            rst, established, open_ns, retransmits, srtt_us, rtt_updates]);
+        assert_mirrors!(
+            OBJECT,
+            "ft_tcp_event",
+            RawEvent,
+            [s, sk, ts_ns, kind, oldstate, pad]
+        );
+        #[rustfmt::skip]
+        assert_mirrors!(OBJECT, "ft_drop_key", RawDropKey, [src, dst, sport, dport, reason, proto,
+            family, pad]);
+        assert_mirrors!(OBJECT, "ft_drop_val", RawDropValue, [packets, bytes]);
+    }
+
+    #[test]
+    fn half_open_sockets_are_swept_after_five_minutes() {
+        let min = 60_000_000_000u64;
+        let opening = SockState {
+            open_ns: 10 * min,
+            ..SockState::default()
+        };
+        assert!(!half_open_stale(&opening, 14 * min));
+        assert!(half_open_stale(&opening, 16 * min));
+        let open = SockState {
+            established: 1,
+            ..opening
+        };
+        assert!(!half_open_stale(&open, 100 * min), "open sockets stay");
+        let unknown = SockState {
+            open_ns: 0,
+            ..SockState::default()
+        };
+        assert!(!half_open_stale(&unknown, 100 * min));
     }
 
     #[test]
@@ -732,64 +743,13 @@ mod tests {
         );
     }
 
-    /// A hand-made BTF blob: an int, then the enum.
-    fn blob() -> Vec<u8> {
-        let strings = b"\0int\0drops\0SKB_NOT_DROPPED_YET\0SKB_DROP_REASON_NO_SOCKET\0";
-        let mut types = Vec::new();
-        let push = |t: &mut Vec<u8>, v: u32| t.extend_from_slice(&v.to_le_bytes());
-        // int: name "int" (1), kind 1, size 4, then its 4-byte encoding.
-        push(&mut types, 1);
-        push(&mut types, 1 << 24);
-        push(&mut types, 4);
-        push(&mut types, 32);
-        // enum "drops" (5) with two members.
-        push(&mut types, 5);
-        push(&mut types, (6 << 24) | 2);
-        push(&mut types, 4);
-        push(&mut types, 11);
-        push(&mut types, 0);
-        push(&mut types, 31);
-        push(&mut types, 3);
-        let mut out = vec![0x9f, 0xeb, 1, 0];
-        push(&mut out, 24);
-        push(&mut out, 0);
-        push(&mut out, types.len() as u32);
-        push(&mut out, types.len() as u32);
-        push(&mut out, strings.len() as u32);
-        out.extend_from_slice(&types);
-        out.extend_from_slice(strings);
-        out
-    }
-
-    #[test]
-    fn enum_members_are_read_from_btf() {
-        let members = enum_members(&blob(), "drops").expect("parses");
-        assert_eq!(
-            members,
-            vec![
-                ("SKB_NOT_DROPPED_YET".to_string(), 0),
-                ("SKB_DROP_REASON_NO_SOCKET".to_string(), 3)
-            ]
-        );
-        assert!(enum_members(&blob(), "other").is_err());
-    }
-
-    #[test]
-    fn bad_btf_is_an_error_not_a_panic() {
-        let data = blob();
-        for cut in [0, 3, 10, 30, 45, data.len() - 5] {
-            assert!(enum_members(&data[..cut], "drops").is_err(), "cut {cut}");
-        }
-        assert!(enum_members(b"\x00\x00garbage", "drops").is_err());
-    }
-
     #[test]
     fn this_kernel_names_its_drop_reasons() {
         if !std::path::Path::new(KERNEL_BTF).exists() {
             return;
         }
         let data = std::fs::read(KERNEL_BTF).expect("readable");
-        let members = enum_members(&data, "skb_drop_reason").expect("found");
+        let members = btf::enum_members(&data, "skb_drop_reason").expect("found");
         assert!(members
             .iter()
             .any(|(n, _)| n == "SKB_DROP_REASON_NETFILTER_DROP"));

@@ -110,9 +110,76 @@ pub struct OverflowValue {
 // SAFETY: four u64s.
 unsafe impl aya::Pod for OverflowValue {}
 
+/// Two maps that the programs write in turn, and the one-entry array
+/// (`epoch`) that names the map written (0 or 1). See `bpf/flow.bpf.c`.
+pub struct EpochMaps {
+    maps: [aya::maps::Map; 2],
+    epoch: aya::maps::Map,
+    /// The map the programs write now.
+    active: usize,
+}
+
+impl EpochMaps {
+    /// Takes the maps called `names` and `epoch` out of a loaded object.
+    pub fn take(bpf: &mut aya::Ebpf, names: [&str; 2], epoch: &str) -> anyhow::Result<EpochMaps> {
+        let mut take = |name: &str| {
+            bpf.take_map(name).ok_or_else(|| {
+                anyhow::anyhow!("map `{name}` is missing from flowtel's eBPF object")
+            })
+        };
+        Ok(EpochMaps {
+            maps: [take(names[0])?, take(names[1])?],
+            epoch: take(epoch)?,
+            active: 0,
+        })
+    }
+
+    /// Points the programs at the other map, waits for an RCU grace period
+    /// (after it no program holds an entry of the map it left) and returns
+    /// the map it left, which nothing writes until the next flip.
+    pub fn flip(&mut self) -> Result<&aya::maps::Map, String> {
+        let next = 1 - self.active;
+        let mut epoch: aya::maps::Array<&mut MapData, u32> =
+            aya::maps::Array::try_from(&mut self.epoch)
+                .map_err(|e| format!("the epoch map cannot be used: {e}"))?;
+        epoch
+            .set(0, next as u32, 0)
+            .map_err(|e| format!("switching maps failed: {e}"))?;
+        let old = self.active;
+        self.active = next;
+        grace_period();
+        Ok(&self.maps[old])
+    }
+}
+
+/// Waits until every BPF program that may have read an old `epoch` has
+/// returned. TC and tracepoint programs run inside RCU read-side sections,
+/// and `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period
+/// (`synchronize_rcu`). Kernels with `nohz_full` refuse that command: then a
+/// pause far longer than any program run stands in for it.
+fn grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    const FALLBACK: std::time::Duration = std::time::Duration::from_millis(20);
+    static WARN: std::sync::Once = std::sync::Once::new();
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let ret = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if ret != 0 {
+        let e = io::Error::last_os_error();
+        WARN.call_once(|| {
+            tracing::warn!(
+                "membarrier(MEMBARRIER_CMD_GLOBAL) failed ({e}); waiting {FALLBACK:?} instead of \
+                 an RCU grace period before reading each flow or drop map"
+            );
+        });
+        std::thread::sleep(FALLBACK);
+    }
+}
+
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a per-CPU hash map: reads a key's
-/// final per-CPU values and removes it in one step, so no packet counted
-/// between a read and a delete is lost. `Ok(None)` when the key is gone.
+/// final per-CPU values and removes it in one step. `Ok(None)` when the key
+/// is gone. A program that looked the entry up just before still adds to
+/// it after the delete, and that packet is lost: use it only on a map no
+/// program writes any more.
 /// `V` must be the map's value type, a multiple of 8 bytes (the kernel's
 /// per-CPU stride).
 pub fn take_percpu<K: aya::Pod, V: aya::Pod + Default>(
@@ -160,16 +227,18 @@ pub fn take_percpu<K: aya::Pod, V: aya::Pod + Default>(
     }
 }
 
-/// Reads every entry with `BPF_MAP_LOOKUP_BATCH` (kernel 5.6+), thousands
-/// per syscall instead of two syscalls per entry, calling `f` with each key
-/// and its per-CPU values. On error, returns it with the number of entries
-/// already passed to `f` (0 and EINVAL: the kernel lacks batch lookups).
-pub fn for_each_batch(
+/// Reads and deletes every entry with `BPF_MAP_LOOKUP_AND_DELETE_BATCH`
+/// (kernel 5.6+), thousands per syscall, calling `f` with each key and its
+/// per-CPU values. Each batch is read and deleted in one step, so after an
+/// error what `f` was given is gone from the map and the rest is still
+/// there. On error, returns it with the number of entries already passed to
+/// `f` (0 and EINVAL: the kernel lacks batch operations).
+pub fn drain_batch(
     map: &MapData,
     possible_cpus: usize,
     mut f: impl FnMut(&FlowKey, &[FlowValue]),
 ) -> Result<u64, (io::Error, u64)> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
     /// The `batch` member of `union bpf_attr`.
     #[repr(C)]
     struct BatchAttr {
@@ -211,7 +280,7 @@ pub fn for_each_batch(
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
+                BPF_MAP_LOOKUP_AND_DELETE_BATCH,
                 &mut attr as *mut BatchAttr,
                 std::mem::size_of::<BatchAttr>(),
             )
@@ -246,11 +315,22 @@ pub fn for_each_batch(
 mod tests {
     use super::*;
 
+    /// Every mirror against the struct's BTF in both compiled flow objects.
     #[test]
-    fn layouts_match_the_c_structs() {
-        assert_eq!(std::mem::size_of::<FlowKey>(), 44);
-        assert_eq!(std::mem::size_of::<FlowValue>(), 40);
-        assert_eq!(std::mem::size_of::<OverflowValue>(), 32);
+    #[cfg(not(flowtel_no_ebpf))]
+    fn layouts_match_the_compiled_objects() {
+        use crate::source::ebpf::btf::assert_mirrors;
+        for object in [super::super::OBJECT, super::super::OBJECT_PREALLOC] {
+            #[rustfmt::skip]
+            assert_mirrors!(object, "flow_key", FlowKey, [src, dst, sport, dport, proto, family,
+                dir, pad, ifindex]);
+            #[rustfmt::skip]
+            assert_mirrors!(object, "flow_val", FlowValue, [bytes, packets, first_ns, last_ns,
+                flags, pad]);
+            #[rustfmt::skip]
+            assert_mirrors!(object, "overflow_val", OverflowValue, [packets, bytes,
+                nomem_packets, pad]);
+        }
     }
 
     #[test]

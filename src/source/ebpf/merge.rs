@@ -175,6 +175,80 @@ impl Connections {
     }
 }
 
+/// What the source has reported for each live connection: a generation and
+/// the counters sent, per direction.
+///
+/// * The generation (never 0) is new for each connection that appears and
+///   kept while it is reported, so the flow table tells a connection that
+///   ended and came back on the same tuple from a continuing one, and
+///   ignores a stale report of one that ended.
+/// * The counters sent never go back. The per-direction maximum over
+///   sightings can shrink between dumps: a NAT fold present in one dump and
+///   missing from the next, or a sighting read a moment later than another.
+///   A smaller value is a partial view of the same connection, never a new
+///   one, so the high-water mark is sent instead (the flow table would
+///   otherwise take a counter that went backwards for a new connection and
+///   add it whole).
+#[derive(Debug, Default)]
+pub struct Reported {
+    last: u32,
+    map: HashMap<FlowId, Stamp>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    generation: u32,
+    to_server: Counters,
+    to_client: Counters,
+    /// The dump that last reported the connection.
+    dump: u64,
+}
+
+/// The larger of two counters, field by field.
+fn high(a: Counters, b: Counters) -> Counters {
+    Counters::new(a.bytes.max(b.bytes), a.packets.max(b.packets))
+}
+
+impl Reported {
+    /// Stamps one update of the dump `dump` before it is sent: the
+    /// connection's generation, and counters no lower than sent before.
+    pub fn stamp(&mut self, mut u: FlowUpdate, dump: u64) -> FlowUpdate {
+        let stamp = match self.map.get_mut(&u.id) {
+            Some(s) => s,
+            None => {
+                self.last = self.last.wrapping_add(1).max(1);
+                self.map.entry(u.id).or_insert(Stamp {
+                    generation: self.last,
+                    to_server: Counters::default(),
+                    to_client: Counters::default(),
+                    dump,
+                })
+            }
+        };
+        stamp.to_server = high(stamp.to_server, u.to_server);
+        stamp.to_client = high(stamp.to_client, u.to_client);
+        stamp.dump = dump;
+        u.generation = stamp.generation;
+        u.to_server = stamp.to_server;
+        u.to_client = stamp.to_client;
+        if u.ended {
+            self.map.remove(&u.id);
+        }
+        u
+    }
+
+    /// Forgets connections the complete dump `dump` did not report.
+    pub fn sweep(&mut self, dump: u64) {
+        self.map.retain(|_, s| s.dump == dump);
+    }
+
+    /// Connections followed.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 /// The connection a key belongs to, and whether the key runs a→b.
 pub fn conn_key(key: &FlowKey) -> Option<(ConnKey, bool)> {
     let src = Endpoint::new(key.src_ip()?, key.sport);
@@ -598,6 +672,99 @@ mod tests {
             (u.to_server, u.to_client),
             (Counters::new(100, 2), Counters::new(300, 4))
         );
+    }
+
+    /// Feeds the connections of one dump through `reported` into `table`
+    /// and returns the client-to-server bytes the table counted.
+    fn dump_into(
+        table: &mut crate::flow::table::FlowTable,
+        reported: &mut Reported,
+        conns: &Connections,
+        dump: u64,
+    ) -> u64 {
+        table.dump_started(dump);
+        let mut bytes = 0;
+        for (key, conn) in &conns.map {
+            let u = reported.stamp(conn.update(key, false), dump);
+            if let Some(d) = table.apply(u, |_, _, _| None) {
+                bytes += d.delta.to_server.bytes;
+            }
+        }
+        reported.sweep(dump);
+        table.dump_finished(dump, true);
+        bytes
+    }
+
+    /// The race of issue 17: one dump folds the translated sightings into
+    /// the connection (their maximum, 10_040 bytes, is the larger), the
+    /// next has lost the fold and sees only the client side (10_020 bytes,
+    /// packets still between the two hooks at the first read). The
+    /// per-direction maximum shrank; that must not count the connection
+    /// again.
+    #[test]
+    fn a_shrinking_maximum_after_a_lost_fold_is_not_counted_twice() {
+        let telemetry = crate::telemetry::Telemetry::default();
+        let mut table = crate::flow::table::FlowTable::new(16, &telemetry);
+        let mut reported = Reported::default();
+        let req = v4key(C, 40000, VIP, 80, 6);
+        let rep = v4key(VIP, 80, C, 40000, 6);
+        let treq = v4key(C, 40000, POD, 8080, 6);
+
+        let mut first = Connections::default();
+        first.add(
+            &sighting(req, DIR_INGRESS, 5),
+            &val(10_000, 20, 1, FLAG_SYN_ONLY | 0x02),
+        );
+        first.add(&sighting(rep, DIR_EGRESS, 5), &val(50_000, 40, 2, 0x12));
+        first.add(
+            &sighting(treq, DIR_EGRESS, 7),
+            &val(10_040, 20, 1, FLAG_SYN_ONLY | 0x02),
+        );
+        first.fold_nat(&dnat_table());
+        let counted = dump_into(&mut table, &mut reported, &first, 1);
+        assert_eq!(counted, 10_040);
+
+        let mut second = Connections::default();
+        second.add(
+            &sighting(req, DIR_INGRESS, 5),
+            &val(10_020, 20, 1, FLAG_SYN_ONLY | 0x02),
+        );
+        second.add(&sighting(rep, DIR_EGRESS, 5), &val(50_000, 40, 2, 0x12));
+        second.fold_nat(&NatTable::new(16));
+        let counted = counted + dump_into(&mut table, &mut reported, &second, 2);
+        assert_eq!(
+            counted, 10_040,
+            "the connection carried 10_040 bytes to the server"
+        );
+
+        // More traffic: only what is new beyond the high-water mark counts.
+        let mut third = Connections::default();
+        third.add(
+            &sighting(req, DIR_INGRESS, 5),
+            &val(12_000, 24, 1, FLAG_SYN_ONLY | 0x02),
+        );
+        third.add(&sighting(rep, DIR_EGRESS, 5), &val(50_000, 40, 2, 0x12));
+        let counted = counted + dump_into(&mut table, &mut reported, &third, 3);
+        assert_eq!(counted, 12_000);
+    }
+
+    #[test]
+    fn generations_are_new_per_connection_and_kept_while_it_lives() {
+        let mut reported = Reported::default();
+        let mut conns = Connections::default();
+        conns.add(&v4key(C, 40000, S, 80, 6), &val(100, 1, 1, 0));
+        let one = one(&conns);
+        let first = reported.stamp(one, 1);
+        assert_ne!(first.generation, 0);
+        assert_eq!(reported.stamp(one, 2).generation, first.generation);
+        let ended = reported.stamp(FlowUpdate { ended: true, ..one }, 3);
+        assert_eq!(ended.generation, first.generation);
+        assert_eq!(reported.len(), 0, "forgotten at its end");
+        // The same tuple again: a new connection.
+        let again = reported.stamp(one, 4);
+        assert_ne!(again.generation, first.generation);
+        reported.sweep(5);
+        assert_eq!(reported.len(), 0, "not in the complete dump 5");
     }
 
     #[test]

@@ -1,0 +1,426 @@
+//! DNS tracking on the real kernel (root needed): dnsmasq (Debian) serves in
+//! namespace B, dig and the libc resolver (`getent`) ask from namespace A,
+//! and the source attached to A's veth must report exactly the lookups the
+//! clients made, by RCODE, type and transport, each with the latency dig
+//! measured within 1 ms. Malformed messages sent by the test are counted as
+//! parse errors and leave the next query's record intact.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::scenario::{Lab, A_V4, A_V6, B_V4, B_V6, IF_A};
+use common::Tool;
+use flowtel::flow::dns::{DnsOutcome, DnsRecord};
+use flowtel::flow::{SourceEvent, Transport};
+use flowtel::source::ebpf::{self, dns::DnsConfig, EbpfConfig};
+use flowtel::source::kernel::KernelStats;
+use tokio::sync::mpsc;
+
+const DNSMASQ: Tool = Tool {
+    name: "dnsmasq",
+    env: "DNSMASQ_BIN",
+    fallbacks: &["/usr/sbin/dnsmasq"],
+};
+const DIG: Tool = Tool {
+    name: "dig",
+    env: "DIG_BIN",
+    fallbacks: &["/usr/bin/dig"],
+};
+const GETENT: Tool = Tool {
+    name: "getent",
+    env: "GETENT_BIN",
+    fallbacks: &["/usr/bin/getent"],
+};
+
+/// B's address that drops DNS (the "server that never answers").
+const DEAD_V4: &str = "198.18.0.3";
+const DEAD_V6: &str = "fd00::3";
+/// How long the source waits for a response (`ebpf.dns.timeout`).
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What one dig printed: the RCODE mnemonic.
+struct Dig {
+    status: Option<String>,
+}
+
+fn dig(lab: &Lab, dig: &Path, server: &str, name: &str, qtype: &str, tcp: bool) -> Dig {
+    let at = format!("@{server}");
+    let mut args = vec![
+        at.as_str(),
+        name,
+        qtype,
+        "+tries=1",
+        "+timeout=1",
+        "+noedns",
+        "+nocookie",
+    ];
+    if tcp {
+        args.push("+tcp");
+    }
+    let out = lab
+        .a
+        .command(dig, &args)
+        .output()
+        .expect("running dig in A");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .map(str::to_string);
+    Dig { status }
+}
+
+/// Records until `want` arrived (or 30 s passed).
+fn collect(rx: &mut mpsc::Receiver<SourceEvent>, want: usize) -> Vec<DnsRecord> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    while out.len() < want && Instant::now() < deadline {
+        match rx.try_recv() {
+            Ok(SourceEvent::Dns(r)) => out.push(r),
+            Ok(_) => {}
+            Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(5)),
+            Err(mpsc::error::TryRecvError::Disconnected) => panic!("the source went away"),
+        }
+    }
+    out
+}
+
+/// A query message: header (id, RD) and `question` as given.
+fn query(id: u16, qdcount: u16, question: &[u8]) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0x00]);
+    m.extend_from_slice(&qdcount.to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    m.extend_from_slice(question);
+    m
+}
+
+fn question(name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = Vec::new();
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
+    q
+}
+
+/// One A query from A with the test's own client, timed with the monotonic
+/// clock from just before the send to just after the response arrived (dig
+/// reports whole milliseconds of a 4 ms clock here). Over TCP the
+/// connection is made first: the handshake is not part of the query.
+fn timed_query(lab: &Lab, server: &str, name: &str, id: u16, tcp: bool) -> Duration {
+    let server: std::net::IpAddr = server.parse().expect("literal address");
+    let msg = query(id, 1, &question(name, 1));
+    let result = lab
+        .a
+        .in_ns(|| -> std::io::Result<Duration> {
+            let mut buf = [0u8; 1500];
+            if tcp {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect((server, 53))?;
+                let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&msg);
+                let t0 = Instant::now();
+                s.write_all(&framed)?;
+                let n = s.read(&mut buf)?;
+                let t = t0.elapsed();
+                assert!(n > 4 && buf[2..4] == id.to_be_bytes(), "bad TCP response");
+                Ok(t)
+            } else {
+                let bind: std::net::IpAddr = if server.is_ipv4() { A_V4 } else { A_V6 }
+                    .parse()
+                    .expect("literal address");
+                let s = UdpSocket::bind((bind, 0))?;
+                s.connect((server, 53))?;
+                let t0 = Instant::now();
+                s.send(&msg)?;
+                let n = s.recv(&mut buf)?;
+                let t = t0.elapsed();
+                assert!(n > 2 && buf[..2] == id.to_be_bytes(), "bad UDP response");
+                Ok(t)
+            }
+        })
+        .expect("entering A");
+    result.expect("a timed query")
+}
+
+#[test]
+fn dns_lookups_are_reported_exactly() {
+    let Some((base, found)) = common::prerequisites_with(
+        "dns_lookups_are_reported_exactly",
+        &[DNSMASQ, DIG, GETENT],
+        &common::ebpf_conditions(),
+    ) else {
+        return;
+    };
+    let [dnsmasq, dig_bin, getent]: [PathBuf; 3] = found.try_into().expect("three tools");
+    let mut lab = Lab::new(&base).expect("setting up namespaces A and B");
+    lab.b
+        .ip(&["addr", "add", &format!("{DEAD_V4}/32"), "dev", "ftB"])
+        .expect("adding the dead v4 address");
+    lab.b
+        .ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{DEAD_V6}/128"),
+            "dev",
+            "ftB",
+            "nodad",
+        ])
+        .expect("adding the dead v6 address");
+    lab.a
+        .ip(&["route", "add", &format!("{DEAD_V4}/32"), "via", B_V4])
+        .expect("route to the dead v4 address");
+    lab.a
+        .ip(&["-6", "route", "add", &format!("{DEAD_V6}/128"), "via", B_V6])
+        .expect("route to the dead v6 address");
+    let (b, guard) = (lab.b.clone(), &mut lab.guard);
+    guard
+        .nft(
+            &b,
+            "inet",
+            "ft_dead",
+            &format!(
+                "chain in {{\n  type filter hook input priority 0; policy accept;\n  \
+                 ip daddr {DEAD_V4} udp dport 53 drop\n  ip6 daddr {DEAD_V6} udp dport 53 drop\n}}"
+            ),
+        )
+        .expect("the dropping server");
+    let known = ["alpha", "bravo", "charlie"];
+    let mut args = vec![
+        "--keep-in-foreground".to_string(),
+        "--no-resolv".into(),
+        "--no-hosts".into(),
+        "--bind-interfaces".into(),
+        format!("--listen-address={B_V4},{B_V6}"),
+        "--except-interface=lo".into(),
+        "--local=/test/".into(),
+        "--pid-file=".into(),
+        "--user=root".into(),
+    ];
+    for (i, n) in known.iter().enumerate() {
+        args.push(format!(
+            "--host-record={n}.known.test,198.51.100.{},2001:db8::{}",
+            i + 1,
+            i + 1
+        ));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    guard.spawn(&b, &dnsmasq, &args).expect("starting dnsmasq");
+    // dnsmasq answers once it listens: wait on that, not a sleep.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dig(&lab, &dig_bin, B_V4, "alpha.known.test", "A", false)
+        .status
+        .as_deref()
+        != Some("NOERROR")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "dnsmasq did not answer within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let (tx, mut rx) = mpsc::channel(65_536);
+    let cfg = EbpfConfig {
+        interfaces_include: vec![IF_A.into()],
+        netns: Some(lab.a.path()),
+        dns: DnsConfig {
+            timeout: TIMEOUT,
+            ..DnsConfig::default()
+        },
+        ..EbpfConfig::default()
+    };
+    let handle =
+        ebpf::start(&cfg, Arc::new(KernelStats::default()), tx).expect("starting the source");
+    let stats = handle.stats();
+
+    // (transport, server, rcode or None for a timeout, qtype) → count, and
+    // dig's latency per name.
+    let mut expected: HashMap<(Transport, String, Option<u8>, u16), u64> = HashMap::new();
+    // The test's own client's latency per (transport, id).
+    let mut measured: HashMap<(Transport, u16), Duration> = HashMap::new();
+    let mut total = 0usize;
+    for (server, dead) in [(B_V4, DEAD_V4), (B_V6, DEAD_V6)] {
+        for tcp in [false, true] {
+            let t = if tcp { Transport::Tcp } else { Transport::Udp };
+            let tag = format!(
+                "{}{}",
+                if tcp { "t" } else { "u" },
+                if server == B_V4 { 4 } else { 6 }
+            );
+            for (qtype, code) in [("A", 1u16), ("AAAA", 28)] {
+                for n in known {
+                    let name = format!("{n}.known.test");
+                    let d = dig(&lab, &dig_bin, server, &name, qtype, tcp);
+                    assert_eq!(d.status.as_deref(), Some("NOERROR"), "{name} {qtype} {tag}");
+                    *expected
+                        .entry((t, server.into(), Some(0), code))
+                        .or_default() += 1;
+                    total += 1;
+                }
+                for i in 0..2 {
+                    let name = format!("missing{i}.{tag}.test");
+                    let d = dig(&lab, &dig_bin, server, &name, qtype, tcp);
+                    assert_eq!(d.status.as_deref(), Some("NXDOMAIN"), "{name}");
+                    *expected
+                        .entry((t, server.into(), Some(3), code))
+                        .or_default() += 1;
+                    total += 1;
+                }
+            }
+            for (i, n) in known.iter().enumerate() {
+                let id = 0x7000 + (measured.len() * 8 + i) as u16;
+                let took = timed_query(&lab, server, &format!("{n}.known.test"), id, tcp);
+                measured.insert((t, id), took);
+                *expected.entry((t, server.into(), Some(0), 1)).or_default() += 1;
+                total += 1;
+            }
+            // TCP to a server that drops: no connection, hence no query.
+            if !tcp {
+                for i in 0..2 {
+                    let d = dig(&lab, &dig_bin, dead, &format!("lost{i}.test"), "A", false);
+                    assert!(d.status.is_none(), "the dead server answered");
+                    *expected.entry((t, dead.into(), None, 1)).or_default() += 1;
+                    total += 1;
+                }
+            }
+        }
+    }
+    // The libc resolver: one A query per name.
+    let resolv = format!("/etc/netns/{}", lab.a.name);
+    std::fs::create_dir_all(&resolv).expect("creating /etc/netns/A");
+    std::fs::write(
+        format!("{resolv}/resolv.conf"),
+        format!("nameserver {B_V4}\noptions attempts:1 timeout:1\n"),
+    )
+    .expect("writing A's resolv.conf");
+    for n in known {
+        let out = lab
+            .a
+            .run(&getent, &["ahostsv4", &format!("{n}.known.test")])
+            .expect("getent");
+        assert!(out.contains("198.51.100."), "getent: {out}");
+        *expected
+            .entry((Transport::Udp, B_V4.into(), Some(0), 1))
+            .or_default() += 1;
+        total += 1;
+    }
+    let _ = std::fs::remove_dir_all(&resolv);
+
+    let records = collect(&mut rx, total);
+    let mut got: HashMap<(Transport, String, Option<u8>, u16), u64> = HashMap::new();
+    for r in &records {
+        let rcode = match r.outcome {
+            DnsOutcome::Answered { rcode, latency } => {
+                if let Some(took) = measured.remove(&(r.transport, r.id)) {
+                    let (ours, client) = (latency.as_secs_f64() * 1e3, took.as_secs_f64() * 1e3);
+                    println!(
+                        "{:?} {} {}: flowtel {ours:.3} ms, client {client:.3} ms",
+                        r.transport, r.server.ip, r.name
+                    );
+                    assert!(
+                        (ours - client).abs() <= 1.0,
+                        "{}: flowtel {ours:.3} ms, client {client:.3} ms",
+                        r.name
+                    );
+                }
+                Some(rcode)
+            }
+            DnsOutcome::Timeout => None,
+        };
+        assert_eq!(r.client.ip.is_ipv4(), r.server.ip.is_ipv4());
+        let client = if r.client.ip.is_ipv4() { A_V4 } else { A_V6 };
+        assert_eq!(r.client.ip.to_string(), client);
+        *got.entry((r.transport, r.server.ip.to_string(), rcode, r.qtype))
+            .or_default() += 1;
+    }
+    let mut rows: Vec<_> = expected.iter().collect();
+    rows.sort_by_key(|(k, _)| format!("{k:?}"));
+    for (k, n) in &rows {
+        println!(
+            "{k:?}: expected {n}, flowtel {}",
+            got.get(k).copied().unwrap_or(0)
+        );
+    }
+    assert_eq!(got, expected, "lookups by transport, server, rcode, type");
+    assert!(
+        measured.is_empty(),
+        "timed queries without a record: {measured:?}"
+    );
+
+    // Malformed queries: a compression loop, a name running past the end,
+    // a bogus question count; then a good query from the same port with the
+    // same id.
+    let errors = || {
+        stats.dns.parse_errors.load(Ordering::Relaxed)
+            + stats.dns.kernel_parse_errors.load(Ordering::Relaxed)
+    };
+    let before = errors();
+    let socket = lab
+        .a
+        .in_ns(|| UdpSocket::bind((A_V4, 0)))
+        .expect("entering A")
+        .expect("binding in A");
+    socket.connect((B_V4, 53)).expect("connecting");
+    for bad in [
+        query(9, 1, &[0xc0, 0x0c, 0, 1, 0, 1]),
+        query(9, 1, &[9, b'a', b'b']),
+        query(9, 40, &[1, b'x', 0, 0, 1, 0, 1]),
+    ] {
+        socket.send(&bad).expect("sending a malformed query");
+    }
+    let deadline = Instant::now() + 3 * TIMEOUT + Duration::from_secs(5);
+    while errors() < before + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "malformed queries not counted: {}",
+            errors() - before
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut good_q = Vec::new();
+    for label in ["good", "test"] {
+        good_q.push(label.len() as u8);
+        good_q.extend_from_slice(label.as_bytes());
+    }
+    good_q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    socket
+        .send(&query(9, 1, &good_q))
+        .expect("sending the good query");
+    let mut good = None;
+    while good.is_none() {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "no record of the good query"
+        );
+        good = collect(&mut rx, 1).into_iter().find(|r| r.id == 9);
+    }
+    let good = good.expect("the good query");
+    assert_eq!(&*good.name, "good.test");
+    assert_eq!(good.qtype, 1);
+    assert!(matches!(
+        good.outcome,
+        DnsOutcome::Answered { rcode: 3, .. }
+    ));
+    println!(
+        "parse errors: {} (kernel {}), map full {}, ring full {}",
+        stats.dns.parse_errors.load(Ordering::Relaxed),
+        stats.dns.kernel_parse_errors.load(Ordering::Relaxed),
+        stats.dns.map_full.load(Ordering::Relaxed),
+        stats.dns.ring_full.load(Ordering::Relaxed)
+    );
+    assert_eq!(stats.dns.map_full.load(Ordering::Relaxed), 0);
+    handle.stop();
+}
