@@ -100,7 +100,7 @@ trap 'rm -rf "$WORK"' EXIT
     echo "cd '$ROOT'"
     # A missing prerequisite fails the check instead of skipping it.
     echo 'export CI=true'
-    echo 'export FLOWTEL_TEST_MB="${FLOWTEL_TEST_MB:-}"'
+    echo 'export FLOWTEL_TEST_MB="${FLOWTEL_TEST_MB:-}" FLOWTEL_TEST_SLOW="${FLOWTEL_TEST_SLOW:-}"'
     echo 'tcx=yes; case $(uname -r) in [1-5].*|6.[0-5].*) tcx=no ;; esac'
     for check in $CHECKS; do
         cmd=$(command_of "$check")
@@ -206,7 +206,7 @@ echo "FTBOOT \$(uname -r) \$(nproc) CPUs"
 for m in veth tun nf_conntrack nf_tables nft_ct nft_nat nft_chain_nat nf_nat sch_ingress cls_bpf ipv6; do
     modprobe \$m 2>/dev/null
 done
-chroot \$H /bin/sh -c 'FLOWTEL_TEST_MB=$MB HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin $WORK/checks.sh'
+chroot \$H /bin/sh -c 'FLOWTEL_TEST_MB=$MB FLOWTEL_TEST_SLOW=6 HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin $WORK/checks.sh'
 echo FTDONE
 poweroff -f
 EOF
