@@ -575,8 +575,8 @@ fn refusal_cause(status: &str) -> &'static str {
     let has_bpf = cap_eff.is_some_and(|c| c & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN) != 0);
     if has_bpf && field("Seccomp:") == Some("2") {
         "flowtel holds CAP_BPF, so the seccomp profile is the cause: this process runs under a \
-         seccomp filter (Seccomp: 2 in /proc/self/status), and container runtimes' default \
-         profiles (podman's, Docker's) allow bpf() and perf_event_open() only with CAP_SYS_ADMIN; \
+         seccomp filter (Seccomp: 2 in /proc/self/status), and a container runtime's default \
+         profile (podman's, for one) allows bpf() and perf_event_open() only with CAP_SYS_ADMIN; \
          run the container with seccompProfile Unconfined (the Helm chart's setting) or a \
          Localhost profile that allows bpf and perf_event_open, or use source: conntrack"
     } else {
