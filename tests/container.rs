@@ -212,8 +212,10 @@ fn release_binary() -> Result<PathBuf, String> {
 fn containers_conf() -> &'static Path {
     static CONF: OnceLock<PathBuf> = OnceLock::new();
     CONF.get_or_init(|| {
-        let path =
-            std::env::temp_dir().join(format!("flowtel-containers-{}.conf", std::process::id()));
+        // One file in the target directory, rewritten by every run.
+        let exe = std::env::current_exe().expect("current_exe");
+        let target = exe.ancestors().nth(3).unwrap_or(Path::new("/tmp"));
+        let path = target.join("flowtel-test-containers.conf");
         std::fs::write(&path, "[containers]\ndefault_ulimits = []\n")
             .expect("writing containers.conf");
         path
