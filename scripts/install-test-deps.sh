@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs besides scripts/install-deps.sh: the
 # traffic and kernel tools (conntrack, iperf3, iproute2, iptables, nftables,
-# softflowd), a real
-# Prometheus, and in a virtualenv the real peers (rotel, the Helm SDK,
+# softflowd), the container tools (buildah, podman, runc), a real Prometheus,
+# and in a virtualenv the real peers (rotel, the Helm SDK,
 # kubernetes-validate, an OpenTelemetry Collector build), plus TypeScript and
 # Grafana's dashboard types. Idempotent and quick when everything is there.
 # Run as root.
@@ -17,8 +17,11 @@ TOOLS_DIR="${TOOLS_DIR:-/opt/flowtel-tools}"
 # iptables: iptables-legacy for tests/firewall.rs (nftables is install-deps.sh's).
 # dnsmasq-base (no system service) and bind9-dnsutils (dig): the DNS server and
 # client of tests/ebpf_dns.rs.
+# buildah, podman and runc build flowtel's image and run it as the Helm chart
+# does (tests/container.rs); podman runs with runc: crun cannot run on a
+# cgroup v1/v2 hybrid host.
 PACKAGES=(conntrack iperf3 iproute2 iptables nftables procps util-linux prometheus python3-venv softflowd
-  dnsmasq-base bind9-dnsutils)
+  dnsmasq-base bind9-dnsutils buildah podman runc)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -17,6 +17,9 @@ TEST_SKIP_LOG="$(mktemp)"
 export TEST_SKIP_LOG
 trap 'rm -f "$log" "$TEST_SKIP_LOG"' EXIT
 status=0
+# The release binary goes into the image tests/container.rs builds and runs
+# (deploy/image/build.sh); built here, so the test finds it current.
+cargo build --locked --release --bin flowtel
 cargo test --locked --all-targets --no-fail-fast 2>&1 | tee "$log" || status=$?
 # One closing line over every test binary (cargo prints one per binary):
 # skipped = ignored + skipped at run time, and those are not passed.

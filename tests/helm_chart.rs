@@ -539,10 +539,7 @@ fn default_render_validates_and_is_least_privilege() {
     // The image defaults to flowtel's version.
     assert_eq!(
         c["image"],
-        json!(format!(
-            "ghcr.io/flowtel/flowtel:{}",
-            env!("CARGO_PKG_VERSION")
-        ))
+        json!(format!("localhost/flowtel:{}", env!("CARGO_PKG_VERSION")))
     );
 }
 

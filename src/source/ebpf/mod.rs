@@ -573,9 +573,8 @@ fn load_error(e: aya::EbpfError) -> anyhow::Error {
     use aya::maps::MapError;
     use aya::programs::ProgramError;
     use aya::EbpfError;
-    let caps =
-        "flowtel needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root) for the eBPF source; grant them in \
-         the container's securityContext, or use source: conntrack";
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = refusal_cause(&status);
     match &e {
         EbpfError::MapError(MapError::CreateError { name, io_error }) => {
             match io_error.raw_os_error() {
@@ -615,6 +614,32 @@ fn load_program_error(io_error: &std::io::Error, log: &str, caps: &str) -> anyho
          kernel ({}) is too old or this is a flowtel bug worth reporting; use source: conntrack",
         kernel.trim()
     )
+}
+
+/// Why the kernel refused bpf(), from /proc/self/status: a seccomp filter
+/// when flowtel already holds CAP_BPF (or CAP_SYS_ADMIN), else the missing
+/// capabilities.
+fn refusal_cause(status: &str) -> &'static str {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    let cap_eff = field("CapEff:").and_then(|v| u64::from_str_radix(v, 16).ok());
+    let has_bpf = cap_eff.is_some_and(|c| c & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN) != 0);
+    if has_bpf && field("Seccomp:") == Some("2") {
+        "flowtel holds CAP_BPF, so the seccomp profile is the cause: this process runs under a \
+         seccomp filter (Seccomp: 2 in /proc/self/status), and a container runtime's default \
+         profile (podman's, for one) allows bpf() and perf_event_open() only with CAP_SYS_ADMIN; \
+         run the container with seccompProfile Unconfined (the Helm chart's setting) or a \
+         Localhost profile that allows bpf and perf_event_open, or use source: conntrack"
+    } else {
+        "flowtel needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root) for the eBPF source; grant \
+         them in the container's securityContext, or use source: conntrack"
+    }
 }
 
 /// Flips the programs to the other flow map, waits until none still writes
@@ -1105,6 +1130,21 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_names_seccomp_only_when_the_capability_is_held() {
+        // CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, as the Helm chart grants.
+        let chart_caps = "CapEff:\t000000c000001000\n";
+        let seccomp = "Seccomp:\t2\nSeccomp_filters:\t1\n";
+        let cause = refusal_cause(&format!("Name:\tflowtel\n{chart_caps}{seccomp}"));
+        assert!(cause.contains("seccomp profile is the cause"), "{cause}");
+        let cause = refusal_cause(&format!("{chart_caps}Seccomp:\t0\n"));
+        assert!(cause.contains("needs CAP_BPF"), "{cause}");
+        // Only CAP_NET_ADMIN: the capability is missing, whatever the filter.
+        let cause = refusal_cause(&format!("CapEff:\t0000000000001000\n{seccomp}"));
+        assert!(cause.contains("needs CAP_BPF"), "{cause}");
+        assert!(refusal_cause("garbage").contains("needs CAP_BPF"));
+    }
 
     #[test]
     fn config_defaults_and_strictness() {
