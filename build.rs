@@ -19,6 +19,7 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
     ("flow.bpf", "flow.bpf.o", &[]),
     ("flow.bpf", "flow_prealloc.bpf.o", &["-DFT_PREALLOC"]),
     ("tcp.bpf", "tcp.bpf.o", &[]),
+    ("cni.bpf", "cni.bpf.o", &[]),
 ];
 
 fn main() {

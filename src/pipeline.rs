@@ -46,6 +46,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         hubble: &cfg.hubble,
         istio: &cfg.mesh.istio,
         felix: &cfg.mesh.felix,
+        cni: &cfg.cni,
     };
     let mut sources = Sources::start(sources_cfg, events, &telemetry, proxies).await?;
     if let Some(source) = telemetry.source() {

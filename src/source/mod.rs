@@ -8,6 +8,7 @@
 //! the others with their latest state and the log events since the last
 //! request.
 
+pub mod cni;
 pub mod conntrack;
 pub mod detect;
 pub mod ebpf;
@@ -28,7 +29,7 @@ use crate::telemetry::Telemetry;
 
 /// A running source.
 pub trait Source: Send {
-    /// `ebpf`, `conntrack`, `detect`, `hubble`, `istio` or `felix`.
+    /// `ebpf`, `conntrack`, `detect`, `hubble`, `istio`, `felix` or `cni`.
     fn name(&self) -> &'static str;
 
     /// Asks for what interval `epoch` needs. False once the source has
@@ -71,6 +72,7 @@ pub struct SourcesConfig<'a> {
     pub hubble: &'a hubble::HubbleConfig,
     pub istio: &'a istio::IstioConfig,
     pub felix: &'a felix::FelixConfig,
+    pub cni: &'a cni::CniEventsConfig,
 }
 
 /// The running sources, the kernel source first.
@@ -98,6 +100,7 @@ impl Sources {
         all.extend(hubble::build(cfg.hubble, &ctx));
         all.extend(istio::build(cfg.istio, &mut ctx)?);
         all.extend(felix::build(cfg.felix, &ctx)?);
+        all.extend(cni::build(cfg.cni, &ctx)?);
         Ok(Self(all))
     }
 

@@ -491,6 +491,31 @@ pub static CNI_DETECTED: Metric = gauge(
     "1",
     "The CNI plugin named by the node's CNI configuration (1 while detected).",
 );
+pub static CNI_OPERATIONS: Metric = counter(
+    "flowtel.cni.operations",
+    "{operation}",
+    "CNI plugin executions that ended, by plugin, command and result.",
+);
+pub static CNI_OPERATION_DURATION: Metric = histogram(
+    "flowtel.cni.operation.duration",
+    "s",
+    "How long CNI plugin executions took, exec to exit.",
+);
+pub static CNI_EVENTS_LOST: Metric = counter(
+    "flowtel.cni.events.lost",
+    "{event}",
+    "CNI plugin executions (or their stdout) not reported, by cause.",
+);
+pub static CNI_RECORDS_DROPPED: Metric = counter(
+    "flowtel.cni.records.dropped",
+    "{event}",
+    "CNI operation events dropped because more than cni.max_records waited.",
+);
+pub static CNI_RUNNING: Metric = gauge(
+    "flowtel.cni.running",
+    "{process}",
+    "CNI plugins running now (exec seen, exit not yet).",
+);
 pub static SCRAPE_ERRORS: Metric = counter(
     "flowtel.scrape.errors",
     "{scrape}",
@@ -715,6 +740,11 @@ pub static METRICS: &[&Metric] = &[
     &K8S_ENDS_UNKNOWN,
     &SOURCES_ACTIVE,
     &CNI_DETECTED,
+    &CNI_OPERATIONS,
+    &CNI_OPERATION_DURATION,
+    &CNI_EVENTS_LOST,
+    &CNI_RECORDS_DROPPED,
+    &CNI_RUNNING,
     &SCRAPE_ERRORS,
     &SCRAPE_SUCCESSES,
     &HUBBLE_FLOWS,
@@ -819,6 +849,9 @@ pub const EXPORTER: &str = "flowtel.exporter";
 // ---- Attributes of the mesh and CNI sources' metrics ----
 
 pub const CNI_NAME: &str = "flowtel.cni.name";
+pub const CNI_PLUGIN: &str = "flowtel.cni.plugin";
+pub const CNI_COMMAND: &str = "flowtel.cni.command";
+pub const CNI_RESULT: &str = "flowtel.cni.result";
 pub const ISTIO_PROXY: &str = "flowtel.istio.proxy";
 pub const SCRAPE_TARGET: &str = "flowtel.scrape.target";
 pub const ERROR_TYPE: &str = "error.type";
@@ -875,6 +908,21 @@ pub const HUBBLE_KAFKA_API_KEY: &str = "flowtel.hubble.kafka.api_key";
 pub const MESSAGING_DESTINATION_NAME: &str = "messaging.destination.name";
 pub const HUBBLE_KAFKA_ERROR_CODE: &str = "flowtel.hubble.kafka.error_code";
 
+pub const CNI_DURATION: &str = "flowtel.cni.duration";
+pub const CNI_NETNS: &str = "flowtel.cni.netns";
+pub const CNI_ERROR_MESSAGE: &str = "flowtel.cni.error.message";
+pub const CNI_ERROR_CODE: &str = "flowtel.cni.error.code";
+pub const CNI_PARENT_PLUGIN: &str = "flowtel.cni.parent.plugin";
+pub const CNI_IPS: &str = "flowtel.cni.ips";
+pub const CNI_GATEWAYS: &str = "flowtel.cni.gateways";
+pub const CNI_ENV_TRUNCATED: &str = "flowtel.cni.env.truncated";
+pub const CONTAINER_ID: &str = "container.id";
+pub const NETWORK_INTERFACE_NAME: &str = "network.interface.name";
+pub const PROCESS_PID: &str = "process.pid";
+pub const PROCESS_PARENT_PID: &str = "process.parent_pid";
+pub const PROCESS_EXIT_CODE: &str = "process.exit.code";
+pub const PROCESS_EXECUTABLE_PATH: &str = "process.executable.path";
+
 /// `event.name` of each kind of log event.
 pub const EVENT_FLOW: &str = "flowtel.flow";
 pub const EVENT_OPENED: &str = "flowtel.connection.opened";
@@ -882,6 +930,7 @@ pub const EVENT_CLOSED: &str = "flowtel.connection.closed";
 pub const EVENT_FAILED: &str = "flowtel.connection.failed";
 pub const EVENT_DROP: &str = "flowtel.packet.dropped";
 pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
+pub const EVENT_CNI_OPERATION: &str = "flowtel.cni.operation";
 
 /// Every attribute name above (prefixes stand for their family).
 pub const ATTRIBUTES: &[&str] = &[
@@ -936,6 +985,9 @@ pub const ATTRIBUTES: &[&str] = &[
     ZONE_CROSSING,
     EXPORTER,
     CNI_NAME,
+    CNI_PLUGIN,
+    CNI_COMMAND,
+    CNI_RESULT,
     ISTIO_PROXY,
     SCRAPE_TARGET,
     ERROR_TYPE,
@@ -987,6 +1039,20 @@ pub const ATTRIBUTES: &[&str] = &[
     HUBBLE_KAFKA_API_KEY,
     MESSAGING_DESTINATION_NAME,
     HUBBLE_KAFKA_ERROR_CODE,
+    CNI_DURATION,
+    CNI_NETNS,
+    CNI_ERROR_MESSAGE,
+    CNI_ERROR_CODE,
+    CNI_PARENT_PLUGIN,
+    CNI_IPS,
+    CNI_GATEWAYS,
+    CNI_ENV_TRUNCATED,
+    CONTAINER_ID,
+    NETWORK_INTERFACE_NAME,
+    PROCESS_PID,
+    PROCESS_PARENT_PID,
+    PROCESS_EXIT_CODE,
+    PROCESS_EXECUTABLE_PATH,
 ];
 
 /// The semantic-conventions attribute naming a workload of this kind
