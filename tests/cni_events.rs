@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::cni::{debian_plugins, Attachment, CniNetwork, LinkGuard, Ran, SHOW_TIMEOUT};
 use common::flowtel::{Flowtel, FlowtelArgs};
+use common::kubeapi::{fx, KubeApi, Resource};
 use common::netns::{Netns, NetnsGuard};
 use common::otlp_receiver::{AttrValue, LogEvent, OtlpReceiver};
 use common::{ebpf_conditions, prerequisites_with, wait_until};
@@ -370,4 +371,123 @@ fn plugin_executions_give_exact_events_with_pod_ip_duration_and_errors() {
 
     flowtel.stop(Duration::from_secs(10));
     receiver.stop();
+}
+
+/// The networking Events of this node's pods, from the test API server,
+/// arrive as WARN records; other reasons, Normal Events and Events of other
+/// nodes do not.
+#[test]
+fn failed_sandbox_event_arrives_as_a_warn_record() {
+    const TEST: &str = "failed_sandbox_event_arrives_as_a_warn_record";
+    let Some((tools, _)) = prerequisites_with(TEST, &[], &[]) else {
+        return;
+    };
+    const NODE: &str = "node-cni";
+    let mut guard = NetnsGuard::new(&tools);
+    let host = guard.add("kev").expect("flowtel's namespace");
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime for the API server");
+    let api = KubeApi::new();
+    rt.block_on(api.start());
+    let pod = fx::PodFx::new("shop", "web-7d9c")
+        .on(NODE, "198.18.0.1")
+        .build();
+    let pod = api.apply(&pod);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    let mut receiver = OtlpReceiver::start().expect("OTLP receiver");
+    let endpoint = receiver.grpc_endpoint();
+    let netns = host.path();
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "conntrack",
+        netns: &netns,
+        endpoint: &endpoint,
+        protocol: "grpc",
+        interval: "1s",
+        env: vec![
+            (
+                "FLOWTEL_KUBERNETES__KUBECONFIG",
+                kubeconfig.display().to_string(),
+            ),
+            ("FLOWTEL_RESOURCE__NODE_NAME", NODE.to_string()),
+            ("FLOWTEL_CNI__ENABLED", "off".into()),
+        ],
+    })
+    .expect("starting flowtel");
+    flowtel
+        .wait_ready(Duration::from_secs(30))
+        .expect("flowtel becomes ready");
+    assert!(
+        wait_until(SHOW_TIMEOUT, Duration::from_millis(50), || api
+            .requests(Resource::Events, "watch")
+            > 0),
+        "flowtel never watched Events:\n{}",
+        flowtel.output()
+    );
+    let note = "Failed to create pod sandbox: rpc error: code = Unknown desc = failed to setup \
+                network for sandbox \"4c1f\": plugin type=\"bridge\" failed (add): failed to \
+                allocate for range 0: no IP addresses available in range set";
+    for event in [
+        fx::event(&pod, NODE, "FailedCreatePodSandBox", note, "Warning"),
+        fx::event(
+            &pod,
+            "node-other",
+            "FailedCreatePodSandBox",
+            note,
+            "Warning",
+        ),
+        fx::event(
+            &pod,
+            NODE,
+            "BackOff",
+            "Back-off restarting failed container",
+            "Warning",
+        ),
+        fx::event(
+            &pod,
+            NODE,
+            "Scheduled",
+            "Successfully assigned shop/web-7d9c",
+            "Normal",
+        ),
+    ] {
+        api.apply(&event);
+    }
+    let mut records = Vec::new();
+    let shown = wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+        records = receiver
+            .log_events()
+            .into_iter()
+            .filter(|e| e.event_name == "flowtel.cni.k8s_event")
+            .collect();
+        !records.is_empty()
+    });
+    assert!(shown, "no networking Event arrived:\n{}", flowtel.output());
+    // The metric counts what was kept: one, once its interval is exported.
+    let kept = wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+        counter_total(&receiver, "flowtel.cni.k8s_events").0 == 1
+    });
+    assert!(
+        kept,
+        "{:?}",
+        counter_total(&receiver, "flowtel.cni.k8s_events")
+    );
+    records = receiver
+        .log_events()
+        .into_iter()
+        .filter(|e| e.event_name == "flowtel.cni.k8s_event")
+        .collect();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let r = &records[0];
+    assert_eq!(r.severity_text, "WARN");
+    assert_eq!(
+        r.str("flowtel.k8s.event.reason"),
+        Some("FailedCreatePodSandBox")
+    );
+    assert_eq!(r.str("k8s.namespace.name"), Some("shop"));
+    assert_eq!(r.str("k8s.pod.name"), Some("web-7d9c"));
+    assert_eq!(r.str("k8s.node.name"), Some(NODE));
+    assert!(r.body.contains("no IP addresses available"), "{}", r.body);
+    flowtel.stop(Duration::from_secs(10));
+    receiver.stop();
+    rt.block_on(api.stop());
 }

@@ -516,6 +516,11 @@ pub static CNI_RUNNING: Metric = gauge(
     "{process}",
     "CNI plugins running now (exec seen, exit not yet).",
 );
+pub static K8S_NETWORK_EVENTS: Metric = counter(
+    "flowtel.cni.k8s_events",
+    "{event}",
+    "Kubernetes Warning Events about this node's pod networking, by reason.",
+);
 pub static SCRAPE_ERRORS: Metric = counter(
     "flowtel.scrape.errors",
     "{scrape}",
@@ -745,6 +750,7 @@ pub static METRICS: &[&Metric] = &[
     &CNI_EVENTS_LOST,
     &CNI_RECORDS_DROPPED,
     &CNI_RUNNING,
+    &K8S_NETWORK_EVENTS,
     &SCRAPE_ERRORS,
     &SCRAPE_SUCCESSES,
     &HUBBLE_FLOWS,
@@ -852,6 +858,7 @@ pub const CNI_NAME: &str = "flowtel.cni.name";
 pub const CNI_PLUGIN: &str = "flowtel.cni.plugin";
 pub const CNI_COMMAND: &str = "flowtel.cni.command";
 pub const CNI_RESULT: &str = "flowtel.cni.result";
+pub const K8S_EVENT_REASON: &str = "flowtel.k8s.event.reason";
 pub const ISTIO_PROXY: &str = "flowtel.istio.proxy";
 pub const SCRAPE_TARGET: &str = "flowtel.scrape.target";
 pub const ERROR_TYPE: &str = "error.type";
@@ -922,6 +929,7 @@ pub const PROCESS_PID: &str = "process.pid";
 pub const PROCESS_PARENT_PID: &str = "process.parent_pid";
 pub const PROCESS_EXIT_CODE: &str = "process.exit.code";
 pub const PROCESS_EXECUTABLE_PATH: &str = "process.executable.path";
+pub const K8S_EVENT_COUNT: &str = "flowtel.k8s.event.count";
 
 /// `event.name` of each kind of log event.
 pub const EVENT_FLOW: &str = "flowtel.flow";
@@ -931,6 +939,7 @@ pub const EVENT_FAILED: &str = "flowtel.connection.failed";
 pub const EVENT_DROP: &str = "flowtel.packet.dropped";
 pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
 pub const EVENT_CNI_OPERATION: &str = "flowtel.cni.operation";
+pub const EVENT_K8S_NETWORK: &str = "flowtel.cni.k8s_event";
 
 /// Every attribute name above (prefixes stand for their family).
 pub const ATTRIBUTES: &[&str] = &[
@@ -988,6 +997,7 @@ pub const ATTRIBUTES: &[&str] = &[
     CNI_PLUGIN,
     CNI_COMMAND,
     CNI_RESULT,
+    K8S_EVENT_REASON,
     ISTIO_PROXY,
     SCRAPE_TARGET,
     ERROR_TYPE,
@@ -1053,6 +1063,7 @@ pub const ATTRIBUTES: &[&str] = &[
     PROCESS_PARENT_PID,
     PROCESS_EXIT_CODE,
     PROCESS_EXECUTABLE_PATH,
+    K8S_EVENT_COUNT,
 ];
 
 /// The semantic-conventions attribute naming a workload of this kind
