@@ -491,3 +491,80 @@ fn failed_sandbox_event_arrives_as_a_warn_record() {
     receiver.stop();
     rt.block_on(api.stop());
 }
+
+/// A conflist rewritten at run time gives one `flowtel.cni.config_changed`
+/// event with the old and the new plugin chain.
+#[test]
+fn config_change_is_an_event_with_the_old_and_new_chain() {
+    const TEST: &str = "config_change_is_an_event_with_the_old_and_new_chain";
+    let Some((tools, _)) = prerequisites_with(TEST, &[], &[]) else {
+        return;
+    };
+    let mut guard = NetnsGuard::new(&tools);
+    let host = guard.add("cfg").expect("flowtel's namespace");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("10-pods.conflist");
+    let conflist = |plugins: &[&str]| {
+        let list: Vec<Value> = plugins.iter().map(|p| json!({"type": p})).collect();
+        json!({"cniVersion": "1.0.0", "name": "pods", "plugins": list}).to_string()
+    };
+    std::fs::write(&file, conflist(&["bridge", "portmap"])).expect("writing the conflist");
+    let mut receiver = OtlpReceiver::start().expect("OTLP receiver");
+    let endpoint = receiver.grpc_endpoint();
+    let netns = host.path();
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "conntrack",
+        netns: &netns,
+        endpoint: &endpoint,
+        protocol: "grpc",
+        interval: "1s",
+        env: vec![
+            ("FLOWTEL_DETECT__CNI_DIR", dir.path().display().to_string()),
+            ("FLOWTEL_CNI__ENABLED", "off".into()),
+        ],
+    })
+    .expect("starting flowtel");
+    flowtel
+        .wait_ready(Duration::from_secs(30))
+        .expect("flowtel becomes ready");
+    // One interval has gone by with the first configuration.
+    assert!(
+        wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+            counter_total(&receiver, "flowtel.cni.config.changes")
+                .1
+                .len()
+                == 1
+        }),
+        "no interval exported:\n{}",
+        flowtel.output()
+    );
+    std::fs::write(&file, conflist(&["bridge", "firewall", "portmap"]))
+        .expect("rewriting the conflist");
+    let mut records = Vec::new();
+    let shown = wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+        records = receiver
+            .log_events()
+            .into_iter()
+            .filter(|e| e.event_name == "flowtel.cni.config_changed")
+            .collect();
+        !records.is_empty()
+    });
+    assert!(shown, "no config change event:\n{}", flowtel.output());
+    assert!(wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+        counter_total(&receiver, "flowtel.cni.config.changes").0 == 1
+    }));
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let r = &records[0];
+    assert_eq!(r.severity_text, "INFO");
+    assert_eq!(
+        r.str("flowtel.cni.config.old_plugins"),
+        Some("bridge,portmap")
+    );
+    assert_eq!(
+        r.str("flowtel.cni.config.new_plugins"),
+        Some("bridge,firewall,portmap")
+    );
+    assert_eq!(r.str("flowtel.cni.config.file"), file.to_str(), "{r:?}");
+    flowtel.stop(Duration::from_secs(10));
+    receiver.stop();
+}

@@ -516,6 +516,11 @@ pub static CNI_RUNNING: Metric = gauge(
     "{process}",
     "CNI plugins running now (exec seen, exit not yet).",
 );
+pub static CNI_CONFIG_CHANGES: Metric = counter(
+    "flowtel.cni.config.changes",
+    "{change}",
+    "Changes of the node's active CNI configuration seen by detection.",
+);
 pub static K8S_NETWORK_EVENTS: Metric = counter(
     "flowtel.cni.k8s_events",
     "{event}",
@@ -751,6 +756,7 @@ pub static METRICS: &[&Metric] = &[
     &CNI_RECORDS_DROPPED,
     &CNI_RUNNING,
     &K8S_NETWORK_EVENTS,
+    &CNI_CONFIG_CHANGES,
     &SCRAPE_ERRORS,
     &SCRAPE_SUCCESSES,
     &HUBBLE_FLOWS,
@@ -930,6 +936,9 @@ pub const PROCESS_PARENT_PID: &str = "process.parent_pid";
 pub const PROCESS_EXIT_CODE: &str = "process.exit.code";
 pub const PROCESS_EXECUTABLE_PATH: &str = "process.executable.path";
 pub const K8S_EVENT_COUNT: &str = "flowtel.k8s.event.count";
+pub const CNI_CONFIG_FILE: &str = "flowtel.cni.config.file";
+pub const CNI_CONFIG_OLD_PLUGINS: &str = "flowtel.cni.config.old_plugins";
+pub const CNI_CONFIG_NEW_PLUGINS: &str = "flowtel.cni.config.new_plugins";
 
 /// `event.name` of each kind of log event.
 pub const EVENT_FLOW: &str = "flowtel.flow";
@@ -940,6 +949,7 @@ pub const EVENT_DROP: &str = "flowtel.packet.dropped";
 pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
 pub const EVENT_CNI_OPERATION: &str = "flowtel.cni.operation";
 pub const EVENT_K8S_NETWORK: &str = "flowtel.cni.k8s_event";
+pub const EVENT_CNI_CONFIG_CHANGED: &str = "flowtel.cni.config_changed";
 
 /// Every attribute name above (prefixes stand for their family).
 pub const ATTRIBUTES: &[&str] = &[
@@ -1064,6 +1074,9 @@ pub const ATTRIBUTES: &[&str] = &[
     PROCESS_EXIT_CODE,
     PROCESS_EXECUTABLE_PATH,
     K8S_EVENT_COUNT,
+    CNI_CONFIG_FILE,
+    CNI_CONFIG_OLD_PLUGINS,
+    CNI_CONFIG_NEW_PLUGINS,
 ];
 
 /// The semantic-conventions attribute naming a workload of this kind
