@@ -555,3 +555,131 @@ impl Source for CniSource {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(command: &str, pod: &str) -> Vec<u8> {
+        format!(
+            "PATH=/bin\0CNI_COMMAND={command}\0CNI_IFNAME=eth0\0CNI_ARGS=K8S_POD_NAMESPACE=ns;K8S_POD_NAME={pod}"
+        )
+        .into_bytes()
+    }
+
+    fn exec(pid: u32, ppid: u32, ts_ns: u64, plugin: &str, command: &str) -> RawEvent {
+        RawEvent::Exec {
+            pid,
+            ppid,
+            ts_ns,
+            path: format!("/opt/cni/bin/{plugin}"),
+            env: env(command, "web"),
+            env_truncated: false,
+        }
+    }
+
+    fn exit(pid: u32, ts_ns: u64, code: i32) -> RawEvent {
+        RawEvent::Exit {
+            pid,
+            ts_ns,
+            status: code << 8,
+        }
+    }
+
+    fn attr<'a>(e: &'a LogEvent, key: &str) -> Option<&'a Value> {
+        e.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    #[test]
+    fn a_delegated_plugin_names_its_parent_and_each_execution_counts_once() {
+        let cfg = CniEventsConfig::default();
+        let mut t = Tracker::default();
+        t.apply(exec(10, 1, 1_000_000, "bridge", "ADD"), &cfg);
+        t.apply(exec(11, 10, 2_000_000, "host-local", "ADD"), &cfg);
+        t.apply(
+            RawEvent::Output {
+                pid: 11,
+                data: br#"{"ips":[{"address":"10.0.0.5/24","gateway":"10.0.0.1"}]}"#.to_vec(),
+            },
+            &cfg,
+        );
+        t.apply(exit(11, 4_000_000, 0), &cfg);
+        t.apply(exit(10, 9_000_000, 0), &cfg);
+        // An exit of a process never seen at exec is not an execution.
+        t.apply(exit(99, 9_000_000, 0), &cfg);
+        let u = t.update();
+        assert_eq!(u.events.len(), 2);
+        let child = &u.events[0];
+        assert_eq!(
+            attr(child, catalogue::CNI_PARENT_PLUGIN),
+            Some(&Value::Str("bridge".into()))
+        );
+        assert_eq!(
+            attr(child, catalogue::CNI_IPS),
+            Some(&Value::Str("10.0.0.5/24".into()))
+        );
+        assert_eq!(
+            attr(child, catalogue::CNI_DURATION),
+            Some(&Value::Double(0.002))
+        );
+        assert_eq!(attr(&u.events[1], catalogue::CNI_PARENT_PLUGIN), None);
+        let ops = &u.groups[0].families[0];
+        let total: u64 = ops
+            .points
+            .iter()
+            .map(|p| match p.value {
+                PointValue::Int(n) => n,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(total, 2);
+        assert!(t.running.is_empty());
+    }
+
+    #[test]
+    fn an_error_object_is_a_failure_even_with_exit_code_0() {
+        let cfg = CniEventsConfig::default();
+        let mut t = Tracker::default();
+        t.apply(exec(20, 1, 0, "calico", "DEL"), &cfg);
+        t.apply(
+            RawEvent::Output {
+                pid: 20,
+                data: br#"{"code":11,"msg":"datastore unreachable"}"#.to_vec(),
+            },
+            &cfg,
+        );
+        t.apply(exit(20, 5, 0), &cfg);
+        let e = &t.update().events[0];
+        assert_eq!(e.severity, Severity::Warn);
+        assert_eq!(
+            attr(e, catalogue::CNI_RESULT),
+            Some(&Value::Str("failure".into()))
+        );
+        assert_eq!(
+            attr(e, catalogue::CNI_ERROR_MESSAGE),
+            Some(&Value::Str("datastore unreachable".into()))
+        );
+        assert_eq!(attr(e, catalogue::CNI_ERROR_CODE), Some(&Value::Int(11)));
+    }
+
+    #[test]
+    fn what_cannot_be_kept_is_counted() {
+        let cfg = CniEventsConfig {
+            max_running: 1,
+            max_records: 1,
+            ..CniEventsConfig::default()
+        };
+        let mut t = Tracker::default();
+        t.apply(exec(1, 0, 0, "bridge", "ADD"), &cfg);
+        t.apply(exec(2, 0, 0, "bridge", "ADD"), &cfg);
+        assert_eq!(t.lost.get("running_full"), Some(&1));
+        t.expire(Duration::ZERO);
+        assert_eq!(t.lost.get("unfinished"), Some(&1));
+        for pid in [3, 4] {
+            t.apply(exec(pid, 0, 0, "bridge", "CHECK"), &cfg);
+            t.apply(exit(pid, 1, 0), &cfg);
+        }
+        assert_eq!(t.records_dropped, 1);
+        assert_eq!(t.update().events.len(), 1);
+    }
+}
