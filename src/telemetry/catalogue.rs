@@ -484,7 +484,7 @@ pub static K8S_ENDS_UNKNOWN: Metric = counter(
 pub static SOURCES_ACTIVE: Metric = gauge(
     "flowtel.sources.active",
     "1",
-    "Sources delivering data: the kernel source, hubble, istio, felix.",
+    "Sources delivering data: the kernel source, hubble, istio, felix, cni.",
 );
 pub static CNI_DETECTED: Metric = gauge(
     "flowtel.cni.detected",
