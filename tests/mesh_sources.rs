@@ -483,14 +483,20 @@ const PROMETHEUS_NAMES: [(&str, &str); 43] = [
     ("flowtel.scrape.successes", "flowtel_scrape_successes_total"),
     ("flowtel.sources.active", "flowtel_sources_active_ratio"),
     ("flowtel.cni.detected", "flowtel_cni_detected_ratio"),
-    ("flowtel.cni.config.changes", "flowtel_cni_config_changes_total"),
+    (
+        "flowtel.cni.config.changes",
+        "flowtel_cni_config_changes_total",
+    ),
     ("flowtel.cni.operations", "flowtel_cni_operations_total"),
     (
         "flowtel.cni.operation.duration",
         "flowtel_cni_operation_duration_seconds",
     ),
     ("flowtel.cni.events.lost", "flowtel_cni_events_lost_total"),
-    ("flowtel.cni.records.dropped", "flowtel_cni_records_dropped_total"),
+    (
+        "flowtel.cni.records.dropped",
+        "flowtel_cni_records_dropped_total",
+    ),
     ("flowtel.cni.running", "flowtel_cni_running"),
     ("flowtel.cni.k8s_events", "flowtel_cni_k8s_events_total"),
 ];
