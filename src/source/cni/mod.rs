@@ -663,6 +663,45 @@ mod tests {
     }
 
     #[test]
+    fn bad_settings_name_their_key() {
+        let key = |cfg: CniEventsConfig| cfg.validate().map_err(|e| e.to_string());
+        assert!(key(CniEventsConfig::default()).is_ok());
+        for (cfg, name) in [
+            (
+                CniEventsConfig {
+                    bin_dirs: vec!["opt/cni/bin".into()],
+                    ..CniEventsConfig::default()
+                },
+                "bin_dirs",
+            ),
+            (
+                CniEventsConfig {
+                    bin_dirs: Vec::new(),
+                    ..CniEventsConfig::default()
+                },
+                "bin_dirs",
+            ),
+            (
+                CniEventsConfig {
+                    ring_buffer_bytes: 100_000,
+                    ..CniEventsConfig::default()
+                },
+                "ring_buffer_bytes",
+            ),
+            (
+                CniEventsConfig {
+                    max_records: 0,
+                    ..CniEventsConfig::default()
+                },
+                "max_records",
+            ),
+        ] {
+            let err = key(cfg).expect_err(name);
+            assert!(err.contains(name), "{err}");
+        }
+    }
+
+    #[test]
     fn what_cannot_be_kept_is_counted() {
         let cfg = CniEventsConfig {
             max_running: 1,
