@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs besides scripts/install-deps.sh: the
-# traffic and kernel tools (conntrack, iperf3, iproute2, softflowd), the CNI
-# plugins, a real
+# traffic and kernel tools (conntrack, iperf3, iproute2, iptables, nftables,
+# softflowd), the CNI plugins, a real
 # Prometheus, and in a virtualenv the real peers (rotel, the Helm SDK,
 # kubernetes-validate, an OpenTelemetry Collector build), plus TypeScript and
 # Grafana's dashboard types. Idempotent and quick when everything is there.
@@ -14,8 +14,9 @@ TOOLS_DIR="${TOOLS_DIR:-/opt/flowtel-tools}"
 # softflowd (about 160 KiB plus libpcap) is the libpcap peer of bench/ebpf_overhead.sh.
 # pmacct, the other one, is left out: it pulls in MariaDB, PostgreSQL, Kafka and
 # ZeroMQ client libraries (the benchmark says how to install it).
+# iptables: iptables-legacy for tests/firewall.rs (nftables is install-deps.sh's).
 # containernetworking-plugins: the real CNI plugins (bridge, host-local, ...) of tests/cni_events.rs.
-PACKAGES=(conntrack iperf3 iproute2 procps util-linux prometheus python3-venv softflowd containernetworking-plugins)
+PACKAGES=(conntrack iperf3 iproute2 iptables nftables procps util-linux prometheus python3-venv softflowd containernetworking-plugins)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -26,6 +26,7 @@ use crate::source::conntrack::ConntrackConfig;
 use crate::source::detect::DetectConfig;
 use crate::source::ebpf::EbpfConfig;
 use crate::source::felix::FelixConfig;
+use crate::source::firewall::FirewallConfig;
 use crate::source::hubble::HubbleConfig;
 use crate::source::istio::IstioConfig;
 use crate::source::kernel::SourceChoice;
@@ -59,6 +60,8 @@ pub struct Config {
     pub detect: DetectConfig,
     /// CNI plugin executions, traced in the kernel.
     pub cni: CniEventsConfig,
+    /// The node's firewall rule counters (nftables, legacy xtables).
+    pub firewall: FirewallConfig,
 }
 
 impl Default for Config {
@@ -79,6 +82,7 @@ impl Default for Config {
             mesh: MeshConfig::default(),
             detect: DetectConfig::default(),
             cni: CniEventsConfig::default(),
+            firewall: FirewallConfig::default(),
         }
     }
 }
@@ -184,7 +188,7 @@ pub fn load(
             .map_err(|e| ConfigError::new("conntrack.ensure_tracking", e.to_string()))?;
     }
     if let Some(netns) = &overrides.netns {
-        for key in ["conntrack.netns", "ebpf.netns"] {
+        for key in ["conntrack.netns", "ebpf.netns", "firewall.netns"] {
             builder = builder
                 .set_override(key, netns.to_string_lossy().as_ref())
                 .map_err(|e| ConfigError::new(key, e.to_string()))?;
@@ -367,6 +371,7 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
     cfg.mesh.istio.validate().map_err(within("mesh.istio"))?;
     cfg.mesh.felix.validate().map_err(within("mesh.felix"))?;
     cfg.cni.validate().map_err(within("cni"))?;
+    cfg.firewall.validate().map_err(within("firewall"))?;
     cfg.export.validate().map_err(within("export"))?;
     cfg.resource.validate().map_err(within("resource"))?;
     cfg.health.validate().map_err(within("health"))?;

@@ -50,6 +50,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         istio: &cfg.mesh.istio,
         felix: &cfg.mesh.felix,
         cni: &cfg.cni,
+        firewall: &cfg.firewall,
     };
     let mut sources = Sources::start(sources_cfg, events, &telemetry, proxies).await?;
     if let Some(source) = telemetry.source() {

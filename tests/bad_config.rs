@@ -179,6 +179,24 @@ const CASES: &[Case] = &[
         env: &[],
         key: "`detect.cni_directory`",
     },
+    Case {
+        name: "firewall series budget zero",
+        yaml: Some("firewall:\n  max_series: 0\n"),
+        env: &[],
+        key: "`firewall.max_series`",
+    },
+    Case {
+        name: "firewall xtables not a choice",
+        yaml: None,
+        env: &[("FLOWTEL_FIREWALL__XTABLES", "maybe")],
+        key: "`firewall.xtables`",
+    },
+    Case {
+        name: "firewall save program empty",
+        yaml: Some("firewall:\n  iptables_legacy_save: \"\"\n"),
+        env: &[],
+        key: "`firewall.iptables_legacy_save`",
+    },
 ];
 
 fn run(subcommand: &str, case: &Case, dir: &std::path::Path) -> std::process::Output {

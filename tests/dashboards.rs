@@ -26,7 +26,8 @@
 //!   while A's pod talks to B's pod, to the pod's Service and to an
 //!   address no object claims, through a router that loses 3 % of the
 //!   packets to B, with refused and unanswered connects, an aborted
-//!   connection and packets A's nftables drops, in two rounds (a counter's
+//!   connection and packets A's nftables drops (Calico-shaped rules with
+//!   counters, for the firewall panels), in two rounds (a counter's
 //!   first sample has no rate); each round also runs Debian's CNI plugins
 //!   (bridge with host-local) as libcni does, two pods set up and torn down
 //!   and one setup that fails, for the pod network setup dashboard. flowtel also scrapes, every second, an Envoy
@@ -1380,8 +1381,9 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         dir.path(),
         "a.nft",
         &format!(
-            "table inet ft_dash_drop {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    \
-             tcp dport {DROPPED_TCP_PORT} drop\n    udp dport {DROPPED_UDP_PORT} drop\n  }}\n}}\n"
+            "table inet ft_dash_drop {{\n  chain cali-OUTPUT {{\n    type filter hook output priority 0; policy accept;\n    \
+             tcp dport {DROPPED_TCP_PORT} counter drop comment \"Policy default/knp.default.deny-dash egress\"\n    \
+             udp dport {DROPPED_UDP_PORT} counter drop comment \"Policy default/knp.default.deny-dash egress\"\n  }}\n}}\n"
         ),
     );
     nft(
@@ -1545,7 +1547,10 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             break results;
         }
     };
-    for (q, which, r) in &results {
+    // One line per query only with FLOWTEL_TEST_VERBOSE: a failure's
+    // message must stay within what a CI log's tail shows.
+    let verbose = std::env::var_os("FLOWTEL_TEST_VERBOSE").is_some();
+    for (q, which, r) in results.iter().filter(|(_, _, r)| verbose || r.is_err()) {
         println!(
             "{TEST}: {} / {} [{which}]: {}",
             q.dashboard,
@@ -1590,21 +1595,32 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
 
     // LogQL: every label must be a name Loki would give a field of the
     // records flowtel sent (attributes and resource, `.` → `_`).
-    let records = receiver.log_events();
-    let mut fields = BTreeSet::new();
+    // The records of the last round may still be on their way: wait until
+    // every label the LogQL queries use is on some record, or the deadline.
+    let logql: Vec<&Query> = queries.iter().filter(|q| q.lang == Lang::LogQl).collect();
+    let wanted: BTreeSet<String> = logql
+        .iter()
+        .flat_map(|q| logql_labels(&substitute(&q.expr, &VARS_ALL)).expect("LogQL labels"))
+        .collect();
+    let fields_of = |records: &[common::otlp_receiver::LogEvent]| -> BTreeSet<String> {
+        records
+            .iter()
+            .flat_map(|r| r.attrs.keys().chain(r.resource.keys()))
+            .map(|k| sanitize(k, false))
+            .collect()
+    };
+    let mut records = Vec::new();
+    common::wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        records = receiver.log_events();
+        wanted.is_subset(&fields_of(&records))
+    });
+    let fields = fields_of(&records);
     let mut kinds = BTreeMap::new();
     for r in &records {
         *kinds.entry(r.event_name.clone()).or_insert(0u32) += 1;
-        fields.extend(
-            r.attrs
-                .keys()
-                .chain(r.resource.keys())
-                .map(|k| sanitize(k, false)),
-        );
     }
     println!("{TEST}: {} log records: {kinds:?}", records.len());
     let mut logql_missing = Vec::new();
-    let logql: Vec<&Query> = queries.iter().filter(|q| q.lang == Lang::LogQl).collect();
     for q in &logql {
         let labels = logql_labels(&substitute(&q.expr, &VARS_ALL)).expect("LogQL labels");
         let missing: Vec<&String> = labels.iter().filter(|l| !fields.contains(*l)).collect();
@@ -1641,7 +1657,8 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let status = flowtel.stop(Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
-        "flowtel did not exit cleanly: {status:?}"
+        "flowtel did not exit cleanly: {status:?}\n{}",
+        flowtel.output()
     );
     rt.block_on(api.stop());
     println!("{TEST}: passed in {:?}", t0.elapsed());

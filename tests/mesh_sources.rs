@@ -395,7 +395,7 @@ fn scrape_errors(all: &[Point]) -> BTreeMap<(String, String), i64> {
 /// OTLP metric (the unit as a word unless the name holds it, `_total` on
 /// counters, `ratio` on gauges in `1`). Histograms are `NAME_bucket`,
 /// `NAME_sum` and `NAME_count`.
-const PROMETHEUS_NAMES: [(&str, &str); 43] = [
+const PROMETHEUS_NAMES: [(&str, &str); 52] = [
     ("istio.requests", "istio_requests_total"),
     (
         "istio.request.duration",
@@ -483,6 +483,30 @@ const PROMETHEUS_NAMES: [(&str, &str); 43] = [
     ("flowtel.scrape.successes", "flowtel_scrape_successes_total"),
     ("flowtel.sources.active", "flowtel_sources_active_ratio"),
     ("flowtel.cni.detected", "flowtel_cni_detected_ratio"),
+    ("flowtel.firewall.packets", "flowtel_firewall_packets_total"),
+    ("flowtel.firewall.bytes", "flowtel_firewall_bytes_total"),
+    ("flowtel.firewall.drops", "flowtel_firewall_drops_total"),
+    ("flowtel.firewall.rules", "flowtel_firewall_rules"),
+    (
+        "flowtel.firewall.read.failures",
+        "flowtel_firewall_read_failures_total",
+    ),
+    (
+        "flowtel.firewall.decode.errors",
+        "flowtel_firewall_decode_errors_total",
+    ),
+    (
+        "flowtel.firewall.counter.resets",
+        "flowtel_firewall_counter_resets_total",
+    ),
+    (
+        "flowtel.firewall.series.folded",
+        "flowtel_firewall_series_folded_total",
+    ),
+    (
+        "flowtel.firewall.events.dropped",
+        "flowtel_firewall_events_dropped_total",
+    ),
     (
         "flowtel.cni.config.changes",
         "flowtel_cni_config_changes_total",
@@ -1074,11 +1098,11 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
     let active = body["sources"]["sources"].clone();
     assert_eq!(
         active,
-        json!(["conntrack", "hubble", "istio", "felix"]),
+        json!(["conntrack", "hubble", "istio", "felix", "firewall"]),
         "{test}: {body}"
     );
     let gauges = latest(&all, "flowtel.sources.active");
-    for source in ["conntrack", "hubble", "istio", "felix"] {
+    for source in ["conntrack", "hubble", "istio", "felix", "firewall"] {
         let mut a = Attrs::new();
         a.insert("flowtel.source".into(), AttrValue::Str(source.into()));
         assert_eq!(gauges.get(&a), Some(&Value::Int(1)), "{test}: {gauges:?}");
@@ -1420,7 +1444,7 @@ fn mesh_sources_on_the_prometheus_endpoint_alone() {
     assert_eq!(code, 200);
     assert_eq!(
         body["sources"],
-        json!({"cni": "calico", "sources": ["conntrack", "istio", "felix"]}),
+        json!({"cni": "calico", "sources": ["conntrack", "istio", "felix", "firewall"]}),
         "{test}: /readyz without OTLP"
     );
     // promtool parses the text and lints the names. Its one complaint may

@@ -389,7 +389,8 @@ impl OtlpLogsExporter {
         if self.selector.drops {
             for d in &report.records.drops {
                 if self.admit() {
-                    drop_record(&mut self.writer, d, observed, window);
+                    let rule = report.records.firewall_rule.as_deref();
+                    drop_record(&mut self.writer, d, rule, observed, window);
                     batch.item(self.writer.encoded());
                 }
             }
@@ -605,7 +606,15 @@ fn connection_record(w: &mut LogRecordWriter, c: &ConnectionEvent, observed: u64
     names(w, c.names.as_deref());
 }
 
-fn drop_record(w: &mut LogRecordWriter, d: &DropRecord, observed: u64, (from, to): (u64, u64)) {
+/// A kernel drop event; `rule` names the firewall drop rule that alone
+/// moved in the interval, put on `NETFILTER_DROP` drops.
+fn drop_record(
+    w: &mut LogRecordWriter,
+    d: &DropRecord,
+    rule: Option<&[(&'static str, String)]>,
+    observed: u64,
+    (from, to): (u64, u64),
+) {
     begin(w, EVENT_DROP, WARN, from, observed);
     let show = |e: Option<Endpoint>| e.map_or_else(|| "?".to_string(), |e| e.to_string());
     w.body(format_args!(
@@ -637,6 +646,11 @@ fn drop_record(w: &mut LogRecordWriter, d: &DropRecord, observed: u64, (from, to
     put_u64(w, FLOW_START, from);
     put_u64(w, FLOW_END, to);
     w.attribute(SOURCE, Any::Str("ebpf"));
+    if d.reason == "NETFILTER_DROP" {
+        for (k, v) in rule.into_iter().flatten() {
+            w.attribute(k, Any::Str(v));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::drops::DropSeries;
-use super::mesh::{Family, FamilyGroup, LogEvent, MeshUpdate, Point, PointValue};
+use super::mesh::{Family, FamilyGroup, LogEvent, MeshUpdate, Point, PointValue, Value};
 use super::model::{FlowId, Nat, SourceEvent};
 use super::names::{FlowNames, Naming};
 use super::records::RecordCollector;
@@ -91,6 +91,24 @@ impl FlowsConfig {
     }
 }
 
+/// What names a firewall rule on a drop event it is attributed to.
+const FIREWALL_RULE_ATTRIBUTES: &[&str] = &[
+    catalogue::FIREWALL_BACKEND,
+    catalogue::FIREWALL_FAMILY,
+    catalogue::FIREWALL_TABLE,
+    catalogue::FIREWALL_CHAIN,
+    catalogue::FIREWALL_RULE_POSITION,
+    catalogue::FIREWALL_RULE_COMMENT,
+    catalogue::FIREWALL_VERDICT,
+    catalogue::FIREWALL_OWNER,
+    catalogue::K8S_NAMESPACE,
+    catalogue::K8S_SERVICE,
+    catalogue::FIREWALL_SERVICE_PORT,
+    catalogue::FIREWALL_ENDPOINT,
+    catalogue::FIREWALL_POLICY_KIND,
+    catalogue::FIREWALL_POLICY,
+];
+
 /// The latest of each mesh source, and the log events since the last report.
 #[derive(Debug, Default)]
 struct MeshState {
@@ -111,7 +129,7 @@ impl MeshState {
     /// The sources that deliver now, the kernel source first.
     fn active(&self, kernel: Option<&'static str>) -> ActiveSources {
         let mut sources: Vec<&'static str> = kernel.into_iter().collect();
-        for name in ["hubble", "istio", "felix", "cni"] {
+        for name in ["hubble", "istio", "felix", "firewall", "cni"] {
             if self.latest.iter().any(|u| u.source == name && u.active) {
                 sources.push(name);
             }
@@ -120,6 +138,28 @@ impl MeshState {
             cni: self.cni.as_deref().map(str::to_owned),
             sources,
         }
+    }
+
+    /// The attributes of the one firewall drop rule whose counter moved in
+    /// the firewall read of this interval; `None` when none or several did
+    /// (then a kernel `NETFILTER_DROP` cannot be told apart).
+    fn firewall_drop_rule(&self) -> Option<Vec<(&'static str, String)>> {
+        let mut rules = self
+            .events
+            .iter()
+            .filter(|e| e.name == catalogue::EVENT_FIREWALL_DROP)
+            .map(|e| {
+                e.attributes
+                    .iter()
+                    .filter(|(k, _)| FIREWALL_RULE_ATTRIBUTES.contains(k))
+                    .filter_map(|(k, v)| match v {
+                        Value::Str(s) => Some((*k, s.clone())),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            });
+        let first = rules.next()?;
+        rules.all(|r| r == first).then_some(first)
     }
 
     fn report(&mut self, started: SystemTime, active: &ActiveSources) -> MeshReport {
@@ -269,14 +309,17 @@ impl FlowStage {
     pub fn finish(&mut self) -> IntervalReport {
         let end = SystemTime::now();
         let active = self.mesh.active(self.telemetry.source().map(|s| s.name));
+        let firewall_rule = self.mesh.firewall_drop_rule();
         let mesh = self.mesh.report(self.started, &active);
         self.telemetry.set_active(active);
+        let mut records = self.records.finish();
+        records.firewall_rule = firewall_rule;
         let report = IntervalReport {
             points: self.series.finish(),
             tcp: self.tcp.finish(),
             drops: self.drops.points(),
             zones: self.zones.points(),
-            records: self.records.finish(),
+            records,
             mesh,
             spec: self.series.spec(),
             start: self.start,
@@ -365,5 +408,40 @@ impl FlowStage {
         if let Some(n) = &mut self.naming {
             n.refresh();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drop_event(policy: &str) -> LogEvent {
+        LogEvent {
+            time: SystemTime::now(),
+            severity: super::super::mesh::Severity::Warn,
+            name: catalogue::EVENT_FIREWALL_DROP,
+            body: String::new(),
+            attributes: vec![
+                (catalogue::FIREWALL_CHAIN, Value::Str("cali-pi-_x".into())),
+                (catalogue::FIREWALL_POLICY, Value::Str(policy.into())),
+                (catalogue::DROP_PACKETS, Value::Int(3)),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_netfilter_drop_is_attributed_only_to_a_lone_moving_rule() {
+        let mut mesh = MeshState::default();
+        assert_eq!(mesh.firewall_drop_rule(), None);
+        mesh.events.push(drop_event("deny-db"));
+        let one = Some(vec![
+            (catalogue::FIREWALL_CHAIN, "cali-pi-_x".to_owned()),
+            (catalogue::FIREWALL_POLICY, "deny-db".to_owned()),
+        ]);
+        assert_eq!(mesh.firewall_drop_rule(), one);
+        mesh.events.push(drop_event("deny-db"));
+        assert_eq!(mesh.firewall_drop_rule(), one);
+        mesh.events.push(drop_event("deny-all"));
+        assert_eq!(mesh.firewall_drop_rule(), None);
     }
 }

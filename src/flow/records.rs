@@ -48,6 +48,9 @@ pub struct Records {
     pub flows: Vec<FlowRecord>,
     pub connections: Vec<ConnectionEvent>,
     pub drops: Vec<DropRecord>,
+    /// The firewall drop rule that alone moved during the interval: its
+    /// attributes, put on the interval's `NETFILTER_DROP` drop events.
+    pub firewall_rule: Option<Vec<(&'static str, String)>>,
 }
 
 impl Records {
@@ -164,6 +167,7 @@ impl RecordCollector {
             flows: self.flows.drain().map(|(_, r)| r).collect(),
             connections: std::mem::take(&mut self.connections),
             drops: std::mem::take(&mut self.drops),
+            firewall_rule: None,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod conntrack;
 pub mod detect;
 pub mod ebpf;
 pub mod felix;
+pub mod firewall;
 pub mod hubble;
 pub mod istio;
 pub mod kernel;
@@ -73,6 +74,7 @@ pub struct SourcesConfig<'a> {
     pub istio: &'a istio::IstioConfig,
     pub felix: &'a felix::FelixConfig,
     pub cni: &'a cni::CniEventsConfig,
+    pub firewall: &'a firewall::FirewallConfig,
 }
 
 /// The running sources, the kernel source first.
@@ -101,6 +103,7 @@ impl Sources {
         all.extend(istio::build(cfg.istio, &mut ctx)?);
         all.extend(felix::build(cfg.felix, &ctx)?);
         all.extend(cni::build(cfg.cni, &ctx)?);
+        all.extend(firewall::build(cfg.firewall, &ctx)?);
         Ok(Self(all))
     }
 

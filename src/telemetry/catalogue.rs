@@ -484,7 +484,7 @@ pub static K8S_ENDS_UNKNOWN: Metric = counter(
 pub static SOURCES_ACTIVE: Metric = gauge(
     "flowtel.sources.active",
     "1",
-    "Sources delivering data: the kernel source, hubble, istio, felix, cni.",
+    "Sources delivering data: the kernel source, hubble, istio, felix, firewall, cni.",
 );
 pub static CNI_DETECTED: Metric = gauge(
     "flowtel.cni.detected",
@@ -698,6 +698,54 @@ pub static FELIX_RESYNCS_STARTED: Metric = counter(
     "Datastore resyncs Felix started.",
 );
 
+// ---- Firewall (scope `flowtel.mesh`) ----
+
+pub static FIREWALL_PACKETS: Metric = counter(
+    "flowtel.firewall.packets",
+    "{packet}",
+    "Packets matched by a firewall rule (nftables or legacy xtables), per rule, from its kernel counter.",
+);
+pub static FIREWALL_BYTES: Metric = counter(
+    "flowtel.firewall.bytes",
+    "By",
+    "Bytes matched by a firewall rule, per rule, from its kernel counter.",
+);
+pub static FIREWALL_DROPS: Metric = counter(
+    "flowtel.firewall.drops",
+    "{packet}",
+    "Packets dropped or rejected by firewall rules, per policy or Service and chain.",
+);
+pub static FIREWALL_RULES: Metric = gauge(
+    "flowtel.firewall.rules",
+    "{rule}",
+    "Rules with counters in the latest read, per back end and family.",
+);
+pub static FIREWALL_READ_FAILURES: Metric = counter(
+    "flowtel.firewall.read.failures",
+    "{read}",
+    "Firewall reads that failed, per back end and reason.",
+);
+pub static FIREWALL_DECODE_ERRORS: Metric = counter(
+    "flowtel.firewall.decode.errors",
+    "{error}",
+    "Unexpected kernel data in firewall reads (unknown expressions, long comments, malformed messages), per back end and kind.",
+);
+pub static FIREWALL_COUNTER_RESETS: Metric = counter(
+    "flowtel.firewall.counter.resets",
+    "{reset}",
+    "Rule counters that went back (a rule reloaded or reset), counted from zero instead.",
+);
+pub static FIREWALL_SERIES_FOLDED: Metric = counter(
+    "flowtel.firewall.series.folded",
+    "{reading}",
+    "Rule readings counted in the overflow series because firewall.max_series was reached.",
+);
+pub static FIREWALL_EVENTS_DROPPED: Metric = counter(
+    "flowtel.firewall.events.dropped",
+    "{event}",
+    "Firewall drop events not sent (over firewall.max_events, or the pipeline full).",
+);
+
 /// Every metric above.
 pub static METRICS: &[&Metric] = &[
     &FLOW_BYTES,
@@ -791,6 +839,15 @@ pub static METRICS: &[&Metric] = &[
     &FELIX_IPTABLES_SAVE_ERRORS,
     &FELIX_IPSET_ERRORS,
     &FELIX_RESYNCS_STARTED,
+    &FIREWALL_PACKETS,
+    &FIREWALL_BYTES,
+    &FIREWALL_DROPS,
+    &FIREWALL_RULES,
+    &FIREWALL_READ_FAILURES,
+    &FIREWALL_DECODE_ERRORS,
+    &FIREWALL_COUNTER_RESETS,
+    &FIREWALL_SERIES_FOLDED,
+    &FIREWALL_EVENTS_DROPPED,
 ];
 
 /// The metrics `export.metrics.attributes` may select.
@@ -884,6 +941,23 @@ pub const DESTINATION_K8S_NAMESPACE: &str = "destination.k8s.namespace.name";
 pub const DESTINATION_K8S_WORKLOAD_KIND: &str = "destination.k8s.workload.kind";
 pub const DESTINATION_K8S_WORKLOAD: &str = "destination.k8s.workload.name";
 
+// ---- Attributes of the firewall source ----
+
+pub const FIREWALL_BACKEND: &str = "flowtel.firewall.backend";
+pub const FIREWALL_FAMILY: &str = "flowtel.firewall.family";
+pub const FIREWALL_TABLE: &str = "flowtel.firewall.table";
+pub const FIREWALL_CHAIN: &str = "flowtel.firewall.chain";
+pub const FIREWALL_RULE_POSITION: &str = "flowtel.firewall.rule.position";
+pub const FIREWALL_RULE_HANDLE: &str = "flowtel.firewall.rule.handle";
+pub const FIREWALL_RULE_COMMENT: &str = "flowtel.firewall.rule.comment";
+pub const FIREWALL_VERDICT: &str = "flowtel.firewall.verdict";
+pub const FIREWALL_TARGET: &str = "flowtel.firewall.target";
+pub const FIREWALL_OWNER: &str = "flowtel.firewall.owner";
+pub const FIREWALL_SERVICE_PORT: &str = "flowtel.firewall.service.port";
+pub const FIREWALL_ENDPOINT: &str = "flowtel.firewall.endpoint";
+pub const FIREWALL_POLICY_KIND: &str = "flowtel.firewall.policy.kind";
+pub const FIREWALL_POLICY: &str = "flowtel.firewall.policy.name";
+
 // ---- Attributes of log events ----
 
 pub const EVENT_NAME: &str = "event.name";
@@ -950,6 +1024,7 @@ pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
 pub const EVENT_CNI_OPERATION: &str = "flowtel.cni.operation";
 pub const EVENT_K8S_NETWORK: &str = "flowtel.cni.k8s_event";
 pub const EVENT_CNI_CONFIG_CHANGED: &str = "flowtel.cni.config_changed";
+pub const EVENT_FIREWALL_DROP: &str = "flowtel.firewall.drop";
 
 /// Every attribute name above (prefixes stand for their family).
 pub const ATTRIBUTES: &[&str] = &[
@@ -1026,6 +1101,20 @@ pub const ATTRIBUTES: &[&str] = &[
     DESTINATION_K8S_NAMESPACE,
     DESTINATION_K8S_WORKLOAD_KIND,
     DESTINATION_K8S_WORKLOAD,
+    FIREWALL_BACKEND,
+    FIREWALL_FAMILY,
+    FIREWALL_TABLE,
+    FIREWALL_CHAIN,
+    FIREWALL_RULE_POSITION,
+    FIREWALL_RULE_HANDLE,
+    FIREWALL_RULE_COMMENT,
+    FIREWALL_VERDICT,
+    FIREWALL_TARGET,
+    FIREWALL_OWNER,
+    FIREWALL_SERVICE_PORT,
+    FIREWALL_ENDPOINT,
+    FIREWALL_POLICY_KIND,
+    FIREWALL_POLICY,
     EVENT_NAME,
     SOURCE_ADDRESS,
     SOURCE_PORT,

@@ -122,7 +122,7 @@ impl Netns {
     }
 
     /// Loads an nftables ruleset (`nft -f -`) inside the namespace.
-    fn nft_load(&self, ruleset: &str) -> anyhow::Result<()> {
+    pub fn nft_load(&self, ruleset: &str) -> anyhow::Result<()> {
         let mut child = self
             .command(&self.nft, &["-f", "-"])
             .stdin(Stdio::piped())
