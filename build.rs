@@ -23,6 +23,7 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
     ("tcp.bpf", "tcp.bpf.o", &[]),
     // Not embedded: the "other vendor's program" of tests/ebpf_coverage.rs.
     ("foreign_drop.bpf", "foreign_drop.bpf.o", &[]),
+    ("cni.bpf", "cni.bpf.o", &[]),
 ];
 
 fn main() {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs besides scripts/install-deps.sh: the
 # traffic and kernel tools (conntrack, iperf3, iproute2, iptables, nftables,
-# softflowd), the container tools (buildah, podman, runc), a real Prometheus,
-# and in a virtualenv the real peers (rotel, the Helm SDK,
+# softflowd), the container tools (buildah, podman, runc), the CNI plugins, a
+# real Prometheus, and in a virtualenv the real peers (rotel, the Helm SDK,
 # kubernetes-validate, an OpenTelemetry Collector build), plus TypeScript and
 # Grafana's dashboard types. Idempotent and quick when everything is there.
 # Run as root.
@@ -20,8 +20,9 @@ TOOLS_DIR="${TOOLS_DIR:-/opt/flowtel-tools}"
 # buildah, podman and runc build flowtel's image and run it as the Helm chart
 # does (tests/container.rs); podman runs with runc: crun cannot run on a
 # cgroup v1/v2 hybrid host.
+# containernetworking-plugins: the real CNI plugins (bridge, host-local, ...) of tests/cni_events.rs.
 PACKAGES=(conntrack iperf3 iproute2 iptables nftables procps util-linux prometheus python3-venv softflowd
-  dnsmasq-base bind9-dnsutils buildah podman runc)
+  dnsmasq-base bind9-dnsutils buildah podman runc containernetworking-plugins)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

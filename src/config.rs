@@ -21,6 +21,7 @@ use crate::export::resource::ResourceConfig;
 use crate::export::ExportConfig;
 use crate::flow::FlowsConfig;
 use crate::health::HealthConfig;
+use crate::source::cni::CniEventsConfig;
 use crate::source::conntrack::ConntrackConfig;
 use crate::source::detect::DetectConfig;
 use crate::source::ebpf::EbpfConfig;
@@ -57,6 +58,8 @@ pub struct Config {
     pub mesh: MeshConfig,
     /// Where the CNI, Hubble and Felix are looked for.
     pub detect: DetectConfig,
+    /// CNI plugin executions, traced in the kernel.
+    pub cni: CniEventsConfig,
     /// The node's firewall rule counters (nftables, legacy xtables).
     pub firewall: FirewallConfig,
 }
@@ -78,6 +81,7 @@ impl Default for Config {
             hubble: HubbleConfig::default(),
             mesh: MeshConfig::default(),
             detect: DetectConfig::default(),
+            cni: CniEventsConfig::default(),
             firewall: FirewallConfig::default(),
         }
     }
@@ -374,6 +378,7 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
     cfg.hubble.validate().map_err(within("hubble"))?;
     cfg.mesh.istio.validate().map_err(within("mesh.istio"))?;
     cfg.mesh.felix.validate().map_err(within("mesh.felix"))?;
+    cfg.cni.validate().map_err(within("cni"))?;
     cfg.firewall.validate().map_err(within("firewall"))?;
     cfg.export.validate().map_err(within("export"))?;
     cfg.resource.validate().map_err(within("resource"))?;

@@ -38,6 +38,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             as ProxyTargets
     });
     let (events, received) = mpsc::channel::<SourceEvent>(EVENTS);
+    let network_events =
+        kubernetes::watch_network_events(&cfg.kubernetes, node.clone(), events.clone())
+            .context("starting the Kubernetes Events watcher")?;
     let sources_cfg = SourcesConfig {
         kernel: cfg.source,
         detect: &cfg.detect,
@@ -46,6 +49,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         hubble: &cfg.hubble,
         istio: &cfg.mesh.istio,
         felix: &cfg.mesh.felix,
+        cni: &cfg.cni,
         firewall: &cfg.firewall,
     };
     let mut sources = Sources::start(sources_cfg, events, &telemetry, proxies).await?;
@@ -78,6 +82,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .await;
     exporters.stop().await;
     sources.stop().await;
+    if let Some(task) = network_events {
+        task.abort();
+    }
     if let Some(k) = kube {
         k.stop().await;
     }

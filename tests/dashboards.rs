@@ -28,7 +28,9 @@
 //!   packets to B, with refused and unanswered connects, an aborted
 //!   connection and packets A's nftables drops (Calico-shaped rules with
 //!   counters, for the firewall panels), in two rounds (a counter's
-//!   first sample has no rate). flowtel also scrapes, every second, an Envoy
+//!   first sample has no rate); each round also runs Debian's CNI plugins
+//!   (bridge with host-local) as libcni does, two pods set up and torn down
+//!   and one setup that fails, for the pod network setup dashboard. flowtel also scrapes, every second, an Envoy
 //!   sidecar of a second checkout pod, ztunnel and Felix: local servers
 //!   serving the fixtures of `tests/fixtures/mesh/` with their counters
 //!   growing at each scrape (`tests/common/mesh.rs`). Debian's Prometheus
@@ -45,7 +47,8 @@
 //!   records flowtel sent in the same run (every one must be an attribute
 //!   or resource attribute of a record, as Loki names it).
 //!
-//! The third test needs root, `ip`, `nft`, `prometheus`, and a flowtel built
+//! The third test needs root, `ip`, `nft`, `prometheus`, Debian's
+//! `containernetworking-plugins`, and a flowtel built
 //! with eBPF on a kernel with BTF; missing, it is skipped
 //! ([`common::skip`]), or fails under `CI`.
 
@@ -59,9 +62,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::cni::{debian_plugins, Attachment, CniNetwork, LinkGuard};
 use common::flowtel::{Flowtel, FlowtelArgs, Health};
 use common::kubeapi::{fx, KubeApi};
 use common::mesh::{self, Behaviour};
+use common::netns::NetnsGuard;
 use common::otlp_receiver::OtlpReceiver;
 use common::router::{RouterLab, A_V4, BACKEND_PORT, B_V4, IF_RB, RA_V4, RB_V4, VIP, VIP_PORT};
 use common::traffic::{self, TrafficServer};
@@ -102,8 +107,8 @@ fn dashboards() -> Vec<(String, Value)> {
         .collect();
     files.sort();
     assert!(
-        files.len() >= 9,
-        "expected the 9 dashboards, found {files:?}"
+        files.len() >= 10,
+        "expected the 10 dashboards, found {files:?}"
     );
     files
         .iter()
@@ -1232,6 +1237,48 @@ fn round(lab: &RouterLab) {
     println!("{TEST}: round: bulk {bulk:?}, Service {vip:?}, unclaimed {extra:?}, 1 reset, 2 refused, 1 unanswered, 5 UDP dropped");
 }
 
+/// One round of CNI plugin executions (Debian's bridge with host-local,
+/// run as libcni runs them): ADD and DEL of two pods and an ADD that fails
+/// for a missing IPAM plugin, for the pod network setup dashboard.
+fn cni_round(guard: &mut NetnsGuard, round: usize, bin_dir: &Path, data: &Path) {
+    let pid = std::process::id();
+    let network = |ipam: Value| CniNetwork {
+        bin_dir: bin_dir.to_path_buf(),
+        conflist: serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "ft-dash",
+            "plugins": [{"type": "bridge", "bridge": format!("ftd{}", pid % 10_000_000),
+                "isGateway": true, "ipam": ipam}],
+        }),
+        padding: Vec::new(),
+    };
+    let good = network(serde_json::json!({"type": "host-local",
+        "ranges": [[{"subnet": format!("198.19.{}.0/24", 20 + pid % 200)}]],
+        "dataDir": data}));
+    let broken = network(serde_json::json!({"type": "ft-no-such-ipam"}));
+    let mut ran = Vec::new();
+    for i in 0..3 {
+        let ns = guard.add(&format!("c{round}{i}")).expect("a pod namespace");
+        let at = Attachment {
+            container_id: format!("dash{round}{i}"),
+            netns: ns.path(),
+            ifname: "eth0".into(),
+            pod_namespace: "shop".into(),
+            pod_name: format!("checkout-{round}{i}"),
+            pod_uid: format!("uid-dash-{round}{i}"),
+        };
+        if i == 2 {
+            broken
+                .add(&at, &mut ran)
+                .expect_err("ADD with a missing IPAM plugin fails");
+        } else {
+            let result = good.add(&at, &mut ran).expect("ADD");
+            good.del(&at, Some(&result), &mut ran).expect("DEL");
+        }
+    }
+    println!("{TEST}: CNI round: {} plugin executions", ran.len());
+}
+
 fn nft(lab_ns: &common::netns::Netns, nft: &Path, dir: &Path, name: &str, ruleset: &str) {
     let file = dir.join(name);
     std::fs::write(&file, ruleset).expect("writing an nftables ruleset");
@@ -1309,10 +1356,20 @@ fn run_query(prom: &Prometheus, q: &Query, vars: &[(&str, &str)]) -> Result<Stri
 
 #[test]
 fn every_dashboard_query_returns_data_from_a_real_prometheus() {
-    let Some((tools, bins)) =
-        common::prerequisites_with(TEST, &[PROMETHEUS], &common::ebpf_conditions())
-    else {
+    let cni_bin = debian_plugins();
+    let mut conditions = common::ebpf_conditions().to_vec();
+    conditions.push((
+        cni_bin.is_some(),
+        "Debian's containernetworking-plugins is not installed (/usr/lib/cni/bridge)",
+    ));
+    let Some((tools, bins)) = common::prerequisites_with(TEST, &[PROMETHEUS], &conditions) else {
         return;
+    };
+    let Some(cni_bin) = cni_bin else { return };
+    let mut cni_guard = NetnsGuard::new(&tools);
+    let _cni_bridge = LinkGuard {
+        ip: tools.ip.clone(),
+        name: format!("ftd{}", std::process::id() % 10_000_000),
     };
     let t0 = Instant::now();
     let queries = all_queries();
@@ -1404,6 +1461,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             ),
             ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".to_string()),
             ("FLOWTEL_EXPORT__LOGS__RATE_LIMIT", "0".to_string()),
+            ("FLOWTEL_CNI__ENABLED", "on".to_string()),
         ]
         .into_iter()
         .chain(mesh::scrape_env(felix, "1s", "800ms"))
@@ -1447,10 +1505,12 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     )
     .expect("the servers in B");
     round(&lab);
+    cni_round(&mut cni_guard, 0, &cni_bin, &dir.path().join("ipam"));
     // The second round raises counters that the first created, so their
     // rates are above 0.
     std::thread::sleep(Duration::from_secs(3));
     round(&lab);
+    cni_round(&mut cni_guard, 1, &cni_bin, &dir.path().join("ipam"));
     let errors = server.errors();
     drop(server);
     // The aborted connection of each round resets the server's side: the

@@ -31,6 +31,7 @@ fn start(kubeconfig: &Path, retention: Duration) -> KubeHandle {
         kubeconfig: Some(kubeconfig.to_path_buf()),
         pod_labels: vec!["app.kubernetes.io/name".into(), "team".into()],
         ip_retention: retention,
+        network_events: false,
     };
     kubernetes::start(&cfg, &Telemetry::default())
         .expect("the cache starts")

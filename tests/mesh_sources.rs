@@ -395,7 +395,7 @@ fn scrape_errors(all: &[Point]) -> BTreeMap<(String, String), i64> {
 /// OTLP metric (the unit as a word unless the name holds it, `_total` on
 /// counters, `ratio` on gauges in `1`). Histograms are `NAME_bucket`,
 /// `NAME_sum` and `NAME_count`.
-const PROMETHEUS_NAMES: [(&str, &str); 45] = [
+const PROMETHEUS_NAMES: [(&str, &str); 52] = [
     ("istio.requests", "istio_requests_total"),
     (
         "istio.request.duration",
@@ -507,6 +507,22 @@ const PROMETHEUS_NAMES: [(&str, &str); 45] = [
         "flowtel.firewall.events.dropped",
         "flowtel_firewall_events_dropped_total",
     ),
+    (
+        "flowtel.cni.config.changes",
+        "flowtel_cni_config_changes_total",
+    ),
+    ("flowtel.cni.operations", "flowtel_cni_operations_total"),
+    (
+        "flowtel.cni.operation.duration",
+        "flowtel_cni_operation_duration_seconds",
+    ),
+    ("flowtel.cni.events.lost", "flowtel_cni_events_lost_total"),
+    (
+        "flowtel.cni.records.dropped",
+        "flowtel_cni_records_dropped_total",
+    ),
+    ("flowtel.cni.running", "flowtel_cni_running"),
+    ("flowtel.cni.k8s_events", "flowtel_cni_k8s_events_total"),
 ];
 
 /// One sample of the text format.
@@ -801,6 +817,8 @@ fn istio_felix_hubble_and_bad_targets_to_otlp() {
                 socket.display().to_string(),
             ),
             ("FLOWTEL_DETECT__CNI_DIR", cni_dir.display().to_string()),
+            // Not the CNI source: the sources this test expects are the mesh's.
+            ("FLOWTEL_CNI__ENABLED", "off".into()),
             ("FLOWTEL_EXPORT__LOGS__ENABLED", "true".into()),
             ("FLOWTEL_EXPORT__PROMETHEUS__LISTEN", "127.0.0.1:0".into()),
         ]
@@ -1248,6 +1266,7 @@ fn mesh_sources_on_the_prometheus_endpoint_alone() {
             ("FLOWTEL_RESOURCE__NODE_NAME", NODE.into()),
             ("FLOWTEL_RESOURCE__CLUSTER_NAME", "mesh-test".into()),
             ("FLOWTEL_DETECT__CNI_DIR", cni_dir.display().to_string()),
+            ("FLOWTEL_CNI__ENABLED", "off".into()),
             ("FLOWTEL_EXPORT__PROMETHEUS__LISTEN", "127.0.0.1:0".into()),
             ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".into()),
         ]

@@ -130,7 +130,7 @@ impl MeshState {
     /// The sources that deliver now, the kernel source first.
     fn active(&self, kernel: Option<&'static str>) -> ActiveSources {
         let mut sources: Vec<&'static str> = kernel.into_iter().collect();
-        for name in ["hubble", "istio", "felix", "firewall"] {
+        for name in ["hubble", "istio", "felix", "firewall", "cni"] {
             if self.latest.iter().any(|u| u.source == name && u.active) {
                 sources.push(name);
             }

@@ -14,7 +14,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use super::{offer_state, Source};
+use crate::flow::mesh::{
+    Family, FamilyGroup, LogEvent, MeshUpdate, Point, PointValue, Severity, Value,
+};
 use crate::flow::SourceEvent;
+use crate::telemetry::catalogue;
 
 /// Where detection looks.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -354,11 +358,18 @@ pub async fn watch(
 }
 
 /// Detection as a source: checks the node every [`POLL_INTERVAL`] and sends
-/// the CNI it names each interval, for `/readyz` and `flowtel.cni.detected`.
+/// the CNI it names each interval, for `/readyz` and `flowtel.cni.detected`,
+/// and a `flowtel.cni.config_changed` log event when the active
+/// configuration changed since the previous interval.
 pub struct Detector {
     detection: watch::Receiver<Detection>,
     task: tokio::task::JoinHandle<()>,
     events: mpsc::Sender<SourceEvent>,
+    /// The active configuration at the previous interval.
+    last: Option<CniConfig>,
+    /// Change events not delivered yet (the channel was full).
+    pending: Vec<LogEvent>,
+    changes: u64,
 }
 
 impl Detector {
@@ -366,10 +377,14 @@ impl Detector {
     pub async fn start(config: DetectConfig, events: mpsc::Sender<SourceEvent>) -> Self {
         let (detection, task) = watch(config, POLL_INTERVAL).await;
         log_detection(&detection.borrow());
+        let last = detection.borrow().cni.active.clone();
         Self {
             detection,
             task,
             events,
+            last,
+            pending: Vec::new(),
+            changes: 0,
         }
     }
 
@@ -385,19 +400,88 @@ impl Source for Detector {
     }
 
     fn request(&mut self, _epoch: u64) -> bool {
-        let cni = self
-            .detection
-            .borrow()
-            .cni
-            .active
-            .as_ref()
-            .map(|c| std::sync::Arc::from(c.kind.as_str()));
-        offer_state(&self.events, SourceEvent::Cni(cni))
+        let active = self.detection.borrow().cni.active.clone();
+        if active != self.last {
+            self.changes += 1;
+            self.pending
+                .push(config_changed(self.last.as_ref(), active.as_ref()));
+            self.last = active.clone();
+        }
+        let cni = active.map(|c| std::sync::Arc::from(c.kind.as_str()));
+        if !offer_state(&self.events, SourceEvent::Cni(cni)) {
+            return false;
+        }
+        let update = MeshUpdate {
+            source: "detect",
+            active: false,
+            groups: vec![FamilyGroup {
+                attributes: Vec::new(),
+                families: vec![Family {
+                    metric: &catalogue::CNI_CONFIG_CHANGES,
+                    points: vec![Point::new(Vec::new(), PointValue::Int(self.changes))],
+                }],
+            }],
+            events: std::mem::take(&mut self.pending),
+        };
+        match self.events.try_send(SourceEvent::Mesh(Box::new(update))) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(SourceEvent::Mesh(update))) => {
+                self.pending = update.events;
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<'static, ()> {
         self.task.abort();
         Box::pin(async {})
+    }
+}
+
+/// The log event for a change of the active CNI configuration.
+fn config_changed(old: Option<&CniConfig>, new: Option<&CniConfig>) -> LogEvent {
+    let chain = |c: Option<&CniConfig>| c.map(|c| c.plugins.join(",")).unwrap_or_default();
+    let (old_chain, new_chain) = (chain(old), chain(new));
+    let mut attributes = vec![
+        (
+            catalogue::EVENT_NAME,
+            Value::Str(catalogue::EVENT_CNI_CONFIG_CHANGED.into()),
+        ),
+        (
+            catalogue::CNI_CONFIG_OLD_PLUGINS,
+            Value::Str(old_chain.clone()),
+        ),
+        (
+            catalogue::CNI_CONFIG_NEW_PLUGINS,
+            Value::Str(new_chain.clone()),
+        ),
+    ];
+    let file = new.or(old).map(|c| c.file.display().to_string());
+    if let Some(f) = &file {
+        attributes.push((catalogue::CNI_CONFIG_FILE, Value::Str(f.clone())));
+    }
+    if let Some(c) = new {
+        attributes.push((catalogue::CNI_NAME, Value::Str(c.kind.as_str().to_owned())));
+    }
+    let show = |s: &str| {
+        if s.is_empty() {
+            "none".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    LogEvent {
+        time: std::time::SystemTime::now(),
+        severity: Severity::Info,
+        name: catalogue::EVENT_CNI_CONFIG_CHANGED,
+        body: format!(
+            "CNI configuration changed ({}): {} -> {}",
+            file.as_deref().unwrap_or("no file"),
+            show(&old_chain),
+            show(&new_chain)
+        ),
+        attributes,
     }
 }
 

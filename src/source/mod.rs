@@ -8,6 +8,7 @@
 //! the others with their latest state and the log events since the last
 //! request.
 
+pub mod cni;
 pub mod conntrack;
 pub mod detect;
 pub mod ebpf;
@@ -29,7 +30,7 @@ use crate::telemetry::Telemetry;
 
 /// A running source.
 pub trait Source: Send {
-    /// `ebpf`, `conntrack`, `detect`, `hubble`, `istio` or `felix`.
+    /// `ebpf`, `conntrack`, `detect`, `hubble`, `istio`, `felix` or `cni`.
     fn name(&self) -> &'static str;
 
     /// Asks for what interval `epoch` needs. False once the source has
@@ -72,6 +73,7 @@ pub struct SourcesConfig<'a> {
     pub hubble: &'a hubble::HubbleConfig,
     pub istio: &'a istio::IstioConfig,
     pub felix: &'a felix::FelixConfig,
+    pub cni: &'a cni::CniEventsConfig,
     pub firewall: &'a firewall::FirewallConfig,
 }
 
@@ -100,6 +102,7 @@ impl Sources {
         all.extend(hubble::build(cfg.hubble, &ctx));
         all.extend(istio::build(cfg.istio, &mut ctx)?);
         all.extend(felix::build(cfg.felix, &ctx)?);
+        all.extend(cni::build(cfg.cni, &ctx)?);
         all.extend(firewall::build(cfg.firewall, &ctx)?);
         Ok(Self(all))
     }

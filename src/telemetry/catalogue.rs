@@ -515,12 +515,47 @@ pub static K8S_ENDS_UNKNOWN: Metric = counter(
 pub static SOURCES_ACTIVE: Metric = gauge(
     "flowtel.sources.active",
     "1",
-    "Sources delivering data: the kernel source, hubble, istio, felix.",
+    "Sources delivering data: the kernel source, hubble, istio, felix, firewall, cni.",
 );
 pub static CNI_DETECTED: Metric = gauge(
     "flowtel.cni.detected",
     "1",
     "The CNI plugin named by the node's CNI configuration (1 while detected).",
+);
+pub static CNI_OPERATIONS: Metric = counter(
+    "flowtel.cni.operations",
+    "{operation}",
+    "CNI plugin executions that ended, by plugin, command and result.",
+);
+pub static CNI_OPERATION_DURATION: Metric = histogram(
+    "flowtel.cni.operation.duration",
+    "s",
+    "How long CNI plugin executions took, exec to exit.",
+);
+pub static CNI_EVENTS_LOST: Metric = counter(
+    "flowtel.cni.events.lost",
+    "{event}",
+    "CNI plugin executions (or their stdout) not reported, by cause.",
+);
+pub static CNI_RECORDS_DROPPED: Metric = counter(
+    "flowtel.cni.records.dropped",
+    "{event}",
+    "CNI operation events dropped because more than cni.max_records waited.",
+);
+pub static CNI_RUNNING: Metric = gauge(
+    "flowtel.cni.running",
+    "{process}",
+    "CNI plugins running now (exec seen, exit not yet).",
+);
+pub static CNI_CONFIG_CHANGES: Metric = counter(
+    "flowtel.cni.config.changes",
+    "{change}",
+    "Changes of the node's active CNI configuration seen by detection.",
+);
+pub static K8S_NETWORK_EVENTS: Metric = counter(
+    "flowtel.cni.k8s_events",
+    "{event}",
+    "Kubernetes Warning Events about this node's pod networking, by reason.",
 );
 pub static SCRAPE_ERRORS: Metric = counter(
     "flowtel.scrape.errors",
@@ -799,6 +834,13 @@ pub static METRICS: &[&Metric] = &[
     &K8S_ENDS_UNKNOWN,
     &SOURCES_ACTIVE,
     &CNI_DETECTED,
+    &CNI_OPERATIONS,
+    &CNI_OPERATION_DURATION,
+    &CNI_EVENTS_LOST,
+    &CNI_RECORDS_DROPPED,
+    &CNI_RUNNING,
+    &K8S_NETWORK_EVENTS,
+    &CNI_CONFIG_CHANGES,
     &SCRAPE_ERRORS,
     &SCRAPE_SUCCESSES,
     &HUBBLE_FLOWS,
@@ -924,6 +966,10 @@ pub const EXPORTER: &str = "flowtel.exporter";
 // ---- Attributes of the mesh and CNI sources' metrics ----
 
 pub const CNI_NAME: &str = "flowtel.cni.name";
+pub const CNI_PLUGIN: &str = "flowtel.cni.plugin";
+pub const CNI_COMMAND: &str = "flowtel.cni.command";
+pub const CNI_RESULT: &str = "flowtel.cni.result";
+pub const K8S_EVENT_REASON: &str = "flowtel.k8s.event.reason";
 pub const ISTIO_PROXY: &str = "flowtel.istio.proxy";
 pub const SCRAPE_TARGET: &str = "flowtel.scrape.target";
 pub const ERROR_TYPE: &str = "error.type";
@@ -997,6 +1043,25 @@ pub const HUBBLE_KAFKA_API_KEY: &str = "flowtel.hubble.kafka.api_key";
 pub const MESSAGING_DESTINATION_NAME: &str = "messaging.destination.name";
 pub const HUBBLE_KAFKA_ERROR_CODE: &str = "flowtel.hubble.kafka.error_code";
 
+pub const CNI_DURATION: &str = "flowtel.cni.duration";
+pub const CNI_NETNS: &str = "flowtel.cni.netns";
+pub const CNI_ERROR_MESSAGE: &str = "flowtel.cni.error.message";
+pub const CNI_ERROR_CODE: &str = "flowtel.cni.error.code";
+pub const CNI_PARENT_PLUGIN: &str = "flowtel.cni.parent.plugin";
+pub const CNI_IPS: &str = "flowtel.cni.ips";
+pub const CNI_GATEWAYS: &str = "flowtel.cni.gateways";
+pub const CNI_ENV_TRUNCATED: &str = "flowtel.cni.env.truncated";
+pub const CONTAINER_ID: &str = "container.id";
+pub const NETWORK_INTERFACE_NAME: &str = "network.interface.name";
+pub const PROCESS_PID: &str = "process.pid";
+pub const PROCESS_PARENT_PID: &str = "process.parent_pid";
+pub const PROCESS_EXIT_CODE: &str = "process.exit.code";
+pub const PROCESS_EXECUTABLE_PATH: &str = "process.executable.path";
+pub const K8S_EVENT_COUNT: &str = "flowtel.k8s.event.count";
+pub const CNI_CONFIG_FILE: &str = "flowtel.cni.config.file";
+pub const CNI_CONFIG_OLD_PLUGINS: &str = "flowtel.cni.config.old_plugins";
+pub const CNI_CONFIG_NEW_PLUGINS: &str = "flowtel.cni.config.new_plugins";
+
 /// `event.name` of each kind of log event.
 pub const EVENT_FLOW: &str = "flowtel.flow";
 pub const EVENT_OPENED: &str = "flowtel.connection.opened";
@@ -1005,6 +1070,9 @@ pub const EVENT_FAILED: &str = "flowtel.connection.failed";
 pub const EVENT_DROP: &str = "flowtel.packet.dropped";
 pub const EVENT_DNS_FAILED: &str = "flowtel.dns.failed";
 pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
+pub const EVENT_CNI_OPERATION: &str = "flowtel.cni.operation";
+pub const EVENT_K8S_NETWORK: &str = "flowtel.cni.k8s_event";
+pub const EVENT_CNI_CONFIG_CHANGED: &str = "flowtel.cni.config_changed";
 pub const EVENT_FIREWALL_DROP: &str = "flowtel.firewall.drop";
 
 /// Every attribute name above (prefixes stand for their family).
@@ -1063,6 +1131,10 @@ pub const ATTRIBUTES: &[&str] = &[
     ZONE_CROSSING,
     EXPORTER,
     CNI_NAME,
+    CNI_PLUGIN,
+    CNI_COMMAND,
+    CNI_RESULT,
+    K8S_EVENT_REASON,
     ISTIO_PROXY,
     SCRAPE_TARGET,
     ERROR_TYPE,
@@ -1128,6 +1200,24 @@ pub const ATTRIBUTES: &[&str] = &[
     HUBBLE_KAFKA_API_KEY,
     MESSAGING_DESTINATION_NAME,
     HUBBLE_KAFKA_ERROR_CODE,
+    CNI_DURATION,
+    CNI_NETNS,
+    CNI_ERROR_MESSAGE,
+    CNI_ERROR_CODE,
+    CNI_PARENT_PLUGIN,
+    CNI_IPS,
+    CNI_GATEWAYS,
+    CNI_ENV_TRUNCATED,
+    CONTAINER_ID,
+    NETWORK_INTERFACE_NAME,
+    PROCESS_PID,
+    PROCESS_PARENT_PID,
+    PROCESS_EXIT_CODE,
+    PROCESS_EXECUTABLE_PATH,
+    K8S_EVENT_COUNT,
+    CNI_CONFIG_FILE,
+    CNI_CONFIG_OLD_PLUGINS,
+    CNI_CONFIG_NEW_PLUGINS,
 ];
 
 /// The semantic-conventions attribute naming a workload of this kind

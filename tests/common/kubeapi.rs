@@ -3,8 +3,8 @@
 //!
 //! * `GET /api/v1/{pods,services,nodes}`,
 //!   `/apis/discovery.k8s.io/v1/endpointslices`, `/apis/apps/v1/replicasets`
-//!   and `/apis/batch/v1/jobs` (cluster-wide: flowtel watches every
-//!   namespace);
+//!   `/apis/batch/v1/jobs` and `/apis/events.k8s.io/v1/events`
+//!   (cluster-wide: flowtel watches every namespace);
 //! * lists paged with `limit`/`continue`, `metadata.resourceVersion` on the
 //!   list and on every object, items without `apiVersion`/`kind` as the
 //!   API server sends them;
@@ -19,7 +19,8 @@
 //! * a bearer token, as in the kubeconfig [`KubeApi::write_kubeconfig`]
 //!   writes; requests without it get a 401 `Status`.
 //!
-//! Label and field selectors are ignored: flowtel sends none.
+//! Label and field selectors are ignored: flowtel sends one only for
+//! Events (`type=Warning`), and filters what it gets itself as well.
 //!
 //! The test drives it: [`KubeApi::apply`] and [`KubeApi::delete`] change
 //! objects at run time, [`KubeApi::force_gone`] breaks every watch with a
@@ -60,6 +61,9 @@ pub enum Resource {
     Nodes,
     ReplicaSets,
     Jobs,
+    /// `events.k8s.io/v1` Events, watched by the networking Events watcher
+    /// (not by the cache, so not in [`Resource::ALL`]).
+    Events,
 }
 
 impl Resource {
@@ -72,6 +76,17 @@ impl Resource {
         Resource::Jobs,
     ];
 
+    /// Every resource served.
+    pub const SERVED: [Resource; 7] = [
+        Resource::Pods,
+        Resource::Services,
+        Resource::EndpointSlices,
+        Resource::Nodes,
+        Resource::ReplicaSets,
+        Resource::Jobs,
+        Resource::Events,
+    ];
+
     fn path(self) -> &'static str {
         match self {
             Resource::Pods => "/api/v1/pods",
@@ -80,6 +95,7 @@ impl Resource {
             Resource::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
             Resource::ReplicaSets => "/apis/apps/v1/replicasets",
             Resource::Jobs => "/apis/batch/v1/jobs",
+            Resource::Events => "/apis/events.k8s.io/v1/events",
         }
     }
 
@@ -89,6 +105,7 @@ impl Resource {
             Resource::EndpointSlices => "discovery.k8s.io/v1",
             Resource::ReplicaSets => "apps/v1",
             Resource::Jobs => "batch/v1",
+            Resource::Events => "events.k8s.io/v1",
         }
     }
 
@@ -100,18 +117,19 @@ impl Resource {
             Resource::EndpointSlices => "EndpointSlice",
             Resource::ReplicaSets => "ReplicaSet",
             Resource::Jobs => "Job",
+            Resource::Events => "Event",
         }
     }
 
     fn from_path(path: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.path() == path)
+        Self::SERVED.into_iter().find(|r| r.path() == path)
     }
 
     /// The resource an object is, from its `apiVersion` and `kind`.
     pub fn of(object: &Value) -> Option<Self> {
         let api = object["apiVersion"].as_str()?;
         let kind = object["kind"].as_str()?;
-        Self::ALL
+        Self::SERVED
             .into_iter()
             .find(|r| r.api_version() == api && r.kind() == kind)
     }
@@ -1471,6 +1489,43 @@ pub mod fx {
                     "systemUUID": uid(),
                 },
             },
+        })
+    }
+
+    /// A Warning Event about `pod` as kubelet on `node` reports it, in its
+    /// `events.k8s.io/v1` form (legacy fields under `deprecated*`).
+    pub fn event(pod: &Value, node: &str, reason: &str, note: &str, kind: &str) -> Value {
+        let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        let stamp = now();
+        json!({
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {
+                "name": format!("{name}.{}", &hex(&uid(), 16)),
+                "namespace": namespace,
+                "uid": uid(),
+                "creationTimestamp": stamp,
+            },
+            "eventTime": null,
+            "reason": reason,
+            "note": note,
+            "type": kind,
+            "action": "",
+            "reportingController": "kubelet",
+            "reportingInstance": node,
+            "regarding": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "namespace": namespace,
+                "name": name,
+                "uid": pod["metadata"]["uid"],
+                "resourceVersion": pod["metadata"]["resourceVersion"],
+            },
+            "deprecatedSource": {"component": "kubelet", "host": node},
+            "deprecatedFirstTimestamp": stamp,
+            "deprecatedLastTimestamp": stamp,
+            "deprecatedCount": 1,
         })
     }
 }

@@ -12,6 +12,7 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod cni;
 pub mod delayline;
 pub mod flowtel;
 pub mod histogram;

@@ -38,6 +38,9 @@ pub struct KubernetesConfig {
     /// still named after it even when another pod has the address now.
     #[serde(with = "humantime_serde")]
     pub ip_retention: Duration,
+    /// Watch Warning Events about this node's pod networking
+    /// (`FailedCreatePodSandBox`, ...) and export them as log events.
+    pub network_events: bool,
 }
 
 impl Default for KubernetesConfig {
@@ -47,6 +50,7 @@ impl Default for KubernetesConfig {
             kubeconfig: None,
             pod_labels: vec!["app.kubernetes.io/name".into()],
             ip_retention: Duration::from_secs(120),
+            network_events: true,
         }
     }
 }

@@ -38,6 +38,7 @@
 pub(crate) mod cache;
 mod config;
 mod convert;
+mod events;
 mod index;
 mod intern;
 mod model;
@@ -149,6 +150,40 @@ impl KubeHandle {
     }
 }
 
+/// Where the client comes from; also installs the rustls provider kube's
+/// TLS uses (flowtel's is ring).
+fn client_source(cfg: &KubernetesConfig) -> anyhow::Result<watch::ClientSource> {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: one is installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    Ok(match &cfg.kubeconfig {
+        Some(path) => watch::ClientSource::File(Box::new(
+            Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?,
+        )),
+        None => watch::ClientSource::Infer,
+    })
+}
+
+/// Starts the watcher of networking Events about `node`'s pods when the
+/// cache is enabled and `kubernetes.network_events` is on; they go into
+/// `events` as WARN log events (see `events.rs`). The task ends when the
+/// pipeline is gone; abort it to stop it sooner.
+pub fn watch_network_events(
+    cfg: &KubernetesConfig,
+    node: Option<String>,
+    events: tokio::sync::mpsc::Sender<crate::flow::SourceEvent>,
+) -> anyhow::Result<Option<JoinHandle<()>>> {
+    if !cfg.is_enabled() || !cfg.network_events {
+        return Ok(None);
+    }
+    let source = client_source(cfg)?;
+    let runtime = tokio::runtime::Handle::try_current()
+        .context("the Kubernetes Events watcher must be started within a tokio runtime")?;
+    Ok(Some(runtime.spawn(events::run(source, node, events))))
+}
+
 /// Starts the cache when `cfg` enables it (`None` otherwise), reporting its
 /// counters to `telemetry`. Must be called within a tokio runtime. Returns
 /// at once: the API server is only contacted by the spawned task, and one
@@ -158,20 +193,9 @@ pub fn start(cfg: &KubernetesConfig, telemetry: &Telemetry) -> anyhow::Result<Op
     if !cfg.is_enabled() {
         return Ok(None);
     }
-    let source = match &cfg.kubeconfig {
-        Some(path) => watch::ClientSource::File(Box::new(
-            Kubeconfig::read_from(path)
-                .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?,
-        )),
-        None => watch::ClientSource::Infer,
-    };
+    let source = client_source(cfg)?;
     let runtime = tokio::runtime::Handle::try_current()
         .context("the Kubernetes cache must be started within a tokio runtime")?;
-    // kube's TLS uses the process-wide rustls provider; flowtel's is ring.
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        // Losing a race to another installer is fine: one is installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
     let cache = cache::Cache::new(&cfg.pod_labels, cfg.ip_retention);
     let (publish, snapshots) = channel::channel(Arc::new(Snapshot::default()));
     let stats = Arc::new(KubeStats::new(telemetry));

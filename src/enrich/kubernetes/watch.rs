@@ -38,7 +38,7 @@ pub(crate) enum ClientSource {
     Infer,
 }
 
-async fn client(source: &ClientSource) -> anyhow::Result<Client> {
+pub(crate) async fn client(source: &ClientSource) -> anyhow::Result<Client> {
     let config = match source {
         ClientSource::File(kubeconfig) => {
             kube::Config::from_custom_kubeconfig(

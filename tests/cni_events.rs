@@ -1,0 +1,570 @@
+//! CNI plugin executions, seen in the kernel, against Debian's real
+//! plugins (`containernetworking-plugins`: bridge with host-local IPAM)
+//! run the way a container runtime runs them through libcni
+//! (`tests/common/cni.rs`): ADD, CHECK and DEL of N pods give exactly N
+//! events of each (and N of the host-local IPAM that bridge delegates to,
+//! with bridge as its parent), with the pod, interface, the address
+//! host-local gave and a duration; a conflist naming a missing IPAM binary
+//! and an exhausted IPAM range give failure events with the plugin's error
+//! message; and every execution run is counted, or counted as lost.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::cni::{debian_plugins, Attachment, CniNetwork, LinkGuard, Ran, SHOW_TIMEOUT};
+use common::flowtel::{Flowtel, FlowtelArgs};
+use common::kubeapi::{fx, KubeApi, Resource};
+use common::netns::{Netns, NetnsGuard};
+use common::otlp_receiver::{AttrValue, LogEvent, OtlpReceiver};
+use common::{ebpf_conditions, prerequisites_with, wait_until};
+use serde_json::{json, Value};
+
+const N: usize = 5;
+
+fn network(name: &str, bridge: &str, ipam: Value, bin_dir: &std::path::Path) -> CniNetwork {
+    CniNetwork {
+        bin_dir: bin_dir.to_path_buf(),
+        conflist: json!({
+            "cniVersion": "1.0.0",
+            "name": name,
+            "plugins": [{
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": ipam,
+            }],
+        }),
+        // A runtime's own environment besides the CNI variables.
+        padding: vec![("FT_RUNTIME_ENV".into(), "x".repeat(6000))],
+    }
+}
+
+fn attachment(tag: &str, i: usize, ns: &Netns) -> Attachment {
+    Attachment {
+        container_id: format!("{tag}c{i:04}"),
+        netns: ns.path(),
+        ifname: "eth0".into(),
+        pod_namespace: format!("{tag}-ns"),
+        pod_name: format!("pod-{i}"),
+        pod_uid: format!("uid-{tag}-{i}"),
+    }
+}
+
+fn cni_events(receiver: &OtlpReceiver, tag: &str) -> Vec<LogEvent> {
+    receiver
+        .log_events()
+        .into_iter()
+        .filter(|e| e.event_name == "flowtel.cni.operation")
+        .filter(|e| {
+            e.str("k8s.namespace.name")
+                .is_some_and(|ns| ns.starts_with(tag))
+        })
+        .collect()
+}
+
+/// The newest total of a counter over all its series.
+fn counter_total(receiver: &OtlpReceiver, metric: &str) -> (u64, BTreeMap<String, u64>) {
+    let series = receiver.latest(metric, 0);
+    let mut by = BTreeMap::new();
+    for p in series.values() {
+        let key = p
+            .attrs
+            .values()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        *by.entry(key).or_default() += p.value;
+    }
+    (series.values().map(|p| p.value).sum(), by)
+}
+
+fn double(e: &LogEvent, key: &str) -> Option<f64> {
+    match e.attrs.get(key) {
+        Some(AttrValue::Other(s)) => s
+            .trim_start_matches("Double(")
+            .trim_end_matches(')')
+            .parse()
+            .ok(),
+        _ => None,
+    }
+}
+
+#[test]
+fn plugin_executions_give_exact_events_with_pod_ip_duration_and_errors() {
+    const TEST: &str = "plugin_executions_give_exact_events_with_pod_ip_duration_and_errors";
+    let mut conditions = ebpf_conditions().to_vec();
+    let bin_dir = debian_plugins();
+    conditions.push((
+        bin_dir.is_some(),
+        "Debian's containernetworking-plugins is not installed (/usr/lib/cni/bridge)",
+    ));
+    let Some((tools, _)) = prerequisites_with(TEST, &[], &conditions) else {
+        return;
+    };
+    let Some(bin_dir) = bin_dir else { return };
+    let pid = std::process::id();
+    let tag = format!("ft{pid}");
+    let octet = 20 + pid % 200;
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut guard = NetnsGuard::new(&tools);
+    let host = guard.add("host").expect("flowtel's namespace");
+    let _bridges: Vec<LinkGuard> = ["a", "b", "c"]
+        .iter()
+        .map(|s| LinkGuard {
+            ip: tools.ip.clone(),
+            name: format!("ftc{}{s}", pid % 10_000_000),
+        })
+        .collect();
+
+    let mut receiver = OtlpReceiver::start().expect("OTLP receiver");
+    let endpoint = receiver.grpc_endpoint();
+    let netns = host.path();
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "conntrack",
+        netns: &netns,
+        endpoint: &endpoint,
+        protocol: "grpc",
+        interval: "1s",
+        env: vec![("FLOWTEL_CNI__ENABLED", "on".into())],
+    })
+    .expect("starting flowtel");
+    flowtel
+        .wait_ready(Duration::from_secs(30))
+        .expect("flowtel becomes ready");
+    // The programs are attached before the source first reports.
+    assert!(
+        wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+            flowtel.readyz().is_ok_and(|(_, b)| {
+                b.pointer("/sources/sources")
+                    .and_then(Value::as_array)
+                    .is_some_and(|s| s.iter().any(|v| v == "cni"))
+            })
+        }),
+        "the cni source never became active:\n{}",
+        flowtel.output()
+    );
+
+    let mut runs: Vec<Ran> = Vec::new();
+
+    // ---- N pods: ADD, CHECK, DEL ----
+    let good = network(
+        &format!("{tag}-good"),
+        &format!("ftc{}a", pid % 10_000_000),
+        json!({
+            "type": "host-local",
+            "ranges": [[{"subnet": format!("198.18.{octet}.0/24")}]],
+            "dataDir": data.path().join("good"),
+        }),
+        &bin_dir,
+    );
+    let pods: Vec<(Attachment, Netns)> = (0..N)
+        .map(|i| {
+            let ns = guard.add(&format!("p{i}")).expect("pod namespace");
+            (attachment(&format!("{tag}a"), i, &ns), ns)
+        })
+        .collect();
+    let mut results = BTreeMap::new();
+    for (at, _) in &pods {
+        let result = good.add(at, &mut runs).expect("ADD succeeds");
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .expect("the ADD result has an address")
+            .to_owned();
+        results.insert(at.pod_name.clone(), (ip, result));
+    }
+    for (at, _) in &pods {
+        good.check(at, &results[&at.pod_name].1, &mut runs)
+            .expect("CHECK succeeds");
+    }
+    for (at, _) in &pods {
+        good.del(at, Some(&results[&at.pod_name].1), &mut runs)
+            .expect("DEL succeeds");
+    }
+    // bridge delegates each ADD, CHECK and DEL to host-local.
+    let good_children = 3 * N;
+
+    // ---- an exhausted range: two addresses, three pods ----
+    let small = network(
+        &format!("{tag}-small"),
+        &format!("ftc{}b", pid % 10_000_000),
+        json!({
+            "type": "host-local",
+            "ranges": [[{
+                "subnet": format!("198.19.{octet}.0/24"),
+                "rangeStart": format!("198.19.{octet}.10"),
+                "rangeEnd": format!("198.19.{octet}.11"),
+            }]],
+            "dataDir": data.path().join("small"),
+        }),
+        &bin_dir,
+    );
+    let mut exhausted_error = String::new();
+    for i in 0..3 {
+        let ns = guard.add(&format!("s{i}")).expect("pod namespace");
+        let at = attachment(&format!("{tag}b"), i, &ns);
+        match small.add(&at, &mut runs) {
+            Ok(result) => small
+                .del(&at, Some(&result), &mut runs)
+                .map(|_| ())
+                .unwrap_or_else(|e| panic!("DEL failed: {e}")),
+            Err(e) => exhausted_error = e,
+        }
+        if i == 1 {
+            // Keep both addresses taken: ADD them again.
+            for j in 0..2 {
+                let ns = guard.add(&format!("k{j}")).expect("pod namespace");
+                small
+                    .add(&attachment(&format!("{tag}b"), 10 + j, &ns), &mut runs)
+                    .expect("ADD in the small range");
+            }
+        }
+    }
+    assert!(
+        exhausted_error.contains("no IP addresses available"),
+        "the third pod of the small range did not fail for lack of addresses: {exhausted_error}"
+    );
+    // 2 ADD + 2 DEL, 2 ADD that keep the range full, 1 failed ADD.
+    let small_children = 7;
+
+    // ---- a missing IPAM binary ----
+    let missing = network(
+        &format!("{tag}-missing"),
+        &format!("ftc{}c", pid % 10_000_000),
+        json!({"type": "ft-no-such-ipam"}),
+        &bin_dir,
+    );
+    let ns = guard.add("m0").expect("pod namespace");
+    let missing_error = missing
+        .add(&attachment(&format!("{tag}c"), 0, &ns), &mut runs)
+        .expect_err("ADD with a missing IPAM plugin fails");
+    assert!(
+        missing_error.contains("failed to find plugin"),
+        "{missing_error}"
+    );
+
+    let executions = (runs.len() + good_children + small_children) as u64;
+
+    // ---- every execution counted, or counted as lost ----
+    let mut seen = (0, BTreeMap::new());
+    let mut lost = (0, BTreeMap::new());
+    let shown = wait_until(SHOW_TIMEOUT, Duration::from_millis(200), || {
+        seen = counter_total(&receiver, "flowtel.cni.operations");
+        lost = counter_total(&receiver, "flowtel.cni.events.lost");
+        seen.0 + lost.0 >= executions
+    });
+    assert!(
+        shown,
+        "flowtel counted {} executions and {} lost of {executions} run: {:?} lost {:?}\n{}",
+        seen.0,
+        lost.0,
+        seen.1,
+        lost.1,
+        flowtel.output()
+    );
+    assert_eq!(
+        seen.0 + lost.0,
+        executions,
+        "seen {:?}, lost {:?}",
+        seen.1,
+        lost.1
+    );
+    assert_eq!(lost.0, 0, "executions lost: {:?}", lost.1);
+
+    // The log events of the last interval arrive with its metrics or one
+    // interval later.
+    let expected_events = executions as usize;
+    let mut events = Vec::new();
+    wait_until(SHOW_TIMEOUT, Duration::from_millis(200), || {
+        events = cni_events(&receiver, &tag);
+        events.len() >= expected_events
+    });
+    assert_eq!(
+        events.len(),
+        expected_events,
+        "operation events: {:#?}",
+        events.iter().map(|e| &e.body).collect::<Vec<_>>()
+    );
+
+    // ADD, CHECK and DEL of the N pods: N each, of bridge and of host-local.
+    let good_ns = format!("{tag}a-ns");
+    let pods_ns: Vec<std::path::PathBuf> = pods.iter().map(|(_, ns)| ns.path()).collect();
+    for command in ["ADD", "CHECK", "DEL"] {
+        for plugin in ["bridge", "host-local"] {
+            let of: Vec<&LogEvent> = events
+                .iter()
+                .filter(|e| e.str("k8s.namespace.name") == Some(&good_ns))
+                .filter(|e| e.str("flowtel.cni.command") == Some(command))
+                .filter(|e| e.str("flowtel.cni.plugin") == Some(plugin))
+                .collect();
+            assert_eq!(of.len(), N, "{command} {plugin}: {of:#?}");
+            let mut names: Vec<&str> = of.iter().filter_map(|e| e.str("k8s.pod.name")).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), N, "{command} {plugin}: one event per pod");
+            for e in of {
+                let pod = e.str("k8s.pod.name").expect("pod name");
+                let (ip, _) = &results[pod];
+                assert_eq!(e.str("flowtel.cni.result"), Some("success"), "{e:?}");
+                assert_eq!(e.severity_text, "INFO", "{e:?}");
+                assert_eq!(e.str("network.interface.name"), Some("eth0"));
+                assert_eq!(e.int("process.exit.code"), Some(0));
+                let n: usize = pod.trim_start_matches("pod-").parse().expect("pod index");
+                assert_eq!(
+                    e.str("container.id"),
+                    Some(format!("{tag}ac{n:04}").as_str())
+                );
+                assert_eq!(e.str("flowtel.cni.netns"), pods_ns[n].to_str(), "{e:?}");
+                assert!(
+                    double(e, "flowtel.cni.duration").is_some_and(|d| d > 0.0 && d < 60.0),
+                    "{e:?}"
+                );
+                if command == "ADD" {
+                    assert_eq!(e.str("flowtel.cni.ips"), Some(ip.as_str()), "{e:?}");
+                }
+                if plugin == "host-local" {
+                    assert_eq!(e.str("flowtel.cni.parent.plugin"), Some("bridge"), "{e:?}");
+                } else {
+                    assert_eq!(e.str("flowtel.cni.parent.plugin"), None, "{e:?}");
+                }
+            }
+        }
+    }
+
+    // The exhausted range: host-local and bridge fail, with the message.
+    let small_ns = format!("{tag}b-ns");
+    let failed: Vec<&LogEvent> = events
+        .iter()
+        .filter(|e| e.str("k8s.namespace.name") == Some(&small_ns))
+        .filter(|e| e.str("flowtel.cni.result") == Some("failure"))
+        .collect();
+    assert_eq!(failed.len(), 2, "{failed:#?}");
+    for e in &failed {
+        assert_eq!(e.severity_text, "WARN");
+        assert_eq!(e.str("k8s.pod.name"), Some("pod-2"));
+        assert!(
+            e.str("flowtel.cni.error.message")
+                .is_some_and(|m| m.contains("no IP addresses available")),
+            "{e:?}"
+        );
+        assert_ne!(e.int("process.exit.code"), Some(0));
+    }
+
+    // The missing IPAM binary: bridge fails, saying so.
+    let missing_ns = format!("{tag}c-ns");
+    let failed: Vec<&LogEvent> = events
+        .iter()
+        .filter(|e| e.str("k8s.namespace.name") == Some(&missing_ns))
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert_eq!(failed[0].str("flowtel.cni.plugin"), Some("bridge"));
+    assert_eq!(failed[0].str("flowtel.cni.result"), Some("failure"));
+    assert!(
+        failed[0]
+            .str("flowtel.cni.error.message")
+            .is_some_and(|m| m.contains("failed to find plugin \"ft-no-such-ipam\"")),
+        "{:?}",
+        failed[0]
+    );
+
+    flowtel.stop(Duration::from_secs(10));
+    receiver.stop();
+}
+
+/// The networking Events of this node's pods, from the test API server,
+/// arrive as WARN records; other reasons, Normal Events and Events of other
+/// nodes do not.
+#[test]
+fn failed_sandbox_event_arrives_as_a_warn_record() {
+    const TEST: &str = "failed_sandbox_event_arrives_as_a_warn_record";
+    let Some((tools, _)) = prerequisites_with(TEST, &[], &[]) else {
+        return;
+    };
+    const NODE: &str = "node-cni";
+    let mut guard = NetnsGuard::new(&tools);
+    let host = guard.add("kev").expect("flowtel's namespace");
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime for the API server");
+    let api = KubeApi::new();
+    rt.block_on(api.start());
+    let pod = fx::PodFx::new("shop", "web-7d9c")
+        .on(NODE, "198.18.0.1")
+        .build();
+    let pod = api.apply(&pod);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    let mut receiver = OtlpReceiver::start().expect("OTLP receiver");
+    let endpoint = receiver.grpc_endpoint();
+    let netns = host.path();
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "conntrack",
+        netns: &netns,
+        endpoint: &endpoint,
+        protocol: "grpc",
+        interval: "1s",
+        env: vec![
+            (
+                "FLOWTEL_KUBERNETES__KUBECONFIG",
+                kubeconfig.display().to_string(),
+            ),
+            ("FLOWTEL_RESOURCE__NODE_NAME", NODE.to_string()),
+            ("FLOWTEL_CNI__ENABLED", "off".into()),
+        ],
+    })
+    .expect("starting flowtel");
+    flowtel
+        .wait_ready(Duration::from_secs(30))
+        .expect("flowtel becomes ready");
+    assert!(
+        wait_until(SHOW_TIMEOUT, Duration::from_millis(50), || api
+            .requests(Resource::Events, "watch")
+            > 0),
+        "flowtel never watched Events:\n{}",
+        flowtel.output()
+    );
+    let note = "Failed to create pod sandbox: rpc error: code = Unknown desc = failed to setup \
+                network for sandbox \"4c1f\": plugin type=\"bridge\" failed (add): failed to \
+                allocate for range 0: no IP addresses available in range set";
+    for event in [
+        fx::event(&pod, NODE, "FailedCreatePodSandBox", note, "Warning"),
+        fx::event(
+            &pod,
+            "node-other",
+            "FailedCreatePodSandBox",
+            note,
+            "Warning",
+        ),
+        fx::event(
+            &pod,
+            NODE,
+            "BackOff",
+            "Back-off restarting failed container",
+            "Warning",
+        ),
+        fx::event(
+            &pod,
+            NODE,
+            "Scheduled",
+            "Successfully assigned shop/web-7d9c",
+            "Normal",
+        ),
+    ] {
+        api.apply(&event);
+    }
+    let mut records = Vec::new();
+    let shown = wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+        records = receiver
+            .log_events()
+            .into_iter()
+            .filter(|e| e.event_name == "flowtel.cni.k8s_event")
+            .collect();
+        !records.is_empty()
+    });
+    assert!(shown, "no networking Event arrived:\n{}", flowtel.output());
+    // The metric counts what was kept: one, once its interval is exported.
+    let kept = wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+        counter_total(&receiver, "flowtel.cni.k8s_events").0 == 1
+    });
+    assert!(
+        kept,
+        "{:?}",
+        counter_total(&receiver, "flowtel.cni.k8s_events")
+    );
+    records = receiver
+        .log_events()
+        .into_iter()
+        .filter(|e| e.event_name == "flowtel.cni.k8s_event")
+        .collect();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let r = &records[0];
+    assert_eq!(r.severity_text, "WARN");
+    assert_eq!(
+        r.str("flowtel.k8s.event.reason"),
+        Some("FailedCreatePodSandBox")
+    );
+    assert_eq!(r.str("k8s.namespace.name"), Some("shop"));
+    assert_eq!(r.str("k8s.pod.name"), Some("web-7d9c"));
+    assert_eq!(r.str("k8s.node.name"), Some(NODE));
+    assert!(r.body.contains("no IP addresses available"), "{}", r.body);
+    flowtel.stop(Duration::from_secs(10));
+    receiver.stop();
+    rt.block_on(api.stop());
+}
+
+/// A conflist rewritten at run time gives one `flowtel.cni.config_changed`
+/// event with the old and the new plugin chain.
+#[test]
+fn config_change_is_an_event_with_the_old_and_new_chain() {
+    const TEST: &str = "config_change_is_an_event_with_the_old_and_new_chain";
+    let Some((tools, _)) = prerequisites_with(TEST, &[], &[]) else {
+        return;
+    };
+    let mut guard = NetnsGuard::new(&tools);
+    let host = guard.add("cfg").expect("flowtel's namespace");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("10-pods.conflist");
+    let conflist = |plugins: &[&str]| {
+        let list: Vec<Value> = plugins.iter().map(|p| json!({"type": p})).collect();
+        json!({"cniVersion": "1.0.0", "name": "pods", "plugins": list}).to_string()
+    };
+    std::fs::write(&file, conflist(&["bridge", "portmap"])).expect("writing the conflist");
+    let mut receiver = OtlpReceiver::start().expect("OTLP receiver");
+    let endpoint = receiver.grpc_endpoint();
+    let netns = host.path();
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "conntrack",
+        netns: &netns,
+        endpoint: &endpoint,
+        protocol: "grpc",
+        interval: "1s",
+        env: vec![
+            ("FLOWTEL_DETECT__CNI_DIR", dir.path().display().to_string()),
+            ("FLOWTEL_CNI__ENABLED", "off".into()),
+        ],
+    })
+    .expect("starting flowtel");
+    flowtel
+        .wait_ready(Duration::from_secs(30))
+        .expect("flowtel becomes ready");
+    // One interval has gone by with the first configuration.
+    assert!(
+        wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+            counter_total(&receiver, "flowtel.cni.config.changes")
+                .1
+                .len()
+                == 1
+        }),
+        "no interval exported:\n{}",
+        flowtel.output()
+    );
+    std::fs::write(&file, conflist(&["bridge", "firewall", "portmap"]))
+        .expect("rewriting the conflist");
+    let mut records = Vec::new();
+    let shown = wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+        records = receiver
+            .log_events()
+            .into_iter()
+            .filter(|e| e.event_name == "flowtel.cni.config_changed")
+            .collect();
+        !records.is_empty()
+    });
+    assert!(shown, "no config change event:\n{}", flowtel.output());
+    assert!(wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+        counter_total(&receiver, "flowtel.cni.config.changes").0 == 1
+    }));
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let r = &records[0];
+    assert_eq!(r.severity_text, "INFO");
+    assert_eq!(
+        r.str("flowtel.cni.config.old_plugins"),
+        Some("bridge,portmap")
+    );
+    assert_eq!(
+        r.str("flowtel.cni.config.new_plugins"),
+        Some("bridge,firewall,portmap")
+    );
+    assert_eq!(r.str("flowtel.cni.config.file"), file.to_str(), "{r:?}");
+    flowtel.stop(Duration::from_secs(10));
+    receiver.stop();
+}
