@@ -163,6 +163,7 @@ impl SignalTransport {
 pub enum Signal {
     Metrics,
     Logs,
+    Traces,
 }
 
 impl Signal {
@@ -170,6 +171,7 @@ impl Signal {
         match self {
             Signal::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
             Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+            Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
         }
     }
 
@@ -177,6 +179,7 @@ impl Signal {
         match self {
             Signal::Metrics => "metrics",
             Signal::Logs => "logs",
+            Signal::Traces => "traces",
         }
     }
 
@@ -187,6 +190,7 @@ impl Signal {
                 "flowtel keeps counting and will send cumulative totals when the collector is back"
             }
             Signal::Logs => "those log records are lost",
+            Signal::Traces => "those spans are lost",
         }
     }
 }
