@@ -18,6 +18,7 @@ pub mod zones;
 
 pub use interval::{FlowStage, FlowsConfig};
 pub use model::{
-    ConnectionEnd, ConnectionOutcome, ConnectionRole, Counters, DirectionalCounters, DropRecord, Endpoint, FlowId, FlowUpdate, Nat, SourceEvent,
-    SourceKind, TcpClose, TcpEvent, TcpEventKind, TcpFailure, Transport,
+    ConnectionEnd, ConnectionOutcome, ConnectionRole, Counters, DirectionalCounters, DropRecord,
+    Endpoint, FlowId, FlowUpdate, Nat, SourceEvent, SourceKind, TcpClose, TcpEvent, TcpEventKind,
+    TcpFailure, Transport,
 };

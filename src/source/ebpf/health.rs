@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{btf, maps};
 use crate::flow::{
-    ConnectionEnd, ConnectionOutcome, ConnectionRole, Counters, DropRecord, Endpoint, FlowId, SourceEvent, TcpClose, TcpEvent, TcpEventKind,
-    TcpFailure, Transport,
+    ConnectionEnd, ConnectionOutcome, ConnectionRole, Counters, DropRecord, Endpoint, FlowId,
+    SourceEvent, TcpClose, TcpEvent, TcpEventKind, TcpFailure, Transport,
 };
 use crate::source::kernel::KernelStats;
 use crate::source::out::{Halt, Out};
