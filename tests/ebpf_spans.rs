@@ -10,6 +10,9 @@
 //!   a frame; both veths send one segment per skb, `gso_max_segs 1`, so the
 //!   counters see wire segments), and each resource's `service.name` is
 //!   the pod's Deployment.
+//! * One more connection whose SYN and SYN-ACK a packet socket in B
+//!   captures: its spans' trace id is the one derived from the sequence
+//!   numbers on the wire, so the kernel fields read are the ISNs.
 //! * A refused, a reset and an unanswered connection: client spans with
 //!   status ERROR and the reason.
 //! * 2,000 connections sampled at 10 %: the same connections on both
@@ -21,6 +24,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -33,6 +37,7 @@ use common::scenario::{
 };
 use common::traffic::{self, Failures};
 use common::{deviation_pct, within};
+use flowtel::flow::spans::SpanIds;
 
 const TOLERANCE: f64 = 0.01;
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -194,6 +199,15 @@ fn both_nodes_spans_join_into_one_trace_direct_and_through_a_vip() {
         let delta = lab.counters().expect("A's veth counters").since(&before);
         measured.push((dst.port(), backend_port, delta));
     }
+    // A socket that sees every frame in B, opened before the connection.
+    let capture = lab
+        .b
+        .in_ns(packet_socket)
+        .expect("entering B")
+        .expect("a packet socket in B");
+    traffic::tcp_connections(&lab.a, sock(B_V4, SHORT_PORT), 1, 0, 0).expect("a probe from A");
+    let (probe_port, isn_client, isn_server) =
+        handshake(&capture, SHORT_PORT).expect("the probe's SYN and SYN-ACK");
     let failures = Failures {
         reset: sock(B_V4, TCP4_PORT),
         refused: (sock(B_V4, CLOSED_PORT), 1),
@@ -207,12 +221,12 @@ fn both_nodes_spans_join_into_one_trace_direct_and_through_a_vip() {
         .expect("the failing connections");
     assert_eq!((refused, timed_out), (1, true), "the failures did not fail");
 
-    // 5 client spans (2 transfers, reset, refused, unanswered), 3 server
-    // spans (2 transfers, reset).
+    // 6 client spans (2 transfers, probe, reset, refused, unanswered), 4
+    // server spans (2 transfers, probe, reset).
     let arrived = common::wait_until(TIMEOUT, Duration::from_millis(200), || {
         let spans = receiver.spans();
-        spans.iter().filter(|s| s.kind == CLIENT_KIND).count() >= 5
-            && spans.iter().filter(|s| s.kind == SERVER_KIND).count() >= 3
+        spans.iter().filter(|s| s.kind == CLIENT_KIND).count() >= 6
+            && spans.iter().filter(|s| s.kind == SERVER_KIND).count() >= 4
     });
     let spans = receiver.spans();
     assert!(
@@ -272,6 +286,21 @@ fn both_nodes_spans_join_into_one_trace_direct_and_through_a_vip() {
         );
         check_bytes("server sent", int(s, "flowtel.connection.sent.bytes"), rx);
     }
+    let probe = spans
+        .iter()
+        .find(|s| s.kind == CLIENT_KIND && s.int("client.port") == Some(probe_port.into()))
+        .unwrap_or_else(|| panic!("no client span from port {probe_port}: {spans:#?}"));
+    let wire = SpanIds::of(isn_client, Some(isn_server));
+    println!(
+        "wire ISNs client {isn_client:#010x} server {isn_server:#010x}: trace {}, span trace {}",
+        hex(&wire.trace),
+        hex(&probe.trace_id)
+    );
+    assert_eq!(probe.trace_id, wire.trace, "trace id from the wire's ISNs");
+    assert_eq!(
+        probe.span_id, wire.client,
+        "client span id from the wire's ISNs"
+    );
     for (port, message) in [
         (CLOSED_PORT, "connection failed: refused"),
         (DROPPED_PORT, "connection failed: no_answer"),
@@ -286,6 +315,59 @@ fn both_nodes_spans_join_into_one_trace_direct_and_through_a_vip() {
         .collect();
     assert_eq!(reset.len(), 1, "one reset connection: {spans:#?}");
     assert_eq!(reset[0].status.1, "connection closed by reset");
+}
+
+/// An `AF_PACKET` socket receiving every frame of the namespace it is
+/// opened in, non-blocking.
+fn packet_socket() -> std::io::Result<OwnedFd> {
+    let all = (libc::ETH_P_ALL as u16).to_be() as i32;
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, all) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a descriptor just opened and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The client port and both ISNs of the first handshake to `port` the
+/// packet socket holds: the SYN's sequence number and the SYN-ACK's.
+fn handshake(fd: &OwnedFd, port: u16) -> Option<(u16, u32, u32)> {
+    let (mut syn, mut syn_ack) = (None, None);
+    let mut frame = [0u8; 2048];
+    loop {
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                frame.as_mut_ptr().cast(),
+                frame.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            break;
+        };
+        // Ethernet, IPv4 (no options on these), TCP.
+        let f = &frame[..n];
+        if n < 14 + 20 + 20 || f[12..14] != [0x08, 0x00] || f[14 + 9] != 6 {
+            continue;
+        }
+        let tcp = &f[14 + usize::from(f[14] & 0x0f) * 4..];
+        let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let flags = tcp[13];
+        match (flags & 0x12, sport, dport) {
+            (0x02, _, d) if d == port && syn.is_none() => syn = Some((sport, seq)),
+            (0x12, s, d) if s == port && syn.is_some_and(|(p, _)| p == d) => {
+                syn_ack = Some(seq);
+            }
+            _ => {}
+        }
+    }
+    let (client_port, isn_client) = syn?;
+    Some((client_port, isn_client, syn_ack?))
 }
 
 fn hex(bytes: &[u8]) -> String {
