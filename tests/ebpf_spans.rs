@@ -1,7 +1,9 @@
 //! Connection spans across two nodes: namespaces A (client, pod `checkout`)
 //! and B (server, pod `payments`), each with its own flowtel (`--source ebpf
 //! --netns A` and `--netns B`, nodes `node-a` and `node-b`) naming pods from
-//! the test API server and exporting spans to the test receiver.
+//! the test API server and exporting spans to the test receiver. In the
+//! first test the spans go through rotel (a real collector, forwarding over
+//! OTLP gRPC) to the test receiver, which checks them exactly.
 //!
 //! * One connection A → B directly and one through the Service VIP that A
 //!   DNATs to B: the client span from A and the server span from B share
@@ -32,6 +34,7 @@ use common::flowtel::{Flowtel, FlowtelArgs, Health};
 use common::kubeapi::{fx, KubeApi};
 use common::netns::{IfStats, Netns};
 use common::otlp_receiver::{AttrValue, OtlpReceiver, ReceivedSpan};
+use common::rotel::Rotel;
 use common::scenario::{
     Lab, A_V4, B_V4, IF_A, IF_B, NAT_BACKEND_PORT, SHORT_PORT, TCP4_PORT, VIP, VIP_PORT,
 };
@@ -87,6 +90,7 @@ fn flowtel(
     receiver: &OtlpReceiver,
     sampling: &str,
     kubeconfig: Option<&std::path::Path>,
+    traces_endpoint: Option<String>,
 ) -> Flowtel {
     let endpoint = receiver.grpc_endpoint();
     let netns = ns.path();
@@ -96,6 +100,9 @@ fn flowtel(
         ("FLOWTEL_EXPORT__TRACES__SAMPLING", sampling.to_string()),
         ("FLOWTEL_EBPF__DROPS__ENABLED", "false".to_string()),
     ];
+    if let Some(t) = traces_endpoint {
+        env.push(("FLOWTEL_EXPORT__OTLP__TRACES__ENDPOINT", t));
+    }
     if let Some(k) = kubeconfig {
         env.push(("FLOWTEL_KUBERNETES__KUBECONFIG", k.display().to_string()));
     }
@@ -141,7 +148,9 @@ fn check_bytes(what: &str, actual: u64, expected: u64) {
 #[test]
 fn both_nodes_spans_join_into_one_trace_direct_and_through_a_vip() {
     const TEST: &str = "both_nodes_spans_join_into_one_trace_direct_and_through_a_vip";
-    let Some((tools, _)) = common::prerequisites_with(TEST, &[], &common::ebpf_conditions()) else {
+    let Some((tools, extra)) =
+        common::prerequisites_with(TEST, &[common::ROTEL_AGENT], &common::ebpf_conditions())
+    else {
         return;
     };
     let _serial = serial();
@@ -179,8 +188,35 @@ fn both_nodes_spans_join_into_one_trace_direct_and_through_a_vip() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let kubeconfig = api.write_kubeconfig(dir.path());
     let receiver = OtlpReceiver::start().expect("test OTLP receiver");
-    let ft_a = flowtel(&lab.a, "node-a", &receiver, "1", Some(&kubeconfig));
-    let ft_b = flowtel(&lab.b, "node-b", &receiver, "1", Some(&kubeconfig));
+    let args: Vec<String> = [
+        "--exporter",
+        "otlp",
+        "--otlp-exporter-protocol",
+        "grpc",
+        "--otlp-exporter-endpoint",
+        &receiver.grpc_endpoint(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let rotel = Rotel::start_with(&extra[0], &args).expect("starting rotel");
+    let via_rotel = || Some(rotel.grpc_endpoint());
+    let ft_a = flowtel(
+        &lab.a,
+        "node-a",
+        &receiver,
+        "1",
+        Some(&kubeconfig),
+        via_rotel(),
+    );
+    let ft_b = flowtel(
+        &lab.b,
+        "node-b",
+        &receiver,
+        "1",
+        Some(&kubeconfig),
+        via_rotel(),
+    );
     for ft in [&ft_a, &ft_b] {
         let synced = ft
             .wait_for_kube_synced(TIMEOUT)
@@ -231,9 +267,10 @@ fn both_nodes_spans_join_into_one_trace_direct_and_through_a_vip() {
     let spans = receiver.spans();
     assert!(
         arrived,
-        "{TEST}: spans missing: {spans:#?}\nA: {}\nB: {}",
+        "{TEST}: spans missing: {spans:#?}\nA: {}\nB: {}\nrotel: {}",
         ft_a.output(),
-        ft_b.output()
+        ft_b.output(),
+        rotel.log()
     );
     let client_to = |port: u16| {
         spans
@@ -386,8 +423,8 @@ fn sampling_picks_the_same_connections_on_both_nodes() {
     let lab = lab(&tools);
     let _server = lab.servers().expect("servers in B");
     let receiver = OtlpReceiver::start().expect("test OTLP receiver");
-    let ft_a = flowtel(&lab.a, "node-a", &receiver, "0.1", None);
-    let ft_b = flowtel(&lab.b, "node-b", &receiver, "0.1", None);
+    let ft_a = flowtel(&lab.a, "node-a", &receiver, "0.1", None, None);
+    let ft_b = flowtel(&lab.b, "node-b", &receiver, "0.1", None, None);
     traffic::tcp_connections(&lab.a, sock(B_V4, SHORT_PORT), CONNECTIONS, 0, 0)
         .expect("connections from A");
     // Every close is in the ring buffer by now; an interval that began
