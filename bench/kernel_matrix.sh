@@ -36,7 +36,8 @@
 #   the list above, default all), CACHE (default /var/tmp/flowtel-kernels),
 #   MB (iperf3 traffic of the attach check in the guests, default 2; the
 #   host uses the test's default), GUEST_TIMEOUT (seconds per guest,
-#   default 2400), CARGO_TARGET_DIR (scripts/env.sh supplies the default).
+#   default 2400), BOOT_WAIT (seconds for a guest to reach init before it
+#   is booted once more, default 240), CARGO_TARGET_DIR (scripts/env.sh supplies the default).
 # Needs qemu-system-x86, busybox-static, kmod (depmod), cpio, plus what the
 # tests need (scripts/install-test-deps.sh).
 set -euo pipefail
@@ -99,7 +100,7 @@ trap 'rm -rf "$WORK"' EXIT
     echo "cd '$ROOT'"
     # A missing prerequisite fails the check instead of skipping it.
     echo 'export CI=true'
-    echo 'export FLOWTEL_TEST_MB="${FLOWTEL_TEST_MB:-}"'
+    echo 'export FLOWTEL_TEST_MB="${FLOWTEL_TEST_MB:-}" FLOWTEL_TEST_SLOW="${FLOWTEL_TEST_SLOW:-}"'
     echo 'tcx=yes; case $(uname -r) in [1-5].*|6.[0-5].*) tcx=no ;; esac'
     for check in $CHECKS; do
         cmd=$(command_of "$check")
@@ -205,7 +206,7 @@ echo "FTBOOT \$(uname -r) \$(nproc) CPUs"
 for m in veth tun nf_conntrack nf_tables nft_ct nft_nat nft_chain_nat nf_nat sch_ingress cls_bpf ipv6; do
     modprobe \$m 2>/dev/null
 done
-chroot \$H /bin/sh -c 'FLOWTEL_TEST_MB=$MB HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin $WORK/checks.sh'
+chroot \$H /bin/sh -c 'FLOWTEL_TEST_MB=$MB FLOWTEL_TEST_SLOW=6 HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin $WORK/checks.sh'
 echo FTDONE
 poweroff -f
 EOF
@@ -231,11 +232,29 @@ run_guest() { # package
     initramfs "$dir" "$kver" "$WORK/initramfs-$kver.gz"
     log="$WORK/guest-$kver.log"
     start=$(date +%s)
-    timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=single -cpu max -smp 2 -m 2048 \
-        -nographic -no-reboot -kernel "$vmlinuz" -initrd "$WORK/initramfs-$kver.gz" \
-        -append "console=ttyS0 panic=-1 quiet" \
-        -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on \
-        </dev/null >"$log" 2>&1 || true
+    local attempt pid waited
+    for attempt in 1 2; do
+        timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 2048 \
+            -nographic -no-reboot -kernel "$vmlinuz" -initrd "$WORK/initramfs-$kver.gz" \
+            -append "console=ttyS0 panic=-1 quiet" \
+            -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on \
+            </dev/null >"$log" 2>&1 &
+        pid=$!
+        # An emulated SMP boot on a loaded host sometimes stalls before init
+        # (RCU stall, soft lockup): give it BOOT_WAIT s, then boot again.
+        waited=0
+        while kill -0 "$pid" 2>/dev/null && ! grep -q FTBOOT "$log" && [ "$waited" -lt "${BOOT_WAIT:-240}" ]; do
+            sleep 2
+            waited=$((waited + 2))
+        done
+        if grep -q FTBOOT "$log"; then
+            wait "$pid" || true
+            break
+        fi
+        echo "guest $kver did not boot within ${BOOT_WAIT:-240} s (attempt $attempt)" >&2
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     tr -d '\r' <"$log" >"$log.txt"
     echo "guest $kver: $(( $(date +%s) - start )) s, $(grep -m1 '^FTBOOT' "$log.txt" || echo 'did not boot')" >&2
     grep -q '^FTDONE' "$log.txt" || { echo "guest $kver did not finish; its console:" >&2; tail -n 30 "$log.txt" >&2; }

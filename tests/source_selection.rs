@@ -151,6 +151,7 @@ impl Unprivileged {
     }
 
     fn wait_ready(&mut self, timeout: Duration) {
+        let timeout = common::slow(timeout);
         let ready = wait_until(timeout, Duration::from_millis(50), || {
             self.exit_status().is_some() || self.readyz().is_ok_and(|(code, _)| code == 200)
         });

@@ -195,6 +195,7 @@ impl Flowtel {
     /// Waits until `/readyz` answers 200 (the source runs and its first
     /// dump is done, so conntrack events are subscribed).
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let timeout = super::slow(timeout);
         let mut last = String::new();
         let ready = wait_until(timeout, Duration::from_millis(50), || {
             if self.exit_status().is_some() {

@@ -282,6 +282,16 @@ pub fn within(actual: u64, expected: u64, tolerance: f64) -> bool {
 }
 
 /// Relative deviation in percent, for messages.
+/// `timeout` times `FLOWTEL_TEST_SLOW` (default 1): the kernel matrix's
+/// emulated CPUs (bench/kernel_matrix.sh) start flowtel many times slower.
+pub fn slow(timeout: std::time::Duration) -> std::time::Duration {
+    let factor: u32 = std::env::var("FLOWTEL_TEST_SLOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    timeout * factor.max(1)
+}
+
 pub fn deviation_pct(actual: u64, expected: u64) -> f64 {
     if expected == 0 {
         return if actual == 0 { 0.0 } else { f64::INFINITY };

@@ -54,7 +54,9 @@ pub const RESCAN: Duration = Duration::from_secs(2);
 /// How often the idle thread looks at the stop flag.
 const POLL: Duration = Duration::from_millis(100);
 /// How long `start` waits for loading and the first attach.
-const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Loading verifies every program: seconds on a loaded node, more than 20 s
+/// on the kernel matrix's emulated CPUs, so a generous bound.
+const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// The smallest idle timeout derived from the dump interval.
 const MIN_IDLE: Duration = Duration::from_secs(10);
 /// A TCP connection that was reset or closed by both sides ends after this
