@@ -81,6 +81,24 @@ struct ft_sock {
 	__u32 retransmits; /* tcp_sock.total_retrans: segments */
 	__u32 srtt_us; /* smoothed RTT, microseconds */
 	__u64 rtt_updates; /* incremented at each srtt refresh */
+	/* Connection spans (src/flow/spans.rs). Initial sequence numbers,
+	 * read at the transition to ESTABLISHED (snd_una - 1, rcv_nxt - 1:
+	 * the SYNs are acknowledged and no data yet), or for a client that
+	 * never opened at its close (snd_una: its SYN was never acknowledged).
+	 * NAT rewrites addresses and ports but not these, so both ends of a
+	 * connection read the same pair (swapped). */
+	__u32 isn_local;
+	__u32 isn_remote;
+	/* tcp_sock counters read at the close: payload bytes sent (with
+	 * retransmissions) and received, and segments (wire segments,
+	 * including pure ACKs, SYNs and FINs) each way. */
+	__u64 bytes_out;
+	__u64 bytes_in;
+	__u32 segs_out;
+	__u32 segs_in;
+	__u16 tcp_hdr_len; /* tcp_sock.tcp_header_len: TCP header with options */
+	__u8 isn_known; /* 1: both ISNs, 2: only isn_local (SYN unanswered) */
+	__u8 pad[5];
 };
 
 /* Mirrored by `RawEvent`. */
@@ -207,6 +225,38 @@ static __always_inline void read_health(const struct sock *sk, struct ft_sock *s
 	s->retransmits = tp->total_retrans;
 }
 
+/* The initial sequence numbers of a socket that just reached ESTABLISHED
+ * from SYN_SENT or SYN_RECV. */
+static __always_inline void read_isn(const struct sock *sk, struct ft_sock *s)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
+
+	if (!tp)
+		return;
+	s->isn_local = tp->snd_una - 1;
+	s->isn_remote = tp->rcv_nxt - 1;
+	s->isn_known = 1;
+}
+
+/* Bytes and segments each way, read at the close. */
+static __always_inline void read_traffic(const struct sock *sk, struct ft_sock *s)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
+
+	if (!tp)
+		return;
+	s->bytes_out = tp->bytes_sent;
+	s->bytes_in = tp->bytes_received;
+	s->segs_out = tp->segs_out;
+	s->segs_in = tp->segs_in;
+	s->tcp_hdr_len = tp->tcp_header_len;
+	if (!s->isn_known) {
+		/* A client whose SYN was never acknowledged. */
+		s->isn_local = tp->snd_una;
+		s->isn_known = 2;
+	}
+}
+
 static __always_inline void emit(__u8 kind, __u8 oldstate, const struct sock *sk,
 				 const struct ft_sock *s)
 {
@@ -289,6 +339,7 @@ int BPF_PROG(flowtel_tcp_state, const struct sock *sk, const int oldstate, const
 		s->established = 1;
 		read_tuple(sk, s);
 		read_health(sk, s);
+		read_isn(sk, s);
 		emit(FT_EV_OPENED, oldstate, sk, s);
 		return 0;
 	}
@@ -306,6 +357,8 @@ int BPF_PROG(flowtel_tcp_state, const struct sock *sk, const int oldstate, const
 		if (fin.lport == 0)
 			read_tuple(sk, &fin);
 		read_health(sk, &fin);
+		if (oldstate == TCP_SYN_SENT || fin.isn_known)
+			read_traffic(sk, &fin);
 		if (BPF_CORE_READ(sk, sk_err) == FT_ETIMEDOUT)
 			fin.rst |= FT_TIMED_OUT;
 		/* An orderly close reaches CLOSE from LAST_ACK (passive side)

@@ -237,10 +237,11 @@ fn from_config_error(e: &config::ConfigError) -> ConfigError {
 fn otel_env(env: &HashMap<String, String>) -> Result<Vec<(String, config::Value)>, ConfigError> {
     let mut out: Vec<(String, config::Value)> = Vec::new();
     let get = |name: &str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
-    let signals: [(&str, &str); 3] = [
+    let signals: [(&str, &str); 4] = [
         ("", "export.otlp"),
         ("METRICS_", "export.otlp.metrics"),
         ("LOGS_", "export.otlp.logs"),
+        ("TRACES_", "export.otlp.traces"),
     ];
     for (infix, prefix) in signals {
         let var = |suffix: &str| format!("OTEL_EXPORTER_OTLP_{infix}{suffix}");

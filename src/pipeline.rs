@@ -72,6 +72,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     )?;
     let naming = namer.map(|n| Box::new(n) as Box<dyn Naming>);
     FlowStage::new(&cfg.flows, exporters.records(), naming, &telemetry)
+        .with_spans(exporters.spans())
         .run(
             received,
             cfg.interval,

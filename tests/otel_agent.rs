@@ -7,7 +7,7 @@
 //! * `receivers.otlp.protocols.grpc`/`http` → `--otlp-grpc-endpoint` and
 //!   `--otlp-http-endpoint` (on 127.0.0.1 and free ports instead of
 //!   0.0.0.0:4317/4318, which a shared test machine cannot promise);
-//! * pipelines: only metrics and logs → `--otlp-receiver-traces-disabled`;
+//! * pipelines: a signal without one → `--otlp-receiver-<signal>-disabled`;
 //! * `batch` → `--batch-max-size` (`send_batch_size`) and `--batch-timeout`;
 //! * `resource/instance` (insert `service.instance.id` from
 //!   `k8s.node.name`) → a rotel Python processor written from the
@@ -156,7 +156,13 @@ fn rotel_args(
             ));
         }
         for signal in pipelines.keys() {
-            args.push(format!("--otlp-with-{signal}-processor"));
+            // rotel spells this one flag in the singular.
+            let flag = if signal == "traces" {
+                "trace"
+            } else {
+                signal.as_str()
+            };
+            args.push(format!("--otlp-with-{flag}-processor"));
             args.push(processor.display().to_string());
         }
     }

@@ -14,7 +14,7 @@ use crate::telemetry::catalogue::*;
 
 /// The end on this node: semantic-conventions names, as a Collector's
 /// k8sattributes processor would set them for a pod-local signal.
-fn local_attributes(end: &EndName, attrs: &mut Vec<KeyValue>) {
+pub fn local_attributes(end: &EndName, attrs: &mut Vec<KeyValue>) {
     let mut put = |key: &'static str, v: &Option<std::sync::Arc<str>>| {
         if let Some(v) = v {
             attrs.push(KeyValue::new(key, v.to_string()));
@@ -43,7 +43,7 @@ fn local_attributes(end: &EndName, attrs: &mut Vec<KeyValue>) {
 
 /// The other end: `flowtel.peer.*`, since no convention names a peer's
 /// Kubernetes identity.
-fn peer_attributes(end: &EndName, attrs: &mut Vec<KeyValue>) {
+pub fn peer_attributes(end: &EndName, attrs: &mut Vec<KeyValue>) {
     let mut put = |key: &'static str, v: &Option<std::sync::Arc<str>>| {
         if let Some(v) = v {
             attrs.push(KeyValue::new(key, v.to_string()));

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::component::ConfigError;
 use crate::flow::report::IntervalReport;
+use crate::flow::spans::SpanKeep;
 use crate::telemetry::Telemetry;
 
 /// A running exporter.
@@ -54,6 +55,8 @@ pub struct Carries {
     pub records: usize,
     /// RTT and duration samples.
     pub samples: bool,
+    /// Connection spans: which, and how many per interval.
+    pub spans: Option<SpanKeep>,
 }
 
 /// What every exporter builder gets.
@@ -133,6 +136,8 @@ exporters! {
     logs: otlp_logs::LogsConfig,
     /// The Prometheus exposition endpoint.
     prometheus: prometheus::PrometheusConfig,
+    /// OTLP spans: one per TCP connection end.
+    traces: otlp_traces::TracesConfig,
     /// The terminal view used when no collector is configured.
     console: console::ConsoleConfig,
 }

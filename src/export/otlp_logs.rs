@@ -253,7 +253,7 @@ fn flow_hash(id: &FlowId) -> u64 {
 /// emitted once per interval, so a smaller bucket would cap the rate below
 /// what is configured.
 #[derive(Debug)]
-struct TokenBucket {
+pub(super) struct TokenBucket {
     rate: f64,
     capacity: f64,
     tokens: f64,
@@ -261,7 +261,7 @@ struct TokenBucket {
 }
 
 impl TokenBucket {
-    fn new(rate: u32, interval: Duration) -> Option<Self> {
+    pub(super) fn new(rate: u32, interval: Duration) -> Option<Self> {
         (rate > 0).then(|| {
             let rate = f64::from(rate);
             let capacity = rate * interval.as_secs_f64().max(1.0);
@@ -274,14 +274,14 @@ impl TokenBucket {
         })
     }
 
-    fn refill(&mut self) {
+    pub(super) fn refill(&mut self) {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
         self.last = now;
     }
 
-    fn take(&mut self) -> bool {
+    pub(super) fn take(&mut self) -> bool {
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -339,7 +339,7 @@ impl Exporter for OtlpLogsExporter {
     fn carries(&self) -> Carries {
         Carries {
             records: self.max_records,
-            samples: false,
+            ..Carries::default()
         }
     }
 

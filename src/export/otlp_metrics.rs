@@ -81,8 +81,8 @@ impl Exporter for OtlpMetricsExporter {
 
     fn carries(&self) -> Carries {
         Carries {
-            records: 0,
             samples: true,
+            ..Carries::default()
         }
     }
 

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::{Carries, Exporter};
 use crate::flow::report::IntervalReport;
+use crate::flow::spans::SpanKeep;
 use crate::telemetry::{catalogue, Counter, Telemetry};
 
 struct Queue {
@@ -28,6 +29,7 @@ pub struct Exporters {
     queues: Vec<Queue>,
     records_dropped: Counter,
     samples_dropped: Counter,
+    spans_dropped: Counter,
 }
 
 impl Exporters {
@@ -57,6 +59,7 @@ impl Exporters {
             queues,
             records_dropped: telemetry.counter(&catalogue::LOGS_RECORDS_DROPPED),
             samples_dropped: telemetry.counter(&catalogue::TCP_SAMPLES_DROPPED),
+            spans_dropped: telemetry.counter(&catalogue::SPANS_DROPPED),
         }
     }
 
@@ -68,6 +71,12 @@ impl Exporters {
             .map(|q| q.carries.records)
             .max()
             .unwrap_or(0)
+    }
+
+    /// The connection spans the flow stage should keep: those of the
+    /// traces exporter, if there is one.
+    pub fn spans(&self) -> Option<SpanKeep> {
+        self.queues.iter().find_map(|q| q.carries.spans)
     }
 
     /// Queues a finished interval for every exporter, without waiting.
@@ -83,6 +92,9 @@ impl Exporters {
                         0
                     };
                     self.records_dropped.add(records as u64);
+                    if q.carries.spans.is_some() {
+                        self.spans_dropped.add(report.spans.len() as u64);
+                    }
                     if q.carries.samples {
                         self.samples_dropped.add(report.samples() as u64);
                     }

@@ -21,6 +21,7 @@ use super::names::{FlowNames, Naming};
 use super::records::RecordCollector;
 use super::report::{IntervalReport, MeshReport};
 use super::series::{FlowSeries, KeyField, KeySpec};
+use super::spans::{SpanCollector, SpanKeep};
 use super::table::FlowTable;
 use super::tcp::TcpSeries;
 use super::zones::ZoneSeries;
@@ -206,6 +207,7 @@ pub struct FlowStage {
     dns: DnsSeries,
     zones: ZoneSeries,
     records: RecordCollector,
+    spans: SpanCollector,
     mesh: MeshState,
     started: SystemTime,
     start: SystemTime,
@@ -257,11 +259,19 @@ impl FlowStage {
             dns: DnsSeries::default(),
             zones: ZoneSeries::default(),
             records: RecordCollector::new(records, telemetry),
+            spans: SpanCollector::new(None, telemetry),
             mesh: MeshState::default(),
             started: now,
             start: now,
             telemetry: telemetry.clone(),
         }
+    }
+
+    /// Keeps the sampled connection spans for the traces exporter (`None`:
+    /// there is none).
+    pub fn with_spans(mut self, keep: Option<SpanKeep>) -> Self {
+        self.spans = SpanCollector::new(keep, &self.telemetry);
+        self
     }
 
     /// Applies one event from a source.
@@ -294,6 +304,13 @@ impl FlowStage {
                 );
                 self.tcp.record(&event, names.as_deref());
                 self.records.tcp(&event, names);
+            }
+            SourceEvent::Connection(end) => {
+                if self.spans.wants(&end) {
+                    let names =
+                        name_flow(self.naming.as_deref(), &end.id, &Nat::default(), &mut None);
+                    self.spans.push(end, names);
+                }
             }
             SourceEvent::Drop(record) => {
                 self.drops.record(&record);
@@ -337,6 +354,7 @@ impl FlowStage {
             dns: self.dns.finish(),
             zones: self.zones.points(),
             records,
+            spans: self.spans.finish(),
             mesh,
             spec: self.series.spec(),
             start: self.start,

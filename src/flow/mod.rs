@@ -12,12 +12,14 @@ pub mod names;
 pub mod records;
 pub mod report;
 pub mod series;
+pub mod spans;
 pub mod table;
 pub mod tcp;
 pub mod zones;
 
 pub use interval::{FlowStage, FlowsConfig};
 pub use model::{
-    Counters, DirectionalCounters, DropRecord, Endpoint, FlowId, FlowUpdate, Nat, SourceEvent,
-    SourceKind, TcpClose, TcpEvent, TcpEventKind, TcpFailure, Transport,
+    ConnectionEnd, ConnectionOutcome, ConnectionRole, Counters, DirectionalCounters, DropRecord,
+    Endpoint, FlowId, FlowUpdate, Nat, SourceEvent, SourceKind, TcpClose, TcpEvent, TcpEventKind,
+    TcpFailure, Transport,
 };

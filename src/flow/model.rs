@@ -7,7 +7,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -285,6 +285,50 @@ pub struct TcpEvent {
     pub kind: TcpEventKind,
 }
 
+/// Which end of a TCP connection a socket is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectionRole {
+    /// It connected (a `CLIENT` span).
+    Client,
+    /// It accepted (a `SERVER` span).
+    Server,
+}
+
+/// How one end of a TCP connection saw it end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectionOutcome {
+    Closed(TcpClose),
+    Failed(TcpFailure),
+}
+
+/// One end of a TCP connection from its opening to its close, as its
+/// socket saw it: the record a connection span is made of. Only sockets
+/// seen opening have one (their initial sequence numbers are known).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionEnd {
+    /// Addresses as this socket saw them (a client's server is the address
+    /// it connected to, e.g. a Service VIP).
+    pub id: FlowId,
+    pub role: ConnectionRole,
+    /// The client's initial sequence number.
+    pub isn_client: u32,
+    /// The server's, unless the server never answered the SYN.
+    pub isn_server: Option<u32>,
+    /// The SYN (sent or received) and the close, wall clock.
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub outcome: ConnectionOutcome,
+    /// L3 bytes (payload plus IP and TCP headers) and segments this end
+    /// sent, retransmissions included.
+    pub sent: Counters,
+    /// The same, received (in-order payload plus headers).
+    pub received: Counters,
+    /// Segments this end retransmitted.
+    pub retransmits: u64,
+    /// Smoothed RTT at the close.
+    pub rtt: Option<Duration>,
+}
+
 /// Packets the kernel dropped, summed per tuple and reason over part of an
 /// interval. Addresses are `None` when the packet was not IP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,6 +347,8 @@ pub struct DropRecord {
 pub enum SourceEvent {
     Flow(FlowUpdate),
     Tcp(TcpEvent),
+    /// One end of a TCP connection that closed or failed.
+    Connection(ConnectionEnd),
     Drop(DropRecord),
     /// A DNS query, answered or timed out.
     Dns(super::dns::DnsRecord),

@@ -7,6 +7,7 @@ use super::drops::DropPoint;
 use super::mesh::{FamilyGroup, LogEvent};
 use super::records::Records;
 use super::series::{KeySpec, SeriesPoint};
+use super::spans::ConnectionSpan;
 use super::tcp::TcpPoint;
 use super::zones::ZonePoint;
 
@@ -20,6 +21,8 @@ pub struct IntervalReport {
     pub dns: Vec<DnsPoint>,
     pub zones: Vec<ZonePoint>,
     pub records: Records,
+    /// Sampled connection spans, for the traces exporter.
+    pub spans: Vec<ConnectionSpan>,
     pub mesh: MeshReport,
     pub spec: KeySpec,
     pub start: SystemTime,

@@ -383,6 +383,19 @@ pub static LOGS_RECORDS_RATE_LIMITED: Metric = counter(
     "Log records dropped by export.logs.rate_limit",
 )
 .readyz("stats.log_records_rate_limited");
+pub static SPANS_DROPPED: Metric = counter(
+    "flowtel.spans.dropped",
+    "{span}",
+    "Sampled connection spans lost: past export.traces.max_spans in one interval, in an interval \
+     the traces exporter could not take, or in a request that failed after retries",
+)
+.readyz("stats.spans_dropped");
+pub static SPANS_RATE_LIMITED: Metric = counter(
+    "flowtel.spans.rate_limited",
+    "{span}",
+    "Sampled connection spans dropped by export.traces.rate_limit",
+)
+.readyz("stats.spans_rate_limited");
 
 // ---- The eBPF source ----
 
@@ -810,6 +823,8 @@ pub static METRICS: &[&Metric] = &[
     &EXPORT_INTERVALS_SKIPPED,
     &LOGS_RECORDS_DROPPED,
     &LOGS_RECORDS_RATE_LIMITED,
+    &SPANS_DROPPED,
+    &SPANS_RATE_LIMITED,
     &EBPF_OVERFLOW_PACKETS,
     &EBPF_OVERFLOW_BYTES,
     &EBPF_OVERFLOW_NOMEM_PACKETS,
@@ -897,6 +912,8 @@ pub const SERVICE_NAME: &str = "service.name";
 pub const SERVICE_VERSION: &str = "service.version";
 pub const HOST_NAME: &str = "host.name";
 pub const K8S_CLUSTER: &str = "k8s.cluster.name";
+/// Of a connection span's resource: the local end's namespace.
+pub const SERVICE_NAMESPACE: &str = "service.namespace";
 
 // ---- Attributes of flow series, TCP and drop metrics ----
 
@@ -1025,6 +1042,16 @@ pub const FLOW_ENDED: &str = "flowtel.flow.ended";
 pub const TCP_RTT_ATTRIBUTE: &str = "flowtel.tcp.rtt";
 pub const TCP_RETRANSMITS_ATTRIBUTE: &str = "flowtel.tcp.retransmits";
 pub const TCP_DURATION_ATTRIBUTE: &str = "flowtel.tcp.connection.duration";
+
+// ---- Attributes of connection spans ----
+
+/// The peer's workload (or Service, or address): the virtual node of
+/// Tempo's service graph when the peer sends no server span.
+pub const PEER_SERVICE: &str = "peer.service";
+pub const SPAN_SENT_BYTES: &str = "flowtel.connection.sent.bytes";
+pub const SPAN_SENT_PACKETS: &str = "flowtel.connection.sent.packets";
+pub const SPAN_RECEIVED_BYTES: &str = "flowtel.connection.received.bytes";
+pub const SPAN_RECEIVED_PACKETS: &str = "flowtel.connection.received.packets";
 pub const DROP_PACKETS: &str = "flowtel.drop.packets";
 pub const DROP_BYTES: &str = "flowtel.drop.bytes";
 pub const HUBBLE_FLOW_TYPE: &str = "flowtel.hubble.flow_type";
@@ -1084,6 +1111,12 @@ pub const ATTRIBUTES: &[&str] = &[
     SERVICE_VERSION,
     HOST_NAME,
     K8S_CLUSTER,
+    SERVICE_NAMESPACE,
+    PEER_SERVICE,
+    SPAN_SENT_BYTES,
+    SPAN_SENT_PACKETS,
+    SPAN_RECEIVED_BYTES,
+    SPAN_RECEIVED_PACKETS,
     NETWORK_TRANSPORT,
     NETWORK_TYPE,
     CLIENT_ADDRESS,

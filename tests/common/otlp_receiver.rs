@@ -1,10 +1,11 @@
-//! A test-side OTLP receiver on 127.0.0.1: gRPC `MetricsService/Export` and
-//! `LogsService/Export` (tonic, gzip accepted) and HTTP `POST /v1/metrics`
-//! and `/v1/logs` (axum, protobuf, gzip or not). It keeps every request, can
-//! be stopped and restarted on the same ports, can answer UNAVAILABLE (HTTP
-//! 503) for a while, noting when each refused request came, can serve TLS
-//! with a given certificate, and flattens what it got into [`SumPoint`]s
-//! and [`LogEvent`]s.
+//! A test-side OTLP receiver on 127.0.0.1: gRPC `MetricsService/Export`,
+//! `LogsService/Export` and `TraceService/Export` (tonic, gzip accepted)
+//! and HTTP `POST /v1/metrics`, `/v1/logs` and `/v1/traces` (axum,
+//! protobuf, gzip or not). It keeps every request, can be stopped and
+//! restarted on the same ports, can answer UNAVAILABLE (HTTP 503) for a
+//! while, noting when each refused request came, can serve TLS with a given
+//! certificate, and flattens what it got into [`SumPoint`]s and
+//! [`LogEvent`]s.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -29,6 +30,12 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
 };
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
@@ -194,6 +201,7 @@ struct Shared {
     refused: Mutex<Vec<Refused>>,
     received: Mutex<Vec<Received>>,
     logs: Mutex<Vec<ExportLogsServiceRequest>>,
+    traces: Mutex<Vec<ExportTraceServiceRequest>>,
 }
 
 impl Shared {
@@ -277,6 +285,89 @@ impl MetricsService for Grpc {
         Ok(tonic::Response::new(ExportMetricsServiceResponse {
             partial_success: None,
         }))
+    }
+}
+
+struct GrpcTraces(Arc<Shared>);
+
+#[tonic::async_trait]
+impl TraceService for GrpcTraces {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.0.hold().await {
+            return Err(tonic::Status::unavailable("test receiver stalled"));
+        }
+        if !self.0.up.load(Ordering::SeqCst) {
+            return Err(tonic::Status::unavailable("test receiver stopped"));
+        }
+        if let Ok(mut v) = self.0.traces.lock() {
+            v.push(request.into_inner());
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+async fn http_export_traces(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if shared.hold().await {
+        return (StatusCode::SERVICE_UNAVAILABLE, "test receiver stalled").into_response();
+    }
+    match decode_http::<ExportTraceServiceRequest>(&shared, &headers, &body) {
+        Ok((request, _)) => {
+            if let Ok(mut v) = shared.traces.lock() {
+                v.push(request);
+            }
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/x-protobuf")],
+                ExportTraceServiceResponse {
+                    partial_success: None,
+                }
+                .encode_to_vec(),
+            )
+                .into_response()
+        }
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// One span as received, with its resource's attributes.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub resource: Attrs,
+    pub trace_id: Vec<u8>,
+    pub span_id: Vec<u8>,
+    pub parent_span_id: Vec<u8>,
+    pub name: String,
+    /// `SpanKind`: 2 server, 3 client.
+    pub kind: i32,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub attrs: Attrs,
+    /// `StatusCode` (0 unset, 2 error) and message.
+    pub status: (i32, String),
+}
+
+impl ReceivedSpan {
+    pub fn str(&self, key: &str) -> Option<&str> {
+        match self.attrs.get(key) {
+            Some(AttrValue::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn int(&self, key: &str) -> Option<i64> {
+        match self.attrs.get(key) {
+            Some(AttrValue::Int(i)) => Some(*i),
+            _ => None,
+        }
     }
 }
 
@@ -509,6 +600,9 @@ impl OtlpReceiver {
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
             .max_decoding_message_size(64 * 1024 * 1024);
         let grpc_tls = tls.clone();
+        let traces = TraceServiceServer::new(GrpcTraces(self.shared.clone()))
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .max_decoding_message_size(64 * 1024 * 1024);
         let grpc = rt.spawn(async move {
             let mut server = tonic::transport::Server::builder();
             if let Some(tls) = grpc_tls {
@@ -520,6 +614,7 @@ impl OtlpReceiver {
             let result = server
                 .add_service(service)
                 .add_service(logs)
+                .add_service(traces)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(grpc_listener),
                     async {
@@ -536,6 +631,7 @@ impl OtlpReceiver {
         let app = axum::Router::new()
             .route("/v1/metrics", axum::routing::post(http_export))
             .route("/v1/logs", axum::routing::post(http_export_logs))
+            .route("/v1/traces", axum::routing::post(http_export_traces))
             .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(self.shared.clone());
         let http = rt.spawn(async move {
@@ -718,6 +814,46 @@ impl OtlpReceiver {
                     Some(number_data_point::Value::AsInt(i)) => Some(i),
                     _ => None,
                 }));
+            }
+        }
+        out
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        let requests = self
+            .shared
+            .traces
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for request in &requests {
+            for rs in &request.resource_spans {
+                let resource = rs
+                    .resource
+                    .as_ref()
+                    .map(|r| attrs_of(&r.attributes))
+                    .unwrap_or_default();
+                for span in rs.scope_spans.iter().flat_map(|ss| &ss.spans) {
+                    let status = span
+                        .status
+                        .as_ref()
+                        .map(|s| (s.code, s.message.clone()))
+                        .unwrap_or_default();
+                    out.push(ReceivedSpan {
+                        resource: resource.clone(),
+                        trace_id: span.trace_id.clone(),
+                        span_id: span.span_id.clone(),
+                        parent_span_id: span.parent_span_id.clone(),
+                        name: span.name.clone(),
+                        kind: span.kind,
+                        start_unix_nano: span.start_time_unix_nano,
+                        end_unix_nano: span.end_time_unix_nano,
+                        attrs: attrs_of(&span.attributes),
+                        status,
+                    });
+                }
             }
         }
         out

@@ -85,6 +85,8 @@ pub struct OtlpConfig {
     pub metrics: SignalOverrides,
     /// Per-signal overrides (`OTEL_EXPORTER_OTLP_LOGS_*`).
     pub logs: SignalOverrides,
+    /// Per-signal overrides (`OTEL_EXPORTER_OTLP_TRACES_*`).
+    pub traces: SignalOverrides,
 }
 
 impl Default for OtlpConfig {
@@ -102,6 +104,7 @@ impl Default for OtlpConfig {
             retry: RetryConfig::default(),
             metrics: SignalOverrides::default(),
             logs: SignalOverrides::default(),
+            traces: SignalOverrides::default(),
         }
     }
 }
@@ -181,7 +184,11 @@ impl OtlpConfig {
             check_url("endpoint", &self.endpoint)?;
         }
         check_tls("tls", &self.tls)?;
-        for (signal, o) in [("metrics", &self.metrics), ("logs", &self.logs)] {
+        for (signal, o) in [
+            ("metrics", &self.metrics),
+            ("logs", &self.logs),
+            ("traces", &self.traces),
+        ] {
             if let Some(endpoint) = &o.endpoint {
                 check_url(&format!("{signal}.endpoint"), endpoint)?;
             }

@@ -221,6 +221,7 @@ impl SignalTransport {
 pub enum Signal {
     Metrics,
     Logs,
+    Traces,
 }
 
 impl Signal {
@@ -228,6 +229,7 @@ impl Signal {
         match self {
             Signal::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
             Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+            Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
         }
     }
 
@@ -235,6 +237,7 @@ impl Signal {
         match self {
             Signal::Metrics => "metrics",
             Signal::Logs => "logs",
+            Signal::Traces => "traces",
         }
     }
 
@@ -245,6 +248,7 @@ impl Signal {
                 "flowtel keeps counting and will send cumulative totals when the collector is back"
             }
             Signal::Logs => "those log records are lost",
+            Signal::Traces => "those spans are lost",
         }
     }
 }

@@ -475,6 +475,79 @@ impl LogRecordWriter {
     }
 }
 
+/// `Span.attributes`.
+const SPAN_ATTRIBUTES: u32 = 9;
+
+/// `Span.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanKind {
+    Server = 2,
+    Client = 3,
+}
+
+/// The fields of one `Span` (`trace.proto`), written in order into a
+/// reused buffer. Requests of spans have the layout of the other signals
+/// (`ResourceSpans` → `ScopeSpans` → `Span`), so [`Batcher`] cuts them.
+#[derive(Debug, Default)]
+pub struct SpanWriter {
+    buf: Vec<u8>,
+    text: String,
+}
+
+impl SpanWriter {
+    /// Starts a span: ids, name, kind and times.
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin(
+        &mut self,
+        trace: &[u8; 16],
+        span: &[u8; 8],
+        parent: Option<&[u8; 8]>,
+        name: &str,
+        kind: SpanKind,
+        start: u64,
+        end: u64,
+    ) {
+        self.buf.clear();
+        len_field(&mut self.buf, 1, trace);
+        len_field(&mut self.buf, 2, span);
+        if let Some(p) = parent {
+            len_field(&mut self.buf, 4, p);
+        }
+        string_field(&mut self.buf, 5, name);
+        varint_field(&mut self.buf, 6, kind as u64);
+        fixed64_field(&mut self.buf, 7, start);
+        fixed64_field(&mut self.buf, 8, end);
+    }
+
+    pub fn attribute(&mut self, key: &str, value: Any<'_>) {
+        attribute(&mut self.buf, SPAN_ATTRIBUTES, key, value);
+    }
+
+    /// A string attribute whose value is formatted (an address, ...).
+    pub fn display(&mut self, key: &str, value: impl std::fmt::Display) {
+        use std::fmt::Write as _;
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        // Writing into a String cannot fail.
+        let _ = write!(text, "{value}");
+        attribute(&mut self.buf, SPAN_ATTRIBUTES, key, Any::Str(&text));
+        self.text = text;
+    }
+
+    /// `Status{code: STATUS_CODE_ERROR, message}`.
+    pub fn error(&mut self, message: &str) {
+        nested(&mut self.buf, 15, |b| {
+            string_field(b, 2, message);
+            varint_field(b, 3, 2);
+        });
+    }
+
+    /// The span's encoded fields, for [`Batcher::item`].
+    pub fn encoded(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

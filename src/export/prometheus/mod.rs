@@ -109,8 +109,8 @@ impl Exporter for PrometheusExporter {
 
     fn carries(&self) -> Carries {
         Carries {
-            records: 0,
             samples: true,
+            ..Carries::default()
         }
     }
 

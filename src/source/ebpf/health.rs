@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
 use aya::maps::{MapData, RingBuf};
@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{btf, maps};
 use crate::flow::{
-    Counters, DropRecord, Endpoint, FlowId, SourceEvent, TcpClose, TcpEvent, TcpEventKind,
-    TcpFailure, Transport,
+    ConnectionEnd, ConnectionOutcome, ConnectionRole, Counters, DropRecord, Endpoint, FlowId,
+    SourceEvent, TcpClose, TcpEvent, TcpEventKind, TcpFailure, Transport,
 };
 use crate::source::kernel::KernelStats;
 use crate::source::out::{Halt, Out};
@@ -109,6 +109,9 @@ const ROLE_CLIENT: u8 = 1;
 const ROLE_SERVER: u8 = 2;
 const RST_RECEIVED: u8 = 1;
 const TIMED_OUT: u8 = 8;
+/// `isn_known`: both ISNs, or only the local one (a SYN never answered).
+const ISN_BOTH: u8 = 1;
+const ISN_LOCAL: u8 = 2;
 /// Indexes of the kernel's `lost` array.
 const LOST_EVENTS: u32 = 0;
 const LOST_SOCKS: u32 = 1;
@@ -130,9 +133,18 @@ pub struct SockState {
     pub retransmits: u32,
     pub srtt_us: u32,
     pub rtt_updates: u64,
+    pub isn_local: u32,
+    pub isn_remote: u32,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub segs_out: u32,
+    pub segs_in: u32,
+    pub tcp_hdr_len: u16,
+    pub isn_known: u8,
+    pub pad: [u8; 5],
 }
 
-// SAFETY: plain integers and byte arrays, no padding (64 bytes).
+// SAFETY: plain integers and byte arrays, no padding (104 bytes).
 unsafe impl aya::Pod for SockState {}
 
 /// `struct ft_tcp_event`.
@@ -211,6 +223,81 @@ impl SockState {
             server,
             zone: 0,
         })
+    }
+}
+
+/// The wall-clock time of a CLOCK_MONOTONIC timestamp.
+fn wall_clock(ns: u64) -> SystemTime {
+    let ago = super::monotonic_ns().saturating_sub(ns);
+    SystemTime::now()
+        .checked_sub(Duration::from_nanos(ago))
+        .unwrap_or(UNIX_EPOCH)
+}
+
+/// A closed or failed socket seen opening, as one end of its connection
+/// (its span). Bytes are L3: payload plus an IP and a TCP header per
+/// segment (the TCP header with the options the connection uses).
+fn connection_end(raw: &RawEvent, id: FlowId) -> Option<ConnectionEnd> {
+    let s = &raw.s;
+    let role = match s.role {
+        ROLE_CLIENT => ConnectionRole::Client,
+        ROLE_SERVER => ConnectionRole::Server,
+        _ => return None,
+    };
+    let isn_remote = match s.isn_known {
+        ISN_BOTH => Some(s.isn_remote),
+        ISN_LOCAL if role == ConnectionRole::Client => None,
+        _ => return None,
+    };
+    let (isn_client, isn_server) = match role {
+        ConnectionRole::Client => (s.isn_local, isn_remote),
+        ConnectionRole::Server => (s.isn_remote, Some(s.isn_local)),
+    };
+    let ip_header = if id.client.ip.is_ipv4() { 20 } else { 40 };
+    let header = ip_header + u64::from(s.tcp_hdr_len.max(20));
+    let l3 = |bytes: u64, segs: u32| {
+        Counters::new(
+            bytes.saturating_add(u64::from(segs).saturating_mul(header)),
+            u64::from(segs),
+        )
+    };
+    let outcome = if raw.kind == EV_FAILED {
+        ConnectionOutcome::Failed(if s.rst & RST_RECEIVED != 0 {
+            TcpFailure::Refused
+        } else {
+            TcpFailure::NoAnswer
+        })
+    } else {
+        ConnectionOutcome::Closed(close_cause(s.rst))
+    };
+    let end = wall_clock(raw.ts_ns);
+    Some(ConnectionEnd {
+        id,
+        role,
+        isn_client,
+        isn_server,
+        start: if s.open_ns == 0 {
+            end
+        } else {
+            wall_clock(s.open_ns)
+        },
+        end,
+        outcome,
+        sent: l3(s.bytes_out, s.segs_out),
+        received: l3(s.bytes_in, s.segs_in),
+        retransmits: u64::from(s.retransmits),
+        rtt: (s.srtt_us > 0).then(|| Duration::from_micros(u64::from(s.srtt_us))),
+    })
+}
+
+/// Why an established connection ended, from its `rst` flags.
+fn close_cause(rst: u8) -> TcpClose {
+    if rst & TIMED_OUT != 0 {
+        TcpClose::Timeout
+    } else if rst != 0 {
+        TcpClose::Reset
+    } else {
+        TcpClose::Fin
     }
 }
 
@@ -411,6 +498,9 @@ impl Health {
                 if self.local_clients.get(&id) == Some(&raw.sk) {
                     self.local_clients.remove(&id);
                 }
+                if let Some(end) = connection_end(raw, id) {
+                    out.send(SourceEvent::Connection(end))?;
+                }
                 let send = |kind| out.send(SourceEvent::Tcp(TcpEvent { id, kind }));
                 // Retransmits not reported yet; for a socket that predates
                 // flowtel and was never seen, its history is not ours.
@@ -440,13 +530,7 @@ impl Health {
                         raw.s.srtt_us,
                     ))))?;
                 }
-                let cause = if raw.s.rst & TIMED_OUT != 0 {
-                    TcpClose::Timeout
-                } else if raw.s.rst != 0 {
-                    TcpClose::Reset
-                } else {
-                    TcpClose::Fin
-                };
+                let cause = close_cause(raw.s.rst);
                 let duration = (raw.s.open_ns != 0)
                     .then(|| Duration::from_nanos(raw.ts_ns.saturating_sub(raw.s.open_ns)));
                 send(TcpEventKind::Closed { cause, duration })?;
@@ -676,7 +760,8 @@ mod tests {
         use crate::source::ebpf::btf::assert_mirrors;
         #[rustfmt::skip]
         assert_mirrors!(OBJECT, "ft_sock", SockState, [laddr, raddr, lport, rport, family, role,
-            rst, established, open_ns, retransmits, srtt_us, rtt_updates]);
+            rst, established, open_ns, retransmits, srtt_us, rtt_updates, isn_local, isn_remote,
+            bytes_out, bytes_in, segs_out, segs_in, tcp_hdr_len, isn_known, pad]);
         assert_mirrors!(
             OBJECT,
             "ft_tcp_event",
