@@ -239,7 +239,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Flow>> {
 }
 
 /// `RetransSegs` of the namespace's TCP MIB (IPv4 and IPv6 together).
-fn retransmitted_segments(ns: &Netns) -> anyhow::Result<u64> {
+pub fn retransmitted_segments(ns: &Netns) -> anyhow::Result<u64> {
     let snmp = ns.run("cat", &["/proc/net/snmp"])?;
     let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
     let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
