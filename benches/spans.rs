@@ -31,7 +31,7 @@ use flowtel::flow::report::IntervalReport;
 use flowtel::flow::spans::{Sampler, SpanKeep};
 use flowtel::flow::{
     ConnectionEnd, ConnectionOutcome, ConnectionRole, Counters, Endpoint, FlowId, FlowStage,
-    FlowsConfig, SourceEvent, TcpClose, TcpEvent, TcpEventKind, Transport,
+    FlowsConfig, Nat, SourceEvent, TcpClose, TcpEvent, TcpEventKind, Transport,
 };
 use flowtel::telemetry::Telemetry;
 
@@ -55,6 +55,7 @@ fn connection(i: usize) -> SourceEvent {
     let now = SystemTime::now();
     SourceEvent::Connection(ConnectionEnd {
         id: id(i),
+        nat: Nat::default(),
         role: ConnectionRole::Client,
         isn_client: (i as u32).wrapping_mul(2_654_435_761),
         isn_server: Some((i as u32) ^ 0x5555_5555),

@@ -24,7 +24,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Mutex, MutexGuard};
@@ -296,6 +296,29 @@ fn both_nodes_spans_join_into_one_trace_direct_and_through_a_vip() {
         assert_eq!(s.int("server.port"), Some((*backend_port).into()));
         assert_eq!(c.str("client.address"), Some(A_V4));
         assert_eq!(s.str("client.address"), Some(A_V4));
+        // Through the VIP, A's conntrack names the backend that answered.
+        let nat = (
+            c.str("flowtel.nat.server.address"),
+            c.int("flowtel.nat.server.port"),
+        );
+        if *port == VIP_PORT {
+            assert_eq!(nat, (Some(B_V4), Some((*backend_port).into())), "{c:?}");
+        } else {
+            assert_eq!(nat, (None, None), "a direct connection: {c:?}");
+        }
+        // The peer is named from the pod that answered, not only the VIP's
+        // Service.
+        let peer = (
+            c.str("peer.service"),
+            c.str("flowtel.peer.k8s.workload.name"),
+        );
+        assert_eq!(peer, (Some("payments"), Some("payments")), "{c:?}");
+        println!(
+            "port {port}: client span server.address {:?}, flowtel.nat.server {:?}, (peer.service, flowtel.peer.k8s.workload.name) {:?}",
+            c.str("server.address"),
+            nat,
+            peer
+        );
         assert_eq!(
             service(c),
             Some("checkout"),
@@ -352,6 +375,69 @@ fn both_nodes_spans_join_into_one_trace_direct_and_through_a_vip() {
         .collect();
     assert_eq!(reset.len(), 1, "one reset connection: {spans:#?}");
     assert_eq!(reset[0].status.1, "connection closed by reset");
+
+    // The service graph Tempo's metrics generator and the Collector's
+    // servicegraph connector draw from these spans alone: 4 paired edges
+    // (2 transfers, the probe, the reset one, which failed) and 2 virtual
+    // ones (refused, unanswered, both failed).
+    let graph = service_graph(&spans);
+    println!("service graph: {graph:?}");
+    let edge = |connection_type| Edge {
+        client: "checkout".into(),
+        server: "payments".into(),
+        connection_type,
+    };
+    assert_eq!(
+        graph,
+        BTreeMap::from([(edge(""), (4, 1)), (edge("virtual_node"), (2, 2))]),
+        "{spans:#?}"
+    );
+}
+
+/// One edge of a service graph, as the servicegraph metrics label it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Edge {
+    client: String,
+    server: String,
+    connection_type: &'static str,
+}
+
+/// The service graph by the rules of Tempo's metrics generator and the
+/// Collector's servicegraph connector (neither can run here: no package
+/// ships Tempo, and the PyPI Collector lacks the connector): a `CLIENT` span
+/// and the `SERVER` span whose parent it is, in one trace, make an edge
+/// from the client's resource `service.name` to the server's; a client span
+/// left without one makes an edge to the virtual node its `peer.service`
+/// names. An edge fails when either span has status `ERROR`. Edge → (
+/// requests, failed).
+fn service_graph(spans: &[ReceivedSpan]) -> BTreeMap<Edge, (u64, u64)> {
+    let mut graph = BTreeMap::new();
+    for c in spans.iter().filter(|s| s.kind == CLIENT_KIND) {
+        let server = spans.iter().find(|s| {
+            s.kind == SERVER_KIND && s.trace_id == c.trace_id && s.parent_span_id == c.span_id
+        });
+        let (to, connection_type, failed) = match server {
+            Some(s) => (
+                service(s),
+                "",
+                c.status.0 == STATUS_ERROR || s.status.0 == STATUS_ERROR,
+            ),
+            None => (
+                c.str("peer.service"),
+                "virtual_node",
+                c.status.0 == STATUS_ERROR,
+            ),
+        };
+        let edge = Edge {
+            client: service(c).unwrap_or_default().to_string(),
+            server: to.unwrap_or_default().to_string(),
+            connection_type,
+        };
+        let e: &mut (u64, u64) = graph.entry(edge).or_default();
+        e.0 += 1;
+        e.1 += u64::from(failed);
+    }
+    graph
 }
 
 /// An `AF_PACKET` socket receiving every frame of the namespace it is

@@ -313,6 +313,10 @@ fn write_span(w: &mut SpanWriter, s: &ConnectionSpan) {
     w.attribute(CLIENT_PORT, Any::Int(e.id.client.port.into()));
     w.display(SERVER_ADDRESS, e.id.server.ip);
     w.attribute(SERVER_PORT, Any::Int(e.id.server.port.into()));
+    if let Some(backend) = e.nat.server {
+        w.display(NAT_SERVER_ADDRESS, backend.ip);
+        w.attribute(NAT_SERVER_PORT, Any::Int(backend.port.into()));
+    }
     w.attribute(PEER_SERVICE, Any::Str(&service_of(peer_name, &peer)));
     if let Some(end) = peer_name {
         let mut attrs = Vec::new();

@@ -307,8 +307,7 @@ impl FlowStage {
             }
             SourceEvent::Connection(end) => {
                 if self.spans.wants(&end) {
-                    let names =
-                        name_flow(self.naming.as_deref(), &end.id, &Nat::default(), &mut None);
+                    let names = name_flow(self.naming.as_deref(), &end.id, &end.nat, &mut None);
                     self.spans.push(end, names);
                 }
             }

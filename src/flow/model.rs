@@ -309,6 +309,10 @@ pub struct ConnectionEnd {
     /// Addresses as this socket saw them (a client's server is the address
     /// it connected to, e.g. a Service VIP).
     pub id: FlowId,
+    /// This node's address translation of the connection (conntrack's, when
+    /// the eBPF source follows it): on a client that dialled a Service VIP,
+    /// the backend that answered.
+    pub nat: Nat,
     pub role: ConnectionRole,
     /// The client's initial sequence number.
     pub isn_client: u32,

@@ -20,9 +20,11 @@ use anyhow::{anyhow, Context};
 use aya::maps::{MapData, RingBuf};
 use serde::{Deserialize, Serialize};
 
+use super::merge::ConnKey;
+use super::nat::NatTable;
 use super::{btf, maps};
 use crate::flow::{
-    ConnectionEnd, ConnectionOutcome, ConnectionRole, Counters, DropRecord, Endpoint, FlowId,
+    ConnectionEnd, ConnectionOutcome, ConnectionRole, Counters, DropRecord, Endpoint, FlowId, Nat,
     SourceEvent, TcpClose, TcpEvent, TcpEventKind, TcpFailure, Transport,
 };
 use crate::source::kernel::KernelStats;
@@ -273,6 +275,7 @@ fn connection_end(raw: &RawEvent, id: FlowId) -> Option<ConnectionEnd> {
     let end = wall_clock(raw.ts_ns);
     Some(ConnectionEnd {
         id,
+        nat: Nat::default(),
         role,
         isn_client,
         isn_server,
@@ -288,6 +291,20 @@ fn connection_end(raw: &RawEvent, id: FlowId) -> Option<ConnectionEnd> {
         retransmits: u64::from(s.retransmits),
         rtt: (s.srtt_us > 0).then(|| Duration::from_micros(u64::from(s.srtt_us))),
     })
+}
+
+/// The translation conntrack made of a client's connection, by its
+/// original tuple (the one the socket knows); none for a server's socket,
+/// which sees the translated tuple.
+fn translation_of(table: &NatTable, end: &ConnectionEnd) -> Nat {
+    if end.role != ConnectionRole::Client {
+        return Nat::default();
+    }
+    let id = &end.id;
+    table
+        .by_original(&ConnKey::new(id.transport, id.client, id.server))
+        .filter(|t| t.original.client == id.client && t.original.server == id.server)
+        .map_or_else(Nat::default, |t| t.nat)
 }
 
 /// Why an established connection ended, from its `rst` flags.
@@ -441,7 +458,9 @@ impl Health {
     }
 
     /// Handles every connection event waiting in the ring buffer.
-    pub(crate) fn poll(&mut self, out: &Out) -> Result<(), Halt> {
+    /// Sends the connection events the ring buffer holds; `nat` gives a
+    /// client's span the backend its NAT'ed connection reached.
+    pub(crate) fn poll(&mut self, out: &Out, nat: Option<&NatTable>) -> Result<(), Halt> {
         let mut batch = Vec::new();
         if let Some(ring) = self.events.as_mut() {
             while let Some(item) = ring.next() {
@@ -455,12 +474,12 @@ impl Health {
             }
         }
         for raw in &batch {
-            self.on_event(raw, out)?;
+            self.on_event(raw, out, nat)?;
         }
         Ok(())
     }
 
-    fn on_event(&mut self, raw: &RawEvent, out: &Out) -> Result<(), Halt> {
+    fn on_event(&mut self, raw: &RawEvent, out: &Out, nat: Option<&NatTable>) -> Result<(), Halt> {
         let Some(id) = raw.s.flow_id() else {
             self.self_stats.parse_errors.inc();
             return Ok(());
@@ -498,7 +517,8 @@ impl Health {
                 if self.local_clients.get(&id) == Some(&raw.sk) {
                     self.local_clients.remove(&id);
                 }
-                if let Some(end) = connection_end(raw, id) {
+                if let Some(mut end) = connection_end(raw, id) {
+                    end.nat = nat.map_or_else(Nat::default, |t| translation_of(t, &end));
                     out.send(SourceEvent::Connection(end))?;
                 }
                 let send = |kind| out.send(SourceEvent::Tcp(TcpEvent { id, kind }));
@@ -552,8 +572,8 @@ impl Health {
 
     /// Reports retransmits and RTT of the live sockets, the drops summed
     /// since the last dump, and what the kernel could not record.
-    pub(crate) fn dump(&mut self, out: &Out) -> Result<(), Halt> {
-        self.poll(out)?;
+    pub(crate) fn dump(&mut self, out: &Out, nat: Option<&NatTable>) -> Result<(), Halt> {
+        self.poll(out, nat)?;
         self.dump_sockets(out)?;
         self.dump_drops(out)?;
         self.read_lost();

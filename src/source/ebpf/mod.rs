@@ -910,7 +910,8 @@ impl Worker {
             }
             // Keeps the ring buffer of connection events from filling.
             if let Some(health) = &mut self.health {
-                if health.poll(&self.out).is_err() {
+                let nat = self.nat.as_ref().map(nat::Translations::table);
+                if health.poll(&self.out, nat).is_err() {
                     return;
                 }
             }
@@ -1048,7 +1049,7 @@ impl Worker {
             "eBPF map dump done"
         );
         if let Some(health) = &mut self.health {
-            health.dump(&self.out)?;
+            health.dump(&self.out, self.nat.as_ref().map(nat::Translations::table))?;
         }
         self.out.send(SourceEvent::DumpFinished { epoch, complete })
     }
