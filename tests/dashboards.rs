@@ -86,6 +86,8 @@ enum Lang {
     LogQl,
     /// A Prometheus template variable: `label_values(SELECTOR, LABEL)`.
     Variable,
+    /// A Tempo search over flowtel's connection spans.
+    TraceQl,
 }
 
 #[derive(Debug, Clone)]
@@ -148,12 +150,16 @@ fn queries(name: &str, dash: &Value) -> Vec<Query> {
     let mut out = Vec::new();
     for p in panels(dash) {
         for t in p["targets"].as_array().into_iter().flatten() {
-            let Some(expr) = t["expr"].as_str() else {
-                continue;
+            let (expr, lang) = match datasource_type(t, p).as_str() {
+                // A service map query has no text: Tempo draws it from its
+                // own metrics (tests/ebpf_spans.rs checks the graph).
+                "tempo" if t["queryType"] == "traceql" => (t["query"].as_str(), Lang::TraceQl),
+                "tempo" => continue,
+                "loki" => (t["expr"].as_str(), Lang::LogQl),
+                _ => (t["expr"].as_str(), Lang::PromQl),
             };
-            let lang = match datasource_type(t, p).as_str() {
-                "loki" => Lang::LogQl,
-                _ => Lang::PromQl,
+            let Some(expr) = expr else {
+                continue;
             };
             out.push(Query {
                 dashboard: name.to_string(),
@@ -561,6 +567,8 @@ struct Documented {
     /// Metric-table rows whose `Prometheus` column is not what the
     /// translation makes of the row's name, unit and instrument.
     mismatches: Vec<String>,
+    /// The page itself, where span attributes are named in backticks.
+    text: String,
 }
 
 /// Attribute namespaces of flowtel's telemetry; other dotted names in the
@@ -589,6 +597,7 @@ fn documented() -> Documented {
     let text = std::fs::read_to_string(Path::new(ROOT).join("docs/telemetry.md"))
         .expect("reading docs/telemetry.md");
     let mut doc = documented_in(&text);
+    doc.text.clone_from(&text);
     // The Prometheus section: the resource as `target_info`, joined `on
     // (job, instance)`, histogram buckets by `le`, the scope label.
     for (needle, metric, labels) in [
@@ -718,8 +727,127 @@ fn undocumented(q: &Query, doc: &Documented) -> Result<Vec<String>, String> {
                 }
             }
         }
+        Lang::TraceQl => {
+            for c in traceql_conditions(&q.expr)? {
+                if let Some(name) = c.attribute() {
+                    if !doc.text.contains(&format!("`{name}`")) {
+                        missing.push(format!("span attribute {name}"));
+                    }
+                }
+            }
+        }
     }
     Ok(missing)
+}
+
+/// One comparison of a TraceQL spanset filter: `resource.k8s.pod.name =~
+/// "x"`, `span.flowtel.tcp.retransmits > 0`, `kind = client`.
+#[derive(Debug, Clone, PartialEq)]
+struct TraceCond {
+    field: String,
+    op: String,
+    value: String,
+}
+
+impl TraceCond {
+    /// The attribute it reads, if not an intrinsic (`kind`, `status`).
+    fn attribute(&self) -> Option<&str> {
+        self.field
+            .strip_prefix("resource.")
+            .or_else(|| self.field.strip_prefix("span."))
+    }
+
+    /// Whether `span` passes. Regular expressions are evaluated only as the
+    /// dashboards use them: `.*` (All) or a literal (one selected value).
+    fn matches(&self, span: &common::otlp_receiver::ReceivedSpan) -> Result<bool, String> {
+        use common::otlp_receiver::AttrValue;
+        let actual: Option<String> = match self.field.as_str() {
+            "kind" => Some(match span.kind {
+                2 => "server".into(),
+                3 => "client".into(),
+                k => format!("kind {k}"),
+            }),
+            "status" => Some(match span.status.0 {
+                0 => "unset".into(),
+                1 => "ok".into(),
+                _ => "error".into(),
+            }),
+            f => {
+                let attrs = if f.starts_with("resource.") {
+                    &span.resource
+                } else {
+                    &span.attrs
+                };
+                self.attribute()
+                    .and_then(|a| attrs.get(a))
+                    .map(|v| match v {
+                        AttrValue::Str(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+            }
+        };
+        let value = self.value.trim_matches('"');
+        Ok(match (self.op.as_str(), actual) {
+            ("!=", None) => value != "nil",
+            (_, None) => false,
+            ("=", Some(a)) => a == value,
+            ("!=", Some(a)) => value == "nil" || a != value,
+            ("=~", Some(_)) if value == ".*" => true,
+            ("=~", Some(a))
+                if value
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || "-_.".contains(c)) =>
+            {
+                a == value
+            }
+            (">", Some(a)) => {
+                let (a, v) = (a.parse::<f64>(), value.parse::<f64>());
+                matches!((a, v), (Ok(a), Ok(v)) if a > v)
+            }
+            (op, _) => return Err(format!("{self:?}: {op} {value} is not evaluated here")),
+        })
+    }
+}
+
+/// The comparisons of a spanset filter joined by `&&`, the only TraceQL
+/// the dashboards use (Grafana's grammar checks the syntax in
+/// dashboards/typecheck; this reads what the query asks of a span).
+fn traceql_conditions(expr: &str) -> Result<Vec<TraceCond>, String> {
+    let inner = expr
+        .trim()
+        .strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .ok_or_else(|| format!("not one spanset filter: {expr}"))?;
+    if inner.contains("||") || inner.contains('|') || inner.contains('(') {
+        return Err(format!(
+            "only comparisons joined by && are read here: {expr}"
+        ));
+    }
+    inner
+        .split("&&")
+        .map(|c| match c.split_whitespace().collect::<Vec<_>>()[..] {
+            [field, op, value] => Ok(TraceCond {
+                field: field.into(),
+                op: op.into(),
+                value: value.into(),
+            }),
+            _ => Err(format!("not FIELD OP VALUE: {c:?} in {expr}")),
+        })
+        .collect()
+}
+
+/// The spans `expr` (variables substituted) finds.
+fn traceql_run(expr: &str, spans: &[common::otlp_receiver::ReceivedSpan]) -> Result<usize, String> {
+    let conds = traceql_conditions(expr)?;
+    let mut found = 0;
+    for s in spans {
+        let mut all = true;
+        for c in &conds {
+            all &= c.matches(s)?;
+        }
+        found += usize::from(all);
+    }
+    Ok(found)
 }
 
 const VARS_ALL: [(&str, &str); 3] = [
@@ -770,6 +898,12 @@ fn every_name_in_the_dashboards_is_in_telemetry_md() {
         match q.lang {
             Lang::LogQl => used_labels
                 .extend(logql_labels(&substitute(&q.expr, &VARS_ALL)).unwrap_or_default()),
+            Lang::TraceQl => used_labels.extend(
+                traceql_conditions(&q.expr)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|c| c.attribute().map(String::from)),
+            ),
             _ => {
                 let expr = match q.lang {
                     Lang::Variable => variable_promql(&q.expr).map(|v| v.0).unwrap_or_default(),
@@ -785,11 +919,12 @@ fn every_name_in_the_dashboards_is_in_telemetry_md() {
     }
     let count = |l: Lang| queries.iter().filter(|q| q.lang == l).count();
     println!(
-        "{} queries ({} PromQL, {} LogQL, {} template variables) name {} metrics and {} labels, \
-         all documented: {}",
+        "{} queries ({} PromQL, {} LogQL, {} TraceQL, {} template variables) name {} metrics and {} \
+         labels or attributes, all documented: {}",
         queries.len(),
         count(Lang::PromQl),
         count(Lang::LogQl),
+        count(Lang::TraceQl),
         count(Lang::Variable),
         used_metrics.len(),
         used_labels.len(),
@@ -979,7 +1114,7 @@ fn dashboards_are_well_formed() {
             );
             let ds = p["datasource"]["type"].as_str().unwrap_or_default();
             assert!(
-                ds == "prometheus" || ds == "loki",
+                ["prometheus", "loki", "tempo"].contains(&ds),
                 "{name} / {title}: datasource {ds:?}"
             );
             let targets = p["targets"].as_array().cloned().unwrap_or_default();
@@ -995,9 +1130,15 @@ fn dashboards_are_well_formed() {
                     ds,
                     "{name} / {title}: target on another data source"
                 );
+                let text = match (ds, t["queryType"].as_str()) {
+                    ("tempo", Some("serviceMap")) => Some("service map"),
+                    ("tempo", Some("traceql")) => t["query"].as_str(),
+                    ("tempo", other) => panic!("{name} / {title}: Tempo query type {other:?}"),
+                    _ => t["expr"].as_str(),
+                };
                 assert!(
-                    t["expr"].as_str().is_some_and(|e| !e.is_empty()),
-                    "{name} / {title}: empty expr"
+                    text.is_some_and(|e| !e.is_empty()),
+                    "{name} / {title}: empty query"
                 );
             }
             assert!(
@@ -1239,7 +1380,9 @@ fn round(lab: &RouterLab) {
         .a
         .in_ns(|| {
             traffic::Failures {
-                reset: sock(B_V4, BACKEND_PORT),
+                // Not through the lossy rule: a lost RST leaves the server
+                // waiting out its read timeout.
+                reset: sock(EXTRA_V4, BACKEND_PORT),
                 refused: (sock(B_V4, CLOSED_PORT), 2),
                 unanswered: sock(B_V4, DROPPED_TCP_PORT),
                 udp_dropped: (sock(A_V4, 0), sock(B_V4, DROPPED_UDP_PORT), 5),
@@ -1481,6 +1624,10 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".to_string()),
             ("FLOWTEL_EXPORT__LOGS__RATE_LIMIT", "0".to_string()),
             ("FLOWTEL_CNI__ENABLED", "on".to_string()),
+            // Every connection's span, for the TraceQL panels.
+            ("FLOWTEL_EXPORT__TRACES__ENABLED", "true".to_string()),
+            ("FLOWTEL_EXPORT__TRACES__SAMPLING", "1".to_string()),
+            ("FLOWTEL_EXPORT__TRACES__RATE_LIMIT", "0".to_string()),
         ]
         .into_iter()
         .chain(mesh::scrape_env(felix, "1s", "800ms"))
@@ -1550,7 +1697,10 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         ("$namespace", "shop"),
         ("$workload", "checkout"),
     ];
-    let promql: Vec<&Query> = queries.iter().filter(|q| q.lang != Lang::LogQl).collect();
+    let promql: Vec<&Query> = queries
+        .iter()
+        .filter(|q| matches!(q.lang, Lang::PromQl | Lang::Variable))
+        .collect();
     let deadline = Instant::now() + QUERY_DEADLINE;
     let prom = &prom;
     let results = loop {
@@ -1658,6 +1808,47 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             logql_missing.push(format!("{} / {}: {missing:?}", q.dashboard, q.panel));
         }
     }
+    // TraceQL: each query finds spans among those flowtel sent, with one
+    // workload selected and with All.
+    let traceql: Vec<&Query> = queries.iter().filter(|q| q.lang == Lang::TraceQl).collect();
+    let runs =
+        |spans: &[common::otlp_receiver::ReceivedSpan]| -> Vec<(String, Result<usize, String>)> {
+            traceql
+                .iter()
+                .flat_map(|q| {
+                    [("selected", &concrete), ("All", &VARS_ALL)].map(|(which, vars)| {
+                        (
+                            format!("{} / {} [{which}]", q.dashboard, q.panel),
+                            traceql_run(&substitute(&q.expr, vars), spans),
+                        )
+                    })
+                })
+                .collect()
+        };
+    // Two rounds, each with a reset, two refused and an unanswered connect.
+    let failed_connections = ("flowtel-connections / Failed connections", 2 * (1 + 2 + 1));
+    let found = |r: &Result<usize, String>| r.as_ref().is_ok_and(|n| *n > 0);
+    let mut spans = Vec::new();
+    common::wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        spans = receiver.spans();
+        runs(&spans).iter().all(|(_, r)| found(r))
+    });
+    let traceql_runs = runs(&spans);
+    for (what, r) in &traceql_runs {
+        println!("{TEST}: {what} (TraceQL): {r:?} of {} spans", spans.len());
+    }
+    let traceql_failed: Vec<&(String, Result<usize, String>)> = traceql_runs
+        .iter()
+        .filter(|(what, r)| {
+            !found(r)
+                || (what.starts_with(failed_connections.0)
+                    && r.as_ref().ok() != Some(&failed_connections.1))
+        })
+        .collect();
+    assert!(
+        traceql_failed.is_empty(),
+        "{TEST}: TraceQL queries found no span: {traceql_failed:?}"
+    );
     assert!(
         failed.is_empty(),
         "{TEST}: {} queries returned no data:\n  {}\nPrometheus targets: {}",

@@ -1,12 +1,14 @@
 // Type-checks every dashboard in dashboards/ against @grafana/schema's
 // Dashboard type (with `satisfies`, so literal values and unknown keys are
-// checked), and parses every LogQL query with Grafana's own LogQL grammar.
+// checked), and parses every LogQL and TraceQL query with Grafana's own
+// grammars.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import ts from 'typescript';
 import { parser as logql } from '@grafana/lezer-logql';
+import { parser as traceql } from '@grafana/lezer-traceql';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const dashboards = process.argv[2] ?? path.resolve(here, '..');
@@ -48,9 +50,9 @@ function typecheck(named) {
   return diagnostics;
 }
 
-function logqlErrorAt(expr) {
+function errorAt(parser, expr) {
   let at = -1;
-  logql.parse(expr).iterate({
+  parser.parse(expr).iterate({
     enter: (n) => {
       if (n.type.isError && at < 0) at = n.from;
     },
@@ -62,15 +64,29 @@ const named = files.map((f) => [f, fs.readFileSync(path.join(dashboards, f), 'ut
 const diagnostics = typecheck(named);
 for (const d of diagnostics) console.error(`type error ${d}`);
 
-// 2. LogQL syntax.
+const logqlErrorAt = (expr) => errorAt(logql, expr);
+const traceqlErrorAt = (expr) => errorAt(traceql, expr);
+
+// 2. LogQL and TraceQL syntax.
 let queries = 0;
 let logqlErrors = 0;
+let traceqlQueries = 0;
+let traceqlErrors = 0;
 for (const f of files) {
   const dash = JSON.parse(fs.readFileSync(path.join(dashboards, f), 'utf8'));
   const panels = (dash.panels ?? []).flatMap((p) => [p, ...(p.panels ?? [])]);
   for (const p of panels) {
     for (const t of p.targets ?? []) {
       const type = t.datasource?.type ?? p.datasource?.type;
+      if (type === 'tempo' && t.queryType === 'traceql') {
+        traceqlQueries += 1;
+        const at = traceqlErrorAt(t.query ?? '');
+        if (at >= 0 || !t.query) {
+          traceqlErrors += 1;
+          console.error(`TraceQL error in ${f} / ${p.title} at ${at}: ${t.query}`);
+        }
+        continue;
+      }
       if (type !== 'loki' || !t.expr) continue;
       queries += 1;
       const expr = t.expr
@@ -103,14 +119,19 @@ const missed = Object.entries(breakers)
 const brokenLogql = ['{service_name="flowtel" | unwrap', 'sum by (a (count_over_time({a="b"}[1m]))'].filter(
   (e) => logqlErrorAt(e) < 0,
 );
-if (missed.length > 0 || brokenLogql.length > 0) {
-  console.error(`self-test failed: type check accepted ${JSON.stringify(missed)}, LogQL accepted ${JSON.stringify(brokenLogql)}`);
+const brokenTraceql = ['{ kind = client && }', '{ span.a = }'].filter((e) => traceqlErrorAt(e) < 0);
+if (missed.length > 0 || brokenLogql.length > 0 || brokenTraceql.length > 0) {
+  console.error(
+    `self-test failed: type check accepted ${JSON.stringify(missed)}, LogQL accepted ${JSON.stringify(brokenLogql)}, ` +
+      `TraceQL accepted ${JSON.stringify(brokenTraceql)}`,
+  );
   process.exit(1);
 }
 
 console.log(
   `${files.length} dashboards type-checked against @grafana/schema: ${diagnostics.length} errors; ` +
     `${queries} LogQL queries parsed: ${logqlErrors} errors; ` +
-    `self-test: ${Object.keys(breakers).length} broken dashboards and 2 broken LogQL queries rejected`,
+    `${traceqlQueries} TraceQL queries parsed: ${traceqlErrors} errors; ` +
+    `self-test: ${Object.keys(breakers).length} broken dashboards, 2 broken LogQL and 2 broken TraceQL queries rejected`,
 );
-process.exit(diagnostics.length + logqlErrors > 0 ? 1 : 0);
+process.exit(diagnostics.length + logqlErrors + traceqlErrors > 0 ? 1 : 0);
