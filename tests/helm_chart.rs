@@ -59,7 +59,9 @@ config:
     logs:
       sampling: 0.1
       rate_limit: 100
-      dns: false
+      dns: all
+      dns_sampling: 0.25
+      dns_rate_limit: 50
     console:
       mode: never
   resource:
@@ -543,7 +545,7 @@ fn default_render_validates_and_is_least_privilege() {
         cfg["ebpf"]["dns"],
         json!({"enabled": true, "max_requests": 4096, "timeout": "5s"})
     );
-    assert_eq!(cfg["export"]["logs"]["dns"], json!(true));
+    assert_eq!(cfg["export"]["logs"]["dns"], json!("failed"));
     assert_eq!(c["livenessProbe"]["httpGet"]["host"], json!("127.0.0.1"));
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], json!(9810));
 
@@ -578,7 +580,9 @@ fn custom_render_validates() {
         cfg["ebpf"]["dns"],
         json!({"enabled": true, "max_requests": 1024, "timeout": "2s"})
     );
-    assert_eq!(cfg["export"]["logs"]["dns"], json!(false));
+    assert_eq!(cfg["export"]["logs"]["dns"], json!("all"));
+    assert_eq!(cfg["export"]["logs"]["dns_sampling"], json!(0.25));
+    assert_eq!(cfg["export"]["logs"]["dns_rate_limit"], json!(50));
 
     let c = container(&docs);
     let env = c["env"].as_array().expect("env");

@@ -101,10 +101,11 @@ pub struct DnsPoint {
     pub start: SystemTime,
 }
 
-/// A failed lookup (an error RCODE or a timeout) for the logs, with both
-/// ends' names.
+/// A lookup for the logs, with both ends' names: every failed one (an error
+/// RCODE or a timeout), and the answered ones too when an exporter asks
+/// for them (`export.logs.dns: all`).
 #[derive(Debug, Clone)]
-pub struct DnsFailure {
+pub struct DnsLookup {
     pub record: DnsRecord,
     pub names: Option<Arc<FlowNames>>,
     pub at: SystemTime,

@@ -205,6 +205,8 @@ pub struct FlowStage {
     tcp: TcpSeries,
     drops: DropSeries,
     dns: DnsSeries,
+    /// Keep answered DNS lookups as records too, not only failed ones.
+    dns_lookups: bool,
     zones: ZoneSeries,
     records: RecordCollector,
     spans: SpanCollector,
@@ -257,6 +259,7 @@ impl FlowStage {
             tcp,
             drops: DropSeries::default(),
             dns: DnsSeries::default(),
+            dns_lookups: false,
             zones: ZoneSeries::default(),
             records: RecordCollector::new(records, telemetry),
             spans: SpanCollector::new(None, telemetry),
@@ -271,6 +274,13 @@ impl FlowStage {
     /// there is none).
     pub fn with_spans(mut self, keep: Option<SpanKeep>) -> Self {
         self.spans = SpanCollector::new(keep, &self.telemetry);
+        self
+    }
+
+    /// Keeps every DNS lookup as a record for the log exporter, not only
+    /// the failed ones (`export.logs.dns: all`).
+    pub fn with_dns_lookups(mut self, all: bool) -> Self {
+        self.dns_lookups = all;
         self
     }
 
@@ -325,8 +335,8 @@ impl FlowStage {
                 };
                 let names = name_flow(self.naming.as_deref(), &id, &Nat::default(), &mut None);
                 self.dns.record(&record, names.clone());
-                if record.failed() {
-                    self.records.dns_failure(record, names);
+                if self.dns_lookups || record.failed() {
+                    self.records.dns_lookup(record, names);
                 }
             }
             SourceEvent::DumpStarted { epoch } => self.table.dump_started(epoch),

@@ -383,6 +383,19 @@ pub static LOGS_RECORDS_RATE_LIMITED: Metric = counter(
     "Log records dropped by export.logs.rate_limit",
 )
 .readyz("stats.log_records_rate_limited");
+pub static LOGS_DNS_SAMPLED_OUT: Metric = counter(
+    "flowtel.logs.dns.sampled_out",
+    "{lookup}",
+    "Answered DNS lookups that got no flowtel.dns.lookup record because of \
+     export.logs.dns_sampling",
+)
+.readyz("stats.dns_lookups_sampled_out");
+pub static LOGS_DNS_RATE_LIMITED: Metric = counter(
+    "flowtel.logs.dns.rate_limited",
+    "{lookup}",
+    "Answered DNS lookups whose flowtel.dns.lookup record export.logs.dns_rate_limit dropped",
+)
+.readyz("stats.dns_lookups_rate_limited");
 pub static SPANS_DROPPED: Metric = counter(
     "flowtel.spans.dropped",
     "{span}",
@@ -823,6 +836,8 @@ pub static METRICS: &[&Metric] = &[
     &EXPORT_INTERVALS_SKIPPED,
     &LOGS_RECORDS_DROPPED,
     &LOGS_RECORDS_RATE_LIMITED,
+    &LOGS_DNS_SAMPLED_OUT,
+    &LOGS_DNS_RATE_LIMITED,
     &SPANS_DROPPED,
     &SPANS_RATE_LIMITED,
     &EBPF_OVERFLOW_PACKETS,
@@ -1096,6 +1111,7 @@ pub const EVENT_CLOSED: &str = "flowtel.connection.closed";
 pub const EVENT_FAILED: &str = "flowtel.connection.failed";
 pub const EVENT_DROP: &str = "flowtel.packet.dropped";
 pub const EVENT_DNS_FAILED: &str = "flowtel.dns.failed";
+pub const EVENT_DNS_LOOKUP: &str = "flowtel.dns.lookup";
 pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
 pub const EVENT_CNI_OPERATION: &str = "flowtel.cni.operation";
 pub const EVENT_K8S_NETWORK: &str = "flowtel.cni.k8s_event";

@@ -126,3 +126,40 @@ pub fn question(name: &str, qtype: u16) -> Vec<u8> {
 pub fn compression_loop(id: u16) -> Vec<u8> {
     query(id, 1, &[0xc0, 0x0c, 0, 1, 0, 1])
 }
+
+/// Sends one UDP query per `(name, qtype)` from `from` in `ns` to
+/// `server`:53, ids from `first_id` up, each after the previous one's
+/// response (or a 1 s timeout): the RCODE of each response, `None` when
+/// none came.
+pub fn udp_lookups(
+    ns: &Netns,
+    from: &str,
+    server: &str,
+    questions: &[(String, u16)],
+    first_id: u16,
+) -> Vec<Option<u8>> {
+    let from: std::net::IpAddr = from.parse().expect("literal address");
+    let server: std::net::IpAddr = server.parse().expect("literal address");
+    ns.in_ns(|| -> std::io::Result<Vec<Option<u8>>> {
+        let s = std::net::UdpSocket::bind((from, 0))?;
+        s.connect((server, 53))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut buf = [0u8; 1500];
+        let mut out = Vec::new();
+        for (i, (name, qtype)) in questions.iter().enumerate() {
+            let id = first_id.wrapping_add(i as u16);
+            s.send(&query(id, 1, &question(name, *qtype)))?;
+            let rcode = loop {
+                match s.recv(&mut buf) {
+                    Ok(n) if n >= 12 && buf[..2] == id.to_be_bytes() => break Some(buf[3] & 0x0f),
+                    Ok(_) => continue,
+                    Err(_) => break None,
+                }
+            };
+            out.push(rcode);
+        }
+        Ok(out)
+    })
+    .expect("entering the client's namespace")
+    .expect("UDP lookups")
+}
