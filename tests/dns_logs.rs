@@ -19,7 +19,7 @@ use std::time::Duration;
 use common::dns::{self, DIG, DNSMASQ};
 use common::flowtel::{Flowtel, FlowtelArgs, Health};
 use common::otlp_receiver::OtlpReceiver;
-use common::scenario::{Lab, A_V4, B_V4};
+use common::scenario::{A_V4, B_V4};
 
 const TEST: &str = "answered_lookups_are_sampled_rate_limited_and_counted";
 /// Answered lookups sent, and failed ones (NXDOMAIN).
@@ -38,21 +38,7 @@ fn answered_lookups_are_sampled_rate_limited_and_counted() {
         return;
     };
     let [dnsmasq, dig]: [PathBuf; 2] = found.try_into().expect("two tools");
-    let mut lab = Lab::new(&tools).expect("setting up namespaces A and B");
-    let records: Vec<String> = KNOWN
-        .iter()
-        .enumerate()
-        .map(|(i, n)| format!("{n},198.51.100.{}", i + 1))
-        .collect();
-    let (b, a) = (lab.b.clone(), lab.a.clone());
-    dns::start_dnsmasq(
-        &mut lab.guard,
-        &b,
-        &a,
-        (&dnsmasq, &dig),
-        &dns::dnsmasq_args(&[B_V4], "/test/", &records),
-        (B_V4, KNOWN[0]),
-    );
+    let lab = dns::lab_with_dnsmasq(&tools, (&dnsmasq, &dig), &KNOWN);
 
     let receiver = OtlpReceiver::start().expect("starting the test OTLP receiver");
     let endpoint = receiver.grpc_endpoint();

@@ -261,6 +261,12 @@ pub static DNS_REQUESTS: Metric = counter(
      question type",
 )
 .selectable();
+pub static DNS_NAME_REQUESTS: Metric = counter(
+    "flowtel.dns.name.requests",
+    "{request}",
+    "DNS queries by query name: the top flows.dns_top_names names of each interval, the rest \
+     in one overflow series",
+);
 pub static DNS_LATENCY: Metric = histogram(
     "flowtel.dns.latency",
     "s",
@@ -306,6 +312,12 @@ pub static SERIES_ACTIVE: Metric = gauge(
     "Metric series currently exported",
 )
 .readyz("stats.series_active");
+pub static DNS_NAMES_OVERFLOWED: Metric = counter(
+    "flowtel.dns.names.overflowed",
+    "{request}",
+    "DNS queries folded into the overflow series of flowtel.dns.name.requests",
+)
+.readyz("stats.dns_names_overflowed");
 pub static SERIES_OVERFLOWED: Metric = counter(
     "flowtel.series.overflowed",
     "{update}",
@@ -816,6 +828,7 @@ pub static METRICS: &[&Metric] = &[
     &TCP_RTT,
     &TCP_DURATION,
     &DNS_REQUESTS,
+    &DNS_NAME_REQUESTS,
     &DNS_LATENCY,
     &FLOWS_TRACKED,
     &FLOWS_UPDATES,
@@ -824,6 +837,7 @@ pub static METRICS: &[&Metric] = &[
     &FLOWS_ENDED_UNSEEN,
     &SERIES_ACTIVE,
     &SERIES_OVERFLOWED,
+    &DNS_NAMES_OVERFLOWED,
     &TCP_SAMPLES_DROPPED,
     &SOURCE_ACTIVE,
     &SOURCE_EVENTS_LOST,

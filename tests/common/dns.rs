@@ -163,3 +163,31 @@ pub fn udp_lookups(
     .expect("entering the client's namespace")
     .expect("UDP lookups")
 }
+
+/// Namespaces A and B ([`Lab`](super::scenario::Lab)) with dnsmasq serving
+/// in B at its IPv4 address: each of `names` (under `.test`) answered with
+/// a 198.51.100.x address, NXDOMAIN for any other `.test` name. dnsmasq is
+/// killed with the lab.
+pub fn lab_with_dnsmasq(
+    tools: &super::Prerequisites,
+    (dnsmasq, dig_bin): (&Path, &Path),
+    names: &[&str],
+) -> super::scenario::Lab {
+    let mut lab = super::scenario::Lab::new(tools).expect("setting up namespaces A and B");
+    let records: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{n},198.51.100.{}", i + 1))
+        .collect();
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let server = super::scenario::B_V4;
+    start_dnsmasq(
+        &mut lab.guard,
+        &b,
+        &a,
+        (dnsmasq, dig_bin),
+        &dnsmasq_args(&[server], "/test/", &records),
+        (server, names[0]),
+    );
+    lab
+}
