@@ -1552,7 +1552,8 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             ("FLOWTEL_EXPORT__LOGS__RATE_LIMIT", "0".to_string()),
             ("FLOWTEL_CNI__ENABLED", "on".to_string()),
             ("FLOWTEL_EBPF__DNS__TIMEOUT", DNS_TIMEOUT.to_string()),
-            ("FLOWTEL_EXPORT__LOGS__DNS", "true".to_string()),
+            ("FLOWTEL_EXPORT__LOGS__DNS", "failed".to_string()),
+            ("FLOWTEL_FLOWS__DNS_TOP_NAMES", "3".to_string()),
         ]
         .into_iter()
         .chain(mesh::scrape_env(felix, "1s", "800ms"))
