@@ -73,6 +73,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let naming = namer.map(|n| Box::new(n) as Box<dyn Naming>);
     FlowStage::new(&cfg.flows, exporters.records(), naming, &telemetry)
         .with_spans(exporters.spans())
+        .with_dns_lookups(exporters.dns_lookups())
         .run(
             received,
             cfg.interval,

@@ -12,6 +12,18 @@ struct Case {
 
 const CASES: &[Case] = &[
     Case {
+        name: "DNS log records neither off, failed nor all",
+        yaml: Some("export:\n  logs:\n    dns: sometimes\n"),
+        env: &[],
+        key: "`export.logs.dns`",
+    },
+    Case {
+        name: "DNS lookup sampling above 1",
+        yaml: None,
+        env: &[("FLOWTEL_EXPORT__LOGS__DNS_SAMPLING", "2")],
+        key: "`export.logs.dns_sampling`",
+    },
+    Case {
         name: "zero interval",
         yaml: Some("interval: 0s\n"),
         env: &[],

@@ -63,6 +63,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cni::{debian_plugins, Attachment, CniNetwork, LinkGuard};
+use common::dns::{self, DIG, DNSMASQ};
 use common::flowtel::{Flowtel, FlowtelArgs, Health};
 use common::kubeapi::{fx, KubeApi};
 use common::mesh::{self, Behaviour};
@@ -573,7 +574,7 @@ struct Documented {
 
 /// Attribute namespaces of flowtel's telemetry; other dotted names in the
 /// page are configuration keys (`ebpf.max_flows`, ...).
-const ATTRIBUTE_ROOTS: [&str; 13] = [
+const ATTRIBUTE_ROOTS: [&str; 14] = [
     "flowtel",
     "k8s",
     "network",
@@ -587,6 +588,7 @@ const ATTRIBUTE_ROOTS: [&str; 13] = [
     "destination",
     "flow",
     "event",
+    "dns",
 ];
 
 fn backticked(text: &str) -> Vec<&str> {
@@ -1216,6 +1218,19 @@ const CLOSED_PORT: u16 = 5555;
 const DROPPED_TCP_PORT: u16 = 9999;
 const DROPPED_UDP_PORT: u16 = 9998;
 const LOSS_PERCENT: u32 = 3;
+/// Names dnsmasq in B (the payments pod) answers, A and AAAA.
+const DNS_KNOWN: [&str; 2] = [
+    "payments.shop.svc.cluster.local",
+    "checkout.shop.svc.cluster.local",
+];
+/// Names it answers NXDOMAIN, A only.
+const DNS_MISSING: [&str; 2] = [
+    "missing0.shop.svc.cluster.local",
+    "missing1.shop.svc.cluster.local",
+];
+/// `ebpf.dns.timeout`: A's lookups sent to EXTRA_V4, whose DNS R drops,
+/// are timeouts after this.
+const DNS_TIMEOUT: &str = "1s";
 /// Where the meshed checkout pod's sidecar, ztunnel and Felix serve their
 /// scrapes: loopback addresses of flowtel's own namespace.
 const SIDECAR_IP: &str = "127.0.0.2";
@@ -1399,6 +1414,37 @@ fn round(lab: &RouterLab) {
     println!("{TEST}: round: bulk {bulk:?} (transfer {transfers}, {} segments retransmitted), Service {vip:?}, unclaimed {extra:?}, 1 reset, 2 refused, 1 unanswered, 5 UDP dropped", retransmitted() - before);
 }
 
+/// One round of DNS lookups from A: each of `DNS_KNOWN` A and AAAA
+/// (NOERROR) and each of `DNS_MISSING` A (NXDOMAIN) to dnsmasq in B, one
+/// to EXTRA_V4 where R drops them (a timeout), and one malformed query (a
+/// compression loop: a parse error). Adds what dig printed to `lookups`
+/// (RCODE, or TIMEOUT without a response → lookups).
+fn dns_round(lab: &RouterLab, dig: &Path, lookups: &mut BTreeMap<String, u64>) {
+    let mut ask = |server: &str, name: &str, qtype: &str| {
+        let status = dns::dig(&lab.a, dig, server, name, qtype, false);
+        *lookups
+            .entry(status.unwrap_or_else(|| "TIMEOUT".into()))
+            .or_default() += 1;
+    };
+    for name in DNS_KNOWN {
+        ask(B_V4, name, "A");
+        ask(B_V4, name, "AAAA");
+    }
+    for name in DNS_MISSING {
+        ask(B_V4, name, "A");
+    }
+    ask(EXTRA_V4, "lost.shop.svc.cluster.local", "A");
+    lab.a
+        .in_ns(|| -> std::io::Result<()> {
+            let s = std::net::UdpSocket::bind((A_V4, 0))?;
+            s.send_to(&dns::compression_loop(7), (B_V4, 53))?;
+            Ok(())
+        })
+        .expect("entering A")
+        .expect("sending a malformed query from A");
+    println!("{TEST}: DNS round: lookups so far {lookups:?}, 1 malformed query");
+}
+
 /// One round of CNI plugin executions (Debian's bridge with host-local,
 /// run as libcni runs them): ADD and DEL of two pods and an ADD that fails
 /// for a missing IPAM plugin, for the pod network setup dashboard.
@@ -1524,7 +1570,9 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         cni_bin.is_some(),
         "Debian's containernetworking-plugins is not installed (/usr/lib/cni/bridge)",
     ));
-    let Some((tools, bins)) = common::prerequisites_with(TEST, &[PROMETHEUS], &conditions) else {
+    let Some((tools, bins)) =
+        common::prerequisites_with(TEST, &[PROMETHEUS, DNSMASQ, DIG], &conditions)
+    else {
         return;
     };
     let Some(cni_bin) = cni_bin else { return };
@@ -1536,6 +1584,8 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let t0 = Instant::now();
     let queries = all_queries();
     let lab = RouterLab::new(&tools).expect("setting up A — R — B");
+    // After the lab: dnsmasq is killed before the namespaces go.
+    let mut dns_guard = NetnsGuard::new(&tools);
     let dir = tempfile::tempdir().expect("temp dir");
     nft(
         &lab.a,
@@ -1555,7 +1605,8 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         "r.nft",
         &format!(
             "table inet ft_dash_loss {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    \
-             ip daddr {B_V4} tcp dport {BACKEND_PORT} numgen random mod 100 < {LOSS_PERCENT} drop\n  }}\n}}\n"
+             ip daddr {B_V4} tcp dport {BACKEND_PORT} numgen random mod 100 < {LOSS_PERCENT} drop\n    \
+             ip daddr {EXTRA_V4} udp dport 53 drop\n  }}\n}}\n"
         ),
     );
     lab.b
@@ -1574,6 +1625,25 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             "permanent",
         ])
         .expect("R's neighbour entry for it");
+
+    // The cluster's DNS server: dnsmasq in B, answering for the Services'
+    // names and NXDOMAIN for the rest of cluster.local.
+    let (dig_bin, dnsmasq) = (&bins[2], &bins[1]);
+    dns::start_dnsmasq(
+        &mut dns_guard,
+        &lab.b,
+        &lab.a,
+        (dnsmasq, dig_bin),
+        &dns::dnsmasq_args(
+            &[B_V4],
+            "/cluster.local/",
+            &[
+                format!("{},198.51.100.9,2001:db8::9", DNS_KNOWN[0]),
+                format!("{},198.51.100.10,2001:db8::10", DNS_KNOWN[1]),
+            ],
+        ),
+        (B_V4, DNS_KNOWN[0]),
+    );
 
     let rt = tokio::runtime::Runtime::new()
         .expect("a tokio runtime for the API server and the scrape targets");
@@ -1628,6 +1698,9 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             ("FLOWTEL_EXPORT__TRACES__ENABLED", "true".to_string()),
             ("FLOWTEL_EXPORT__TRACES__SAMPLING", "1".to_string()),
             ("FLOWTEL_EXPORT__TRACES__RATE_LIMIT", "0".to_string()),
+            ("FLOWTEL_EBPF__DNS__TIMEOUT", DNS_TIMEOUT.to_string()),
+            ("FLOWTEL_EXPORT__LOGS__DNS", "failed".to_string()),
+            ("FLOWTEL_FLOWS__DNS_TOP_NAMES", "3".to_string()),
         ]
         .into_iter()
         .chain(mesh::scrape_env(felix, "1s", "800ms"))
@@ -1670,12 +1743,15 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         &[],
     )
     .expect("the servers in B");
+    let mut lookups = BTreeMap::new();
     round(&lab);
+    dns_round(&lab, dig_bin, &mut lookups);
     cni_round(&mut cni_guard, 0, &cni_bin, &dir.path().join("ipam"));
     // The second round raises counters that the first created, so their
     // rates are above 0.
     std::thread::sleep(Duration::from_secs(3));
     round(&lab);
+    dns_round(&lab, dig_bin, &mut lookups);
     cni_round(&mut cni_guard, 1, &cni_bin, &dir.path().join("ipam"));
     let errors = server.errors();
     drop(server);
@@ -1691,6 +1767,35 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         "the servers in B failed: {errors:?}"
     );
     println!("{TEST}: {:.1}s: traffic done", t0.elapsed().as_secs_f64());
+
+    // The DNS panels' ground truth: what dig printed, two rounds.
+    let want_lookups: BTreeMap<String, u64> = [
+        ("NOERROR", 2 * 2 * DNS_KNOWN.len()),
+        ("NXDOMAIN", 2 * DNS_MISSING.len()),
+        ("TIMEOUT", 2),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v as u64))
+    .collect();
+    assert_eq!(lookups, want_lookups, "{TEST}: what dig got from dnsmasq");
+    // flowtel's counts through Prometheus, by RCODE, for the checkout pod:
+    // exactly those (the timeouts come `DNS_TIMEOUT` after the last round).
+    let by_rcode = "sum by (flowtel_dns_rcode) (flowtel_dns_requests_total{k8s_namespace_name=\"shop\", flowtel_k8s_workload_name=\"checkout\", server_port=\"53\"})";
+    let mut counted = BTreeMap::new();
+    common::wait_until(QUERY_DEADLINE, Duration::from_millis(500), || {
+        counted = prom
+            .query(by_rcode)
+            .unwrap_or_default()
+            .iter()
+            .map(|s| {
+                let rcode = s.label("flowtel_dns_rcode").unwrap_or_default();
+                (rcode.to_string(), s.value as u64)
+            })
+            .collect();
+        counted == lookups
+    });
+    println!("{TEST}: DNS lookups: dig {lookups:?}, flowtel through Prometheus {counted:?}");
+    assert_eq!(counted, lookups, "{TEST}: {by_rcode} against what dig got");
 
     let concrete: [(&str, &str); 3] = [
         ("$cluster", CLUSTER),
@@ -1790,6 +1895,30 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         *kinds.entry(r.event_name.clone()).or_insert(0u32) += 1;
     }
     println!("{TEST}: {} log records: {kinds:?}", records.len());
+    // One flowtel.dns.failed record per NXDOMAIN and timeout dig saw.
+    let failed_lookups = |records: &[common::otlp_receiver::LogEvent]| {
+        let mut by_rcode: BTreeMap<String, u64> = BTreeMap::new();
+        for r in records
+            .iter()
+            .filter(|r| r.event_name == "flowtel.dns.failed")
+        {
+            *by_rcode
+                .entry(r.str("flowtel.dns.rcode").unwrap_or_default().to_string())
+                .or_default() += 1;
+        }
+        by_rcode
+    };
+    let mut want_failed = lookups.clone();
+    want_failed.remove("NOERROR");
+    common::wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        failed_lookups(&receiver.log_events()) == want_failed
+    });
+    let got_failed = failed_lookups(&receiver.log_events());
+    println!("{TEST}: flowtel.dns.failed records by rcode {got_failed:?}, dig {want_failed:?}");
+    assert_eq!(
+        got_failed, want_failed,
+        "{TEST}: flowtel.dns.failed records"
+    );
     let mut logql_missing = Vec::new();
     for q in &logql {
         let labels = logql_labels(&substitute(&q.expr, &VARS_ALL)).expect("LogQL labels");

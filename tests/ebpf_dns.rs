@@ -14,29 +14,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::dns::{self, compression_loop, query, question, DIG, DNSMASQ, GETENT};
 use common::scenario::{Lab, A_V4, A_V6, B_V4, B_V6, IF_A};
-use common::Tool;
 use flowtel::flow::dns::{DnsOutcome, DnsRecord};
 use flowtel::flow::{SourceEvent, Transport};
 use flowtel::source::ebpf::{self, dns::DnsConfig, EbpfConfig};
 use flowtel::source::kernel::KernelStats;
 use tokio::sync::mpsc;
-
-const DNSMASQ: Tool = Tool {
-    name: "dnsmasq",
-    env: "DNSMASQ_BIN",
-    fallbacks: &["/usr/sbin/dnsmasq"],
-};
-const DIG: Tool = Tool {
-    name: "dig",
-    env: "DIG_BIN",
-    fallbacks: &["/usr/bin/dig"],
-};
-const GETENT: Tool = Tool {
-    name: "getent",
-    env: "GETENT_BIN",
-    fallbacks: &["/usr/bin/getent"],
-};
 
 /// B's address that drops DNS (the "server that never answers").
 const DEAD_V4: &str = "198.18.0.3";
@@ -44,37 +28,10 @@ const DEAD_V6: &str = "fd00::3";
 /// How long the source waits for a response (`ebpf.dns.timeout`).
 const TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What one dig printed: the RCODE mnemonic.
-struct Dig {
-    status: Option<String>,
-}
-
-fn dig(lab: &Lab, dig: &Path, server: &str, name: &str, qtype: &str, tcp: bool) -> Dig {
-    let at = format!("@{server}");
-    let mut args = vec![
-        at.as_str(),
-        name,
-        qtype,
-        "+tries=1",
-        "+timeout=1",
-        "+noedns",
-        "+nocookie",
-    ];
-    if tcp {
-        args.push("+tcp");
-    }
-    let out = lab
-        .a
-        .command(dig, &args)
-        .output()
-        .expect("running dig in A");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let status = text
-        .split("status: ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .map(str::to_string);
-    Dig { status }
+/// What one dig from A printed: the RCODE mnemonic, `None` without a
+/// response.
+fn dig(lab: &Lab, dig: &Path, server: &str, name: &str, qtype: &str, tcp: bool) -> Option<String> {
+    dns::dig(&lab.a, dig, server, name, qtype, tcp)
 }
 
 /// Records until `want` arrived (or 30 s passed).
@@ -90,28 +47,6 @@ fn collect(rx: &mut mpsc::Receiver<SourceEvent>, want: usize) -> Vec<DnsRecord> 
         }
     }
     out
-}
-
-/// A query message: header (id, RD) and `question` as given.
-fn query(id: u16, qdcount: u16, question: &[u8]) -> Vec<u8> {
-    let mut m = id.to_be_bytes().to_vec();
-    m.extend_from_slice(&[0x01, 0x00]);
-    m.extend_from_slice(&qdcount.to_be_bytes());
-    m.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    m.extend_from_slice(question);
-    m
-}
-
-fn question(name: &str, qtype: u16) -> Vec<u8> {
-    let mut q = Vec::new();
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&[0, 1]);
-    q
 }
 
 /// One A query from A with the test's own client, timed with the monotonic
@@ -198,39 +133,20 @@ fn dns_lookups_are_reported_exactly() {
         )
         .expect("the dropping server");
     let known = ["alpha", "bravo", "charlie"];
-    let mut args = vec![
-        "--keep-in-foreground".to_string(),
-        "--no-resolv".into(),
-        "--no-hosts".into(),
-        "--bind-interfaces".into(),
-        format!("--listen-address={B_V4},{B_V6}"),
-        "--except-interface=lo".into(),
-        "--local=/test/".into(),
-        "--pid-file=".into(),
-        "--user=root".into(),
-    ];
-    for (i, n) in known.iter().enumerate() {
-        args.push(format!(
-            "--host-record={n}.known.test,198.51.100.{},2001:db8::{}",
-            i + 1,
-            i + 1
-        ));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    guard.spawn(&b, &dnsmasq, &args).expect("starting dnsmasq");
-    // dnsmasq answers once it listens: wait on that, not a sleep.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dig(&lab, &dig_bin, B_V4, "alpha.known.test", "A", false)
-        .status
-        .as_deref()
-        != Some("NOERROR")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "dnsmasq did not answer within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let records: Vec<String> = known
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{n}.known.test,198.51.100.{},2001:db8::{}", i + 1, i + 1))
+        .collect();
+    let args = dns::dnsmasq_args(&[B_V4, B_V6], "/test/", &records);
+    dns::start_dnsmasq(
+        guard,
+        &b,
+        &lab.a,
+        (&dnsmasq, &dig_bin),
+        &args,
+        (B_V4, "alpha.known.test"),
+    );
 
     let (tx, mut rx) = mpsc::channel(65_536);
     let cfg = EbpfConfig {
@@ -264,7 +180,7 @@ fn dns_lookups_are_reported_exactly() {
                 for n in known {
                     let name = format!("{n}.known.test");
                     let d = dig(&lab, &dig_bin, server, &name, qtype, tcp);
-                    assert_eq!(d.status.as_deref(), Some("NOERROR"), "{name} {qtype} {tag}");
+                    assert_eq!(d.as_deref(), Some("NOERROR"), "{name} {qtype} {tag}");
                     *expected
                         .entry((t, server.into(), Some(0), code))
                         .or_default() += 1;
@@ -273,7 +189,7 @@ fn dns_lookups_are_reported_exactly() {
                 for i in 0..2 {
                     let name = format!("missing{i}.{tag}.test");
                     let d = dig(&lab, &dig_bin, server, &name, qtype, tcp);
-                    assert_eq!(d.status.as_deref(), Some("NXDOMAIN"), "{name}");
+                    assert_eq!(d.as_deref(), Some("NXDOMAIN"), "{name}");
                     *expected
                         .entry((t, server.into(), Some(3), code))
                         .or_default() += 1;
@@ -291,7 +207,7 @@ fn dns_lookups_are_reported_exactly() {
             if !tcp {
                 for i in 0..2 {
                     let d = dig(&lab, &dig_bin, dead, &format!("lost{i}.test"), "A", false);
-                    assert!(d.status.is_none(), "the dead server answered");
+                    assert!(d.is_none(), "the dead server answered");
                     *expected.entry((t, dead.into(), None, 1)).or_default() += 1;
                     total += 1;
                 }
@@ -377,7 +293,7 @@ fn dns_lookups_are_reported_exactly() {
     // One at a time: they share port and id, and a query whose key is
     // still pending (no answer or timeout yet) is not recorded again.
     for (i, bad) in [
-        query(9, 1, &[0xc0, 0x0c, 0, 1, 0, 1]),
+        compression_loop(9),
         query(9, 1, &[9, b'a', b'b']),
         query(9, 40, &[1, b'x', 0, 0, 1, 0, 1]),
     ]
@@ -397,21 +313,13 @@ fn dns_lookups_are_reported_exactly() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let mut good_q = Vec::new();
-    for label in ["good", "test"] {
-        good_q.push(label.len() as u8);
-        good_q.extend_from_slice(label.as_bytes());
-    }
-    good_q.extend_from_slice(&[0, 0, 1, 0, 1]);
     socket
-        .send(&query(9, 1, &good_q))
+        .send(&query(9, 1, &question("good.test", 1)))
         .expect("sending the good query");
+    let deadline = Instant::now() + Duration::from_secs(40);
     let mut good = None;
     while good.is_none() {
-        assert!(
-            Instant::now() < deadline + Duration::from_secs(10),
-            "no record of the good query"
-        );
+        assert!(Instant::now() < deadline, "no record of the good query");
         good = collect(&mut rx, 1).into_iter().find(|r| r.id == 9);
     }
     let good = good.expect("the good query");

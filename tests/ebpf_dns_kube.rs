@@ -10,39 +10,19 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::dns::{self, DIG, DNSMASQ};
 use common::flowtel::{Flowtel, FlowtelArgs, Health};
 use common::kubeapi::{fx, KubeApi};
+use common::netns::NetnsGuard;
 use common::otlp_receiver::{AttrValue, OtlpReceiver};
 use common::router::{RouterLab, A_V4, B_V4, RA_V4, RB_V4, VIP};
-use common::Tool;
 
-const DNSMASQ: Tool = Tool {
-    name: "dnsmasq",
-    env: "DNSMASQ_BIN",
-    fallbacks: &["/usr/sbin/dnsmasq"],
-};
-const DIG: Tool = Tool {
-    name: "dig",
-    env: "DIG_BIN",
-    fallbacks: &["/usr/bin/dig"],
-};
 const NODE: &str = "node-r";
 /// Lookups made through the VIP.
 const LOOKUPS: u64 = 5;
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Kills dnsmasq on drop, even when the test fails.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn s(v: &str) -> AttrValue {
     AttrValue::Str(v.to_string())
@@ -79,28 +59,19 @@ fn lookups_through_the_kube_dns_vip_are_named() {
             ],
         )
         .expect("the kube-dns DNAT rule");
-    let _dns = Killed(
-        lab.b
-            .command(
-                &dnsmasq,
-                &[
-                    "--keep-in-foreground",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                    &format!("--listen-address={B_V4}"),
-                    "--except-interface=lo",
-                    "--local=/cluster.local/",
-                    "--pid-file=",
-                    "--user=root",
-                    "--host-record=payments.shop.svc.cluster.local,198.51.100.9",
-                ],
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting dnsmasq in B"),
+    // After the lab: dnsmasq is killed before the namespaces go.
+    let mut dns_guard = NetnsGuard::new(&tools);
+    dns::start_dnsmasq(
+        &mut dns_guard,
+        &lab.b,
+        &lab.a,
+        (&dnsmasq, &dig),
+        &dns::dnsmasq_args(
+            &[B_V4],
+            "/cluster.local/",
+            &["payments.shop.svc.cluster.local,198.51.100.9".to_string()],
+        ),
+        (B_V4, "payments.shop.svc.cluster.local"),
     );
 
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime for the API server");

@@ -35,6 +35,10 @@ config:
   interval: 15s
   conntrack:
     mode: netlink
+  ebpf:
+    dns:
+      max_requests: 1024
+      timeout: 2s
   flows:
     max_series: 5000
     key: [client_address, server_address, server_port, transport]
@@ -55,6 +59,9 @@ config:
     logs:
       sampling: 0.1
       rate_limit: 100
+      dns: all
+      dns_sampling: 0.25
+      dns_rate_limit: 50
     console:
       mode: never
   resource:
@@ -533,6 +540,12 @@ fn default_render_validates_and_is_least_privilege() {
     let cfg = check_config("default", &docs, &[]);
     assert_eq!(cfg["export"]["prometheus"]["listen"], json!(""));
     assert_eq!(cfg["health"]["listen"], json!("127.0.0.1:9810"));
+    // DNS tracking and its failed-lookup events, as values.yaml documents.
+    assert_eq!(
+        cfg["ebpf"]["dns"],
+        json!({"enabled": true, "max_requests": 4096, "timeout": "5s"})
+    );
+    assert_eq!(cfg["export"]["logs"]["dns"], json!("failed"));
     assert_eq!(c["livenessProbe"]["httpGet"]["host"], json!("127.0.0.1"));
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], json!(9810));
 
@@ -563,6 +576,13 @@ fn custom_render_validates() {
         json!("0.0.0.0:19811")
     );
     assert_eq!(cfg["enrich"]["networks"][0]["name"], json!("vpc"));
+    assert_eq!(
+        cfg["ebpf"]["dns"],
+        json!({"enabled": true, "max_requests": 1024, "timeout": "2s"})
+    );
+    assert_eq!(cfg["export"]["logs"]["dns"], json!("all"));
+    assert_eq!(cfg["export"]["logs"]["dns_sampling"], json!(0.25));
+    assert_eq!(cfg["export"]["logs"]["dns_rate_limit"], json!(50));
 
     let c = container(&docs);
     let env = c["env"].as_array().expect("env");

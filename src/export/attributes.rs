@@ -5,7 +5,7 @@
 
 use opentelemetry::KeyValue;
 
-use crate::flow::dns::{qtype_name, rcode_name, DnsKey};
+use crate::flow::dns::{qtype_name, rcode_name, DnsKey, DnsNamePoint};
 use crate::flow::drops::DropKey;
 use crate::flow::names::{EndName, Role};
 use crate::flow::series::SeriesKey;
@@ -188,6 +188,15 @@ pub fn dns_attributes(key: &DnsKey) -> Vec<KeyValue> {
         name_attributes(n.local, Some(&n.client), Some(&n.server), false, &mut attrs);
     }
     attrs
+}
+
+/// The attributes of one query-name series: the name, or the overflow
+/// marker.
+pub fn dns_name_attributes(p: &DnsNamePoint) -> Vec<KeyValue> {
+    match &p.name {
+        Some(name) => vec![KeyValue::new(DNS_QUESTION_NAME, name.to_string())],
+        None => vec![KeyValue::new(OVERFLOW, true)],
+    }
 }
 
 /// The attributes of one zone pair and direction.

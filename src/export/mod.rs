@@ -57,6 +57,8 @@ pub struct Carries {
     pub samples: bool,
     /// Connection spans: which, and how many per interval.
     pub spans: Option<SpanKeep>,
+    /// Answered DNS lookups as well as failed ones (`export.logs.dns: all`).
+    pub dns_lookups: bool,
 }
 
 /// What every exporter builder gets.

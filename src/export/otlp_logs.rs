@@ -31,7 +31,7 @@ use crate::flow::mesh::{self, LogEvent};
 use crate::flow::names::{EndName, FlowNames};
 use crate::flow::records::{ConnectionEvent, FlowRecord};
 use crate::flow::report::IntervalReport;
-use crate::flow::dns::{qtype_name, rcode_name, DnsFailure, DnsOutcome};
+use crate::flow::dns::{qtype_name, rcode_name, DnsLookup, DnsOutcome, DnsRecord};
 use crate::flow::{DropRecord, Endpoint, FlowId, Nat, TcpClose, TcpEventKind};
 use crate::telemetry::catalogue::*;
 use crate::telemetry::Counter;
@@ -48,8 +48,16 @@ pub struct LogsConfig {
     pub connections: bool,
     /// Packets the kernel dropped, with its reason (eBPF source only).
     pub drops: bool,
-    /// Failed DNS lookups: error RCODEs and timeouts (eBPF source only).
-    pub dns: bool,
+    /// DNS lookups (eBPF source only): `failed` (error RCODEs and
+    /// timeouts, `true`), `all` (also the answered ones, sampled and
+    /// rate-limited) or `off` (`false`).
+    pub dns: DnsLogs,
+    /// With `dns: all`, the fraction of answered lookups that get a
+    /// `flowtel.dns.lookup` record (failed ones always do).
+    pub dns_sampling: f64,
+    /// With `dns: all`, `flowtel.dns.lookup` records per second; 0 means
+    /// no limit.
+    pub dns_rate_limit: u32,
     /// The fraction of flows that get flow records, chosen by a hash of the
     /// flow's tuple: a flow is always or never sampled, on every node.
     pub sampling: f64,
@@ -69,12 +77,53 @@ impl Default for LogsConfig {
             flows: true,
             connections: true,
             drops: true,
-            dns: true,
+            dns: DnsLogs::Failed,
+            dns_sampling: 1.0,
+            dns_rate_limit: 100,
             sampling: 1.0,
             filter: LogsFilter::default(),
             rate_limit: 500,
             max_records: 10_000,
         }
+    }
+}
+
+/// Which DNS lookups get log records (`export.logs.dns`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsLogs {
+    /// None.
+    Off,
+    /// Failed lookups (`flowtel.dns.failed`).
+    Failed,
+    /// Failed lookups, and answered ones sampled and rate-limited
+    /// (`flowtel.dns.lookup`).
+    All,
+}
+
+impl<'de> Deserialize<'de> for DnsLogs {
+    /// `off`, `failed`, `all`, and the booleans of earlier versions
+    /// (`true` is `failed`), also as strings (environment variables).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = DnsLogs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`off`, `failed` or `all`")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<DnsLogs, E> {
+                Ok(if v { DnsLogs::Failed } else { DnsLogs::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DnsLogs, E> {
+                match v {
+                    "off" | "false" => Ok(DnsLogs::Off),
+                    "failed" | "true" => Ok(DnsLogs::Failed),
+                    "all" => Ok(DnsLogs::All),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -110,6 +159,15 @@ impl LogsConfig {
                 ),
             ));
         }
+        if !(0.0..=1.0).contains(&self.dns_sampling) {
+            return Err(err(
+                "dns_sampling",
+                format!(
+                    "{} is not a fraction between 0 and 1, e.g. 0.1 for one answered lookup in ten",
+                    self.dns_sampling
+                ),
+            ));
+        }
         if self.max_records == 0 || self.max_records > MAX_RECORDS_LIMIT {
             return Err(err(
                 "max_records",
@@ -136,7 +194,10 @@ struct Selector {
     flows: bool,
     connections: bool,
     drops: bool,
-    dns: bool,
+    dns: DnsLogs,
+    /// Answered lookups whose hash is below this get records (`u64::MAX`
+    /// with `dns_sampling` 1).
+    dns_threshold: u64,
     /// Flows whose hash is below this are sampled (`u64::MAX` with
     /// sampling 1, where every flow is).
     threshold: u64,
@@ -155,16 +216,20 @@ impl Selector {
             .iter()
             .map(|c| parse_cidr(c).map_err(|e| ConfigError::new("export.logs.filter.cidrs", e)))
             .collect::<Result<_, _>>()?;
-        let threshold = if cfg.sampling >= 1.0 {
-            u64::MAX
-        } else {
-            (cfg.sampling.max(0.0) * u64::MAX as f64) as u64
+        let threshold_of = |fraction: f64| {
+            if fraction >= 1.0 {
+                u64::MAX
+            } else {
+                (fraction.max(0.0) * u64::MAX as f64) as u64
+            }
         };
+        let threshold = threshold_of(cfg.sampling);
         Ok(Self {
             flows: cfg.flows,
             connections: cfg.connections,
             drops: cfg.drops,
             dns: cfg.dns,
+            dns_threshold: threshold_of(cfg.dns_sampling),
             threshold,
             sampling_rate: if cfg.sampling > 0.0 {
                 (1.0 / cfg.sampling).round() as i64
@@ -180,6 +245,25 @@ impl Selector {
 
     fn sampled(&self, id: &FlowId) -> bool {
         self.threshold == u64::MAX || flow_hash(id) < self.threshold
+    }
+
+    /// An answered lookup is sampled by a hash of its client, id and name:
+    /// the same lookup seen on two nodes is sampled on both or neither.
+    fn dns_sampled(&self, r: &DnsRecord) -> bool {
+        if self.dns_threshold == u64::MAX {
+            return true;
+        }
+        let id = FlowId {
+            transport: r.transport,
+            client: r.client,
+            server: r.server,
+            zone: 0,
+        };
+        let name = r
+            .name
+            .bytes()
+            .fold(u64::from(r.id), |h, b| h.rotate_left(8) ^ u64::from(b));
+        mix(flow_hash(&id) ^ name) < self.dns_threshold
     }
 
     fn keeps(&self, r: &FlowRecord) -> bool {
@@ -224,14 +308,16 @@ impl Selector {
     }
 }
 
+/// splitmix64's finaliser.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// A hash of the flow's tuple that is the same in every process and on
 /// every node, so a sampled flow is sampled wherever it is seen.
 fn flow_hash(id: &FlowId) -> u64 {
-    fn mix(mut z: u64) -> u64 {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
     let bits = |ip: IpAddr| match ip {
         IpAddr::V4(v4) => u128::from(u32::from(v4)),
         IpAddr::V6(v6) => u128::from(v6),
@@ -306,6 +392,10 @@ pub struct OtlpLogsExporter {
     selector: Selector,
     bucket: Option<TokenBucket>,
     rate_limited: Counter,
+    /// `export.logs.dns_rate_limit`, for `flowtel.dns.lookup` records.
+    dns_bucket: Option<TokenBucket>,
+    dns_sampled_out: Counter,
+    dns_rate_limited: Counter,
     /// Records in requests that failed after retries.
     dropped: Counter,
 }
@@ -339,6 +429,7 @@ impl Exporter for OtlpLogsExporter {
     fn carries(&self) -> Carries {
         Carries {
             records: self.max_records,
+            dns_lookups: self.selector.dns == DnsLogs::All,
             ..Carries::default()
         }
     }
@@ -378,6 +469,9 @@ impl OtlpLogsExporter {
             selector: Selector::new(cfg)?,
             bucket: TokenBucket::new(cfg.rate_limit, ctx.interval),
             rate_limited: ctx.telemetry.counter(&LOGS_RECORDS_RATE_LIMITED),
+            dns_bucket: TokenBucket::new(cfg.dns_rate_limit, ctx.interval),
+            dns_sampled_out: ctx.telemetry.counter(&LOGS_DNS_SAMPLED_OUT),
+            dns_rate_limited: ctx.telemetry.counter(&LOGS_DNS_RATE_LIMITED),
             dropped: ctx.telemetry.counter(&LOGS_RECORDS_DROPPED),
         })
     }
@@ -386,7 +480,7 @@ impl OtlpLogsExporter {
     /// holds: drop and connection events first (rarer, and what alerts are
     /// built on), then flow records, then the mesh sources' events.
     pub fn encode(&mut self, report: &IntervalReport) -> Vec<(Vec<u8>, usize)> {
-        if let Some(b) = &mut self.bucket {
+        for b in [&mut self.bucket, &mut self.dns_bucket].into_iter().flatten() {
             b.refill();
         }
         let window = (nanos(report.start), nanos(report.end));
@@ -401,8 +495,14 @@ impl OtlpLogsExporter {
                 }
             }
         }
-        if self.selector.dns {
+        if self.selector.dns != DnsLogs::Off {
             for f in &report.records.dns {
+                let failed = f.record.failed();
+                // Answered lookups come only with `all`: sampled, then
+                // their own rate limit, each drop counted.
+                if !failed && !self.admit_answered(&f.record) {
+                    continue;
+                }
                 if self.admit() {
                     dns_record(&mut self.writer, f, observed);
                     batch.item(self.writer.encoded());
@@ -431,6 +531,23 @@ impl OtlpLogsExporter {
             batch.item(self.writer.encoded());
         }
         batch.finish_counted()
+    }
+
+    /// Whether an answered lookup gets a record: the selector's sampling,
+    /// then `dns_rate_limit`; what either drops is counted.
+    fn admit_answered(&mut self, r: &DnsRecord) -> bool {
+        if self.selector.dns != DnsLogs::All {
+            return false;
+        }
+        if !self.selector.dns_sampled(r) {
+            self.dns_sampled_out.inc();
+            return false;
+        }
+        let admitted = self.dns_bucket.as_mut().is_none_or(TokenBucket::take);
+        if !admitted {
+            self.dns_rate_limited.inc();
+        }
+        admitted
     }
 
     /// Takes a token, or counts the record the rate limit drops.
@@ -620,10 +737,15 @@ fn connection_record(w: &mut LogRecordWriter, c: &ConnectionEvent, observed: u64
     names(w, c.names.as_deref());
 }
 
-/// A failed DNS lookup: who asked what of whom, and how it ended.
-fn dns_record(w: &mut LogRecordWriter, f: &DnsFailure, observed: u64) {
+/// A DNS lookup: who asked what of whom, and how it ended; a failed one
+/// is `flowtel.dns.failed` (WARN), an answered one `flowtel.dns.lookup`.
+fn dns_record(w: &mut LogRecordWriter, f: &DnsLookup, observed: u64) {
     let r = &f.record;
-    begin(w, EVENT_DNS_FAILED, WARN, nanos(f.at), observed);
+    if r.failed() {
+        begin(w, EVENT_DNS_FAILED, WARN, nanos(f.at), observed);
+    } else {
+        begin(w, EVENT_DNS_LOOKUP, INFO, nanos(f.at), observed);
+    }
     let (rcode, qtype) = (
         match r.outcome {
             DnsOutcome::Answered { rcode, .. } => rcode_name(rcode),

@@ -19,7 +19,8 @@ use futures::future::BoxFuture;
 use opentelemetry::KeyValue;
 
 use super::attributes::{
-    dns_attributes, drop_attributes, series_attributes, zone_attributes, Direction,
+    dns_attributes, dns_name_attributes, drop_attributes, series_attributes, zone_attributes,
+    Direction,
 };
 use super::families::{self, nanos, OtlpSink, MESH_SCOPE, SCOPE, SCOPE_VERSION};
 use super::instruments::{health_counters, DNS_LATENCY_BOUNDS, DURATION_BOUNDS, RTT_BOUNDS};
@@ -219,6 +220,14 @@ impl MetricsEncoder {
             .map(|p| (dns_attributes(&p.key), p.requests, nanos(p.start)))
             .collect();
         self.selected(&mut b, &catalogue::DNS_REQUESTS, dns, time);
+        if !report.dns_names.is_empty() {
+            let names = report
+                .dns_names
+                .iter()
+                .map(|p| (dns_name_attributes(p), p.requests, nanos(p.start)))
+                .collect();
+            self.selected(&mut b, &catalogue::DNS_NAME_REQUESTS, names, time);
+        }
         let zones = report
             .zones
             .iter()

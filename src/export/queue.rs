@@ -79,6 +79,12 @@ impl Exporters {
         self.queues.iter().find_map(|q| q.carries.spans)
     }
 
+    /// Whether the flow stage should keep answered DNS lookups as records
+    /// (an exporter wants every lookup, not only the failed ones).
+    pub fn dns_lookups(&self) -> bool {
+        self.queues.iter().any(|q| q.carries.dns_lookups)
+    }
+
     /// Queues a finished interval for every exporter, without waiting.
     pub fn deliver(&self, report: Arc<IntervalReport>) {
         for q in &self.queues {

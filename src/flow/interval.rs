@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::dns::DnsSeries;
+use super::dns::{DnsNames, DnsSeries};
 use super::drops::DropSeries;
 use super::mesh::{Family, FamilyGroup, LogEvent, MeshUpdate, Point, PointValue, Value};
 use super::model::{FlowId, Nat, SourceEvent};
@@ -45,6 +45,10 @@ pub struct FlowsConfig {
     /// counter restarts if it comes back).
     #[serde(with = "humantime_serde")]
     pub series_idle_timeout: Duration,
+    /// Query names with a series of their own in `flowtel.dns.name.requests`:
+    /// each interval's top this many by lookups, the rest folded into one
+    /// overflow series. 0 (the default): no such metric.
+    pub dns_top_names: usize,
 }
 
 impl Default for FlowsConfig {
@@ -61,6 +65,7 @@ impl Default for FlowsConfig {
                 KeyField::Nat,
             ],
             series_idle_timeout: Duration::from_secs(15 * 60),
+            dns_top_names: 0,
         }
     }
 }
@@ -205,6 +210,9 @@ pub struct FlowStage {
     tcp: TcpSeries,
     drops: DropSeries,
     dns: DnsSeries,
+    dns_names: DnsNames,
+    /// Keep answered DNS lookups as records too, not only failed ones.
+    dns_lookups: bool,
     zones: ZoneSeries,
     records: RecordCollector,
     spans: SpanCollector,
@@ -257,6 +265,11 @@ impl FlowStage {
             tcp,
             drops: DropSeries::default(),
             dns: DnsSeries::default(),
+            dns_names: DnsNames::new(
+                cfg.dns_top_names,
+                telemetry.counter(&catalogue::DNS_NAMES_OVERFLOWED),
+            ),
+            dns_lookups: false,
             zones: ZoneSeries::default(),
             records: RecordCollector::new(records, telemetry),
             spans: SpanCollector::new(None, telemetry),
@@ -271,6 +284,13 @@ impl FlowStage {
     /// there is none).
     pub fn with_spans(mut self, keep: Option<SpanKeep>) -> Self {
         self.spans = SpanCollector::new(keep, &self.telemetry);
+        self
+    }
+
+    /// Keeps every DNS lookup as a record for the log exporter, not only
+    /// the failed ones (`export.logs.dns: all`).
+    pub fn with_dns_lookups(mut self, all: bool) -> Self {
+        self.dns_lookups = all;
         self
     }
 
@@ -324,8 +344,9 @@ impl FlowStage {
                 };
                 let names = name_flow(self.naming.as_deref(), &id, &Nat::default(), &mut None);
                 self.dns.record(&record, names.clone());
-                if record.failed() {
-                    self.records.dns_failure(record, names);
+                self.dns_names.record(&record.name);
+                if self.dns_lookups || record.failed() {
+                    self.records.dns_lookup(record, names);
                 }
             }
             SourceEvent::DumpStarted { epoch } => self.table.dump_started(epoch),
@@ -351,6 +372,7 @@ impl FlowStage {
             tcp: self.tcp.finish(),
             drops: self.drops.points(),
             dns: self.dns.finish(),
+            dns_names: self.dns_names.finish(),
             zones: self.zones.points(),
             records,
             spans: self.spans.finish(),

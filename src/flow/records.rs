@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use foldhash::fast::RandomState;
 
-use super::dns::{DnsFailure, DnsRecord};
+use super::dns::{DnsLookup, DnsRecord};
 use super::model::{
     DirectionalCounters, DropRecord, FlowId, FlowUpdate, Nat, SourceKind, TcpEvent, TcpEventKind,
 };
@@ -53,7 +53,7 @@ pub struct Records {
     /// attributes, put on the interval's `NETFILTER_DROP` drop events.
     pub firewall_rule: Option<Vec<(&'static str, String)>>,
     /// Failed DNS lookups.
-    pub dns: Vec<DnsFailure>,
+    pub dns: Vec<DnsLookup>,
 }
 
 impl Records {
@@ -76,7 +76,7 @@ pub struct RecordCollector {
     flows: HashMap<FlowId, FlowRecord, RandomState>,
     connections: Vec<ConnectionEvent>,
     drops: Vec<DropRecord>,
-    dns: Vec<DnsFailure>,
+    dns: Vec<DnsLookup>,
     dropped: Counter,
 }
 
@@ -166,13 +166,13 @@ impl RecordCollector {
         }
     }
 
-    /// Keeps a failed DNS lookup.
-    pub fn dns_failure(&mut self, record: DnsRecord, names: Option<Arc<FlowNames>>) {
+    /// Keeps a DNS lookup.
+    pub fn dns_lookup(&mut self, record: DnsRecord, names: Option<Arc<FlowNames>>) {
         if self.max_records == 0 {
             return;
         }
         if self.dns.len() < self.max_records {
-            self.dns.push(DnsFailure {
+            self.dns.push(DnsLookup {
                 record,
                 names,
                 at: SystemTime::now(),

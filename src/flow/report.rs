@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use super::dns::DnsPoint;
+use super::dns::{DnsNamePoint, DnsPoint};
 use super::drops::DropPoint;
 use super::mesh::{FamilyGroup, LogEvent};
 use super::records::Records;
@@ -19,6 +19,8 @@ pub struct IntervalReport {
     pub drops: Vec<DropPoint>,
     /// DNS series, cumulative.
     pub dns: Vec<DnsPoint>,
+    /// Query-name series (`flows.dns_top_names`), cumulative.
+    pub dns_names: Vec<DnsNamePoint>,
     pub zones: Vec<ZonePoint>,
     pub records: Records,
     /// Sampled connection spans, for the traces exporter.

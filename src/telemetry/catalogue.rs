@@ -261,6 +261,12 @@ pub static DNS_REQUESTS: Metric = counter(
      question type",
 )
 .selectable();
+pub static DNS_NAME_REQUESTS: Metric = counter(
+    "flowtel.dns.name.requests",
+    "{request}",
+    "DNS queries by query name: the top flows.dns_top_names names of each interval, the rest \
+     in one overflow series",
+);
 pub static DNS_LATENCY: Metric = histogram(
     "flowtel.dns.latency",
     "s",
@@ -306,6 +312,12 @@ pub static SERIES_ACTIVE: Metric = gauge(
     "Metric series currently exported",
 )
 .readyz("stats.series_active");
+pub static DNS_NAMES_OVERFLOWED: Metric = counter(
+    "flowtel.dns.names.overflowed",
+    "{request}",
+    "DNS queries folded into the overflow series of flowtel.dns.name.requests",
+)
+.readyz("stats.dns_names_overflowed");
 pub static SERIES_OVERFLOWED: Metric = counter(
     "flowtel.series.overflowed",
     "{update}",
@@ -383,6 +395,19 @@ pub static LOGS_RECORDS_RATE_LIMITED: Metric = counter(
     "Log records dropped by export.logs.rate_limit",
 )
 .readyz("stats.log_records_rate_limited");
+pub static LOGS_DNS_SAMPLED_OUT: Metric = counter(
+    "flowtel.logs.dns.sampled_out",
+    "{lookup}",
+    "Answered DNS lookups that got no flowtel.dns.lookup record because of \
+     export.logs.dns_sampling",
+)
+.readyz("stats.dns_lookups_sampled_out");
+pub static LOGS_DNS_RATE_LIMITED: Metric = counter(
+    "flowtel.logs.dns.rate_limited",
+    "{lookup}",
+    "Answered DNS lookups whose flowtel.dns.lookup record export.logs.dns_rate_limit dropped",
+)
+.readyz("stats.dns_lookups_rate_limited");
 pub static SPANS_DROPPED: Metric = counter(
     "flowtel.spans.dropped",
     "{span}",
@@ -803,6 +828,7 @@ pub static METRICS: &[&Metric] = &[
     &TCP_RTT,
     &TCP_DURATION,
     &DNS_REQUESTS,
+    &DNS_NAME_REQUESTS,
     &DNS_LATENCY,
     &FLOWS_TRACKED,
     &FLOWS_UPDATES,
@@ -811,6 +837,7 @@ pub static METRICS: &[&Metric] = &[
     &FLOWS_ENDED_UNSEEN,
     &SERIES_ACTIVE,
     &SERIES_OVERFLOWED,
+    &DNS_NAMES_OVERFLOWED,
     &TCP_SAMPLES_DROPPED,
     &SOURCE_ACTIVE,
     &SOURCE_EVENTS_LOST,
@@ -823,6 +850,8 @@ pub static METRICS: &[&Metric] = &[
     &EXPORT_INTERVALS_SKIPPED,
     &LOGS_RECORDS_DROPPED,
     &LOGS_RECORDS_RATE_LIMITED,
+    &LOGS_DNS_SAMPLED_OUT,
+    &LOGS_DNS_RATE_LIMITED,
     &SPANS_DROPPED,
     &SPANS_RATE_LIMITED,
     &EBPF_OVERFLOW_PACKETS,
@@ -1096,6 +1125,7 @@ pub const EVENT_CLOSED: &str = "flowtel.connection.closed";
 pub const EVENT_FAILED: &str = "flowtel.connection.failed";
 pub const EVENT_DROP: &str = "flowtel.packet.dropped";
 pub const EVENT_DNS_FAILED: &str = "flowtel.dns.failed";
+pub const EVENT_DNS_LOOKUP: &str = "flowtel.dns.lookup";
 pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
 pub const EVENT_CNI_OPERATION: &str = "flowtel.cni.operation";
 pub const EVENT_K8S_NETWORK: &str = "flowtel.cni.k8s_event";

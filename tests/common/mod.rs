@@ -14,6 +14,7 @@
 
 pub mod cni;
 pub mod delayline;
+pub mod dns;
 pub mod flowtel;
 pub mod histogram;
 pub mod kubeapi;

@@ -13,7 +13,7 @@ use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
 
 use crate::export::attributes::{
-    dns_attributes, drop_attributes, series_attributes, zone_attributes, Direction,
+    dns_attributes, dns_name_attributes, drop_attributes, series_attributes, zone_attributes, Direction,
 };
 use crate::export::families::SCOPE;
 use crate::export::instruments::{
@@ -25,7 +25,7 @@ use crate::export::ExportContext;
 use crate::flow::model::Counters;
 use crate::flow::report::IntervalReport;
 use crate::telemetry::catalogue::{
-    Metric as Describe, DNS_LATENCY, DNS_REQUESTS, FLOW_BYTES, FLOW_PACKETS, PACKET_DROPS,
+    Metric as Describe, DNS_LATENCY, DNS_NAME_REQUESTS, DNS_REQUESTS, FLOW_BYTES, FLOW_PACKETS, PACKET_DROPS,
     TCP_DURATION, TCP_RTT, ZONE_BYTES,
 };
 
@@ -196,6 +196,12 @@ fn prepare(report: &IntervalReport, selection: &Selection) -> Prepared {
         .map(|p| (dns_attributes(&p.key), p.requests))
         .collect();
     counters.insert(DNS_REQUESTS.name, dns);
+    let names = report
+        .dns_names
+        .iter()
+        .map(|p| (dns_name_attributes(p), p.requests))
+        .collect();
+    counters.insert(DNS_NAME_REQUESTS.name, names);
     let zones = report
         .zones
         .iter()
@@ -271,4 +277,5 @@ fn register_health_instruments(meter: &Meter, latest: &Latest) {
     }
     register_latest(meter, latest, &PACKET_DROPS);
     register_latest(meter, latest, &DNS_REQUESTS);
+    register_latest(meter, latest, &DNS_NAME_REQUESTS);
 }

@@ -29,7 +29,7 @@ pub struct DnsConfig {
     /// Match DNS queries (UDP and TCP port 53) with their responses.
     pub enabled: bool,
     /// Queries awaiting their response at once (about 250 bytes each in the
-    /// kernel). Queries past it are counted (`flowtel.ebpf.dns.lost`,
+    /// kernel). Queries past it are counted (`flowtel.ebpf.dns.errors`,
     /// reason `map_full`) and not reported.
     pub max_requests: u32,
     /// A query with no response after this long is reported as a timeout.
