@@ -108,7 +108,8 @@ trap 'rm -rf "$WORK"' EXIT
         if [ "$check" = coverage ]; then
             echo "if [ \$tcx = no ]; then echo 'FTCHECK $check n/a 0'; else"
         fi
-        echo "if $cmd > /tmp/ft-$check.log 2>&1; then r=PASS; else r=FAIL; tail -n 40 /tmp/ft-$check.log; fi"
+        # A failure's message comes before flowtel's output in the log.
+        echo "if $cmd > /tmp/ft-$check.log 2>&1; then r=PASS; else r=FAIL; grep -A 12 'panicked at' /tmp/ft-$check.log; tail -n 40 /tmp/ft-$check.log; fi"
         echo "grep -E '^(tcx|clsact|Auto|Netlink|First|Last|coverage|[0-9]+ runs)|ipv[46] (tcp|udp) .* bytes expected|skip|test result' /tmp/ft-$check.log | sed 's/^/FTLOG $check: /' || true"
         echo "echo \"FTCHECK $check \$r \$((\$(date +%s) - start))\""
         if [ "$check" = coverage ]; then echo "fi"; fi
