@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::enrich::{self, kubernetes, Namer};
 use crate::export::{self, ExportContext};
 use crate::flow::mesh::ProxyTargets;
-use crate::flow::names::Naming;
+use crate::flow::names::{Naming, PodNaming};
 use crate::flow::{FlowStage, SourceEvent};
 use crate::health;
 use crate::source::{Sources, SourcesConfig};
@@ -52,7 +52,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cni: &cfg.cni,
         firewall: &cfg.firewall,
     };
-    let mut sources = Sources::start(sources_cfg, events, &telemetry, proxies).await?;
+    let pods = kube.as_ref().map(|k| {
+        std::sync::Arc::new(enrich::PodNamer::new(k.snapshots())) as std::sync::Arc<dyn PodNaming>
+    });
+    let mut sources = Sources::start(sources_cfg, events, &telemetry, proxies, pods).await?;
     if let Some(source) = telemetry.source() {
         tracing::info!(source = source.name, mode = source.mode, interval = ?cfg.interval, "flowtel started");
     }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::cni::{debian_plugins, Attachment, CniNetwork, LinkGuard, Ran, SHOW_TIMEOUT};
-use common::flowtel::{Flowtel, FlowtelArgs};
+use common::flowtel::{Flowtel, FlowtelArgs, Health};
 use common::kubeapi::{fx, KubeApi, Resource};
 use common::netns::{Netns, NetnsGuard};
 use common::otlp_receiver::{AttrValue, LogEvent, OtlpReceiver};
@@ -371,6 +371,196 @@ fn plugin_executions_give_exact_events_with_pod_ip_duration_and_errors() {
 
     flowtel.stop(Duration::from_secs(10));
     receiver.stop();
+}
+
+/// The CNI ADD and DEL of a pod the test API server holds (controlled by a
+/// ReplicaSet that a Deployment controls) carry the Deployment, on the
+/// records and on the operation metrics, named by the Kubernetes cache; a
+/// pod the API server does not know is reported without a workload.
+#[test]
+fn cni_operations_of_a_deployment_pod_name_the_deployment() {
+    const TEST: &str = "cni_operations_of_a_deployment_pod_name_the_deployment";
+    let mut conditions = ebpf_conditions().to_vec();
+    let bin_dir = debian_plugins();
+    conditions.push((
+        bin_dir.is_some(),
+        "Debian's containernetworking-plugins is not installed (/usr/lib/cni/bridge)",
+    ));
+    let Some((tools, _)) = prerequisites_with(TEST, &[], &conditions) else {
+        return;
+    };
+    let Some(bin_dir) = bin_dir else { return };
+    const NODE: &str = "node-cni";
+    let pid = std::process::id();
+    let tag = format!("fw{pid}");
+    let namespace = format!("{tag}-shop");
+    let octet = 20 + pid % 200;
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut guard = NetnsGuard::new(&tools);
+    let host = guard.add("wl").expect("flowtel's namespace");
+    let bridge = format!("ftw{}", pid % 10_000_000);
+    let _bridge = LinkGuard {
+        ip: tools.ip.clone(),
+        name: bridge.clone(),
+    };
+
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime for the API server");
+    let api = KubeApi::new();
+    rt.block_on(api.start());
+    let deployment = fx::workload("Deployment", &namespace, "checkout");
+    let rs = api.apply(&fx::replicaset(
+        &namespace,
+        "checkout-6b7f9c5d4",
+        Some(&deployment),
+    ));
+    // Scheduled here, no address yet: as when kubelet sets up its sandbox.
+    api.apply(
+        &fx::PodFx::new(&namespace, "checkout-6b7f9c5d4-x2x9p")
+            .on(NODE, "198.18.0.1")
+            .owned_by(&rs)
+            .build(),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.write_kubeconfig(dir.path());
+
+    let mut receiver = OtlpReceiver::start().expect("OTLP receiver");
+    let endpoint = receiver.grpc_endpoint();
+    let netns = host.path();
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "conntrack",
+        netns: &netns,
+        endpoint: &endpoint,
+        protocol: "grpc",
+        interval: "1s",
+        env: vec![
+            ("FLOWTEL_CNI__ENABLED", "on".into()),
+            (
+                "FLOWTEL_KUBERNETES__KUBECONFIG",
+                kubeconfig.display().to_string(),
+            ),
+            ("FLOWTEL_RESOURCE__NODE_NAME", NODE.to_string()),
+        ],
+    })
+    .expect("starting flowtel");
+    flowtel
+        .wait_ready(Duration::from_secs(30))
+        .expect("flowtel becomes ready");
+    flowtel
+        .wait_for_kube_synced(SHOW_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", flowtel.output()));
+    assert!(
+        wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+            flowtel.readyz().is_ok_and(|(_, b)| {
+                b.pointer("/sources/sources")
+                    .and_then(Value::as_array)
+                    .is_some_and(|s| s.iter().any(|v| v == "cni"))
+            })
+        }),
+        "the cni source never became active:\n{}",
+        flowtel.output()
+    );
+
+    let net = network(
+        &format!("{tag}-net"),
+        &bridge,
+        json!({
+            "type": "host-local",
+            "ranges": [[{"subnet": format!("198.18.{octet}.0/24")}]],
+            "dataDir": data.path().join("ipam"),
+        }),
+        &bin_dir,
+    );
+    let mut runs = Vec::new();
+    let known_ns = guard.add("wk").expect("pod namespace");
+    let known = Attachment {
+        pod_namespace: namespace.clone(),
+        pod_name: "checkout-6b7f9c5d4-x2x9p".into(),
+        ..attachment(&tag, 0, &known_ns)
+    };
+    let unknown_ns = guard.add("wu").expect("pod namespace");
+    let unknown = Attachment {
+        pod_namespace: namespace.clone(),
+        pod_name: "not-in-the-api".into(),
+        ..attachment(&tag, 1, &unknown_ns)
+    };
+    for at in [&known, &unknown] {
+        let result = net.add(at, &mut runs).expect("ADD succeeds");
+        net.del(at, Some(&result), &mut runs).expect("DEL succeeds");
+    }
+    // bridge and host-local, ADD and DEL, two pods.
+    let expected = 8;
+    let mut events = Vec::new();
+    wait_until(SHOW_TIMEOUT, Duration::from_millis(200), || {
+        events = cni_events(&receiver, &tag);
+        events.len() >= expected
+    });
+    assert_eq!(
+        events.len(),
+        expected,
+        "{:#?}",
+        events.iter().map(|e| &e.body).collect::<Vec<_>>()
+    );
+    for e in &events {
+        let pod = e.str("k8s.pod.name").expect("pod name");
+        if pod == known.pod_name {
+            assert_eq!(e.str("k8s.deployment.name"), Some("checkout"), "{e:?}");
+            assert_eq!(e.str("flowtel.k8s.workload.kind"), Some("Deployment"));
+            assert_eq!(e.str("flowtel.k8s.workload.name"), Some("checkout"));
+            assert_eq!(e.str("k8s.node.name"), Some(NODE));
+        } else {
+            assert_eq!(pod, unknown.pod_name);
+            assert_eq!(e.str("k8s.deployment.name"), None, "{e:?}");
+            assert_eq!(e.str("flowtel.k8s.workload.name"), None, "{e:?}");
+        }
+    }
+    // The operation metrics: one ADD and one DEL per plugin for the
+    // Deployment, and as many without a workload for the unknown pod.
+    let mut ops = (0, BTreeMap::new());
+    let counted = wait_until(SHOW_TIMEOUT, Duration::from_millis(200), || {
+        ops = counter_total(&receiver, "flowtel.cni.operations");
+        ops.0 >= expected as u64
+    });
+    assert!(counted, "{:?}\n{}", ops.1, flowtel.output());
+    let series = receiver.latest("flowtel.cni.operations", 0);
+    for plugin in ["bridge", "host-local"] {
+        for command in ["ADD", "DEL"] {
+            let of = |deployment: Option<&str>| -> Vec<u64> {
+                series
+                    .values()
+                    .filter(|p| {
+                        p.attrs.get("flowtel.cni.plugin") == Some(&AttrValue::Str(plugin.into()))
+                            && p.attrs.get("flowtel.cni.command")
+                                == Some(&AttrValue::Str(command.into()))
+                            && p.attrs.get("k8s.deployment.name")
+                                == deployment.map(|d| AttrValue::Str(d.into())).as_ref()
+                    })
+                    .map(|p| p.value)
+                    .collect()
+            };
+            assert_eq!(
+                of(Some("checkout")),
+                vec![1],
+                "{plugin} {command}: {series:#?}"
+            );
+            assert_eq!(of(None), vec![1], "{plugin} {command}: {series:#?}");
+        }
+    }
+    let named = series
+        .values()
+        .find(|p| p.attrs.contains_key("k8s.deployment.name"))
+        .expect("a named series");
+    assert_eq!(
+        named.attrs.get("k8s.namespace.name"),
+        Some(&AttrValue::Str(namespace.clone()))
+    );
+    assert_eq!(
+        named.attrs.get("flowtel.k8s.workload.kind"),
+        Some(&AttrValue::Str("Deployment".into()))
+    );
+    assert_eq!(counter_total(&receiver, "flowtel.cni.series.folded").0, 0);
+    flowtel.stop(Duration::from_secs(10));
+    receiver.stop();
+    rt.block_on(api.stop());
 }
 
 /// The networking Events of this node's pods, from the test API server,

@@ -560,6 +560,11 @@ pub static CNI_RUNNING: Metric = gauge(
     "{process}",
     "CNI plugins running now (exec seen, exit not yet).",
 );
+pub static CNI_SERIES_FOLDED: Metric = counter(
+    "flowtel.cni.series.folded",
+    "{operation}",
+    "CNI operations counted in the overflow series because cni.max_series was reached.",
+);
 pub static CNI_CONFIG_CHANGES: Metric = counter(
     "flowtel.cni.config.changes",
     "{change}",
@@ -854,6 +859,7 @@ pub static METRICS: &[&Metric] = &[
     &CNI_EVENTS_LOST,
     &CNI_RECORDS_DROPPED,
     &CNI_RUNNING,
+    &CNI_SERIES_FOLDED,
     &K8S_NETWORK_EVENTS,
     &CNI_CONFIG_CHANGES,
     &SCRAPE_ERRORS,

@@ -10,7 +10,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::convert::{self, Malformed, PodParts, SliceParts};
-use super::index::{self, Claim, Counts, History, Holder, Snapshot};
+use super::index::{self, Claim, Counts, History, Holder, PodsByName, Snapshot};
 use super::intern::{Interner, Map, Set};
 use super::model::{NodeInfo, PodInfo, ServiceInfo};
 use super::owners::{Controller, OwnerRecord, Owners};
@@ -176,7 +176,9 @@ pub(crate) struct Cache {
     stale_nodes: Set<Arc<str>>,
     nodes_changed: bool,
     backends_changed: bool,
+    pods_changed: bool,
     nodes_view: Arc<Map<Arc<str>, Arc<NodeInfo>>>,
+    pods_view: Arc<PodsByName>,
     backends_view: Arc<Map<IpAddr, Box<[Arc<ServiceInfo>]>>>,
 }
 
@@ -205,7 +207,9 @@ impl Cache {
             stale_nodes: Set::default(),
             nodes_changed: false,
             backends_changed: false,
+            pods_changed: false,
             nodes_view: Arc::default(),
+            pods_view: Arc::default(),
             backends_view: Arc::default(),
         }
     }
@@ -451,6 +455,7 @@ impl Cache {
             self.claim(*ip, holder.clone(), now);
         }
         self.pods.insert(record.info.uid.clone(), record);
+        self.pods_changed = true;
         self.changed = true;
         Ok(())
     }
@@ -461,6 +466,7 @@ impl Cache {
             for ip in old.held() {
                 self.release(*ip, &holder, now);
             }
+            self.pods_changed = true;
             self.changed = true;
         }
     }
@@ -630,6 +636,9 @@ impl Cache {
         }
         self.stale_owners.clear();
         self.stale_nodes.clear();
+        if !renamed.is_empty() {
+            self.pods_changed = true;
+        }
         for (ips, holder) in renamed {
             for ip in ips {
                 self.claim(ip, holder.clone(), now);
@@ -668,6 +677,16 @@ impl Cache {
     }
 
     fn rebuild_views(&mut self) {
+        if self.pods_changed {
+            let mut pods = PodsByName::default();
+            for r in self.pods.values() {
+                pods.entry(r.info.namespace.clone())
+                    .or_default()
+                    .insert(r.info.name.clone(), r.info.clone());
+            }
+            self.pods_view = Arc::new(pods);
+            self.pods_changed = false;
+        }
         if self.nodes_changed {
             self.nodes_view = Arc::new(
                 self.nodes
@@ -731,6 +750,7 @@ impl Cache {
             addresses: self.addresses.clone(),
             nodes: self.nodes_view.clone(),
             backends: self.backends_view.clone(),
+            pods: self.pods_view.clone(),
             counts: self.counts(),
             synced: self.synced(),
         }
@@ -949,6 +969,39 @@ mod tests {
                 other => panic!("expected a pod at {address}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn pods_are_found_by_name_without_an_address_and_renamed_with_their_owner() {
+        let mut cache = synced_cache();
+        // Scheduled, no address yet; its ReplicaSet arrives later.
+        apply(
+            &mut cache,
+            pod(
+                "web-5f6c-abcde",
+                "n1",
+                &[],
+                Some(owner("ReplicaSet", "web-5f6c")),
+            ),
+            t(1),
+        );
+        let snap = cache.snapshot(t(1));
+        let p = snap.pod("shop", "web-5f6c-abcde").expect("the pod");
+        assert_eq!(p.workload.kind, WorkloadKind::ReplicaSet);
+        assert!(snap.pod("shop", "other").is_none());
+        assert!(snap.pod("other", "web-5f6c-abcde").is_none());
+        cache
+            .apply(
+                &Object::ReplicaSet(meta("web-5f6c", Some(owner("Deployment", "web")))),
+                t(2),
+            )
+            .expect("a valid ReplicaSet");
+        let snap = cache.snapshot(t(2));
+        let p = snap.pod("shop", "web-5f6c-abcde").expect("the pod");
+        assert_eq!(p.workload.kind, WorkloadKind::Deployment);
+        assert_eq!(&*p.workload.name, "web");
+        cache.delete(&pod("web-5f6c-abcde", "n1", &[], None), t(3));
+        assert!(cache.snapshot(t(3)).pod("shop", "web-5f6c-abcde").is_none());
     }
 
     #[test]
