@@ -11,10 +11,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::cni::{debian_plugins, Attachment, CniNetwork, LinkGuard, Ran, SHOW_TIMEOUT};
 use common::flowtel::{Flowtel, FlowtelArgs, Health};
+use common::histogram::{histogram_points, latest_histograms};
 use common::kubeapi::{fx, KubeApi, Resource};
 use common::netns::{Netns, NetnsGuard};
 use common::otlp_receiver::{AttrValue, LogEvent, OtlpReceiver};
@@ -558,6 +559,260 @@ fn cni_operations_of_a_deployment_pod_name_the_deployment() {
         Some(&AttrValue::Str("Deployment".into()))
     );
     assert_eq!(counter_total(&receiver, "flowtel.cni.series.folded").0, 0);
+    flowtel.stop(Duration::from_secs(10));
+    receiver.stop();
+    rt.block_on(api.stop());
+}
+
+/// Sets a pod's `PodScheduled` condition to `scheduled` and, when given,
+/// `PodReadyToStartContainers` to `ready` (else not ready yet), as the
+/// scheduler and kubelet do.
+fn set_conditions(pod: &mut Value, scheduled: SystemTime, ready: Option<SystemTime>) {
+    let mut conditions = vec![json!({"type": "PodScheduled", "status": "True",
+        "lastProbeTime": null, "lastTransitionTime": fx::timestamp(scheduled)})];
+    conditions.push(match ready {
+        Some(r) => json!({"type": "PodReadyToStartContainers", "status": "True",
+            "lastProbeTime": null, "lastTransitionTime": fx::timestamp(r)}),
+        None => json!({"type": "PodReadyToStartContainers", "status": "False",
+            "lastProbeTime": null, "lastTransitionTime": fx::timestamp(scheduled)}),
+    });
+    pod["status"]["conditions"] = json!(conditions);
+}
+
+/// Sets `status.podIPs` (and `podIP`).
+fn set_ips(pod: &mut Value, ips: &[&str]) {
+    pod["status"]["podIP"] = json!(ips.first());
+    pod["status"]["podIPs"] = json!(ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>());
+}
+
+/// Pods of this node getting and losing addresses in the test API server
+/// give exactly one `flowtel.cni.ip_allocated` / `ip_released` record per
+/// pod and exact address counts, with the seconds from `PodScheduled` to
+/// `PodReadyToStartContainers` the test set; a pod listed with its address
+/// before flowtel watched, a pod of another node and a host-network pod
+/// allocate nothing.
+#[test]
+fn pod_address_allocation_and_release_from_the_pod_cache() {
+    const TEST: &str = "pod_address_allocation_and_release_from_the_pod_cache";
+    let Some((tools, _)) = prerequisites_with(TEST, &[], &[]) else {
+        return;
+    };
+    const NODE: &str = "node-ips";
+    let mut guard = NetnsGuard::new(&tools);
+    let host = guard.add("ips").expect("flowtel's namespace");
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime for the API server");
+    let api = KubeApi::new();
+    rt.block_on(api.start());
+    let ns = "ipshop";
+    let deployment = fx::workload("Deployment", ns, "web");
+    let rs = api.apply(&fx::replicaset(ns, "web-7c9d8f6b5", Some(&deployment)));
+    // Whole seconds, as Kubernetes writes times.
+    let t0 = UNIX_EPOCH
+        + Duration::from_secs(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs()
+                - 600,
+        );
+    let secs = |s: u64| t0 + Duration::from_secs(s);
+    // Running with its address before flowtel starts: not an allocation
+    // flowtel saw, but its release later is.
+    let mut old = fx::PodFx::new(ns, "web-7c9d8f6b5-old00")
+        .on(NODE, "198.18.0.1")
+        .owned_by(&rs)
+        .ips(&["198.18.7.1"])
+        .build();
+    set_conditions(&mut old, secs(0), Some(secs(1)));
+    let old = api.apply(&old);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    let mut receiver = OtlpReceiver::start().expect("OTLP receiver");
+    let endpoint = receiver.grpc_endpoint();
+    let netns = host.path();
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "conntrack",
+        netns: &netns,
+        endpoint: &endpoint,
+        protocol: "grpc",
+        interval: "1s",
+        env: vec![
+            (
+                "FLOWTEL_KUBERNETES__KUBECONFIG",
+                kubeconfig.display().to_string(),
+            ),
+            ("FLOWTEL_RESOURCE__NODE_NAME", NODE.to_string()),
+            ("FLOWTEL_CNI__ENABLED", "off".into()),
+        ],
+    })
+    .expect("starting flowtel");
+    flowtel
+        .wait_ready(Duration::from_secs(30))
+        .expect("flowtel becomes ready");
+    flowtel
+        .wait_for_kube_synced(SHOW_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", flowtel.output()));
+
+    // Nothing to report: another node's pod, a host-network pod.
+    let mut other = fx::PodFx::new(ns, "web-7c9d8f6b5-other")
+        .on("node-other", "198.18.0.2")
+        .owned_by(&rs)
+        .ips(&["198.18.7.9"])
+        .build();
+    set_conditions(&mut other, secs(10), Some(secs(11)));
+    api.apply(&other);
+    let mut agent = fx::PodFx::new("kube-system", "agent-x7k2p")
+        .on(NODE, "198.18.0.1")
+        .host_network(&[9100])
+        .ips(&["198.18.0.1"])
+        .build();
+    set_conditions(&mut agent, secs(10), Some(secs(11)));
+    api.apply(&agent);
+
+    // a: created without an address, then given one 3 s after it was
+    // scheduled.
+    let mut a = fx::PodFx::new(ns, "web-7c9d8f6b5-aaaaa")
+        .on(NODE, "198.18.0.1")
+        .owned_by(&rs)
+        .phase("Pending")
+        .build();
+    set_conditions(&mut a, secs(100), None);
+    let mut a = api.apply(&a);
+    a["status"]["phase"] = json!("Running");
+    set_ips(&mut a, &["198.18.7.10"]);
+    set_conditions(&mut a, secs(100), Some(secs(103)));
+    let mut a = api.apply(&a);
+    // b: first seen with two addresses, 7 s after it was scheduled.
+    let mut b = fx::PodFx::new(ns, "web-7c9d8f6b5-bbbbb")
+        .on(NODE, "198.18.0.1")
+        .owned_by(&rs)
+        .ips(&["198.18.7.11", "fd00::7:11"])
+        .build();
+    set_conditions(&mut b, secs(200), Some(secs(207)));
+    let b = api.apply(&b);
+
+    let allocated = |r: &OtlpReceiver| counter_total(r, "flowtel.cni.ips.allocated").0;
+    let released = |r: &OtlpReceiver| counter_total(r, "flowtel.cni.ips.released").0;
+    assert!(
+        wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || allocated(
+            &receiver
+        ) >= 3),
+        "allocated {}:\n{}",
+        allocated(&receiver),
+        flowtel.output()
+    );
+    assert_eq!(allocated(&receiver), 3);
+    assert_eq!(released(&receiver), 0);
+
+    // a finishes, b and the old pod are deleted.
+    a["status"]["phase"] = json!("Succeeded");
+    api.apply(&a);
+    assert!(api.delete(&b));
+    assert!(api.delete(&old));
+    assert!(
+        wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || released(
+            &receiver
+        ) >= 4),
+        "released {}:\n{}",
+        released(&receiver),
+        flowtel.output()
+    );
+
+    let (total, by) = counter_total(&receiver, "flowtel.cni.ips.allocated");
+    assert_eq!(total, 3, "{by:?}");
+    let (total, by) = counter_total(&receiver, "flowtel.cni.ips.released");
+    assert_eq!(total, 4, "{by:?}");
+    for metric in ["flowtel.cni.ips.allocated", "flowtel.cni.ips.released"] {
+        let series = receiver.latest(metric, 0);
+        assert_eq!(series.len(), 1, "{metric}: {series:#?}");
+        let p = series.values().next().expect("one series");
+        assert_eq!(
+            p.attrs.get("k8s.deployment.name"),
+            Some(&AttrValue::Str("web".into()))
+        );
+        assert_eq!(
+            p.attrs.get("k8s.namespace.name"),
+            Some(&AttrValue::Str(ns.into()))
+        );
+    }
+    let hist = latest_histograms(&histogram_points(
+        &receiver.received(0),
+        "flowtel.cni.scheduled_to_ip.duration",
+    ));
+    assert_eq!(hist.len(), 1, "{hist:#?}");
+    let h = hist.values().next().expect("one series");
+    assert_eq!((h.count, h.sum), (2, 10.0), "{h:?}");
+    assert_eq!(h.unit, "s");
+
+    // The records: two allocations, three releases, once each.
+    let mut records = Vec::new();
+    wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+        records = receiver
+            .log_events()
+            .into_iter()
+            .filter(|e| e.event_name.starts_with("flowtel.cni.ip_"))
+            .collect();
+        records.len() >= 5
+    });
+    let mut seen: Vec<(String, String, String, Option<f64>)> = records
+        .iter()
+        .map(|e| {
+            assert_eq!(e.severity_text, "INFO", "{e:?}");
+            assert_eq!(e.str("k8s.deployment.name"), Some("web"), "{e:?}");
+            assert_eq!(e.str("flowtel.k8s.workload.kind"), Some("Deployment"));
+            assert_eq!(e.str("k8s.node.name"), Some(NODE));
+            (
+                e.event_name.clone(),
+                e.str("k8s.pod.name").unwrap_or_default().to_owned(),
+                e.str("flowtel.cni.ips").unwrap_or_default().to_owned(),
+                double(e, "flowtel.cni.scheduled_to_ip"),
+            )
+        })
+        .collect();
+    seen.sort_by(|x, y| (&x.0, &x.1).cmp(&(&y.0, &y.1)));
+    let row = |event: &str, pod: &str, ips: &str, delay: Option<f64>| {
+        (event.to_owned(), pod.to_owned(), ips.to_owned(), delay)
+    };
+    assert_eq!(
+        seen,
+        vec![
+            row(
+                "flowtel.cni.ip_allocated",
+                "web-7c9d8f6b5-aaaaa",
+                "198.18.7.10",
+                Some(3.0)
+            ),
+            row(
+                "flowtel.cni.ip_allocated",
+                "web-7c9d8f6b5-bbbbb",
+                "198.18.7.11,fd00::7:11",
+                Some(7.0)
+            ),
+            row(
+                "flowtel.cni.ip_released",
+                "web-7c9d8f6b5-aaaaa",
+                "198.18.7.10",
+                None
+            ),
+            row(
+                "flowtel.cni.ip_released",
+                "web-7c9d8f6b5-bbbbb",
+                "198.18.7.11,fd00::7:11",
+                None
+            ),
+            row(
+                "flowtel.cni.ip_released",
+                "web-7c9d8f6b5-old00",
+                "198.18.7.1",
+                None
+            ),
+        ]
+    );
+    assert_eq!(
+        counter_total(&receiver, "flowtel.cni.ip_events.dropped").0,
+        0
+    );
     flowtel.stop(Duration::from_secs(10));
     receiver.stop();
     rt.block_on(api.stop());
