@@ -461,6 +461,12 @@ fn cni_operations_of_a_deployment_pod_name_the_deployment() {
         flowtel.output()
     );
 
+    // The default captures stdout: a program on sys_enter too.
+    assert_eq!(
+        link_tracepoints(flowtel.pid()),
+        vec!["sched_process_exec", "sched_process_exit", "sys_enter"],
+        "flowtel's BPF links"
+    );
     let net = network(
         &format!("{tag}-net"),
         &bridge,
@@ -562,6 +568,165 @@ fn cni_operations_of_a_deployment_pod_name_the_deployment() {
     flowtel.stop(Duration::from_secs(10));
     receiver.stop();
     rt.block_on(api.stop());
+}
+
+/// The tracepoints of the BPF links process `pid` holds (from
+/// `/proc/PID/fdinfo`), sorted.
+fn link_tracepoints(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        if !info.contains("link_type:") {
+            continue;
+        }
+        if let Some(tp) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("tp_name:"))
+            .map(str::trim)
+        {
+            out.push(tp.to_owned());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// With `cni.capture_output: false` only exec and exit are traced (no
+/// program on `sys_enter`, so no cost to other system calls): the ADD and
+/// DEL of a pod still give one record per plugin execution with the pod,
+/// command, result and duration, but no addresses; a plugin that fails
+/// (a missing IPAM binary) is a failure by its exit code, without the
+/// message it wrote.
+#[test]
+fn without_output_capture_executions_are_traced_by_exec_and_exit_only() {
+    const TEST: &str = "without_output_capture_executions_are_traced_by_exec_and_exit_only";
+    let mut conditions = ebpf_conditions().to_vec();
+    let bin_dir = debian_plugins();
+    conditions.push((
+        bin_dir.is_some(),
+        "Debian's containernetworking-plugins is not installed (/usr/lib/cni/bridge)",
+    ));
+    let Some((tools, _)) = prerequisites_with(TEST, &[], &conditions) else {
+        return;
+    };
+    let Some(bin_dir) = bin_dir else { return };
+    let pid = std::process::id();
+    let tag = format!("fo{pid}");
+    let octet = 20 + pid % 200;
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut guard = NetnsGuard::new(&tools);
+    let host = guard.add("oo").expect("flowtel's namespace");
+    let bridges: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|s| format!("fto{}{s}", pid % 10_000_000))
+        .collect();
+    let _bridges: Vec<LinkGuard> = bridges
+        .iter()
+        .map(|name| LinkGuard {
+            ip: tools.ip.clone(),
+            name: name.clone(),
+        })
+        .collect();
+    let mut receiver = OtlpReceiver::start().expect("OTLP receiver");
+    let endpoint = receiver.grpc_endpoint();
+    let netns = host.path();
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "conntrack",
+        netns: &netns,
+        endpoint: &endpoint,
+        protocol: "grpc",
+        interval: "1s",
+        env: vec![
+            ("FLOWTEL_CNI__ENABLED", "on".into()),
+            ("FLOWTEL_CNI__CAPTURE_OUTPUT", "false".into()),
+        ],
+    })
+    .expect("starting flowtel");
+    flowtel
+        .wait_ready(Duration::from_secs(30))
+        .expect("flowtel becomes ready");
+    assert!(
+        wait_until(SHOW_TIMEOUT, Duration::from_millis(100), || {
+            flowtel.readyz().is_ok_and(|(_, b)| {
+                b.pointer("/sources/sources")
+                    .and_then(Value::as_array)
+                    .is_some_and(|s| s.iter().any(|v| v == "cni"))
+            })
+        }),
+        "the cni source never became active:\n{}",
+        flowtel.output()
+    );
+    assert_eq!(
+        link_tracepoints(flowtel.pid()),
+        vec!["sched_process_exec", "sched_process_exit"],
+        "flowtel's BPF links"
+    );
+
+    let good = network(
+        &format!("{tag}-good"),
+        &bridges[0],
+        json!({
+            "type": "host-local",
+            "ranges": [[{"subnet": format!("198.19.{octet}.0/24")}]],
+            "dataDir": data.path().join("good"),
+        }),
+        &bin_dir,
+    );
+    let mut runs = Vec::new();
+    let ns = guard.add("o0").expect("pod namespace");
+    let at = attachment(&format!("{tag}a"), 0, &ns);
+    let result = good.add(&at, &mut runs).expect("ADD succeeds");
+    good.del(&at, Some(&result), &mut runs)
+        .expect("DEL succeeds");
+    let missing = network(
+        &format!("{tag}-missing"),
+        &bridges[1],
+        json!({"type": "ft-no-such-ipam"}),
+        &bin_dir,
+    );
+    let ns = guard.add("o1").expect("pod namespace");
+    missing
+        .add(&attachment(&format!("{tag}b"), 0, &ns), &mut runs)
+        .expect_err("ADD with a missing IPAM plugin fails");
+    // bridge and host-local for ADD and DEL; bridge alone for the failure.
+    let expected = 5;
+    let mut events = Vec::new();
+    wait_until(SHOW_TIMEOUT, Duration::from_millis(200), || {
+        events = cni_events(&receiver, &tag);
+        events.len() >= expected
+    });
+    assert_eq!(
+        events.len(),
+        expected,
+        "{:#?}",
+        events.iter().map(|e| &e.body).collect::<Vec<_>>()
+    );
+    for e in &events {
+        assert_eq!(e.str("flowtel.cni.ips"), None, "{e:?}");
+        assert_eq!(e.str("flowtel.cni.error.message"), None, "{e:?}");
+        assert!(double(e, "flowtel.cni.duration").is_some_and(|d| d > 0.0 && d < 60.0));
+        assert_eq!(e.str("k8s.pod.name"), Some("pod-0"));
+        let failed = e.str("k8s.namespace.name") == Some(&format!("{tag}b-ns"));
+        assert_eq!(
+            e.str("flowtel.cni.result"),
+            Some(if failed { "failure" } else { "success" }),
+            "{e:?}"
+        );
+        if failed {
+            assert_eq!(e.str("flowtel.cni.plugin"), Some("bridge"));
+            assert_ne!(e.int("process.exit.code"), Some(0));
+        }
+    }
+    let (seen, _) = counter_total(&receiver, "flowtel.cni.operations");
+    let (lost, by) = counter_total(&receiver, "flowtel.cni.events.lost");
+    assert_eq!((seen, lost), (expected as u64, 0), "lost {by:?}");
+    flowtel.stop(Duration::from_secs(10));
+    receiver.stop();
 }
 
 /// Sets a pod's `PodScheduled` condition to `scheduled` and, when given,

@@ -59,6 +59,13 @@ pub struct CniEventsConfig {
     /// in one overflow series (`otel.metric.overflow`) and in
     /// `flowtel.cni.series.folded`.
     pub max_series: usize,
+    /// Read what plugins write to stdout (the ADD result's addresses, the
+    /// error object): a program on the raw `sys_enter` tracepoint, which
+    /// runs on every system call of the node. Off: only exec and exit are
+    /// traced, at no cost to other system calls, and records carry no
+    /// `flowtel.cni.ips`/`gateways`/`error.*` (a plugin that fails without
+    /// a non-zero exit code counts as a success).
+    pub capture_output: bool,
 }
 
 impl Default for CniEventsConfig {
@@ -77,6 +84,7 @@ impl Default for CniEventsConfig {
             timeout: Duration::from_secs(600),
             ring_buffer_bytes: 4 << 20,
             max_series: 1000,
+            capture_output: true,
         }
     }
 }
@@ -540,9 +548,9 @@ pub fn build(
     if cfg.enabled == Enabled::Off {
         return Ok(None);
     }
-    let probe = match probe::Probe::start(&cfg.bin_dirs, cfg.ring_buffer_bytes)
-        .and_then(probe::Probe::into_async)
-    {
+    let started = probe::Probe::start(&cfg.bin_dirs, cfg.ring_buffer_bytes, cfg.capture_output)
+        .and_then(probe::Probe::into_async);
+    let probe = match started {
         Ok(p) => p,
         Err(e) if cfg.enabled == Enabled::Auto => {
             tracing::warn!(error = %format!("{e:#}"), "cni source: not tracing CNI plugin executions");
@@ -550,7 +558,11 @@ pub fn build(
         }
         Err(e) => return Err(e.context("starting the CNI source (cni.enabled: on)")),
     };
-    tracing::info!(bin_dirs = ?cfg.bin_dirs, "cni source: tracing CNI plugin executions");
+    tracing::info!(
+        bin_dirs = ?cfg.bin_dirs,
+        capture_output = cfg.capture_output,
+        "cni source: tracing CNI plugin executions"
+    );
     let tracker = Arc::new(Mutex::new(Tracker {
         active: true,
         ..Tracker::default()
