@@ -156,10 +156,27 @@ enum Owner {
 /// (plugin, command, result, whose).
 type OpKey = (String, &'static str, &'static str, Owner);
 
+/// A plugin that exited, counted and reported at the next export, when the
+/// Kubernetes cache has had the most time to learn its pod.
+#[derive(Debug)]
+struct Done {
+    pid: u32,
+    /// Its stdout already parsed into `output`, and emptied.
+    r: Running,
+    output: PluginOutput,
+    end_ns: u64,
+    status: i32,
+    /// When flowtel read its exit: the time of its event.
+    seen: SystemTime,
+}
+
 /// What the source has seen, shared by the reading task and `request`.
 #[derive(Debug, Default)]
 struct Tracker {
     running: HashMap<u32, Running>,
+    /// Exited, not counted yet: at most `cni.max_records`, the oldest
+    /// counted at once beyond that.
+    done: VecDeque<Done>,
     operations: BTreeMap<OpKey, u64>,
     durations: BTreeMap<OpKey, HistogramValue>,
     /// Kernel-side losses, cumulative ([`probe::LOST_KINDS`]).
@@ -233,30 +250,50 @@ impl Tracker {
             RawEvent::Exit { pid, ts_ns, status } => {
                 // No entry: its exec was dropped for `running_full`, already
                 // counted.
-                if let Some(r) = self.running.remove(&pid) {
-                    let pod = match (&r.env.pod_namespace, &r.env.pod_name, pods) {
-                        (Some(ns), Some(name), Some(pods)) => pods.pod(ns, name),
-                        _ => None,
-                    };
-                    self.finish(pid, r, ts_ns, status, pod.as_deref(), cfg);
+                if let Some(mut r) = self.running.remove(&pid) {
+                    let output = raw::parse_output(&std::mem::take(&mut r.output));
+                    self.done.push_back(Done {
+                        pid,
+                        r,
+                        output,
+                        end_ns: ts_ns,
+                        status,
+                        seen: SystemTime::now(),
+                    });
+                    if self.done.len() > cfg.max_records {
+                        if let Some(d) = self.done.pop_front() {
+                            self.finish(d, pods, cfg);
+                        }
+                    }
                 }
             }
         }
     }
 
-    fn finish(
-        &mut self,
-        pid: u32,
-        r: Running,
-        end_ns: u64,
-        status: i32,
-        pod: Option<&EndName>,
-        cfg: &CniEventsConfig,
-    ) {
+    /// Counts and reports every plugin that exited, its pod named now.
+    fn settle(&mut self, pods: Option<&dyn PodNaming>, cfg: &CniEventsConfig) {
+        while let Some(d) = self.done.pop_front() {
+            self.finish(d, pods, cfg);
+        }
+    }
+
+    fn finish(&mut self, done: Done, pods: Option<&dyn PodNaming>, cfg: &CniEventsConfig) {
+        let Done {
+            pid,
+            r,
+            output,
+            end_ns,
+            status,
+            seen,
+        } = done;
+        let pod = match (&r.env.pod_namespace, &r.env.pod_name, pods) {
+            (Some(ns), Some(name), Some(pods)) => pods.pod(ns, name),
+            _ => None,
+        };
+        let pod = pod.as_deref();
         let plugin = raw::plugin_name(&r.path).to_owned();
         let command = raw::command_name(r.env.command.as_deref());
         let code = raw::exit_code(status);
-        let output = raw::parse_output(&r.output);
         let result = if code == 0 && output.error.is_none() {
             "success"
         } else {
@@ -284,9 +321,10 @@ impl Tracker {
             self.durations.entry(key).or_insert_with(empty_histogram),
             seconds,
         );
-        let event = operation_event(
+        let mut event = operation_event(
             pid, &plugin, command, result, code, seconds, &r, &output, pod,
         );
+        event.time = seen;
         if self.events.len() >= cfg.max_records {
             self.events.pop_front();
             self.records_dropped += 1;
@@ -303,7 +341,8 @@ impl Tracker {
         }
     }
 
-    fn update(&mut self) -> MeshUpdate {
+    fn update(&mut self, pods: Option<&dyn PodNaming>, cfg: &CniEventsConfig) -> MeshUpdate {
+        self.settle(pods, cfg);
         let points = |map: &BTreeMap<OpKey, u64>| {
             map.iter()
                 .map(|(key, n)| op_point(key, PointValue::Int(*n)))
@@ -537,6 +576,8 @@ pub struct CniSource {
     tracker: Arc<Mutex<Tracker>>,
     task: tokio::task::JoinHandle<()>,
     events: mpsc::Sender<SourceEvent>,
+    cfg: CniEventsConfig,
+    pods: Option<Arc<dyn PodNaming>>,
 }
 
 /// Starts the source unless `cni.enabled` is `off`. With `auto`, programs
@@ -577,6 +618,8 @@ pub fn build(
         tracker,
         task,
         events: ctx.events.clone(),
+        cfg: cfg.clone(),
+        pods: ctx.pods.clone(),
     })))
 }
 
@@ -643,7 +686,7 @@ impl Source for CniSource {
             .tracker
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .update();
+            .update(self.pods.as_deref(), &self.cfg);
         match self.events.try_send(SourceEvent::Mesh(Box::new(update))) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(SourceEvent::Mesh(update))) => {
@@ -718,7 +761,7 @@ mod tests {
         t.apply(exit(10, 9_000_000, 0), &cfg, None);
         // An exit of a process never seen at exec is not an execution.
         t.apply(exit(99, 9_000_000, 0), &cfg, None);
-        let u = t.update();
+        let u = t.update(None, &cfg);
         assert_eq!(u.events.len(), 2);
         let child = &u.events[0];
         assert_eq!(
@@ -761,7 +804,7 @@ mod tests {
             None,
         );
         t.apply(exit(20, 5, 0), &cfg, None);
-        let e = &t.update().events[0];
+        let e = &t.update(None, &cfg).events[0];
         assert_eq!(e.severity, Severity::Warn);
         assert_eq!(
             attr(e, catalogue::CNI_RESULT),
@@ -855,10 +898,11 @@ mod tests {
             (4, "web-c"),
             (5, "db"),
         ] {
-            t.apply(exec_of(pid, pod), &cfg, Some(&Pods));
-            t.apply(exit(pid, 1, 0), &cfg, Some(&Pods));
+            t.apply(exec_of(pid, pod), &cfg, None);
+            t.apply(exit(pid, 1, 0), &cfg, None);
         }
-        let u = t.update();
+        // Named when the interval is reported.
+        let u = t.update(Some(&Pods), &cfg);
         let ops = &u.groups[0].families[0];
         let value = |key: &str, v: &str| -> Vec<u64> {
             ops.points
@@ -904,7 +948,11 @@ mod tests {
             t.apply(exec(pid, 0, 0, "bridge", "CHECK"), &cfg, None);
             t.apply(exit(pid, 1, 0), &cfg, None);
         }
+        // Beyond max_records exited plugins, the oldest is counted at once.
+        assert_eq!((t.done.len(), t.operations.values().sum::<u64>()), (1, 1));
+        let u = t.update(None, &cfg);
         assert_eq!(t.records_dropped, 1);
-        assert_eq!(t.update().events.len(), 1);
+        assert_eq!(u.events.len(), 1);
+        assert_eq!(t.operations.values().sum::<u64>(), 2);
     }
 }
