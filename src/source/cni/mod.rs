@@ -156,10 +156,12 @@ enum Owner {
 /// (plugin, command, result, whose).
 type OpKey = (String, &'static str, &'static str, Owner);
 
-/// A plugin that exited, counted and reported at the next export, when the
-/// Kubernetes cache has had the most time to learn its pod.
+/// A plugin that exited, counted and reported at the next export. Its pod
+/// is named at the exit (a DEL's pod may be deleted right after) or, when
+/// the Kubernetes cache did not know it yet, at the export.
 #[derive(Debug)]
 struct Done {
+    pod: Option<Arc<EndName>>,
     pid: u32,
     /// Its stdout already parsed into `output`, and emptied.
     r: Running,
@@ -202,6 +204,14 @@ fn read_env(pid: u32, env: &[u8], truncated: bool) -> raw::CniEnv {
     match std::fs::read(format!("/proc/{pid}/environ")) {
         Ok(full) => raw::parse_env(&full, false),
         Err(_) => parsed,
+    }
+}
+
+/// The pod `CNI_ARGS` names, as the Kubernetes cache knows it now.
+fn name_pod(r: &Running, pods: Option<&dyn PodNaming>) -> Option<Arc<EndName>> {
+    match (&r.env.pod_namespace, &r.env.pod_name, pods) {
+        (Some(ns), Some(name), Some(pods)) => pods.pod(ns, name),
+        _ => None,
     }
 }
 
@@ -253,6 +263,7 @@ impl Tracker {
                 if let Some(mut r) = self.running.remove(&pid) {
                     let output = raw::parse_output(&std::mem::take(&mut r.output));
                     self.done.push_back(Done {
+                        pod: name_pod(&r, pods),
                         pid,
                         r,
                         output,
@@ -279,6 +290,7 @@ impl Tracker {
 
     fn finish(&mut self, done: Done, pods: Option<&dyn PodNaming>, cfg: &CniEventsConfig) {
         let Done {
+            pod,
             pid,
             r,
             output,
@@ -286,10 +298,7 @@ impl Tracker {
             status,
             seen,
         } = done;
-        let pod = match (&r.env.pod_namespace, &r.env.pod_name, pods) {
-            (Some(ns), Some(name), Some(pods)) => pods.pod(ns, name),
-            _ => None,
-        };
+        let pod = pod.or_else(|| name_pod(&r, pods));
         let pod = pod.as_deref();
         let plugin = raw::plugin_name(&r.path).to_owned();
         let command = raw::command_name(r.env.command.as_deref());
@@ -929,6 +938,20 @@ mod tests {
             Some(&Value::Str("web-a".into()))
         );
         assert_eq!(attr(&u.events[4], catalogue::K8S_WORKLOAD), None);
+    }
+
+    #[test]
+    fn a_pod_named_at_its_exit_keeps_the_name_when_gone_by_the_export() {
+        let cfg = CniEventsConfig::default();
+        let mut t = Tracker::default();
+        t.apply(exec_of(1, "web-a"), &cfg, Some(&Pods));
+        t.apply(exit(1, 1, 0), &cfg, Some(&Pods));
+        // Deleted from the cache before the export: no naming then.
+        let u = t.update(None, &cfg);
+        assert_eq!(
+            attr(&u.events[0], catalogue::K8S_DEPLOYMENT),
+            Some(&Value::Str("web-a".into()))
+        );
     }
 
     #[test]
