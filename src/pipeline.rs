@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::enrich::{self, kubernetes, Namer};
 use crate::export::{self, ExportContext};
 use crate::flow::mesh::ProxyTargets;
-use crate::flow::names::Naming;
+use crate::flow::names::{Naming, PodNaming};
 use crate::flow::{FlowStage, SourceEvent};
 use crate::health;
 use crate::source::{Sources, SourcesConfig};
@@ -27,8 +27,13 @@ const EVENTS: usize = 65_536;
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let telemetry = Telemetry::default();
     let node = cfg.resource.node_name.clone();
-    let kube =
-        kubernetes::start(&cfg.kubernetes, &telemetry).context("starting the Kubernetes cache")?;
+    let (events, received) = mpsc::channel::<SourceEvent>(EVENTS);
+    let ip_events = kubernetes::IpEvents {
+        node: node.clone(),
+        events: events.clone(),
+    };
+    let kube = kubernetes::start_with(&cfg.kubernetes, &telemetry, Some(ip_events))
+        .context("starting the Kubernetes cache")?;
     if kube.is_some() {
         tracing::info!(node = ?node, "naming flow ends from the Kubernetes API");
     }
@@ -37,7 +42,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Box::new(move || enrich::proxy_targets(&snapshots.borrow(), node.as_deref()))
             as ProxyTargets
     });
-    let (events, received) = mpsc::channel::<SourceEvent>(EVENTS);
     let network_events =
         kubernetes::watch_network_events(&cfg.kubernetes, node.clone(), events.clone())
             .context("starting the Kubernetes Events watcher")?;
@@ -52,7 +56,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cni: &cfg.cni,
         firewall: &cfg.firewall,
     };
-    let mut sources = Sources::start(sources_cfg, events, &telemetry, proxies).await?;
+    let pods = kube.as_ref().map(|k| {
+        std::sync::Arc::new(enrich::PodNamer::new(k.snapshots())) as std::sync::Arc<dyn PodNaming>
+    });
+    let mut sources = Sources::start(sources_cfg, events, &telemetry, proxies, pods).await?;
     if let Some(source) = telemetry.source() {
         tracing::info!(source = source.name, mode = source.mode, interval = ?cfg.interval, "flowtel started");
     }

@@ -30,7 +30,10 @@
 //!   counters, for the firewall panels), in two rounds (a counter's
 //!   first sample has no rate); each round also runs Debian's CNI plugins
 //!   (bridge with host-local) as libcni does, two pods set up and torn down
-//!   and one setup that fails, for the pod network setup dashboard. flowtel also scrapes, every second, an Envoy
+//!   and one setup that fails, for the pod network setup dashboard (the
+//!   pods are checkout's in the test API server, given the address
+//!   host-local allocated and deleted after their DEL, for the address and
+//!   workload panels). flowtel also scrapes, every second, an Envoy
 //!   sidecar of a second checkout pod, ztunnel and Felix: local servers
 //!   serving the fixtures of `tests/fixtures/mesh/` with their counters
 //!   growing at each scrape (`tests/common/mesh.rs`). Debian's Prometheus
@@ -1311,9 +1314,11 @@ const EXACT: [(&str, &str, &str, f64); 18] = [
 /// pod (B) on the other behind its Service. On this node also a second
 /// checkout pod with an Istio sidecar and ztunnel, at loopback addresses
 /// where `sidecar` and `ztunnel` serve their scrapes.
-fn cluster(api: &KubeApi, sidecar: u16, ztunnel: u16) {
+/// Returns checkout's ReplicaSet, which the CNI rounds' pods belong to.
+fn cluster(api: &KubeApi, sidecar: u16, ztunnel: u16) -> Value {
     let checkout = fx::workload("Deployment", "shop", "checkout");
     let checkout_rs = fx::replicaset("shop", "checkout-5d8f7c9b6", Some(&checkout));
+    let checkout_rs_owner = checkout_rs.clone();
     let payments = fx::workload("Deployment", "shop", "payments");
     let payments_rs = fx::replicaset("shop", "payments-6b7f9c4d2", Some(&payments));
     let checkout_pod = fx::PodFx::new("shop", "checkout")
@@ -1360,6 +1365,7 @@ fn cluster(api: &KubeApi, sidecar: u16, ztunnel: u16) {
         service,
         slice,
     ]);
+    checkout_rs_owner
 }
 
 /// One round of traffic from A: a bulk transfer and short connections
@@ -1447,8 +1453,18 @@ fn dns_round(lab: &RouterLab, dig: &Path, lookups: &mut BTreeMap<String, u64>) {
 
 /// One round of CNI plugin executions (Debian's bridge with host-local,
 /// run as libcni runs them): ADD and DEL of two pods and an ADD that fails
-/// for a missing IPAM plugin, for the pod network setup dashboard.
-fn cni_round(guard: &mut NetnsGuard, round: usize, bin_dir: &Path, data: &Path) {
+/// for a missing IPAM plugin, for the pod network setup dashboard. The pods
+/// are checkout's, in the API (so the operations carry their workload):
+/// scheduled before their ADD, given the address host-local allocated 2 s
+/// after, deleted after their DEL.
+fn cni_round(
+    guard: &mut NetnsGuard,
+    round: usize,
+    bin_dir: &Path,
+    data: &Path,
+    api: &KubeApi,
+    owner: &Value,
+) {
     let pid = std::process::id();
     let network = |ipam: Value| CniNetwork {
         bin_dir: bin_dir.to_path_buf(),
@@ -1475,14 +1491,44 @@ fn cni_round(guard: &mut NetnsGuard, round: usize, bin_dir: &Path, data: &Path) 
             pod_name: format!("checkout-{round}{i}"),
             pod_uid: format!("uid-dash-{round}{i}"),
         };
+        let scheduled = std::time::SystemTime::now() - Duration::from_secs(10);
+        let condition = |kind: &str, at: std::time::SystemTime, status: &str| {
+            serde_json::json!({"type": kind, "status": status, "lastProbeTime": null,
+                "lastTransitionTime": fx::timestamp(at)})
+        };
+        let mut pod = fx::PodFx::new("shop", &at.pod_name)
+            .on(NODE, RA_V4)
+            .owned_by(owner)
+            .phase("Pending")
+            .build();
+        pod["status"]["conditions"] = serde_json::json!([
+            condition("PodScheduled", scheduled, "True"),
+            condition("PodReadyToStartContainers", scheduled, "False"),
+        ]);
+        let mut pod = api.apply(&pod);
         if i == 2 {
             broken
                 .add(&at, &mut ran)
                 .expect_err("ADD with a missing IPAM plugin fails");
         } else {
             let result = good.add(&at, &mut ran).expect("ADD");
+            let address = result["ips"][0]["address"].as_str().unwrap_or_default();
+            let ip = address.split('/').next().unwrap_or_default();
+            pod["status"]["phase"] = serde_json::json!("Running");
+            pod["status"]["podIP"] = serde_json::json!(ip);
+            pod["status"]["podIPs"] = serde_json::json!([{"ip": ip}]);
+            pod["status"]["conditions"] = serde_json::json!([
+                condition("PodScheduled", scheduled, "True"),
+                condition(
+                    "PodReadyToStartContainers",
+                    scheduled + Duration::from_secs(2),
+                    "True"
+                ),
+            ]);
+            api.apply(&pod);
             good.del(&at, Some(&result), &mut ran).expect("DEL");
         }
+        api.delete(&pod);
     }
     println!("{TEST}: CNI round: {} plugin executions", ran.len());
 }
@@ -1669,7 +1715,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     });
     let api = KubeApi::new();
     rt.block_on(api.start());
-    cluster(&api, sidecar.port(), ztunnel.port());
+    let checkout_rs = cluster(&api, sidecar.port(), ztunnel.port());
     let kubeconfig = api.write_kubeconfig(dir.path());
     let receiver = OtlpReceiver::start().expect("the OTLP receiver (log records)");
     let endpoint = receiver.grpc_endpoint();
@@ -1746,13 +1792,27 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let mut lookups = BTreeMap::new();
     round(&lab);
     dns_round(&lab, dig_bin, &mut lookups);
-    cni_round(&mut cni_guard, 0, &cni_bin, &dir.path().join("ipam"));
+    cni_round(
+        &mut cni_guard,
+        0,
+        &cni_bin,
+        &dir.path().join("ipam"),
+        &api,
+        &checkout_rs,
+    );
     // The second round raises counters that the first created, so their
     // rates are above 0.
     std::thread::sleep(Duration::from_secs(3));
     round(&lab);
     dns_round(&lab, dig_bin, &mut lookups);
-    cni_round(&mut cni_guard, 1, &cni_bin, &dir.path().join("ipam"));
+    cni_round(
+        &mut cni_guard,
+        1,
+        &cni_bin,
+        &dir.path().join("ipam"),
+        &api,
+        &checkout_rs,
+    );
     let errors = server.errors();
     drop(server);
     // The aborted connection of each round resets the server's side: the

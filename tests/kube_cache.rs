@@ -32,6 +32,7 @@ fn start(kubeconfig: &Path, retention: Duration) -> KubeHandle {
         pod_labels: vec!["app.kubernetes.io/name".into(), "team".into()],
         ip_retention: retention,
         network_events: false,
+        ip_events: false,
     };
     kubernetes::start(&cfg, &Telemetry::default())
         .expect("the cache starts")

@@ -395,7 +395,7 @@ fn scrape_errors(all: &[Point]) -> BTreeMap<(String, String), i64> {
 /// OTLP metric (the unit as a word unless the name holds it, `_total` on
 /// counters, `ratio` on gauges in `1`). Histograms are `NAME_bucket`,
 /// `NAME_sum` and `NAME_count`.
-const PROMETHEUS_NAMES: [(&str, &str); 52] = [
+const PROMETHEUS_NAMES: [(&str, &str); 57] = [
     ("istio.requests", "istio_requests_total"),
     (
         "istio.request.duration",
@@ -523,6 +523,23 @@ const PROMETHEUS_NAMES: [(&str, &str); 52] = [
     ),
     ("flowtel.cni.running", "flowtel_cni_running"),
     ("flowtel.cni.k8s_events", "flowtel_cni_k8s_events_total"),
+    (
+        "flowtel.cni.series.folded",
+        "flowtel_cni_series_folded_total",
+    ),
+    (
+        "flowtel.cni.ips.allocated",
+        "flowtel_cni_ips_allocated_total",
+    ),
+    ("flowtel.cni.ips.released", "flowtel_cni_ips_released_total"),
+    (
+        "flowtel.cni.scheduled_to_ip.duration",
+        "flowtel_cni_scheduled_to_ip_duration_seconds",
+    ),
+    (
+        "flowtel.cni.ip_events.dropped",
+        "flowtel_cni_ip_events_dropped_total",
+    ),
 ];
 
 /// One sample of the text format.

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::component::ConfigError;
 use crate::flow::mesh::{MeshRole, ProxyTarget};
-use crate::flow::names::{EndName, FlowNames, Naming, Role};
+use crate::flow::names::{EndName, FlowNames, Naming, PodNaming, Role};
 use crate::flow::{Endpoint, FlowId, Nat};
 use crate::telemetry::{catalogue, Counter, Telemetry};
 use cidr::{NamedNetworks, NetworkConfig};
@@ -250,6 +250,39 @@ impl Naming for Namer {
         if let Some(k) = &mut self.kube {
             k.current = k.snapshots.borrow().clone();
         }
+    }
+}
+
+/// Names pods for the sources ([`PodNaming`]: the CNI source's plugin
+/// executions) from the cache's latest snapshot, down to the pod whatever
+/// `enrich.level`: a record is about one pod.
+#[derive(Debug)]
+pub struct PodNamer {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl PodNamer {
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
+        Self { snapshots }
+    }
+}
+
+impl PodNaming for PodNamer {
+    fn pod(&self, namespace: &str, name: &str) -> Option<Arc<EndName>> {
+        // Held only for the clone: the cache task never waits on readers.
+        let snapshot = Arc::clone(&self.snapshots.borrow());
+        let pod = snapshot.pod(namespace, name)?;
+        Some(Arc::new(EndName {
+            namespace: Some(pod.namespace.clone()),
+            workload_kind: Some(Arc::from(pod.workload.kind.as_str())),
+            workload: Some(pod.workload.name.clone()),
+            pod: Some(pod.name.clone()),
+            pod_uid: Some(pod.uid.clone()),
+            node: pod.node.clone(),
+            zone: pod.zone.clone(),
+            labels: pod.labels.clone(),
+            ..EndName::default()
+        }))
     }
 }
 

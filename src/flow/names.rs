@@ -106,3 +106,13 @@ pub trait Naming: Send {
     /// cluster); called at the start of each interval.
     fn refresh(&mut self);
 }
+
+/// Names the pod a source's record is about by its namespace and name (a
+/// CNI plugin execution knows only those, from `CNI_ARGS`), for sources,
+/// which cannot import the enrichment stage. `crate::enrich` implements it
+/// from the Kubernetes cache; `src/pipeline.rs` hands it to the sources.
+pub trait PodNaming: Send + Sync {
+    /// The pod with its workload (kind and name), uid, node and labels, as
+    /// the cache knows it now; `None` when it does not (yet).
+    fn pod(&self, namespace: &str, name: &str) -> Option<Arc<EndName>>;
+}

@@ -24,7 +24,10 @@ pub mod scrape;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 
+use std::sync::Arc;
+
 use crate::flow::mesh::ProxyTargets;
+use crate::flow::names::PodNaming;
 use crate::flow::SourceEvent;
 use crate::telemetry::Telemetry;
 
@@ -62,6 +65,8 @@ pub struct SourceContext {
     /// The Istio proxies of this node's pods, when the Kubernetes cache
     /// runs.
     pub proxies: Option<ProxyTargets>,
+    /// Names a pod by namespace and name, when the Kubernetes cache runs.
+    pub pods: Option<Arc<dyn PodNaming>>,
 }
 
 /// The settings of every source, as the configuration holds them.
@@ -83,12 +88,14 @@ pub struct Sources(Vec<Box<dyn Source>>);
 impl Sources {
     /// Starts every source the configuration turns on, sending into
     /// `events`. Only the kernel source is required; an error says why it
-    /// could not start. `proxies` finds the Istio proxies to scrape.
+    /// could not start. `proxies` finds the Istio proxies to scrape, `pods`
+    /// names the pods of the CNI source's records.
     pub async fn start(
         cfg: SourcesConfig<'_>,
         events: mpsc::Sender<SourceEvent>,
         telemetry: &Telemetry,
         proxies: Option<ProxyTargets>,
+        pods: Option<Arc<dyn PodNaming>>,
     ) -> anyhow::Result<Self> {
         let detector = detect::Detector::start(cfg.detect.clone(), events.clone()).await;
         let mut ctx = SourceContext {
@@ -96,6 +103,7 @@ impl Sources {
             telemetry: telemetry.clone(),
             detection: detector.detection(),
             proxies,
+            pods,
         };
         let mut all = vec![kernel::build(cfg.kernel, cfg.ebpf, cfg.conntrack, &ctx)?];
         all.push(Box::new(detector));

@@ -585,6 +585,31 @@ pub static CNI_RUNNING: Metric = gauge(
     "{process}",
     "CNI plugins running now (exec seen, exit not yet).",
 );
+pub static CNI_SERIES_FOLDED: Metric = counter(
+    "flowtel.cni.series.folded",
+    "{operation}",
+    "CNI operations counted in the overflow series because cni.max_series was reached.",
+);
+pub static CNI_IPS_ALLOCATED: Metric = counter(
+    "flowtel.cni.ips.allocated",
+    "{address}",
+    "Pod addresses that appeared in status.podIPs of this node's pods, by workload.",
+);
+pub static CNI_IPS_RELEASED: Metric = counter(
+    "flowtel.cni.ips.released",
+    "{address}",
+    "Pod addresses this node's pods let go (deleted, finished or removed from status.podIPs), by workload.",
+);
+pub static CNI_SCHEDULED_TO_IP: Metric = histogram(
+    "flowtel.cni.scheduled_to_ip.duration",
+    "s",
+    "Time from a pod's PodScheduled condition to its first address, by workload.",
+);
+pub static CNI_IP_EVENTS_DROPPED: Metric = counter(
+    "flowtel.cni.ip_events.dropped",
+    "{event}",
+    "IP allocation and release events dropped because more than 10,000 waited for the pipeline.",
+);
 pub static CNI_CONFIG_CHANGES: Metric = counter(
     "flowtel.cni.config.changes",
     "{change}",
@@ -883,6 +908,11 @@ pub static METRICS: &[&Metric] = &[
     &CNI_EVENTS_LOST,
     &CNI_RECORDS_DROPPED,
     &CNI_RUNNING,
+    &CNI_SERIES_FOLDED,
+    &CNI_IPS_ALLOCATED,
+    &CNI_IPS_RELEASED,
+    &CNI_SCHEDULED_TO_IP,
+    &CNI_IP_EVENTS_DROPPED,
     &K8S_NETWORK_EVENTS,
     &CNI_CONFIG_CHANGES,
     &SCRAPE_ERRORS,
@@ -1107,6 +1137,9 @@ pub const CNI_PARENT_PLUGIN: &str = "flowtel.cni.parent.plugin";
 pub const CNI_IPS: &str = "flowtel.cni.ips";
 pub const CNI_GATEWAYS: &str = "flowtel.cni.gateways";
 pub const CNI_ENV_TRUNCATED: &str = "flowtel.cni.env.truncated";
+/// On `flowtel.cni.ip_allocated`: PodScheduled to the first address, in
+/// seconds.
+pub const CNI_SCHEDULED_TO_IP_ATTRIBUTE: &str = "flowtel.cni.scheduled_to_ip";
 pub const CONTAINER_ID: &str = "container.id";
 pub const NETWORK_INTERFACE_NAME: &str = "network.interface.name";
 pub const PROCESS_PID: &str = "process.pid";
@@ -1130,6 +1163,8 @@ pub const EVENT_HUBBLE_FLOW: &str = "flowtel.hubble.flow";
 pub const EVENT_CNI_OPERATION: &str = "flowtel.cni.operation";
 pub const EVENT_K8S_NETWORK: &str = "flowtel.cni.k8s_event";
 pub const EVENT_CNI_CONFIG_CHANGED: &str = "flowtel.cni.config_changed";
+pub const EVENT_CNI_IP_ALLOCATED: &str = "flowtel.cni.ip_allocated";
+pub const EVENT_CNI_IP_RELEASED: &str = "flowtel.cni.ip_released";
 pub const EVENT_FIREWALL_DROP: &str = "flowtel.firewall.drop";
 
 /// Every attribute name above (prefixes stand for their family).
@@ -1271,6 +1306,7 @@ pub const ATTRIBUTES: &[&str] = &[
     CNI_IPS,
     CNI_GATEWAYS,
     CNI_ENV_TRUNCATED,
+    CNI_SCHEDULED_TO_IP_ATTRIBUTE,
     CONTAINER_ID,
     NETWORK_INTERFACE_NAME,
     PROCESS_PID,

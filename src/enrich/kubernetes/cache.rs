@@ -10,8 +10,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::convert::{self, Malformed, PodParts, SliceParts};
-use super::index::{self, Claim, Counts, History, Holder, Snapshot};
+use super::index::{self, Claim, Counts, History, Holder, PodsByName, Snapshot};
 use super::intern::{Interner, Map, Set};
+use super::ips::{seconds_between, IpChange, IpChangeKind};
 use super::model::{NodeInfo, PodInfo, ServiceInfo};
 use super::owners::{Controller, OwnerRecord, Owners};
 
@@ -89,6 +90,9 @@ struct PodRecord {
     ports: Option<Arc<[u16]>>,
     running: bool,
     generation: u64,
+    /// `PodScheduled` and `PodReadyToStartContainers`, when `True`.
+    scheduled: Option<SystemTime>,
+    network_ready: Option<SystemTime>,
 }
 
 impl PodRecord {
@@ -176,8 +180,20 @@ pub(crate) struct Cache {
     stale_nodes: Set<Arc<str>>,
     nodes_changed: bool,
     backends_changed: bool,
+    pods_changed: bool,
     nodes_view: Arc<Map<Arc<str>, Arc<NodeInfo>>>,
+    pods_view: Arc<PodsByName>,
     backends_view: Arc<Map<IpAddr, Box<[Arc<ServiceInfo>]>>>,
+    /// Address changes of which pods are reported, and those not taken yet.
+    ips: Option<IpWatch>,
+}
+
+/// Which pods' address changes [`Cache::take_ip_changes`] reports.
+#[derive(Debug)]
+struct IpWatch {
+    /// This node (every node when `None`).
+    node: Option<Arc<str>>,
+    changes: Vec<IpChange>,
 }
 
 impl Cache {
@@ -205,9 +221,57 @@ impl Cache {
             stale_nodes: Set::default(),
             nodes_changed: false,
             backends_changed: false,
+            pods_changed: false,
             nodes_view: Arc::default(),
+            pods_view: Arc::default(),
             backends_view: Arc::default(),
+            ips: None,
         }
+    }
+
+    /// Reports the address changes of `node`'s pods (every pod's when
+    /// `None`) from now on: host-network pods excluded, and only once pods
+    /// have been listed completely.
+    pub(crate) fn watch_ips(&mut self, node: Option<&str>) {
+        self.ips = Some(IpWatch {
+            node: node.map(Arc::from),
+            changes: Vec::new(),
+        });
+    }
+
+    /// The address changes since the last call.
+    pub(crate) fn take_ip_changes(&mut self) -> Vec<IpChange> {
+        self.ips
+            .as_mut()
+            .map(|w| std::mem::take(&mut w.changes))
+            .unwrap_or_default()
+    }
+
+    /// Notes a change of `info`'s addresses, if they are watched.
+    fn ip_change(
+        &mut self,
+        kind: IpChangeKind,
+        info: &Arc<PodInfo>,
+        ips: &[IpAddr],
+        scheduled_to_ip: Option<f64>,
+    ) {
+        let listed = self.lists[Kind::Pod.index()].synced;
+        let Some(w) = &mut self.ips else {
+            return;
+        };
+        if !listed
+            || ips.is_empty()
+            || info.host_network
+            || (w.node.is_some() && info.node != w.node)
+        {
+            return;
+        }
+        w.changes.push(IpChange {
+            kind,
+            pod: info.clone(),
+            ips: ips.into(),
+            scheduled_to_ip,
+        });
     }
 
     /// Whether a snapshot taken now would differ from the last one.
@@ -437,7 +501,10 @@ impl Cache {
             ports: parts.ports,
             running: parts.running,
             generation,
+            scheduled: parts.scheduled,
+            network_ready: parts.network_ready,
         };
+        let mut had: Vec<IpAddr> = Vec::new();
         if let Some(old) = self.pods.remove(&record.info.uid) {
             let old_holder = old.holder();
             for ip in old.held() {
@@ -445,12 +512,31 @@ impl Cache {
                     self.release(*ip, &old_holder, now);
                 }
             }
+            had = old.held().to_vec();
+        }
+        if had.is_empty() && !record.held().is_empty() {
+            // kubelet sets the addresses and PodReadyToStartContainers in
+            // one status update; without that condition, when flowtel saw
+            // them.
+            let delay = record
+                .scheduled
+                .map(|scheduled| seconds_between(scheduled, record.network_ready.unwrap_or(now)));
+            let held = record.held().to_vec();
+            self.ip_change(IpChangeKind::Allocated, &record.info, &held, delay);
+        } else if !had.is_empty() && record.held().is_empty() {
+            let why = if record.running {
+                "removed"
+            } else {
+                "finished"
+            };
+            self.ip_change(IpChangeKind::Released(why), &record.info, &had, None);
         }
         let holder = record.holder();
         for ip in record.held() {
             self.claim(*ip, holder.clone(), now);
         }
         self.pods.insert(record.info.uid.clone(), record);
+        self.pods_changed = true;
         self.changed = true;
         Ok(())
     }
@@ -461,6 +547,13 @@ impl Cache {
             for ip in old.held() {
                 self.release(*ip, &holder, now);
             }
+            self.ip_change(
+                IpChangeKind::Released("deleted"),
+                &old.info,
+                old.held(),
+                None,
+            );
+            self.pods_changed = true;
             self.changed = true;
         }
     }
@@ -630,6 +723,9 @@ impl Cache {
         }
         self.stale_owners.clear();
         self.stale_nodes.clear();
+        if !renamed.is_empty() {
+            self.pods_changed = true;
+        }
         for (ips, holder) in renamed {
             for ip in ips {
                 self.claim(ip, holder.clone(), now);
@@ -668,6 +764,16 @@ impl Cache {
     }
 
     fn rebuild_views(&mut self) {
+        if self.pods_changed {
+            let mut pods = PodsByName::default();
+            for r in self.pods.values() {
+                pods.entry(r.info.namespace.clone())
+                    .or_default()
+                    .insert(r.info.name.clone(), r.info.clone());
+            }
+            self.pods_view = Arc::new(pods);
+            self.pods_changed = false;
+        }
         if self.nodes_changed {
             self.nodes_view = Arc::new(
                 self.nodes
@@ -731,6 +837,7 @@ impl Cache {
             addresses: self.addresses.clone(),
             nodes: self.nodes_view.clone(),
             backends: self.backends_view.clone(),
+            pods: self.pods_view.clone(),
             counts: self.counts(),
             synced: self.synced(),
         }
@@ -949,6 +1056,188 @@ mod tests {
                 other => panic!("expected a pod at {address}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn pods_are_found_by_name_without_an_address_and_renamed_with_their_owner() {
+        let mut cache = synced_cache();
+        // Scheduled, no address yet; its ReplicaSet arrives later.
+        apply(
+            &mut cache,
+            pod(
+                "web-5f6c-abcde",
+                "n1",
+                &[],
+                Some(owner("ReplicaSet", "web-5f6c")),
+            ),
+            t(1),
+        );
+        let snap = cache.snapshot(t(1));
+        let p = snap.pod("shop", "web-5f6c-abcde").expect("the pod");
+        assert_eq!(p.workload.kind, WorkloadKind::ReplicaSet);
+        assert!(snap.pod("shop", "other").is_none());
+        assert!(snap.pod("other", "web-5f6c-abcde").is_none());
+        cache
+            .apply(
+                &Object::ReplicaSet(meta("web-5f6c", Some(owner("Deployment", "web")))),
+                t(2),
+            )
+            .expect("a valid ReplicaSet");
+        let snap = cache.snapshot(t(2));
+        let p = snap.pod("shop", "web-5f6c-abcde").expect("the pod");
+        assert_eq!(p.workload.kind, WorkloadKind::Deployment);
+        assert_eq!(&*p.workload.name, "web");
+        cache.delete(&pod("web-5f6c-abcde", "n1", &[], None), t(3));
+        assert!(cache.snapshot(t(3)).pod("shop", "web-5f6c-abcde").is_none());
+    }
+
+    /// A pod on `node` with `ips`, scheduled at `t(scheduled)` and, when
+    /// given, its network ready at `t(ready)`.
+    fn timed_pod(
+        name: &str,
+        node: &str,
+        ips: &[&str],
+        phase: &str,
+        scheduled: u64,
+        ready: Option<u64>,
+    ) -> Object {
+        let at = |secs: u64| {
+            let ts = k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + secs as i64)
+                .expect("a time");
+            ts.to_string()
+        };
+        let mut conditions = vec![
+            json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": at(scheduled)}),
+        ];
+        conditions.push(match ready {
+            Some(r) => json!({"type": "PodReadyToStartContainers", "status": "True",
+                "lastTransitionTime": at(r)}),
+            None => json!({"type": "PodReadyToStartContainers", "status": "False",
+                "lastTransitionTime": at(scheduled)}),
+        });
+        Object::Pod(Box::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                    "ownerReferences": owner("StatefulSet", "db")},
+                "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+                "status": {"phase": phase, "conditions": conditions,
+                    "podIPs": ips.iter().map(|i| json!({"ip": i})).collect::<Vec<_>>()}
+            }))
+            .expect("test pod"),
+        ))
+    }
+
+    fn changes(cache: &mut Cache) -> Vec<(IpChangeKind, String, usize, Option<f64>)> {
+        cache
+            .take_ip_changes()
+            .into_iter()
+            .map(|c| {
+                (
+                    c.kind,
+                    c.pod.name.to_string(),
+                    c.ips.len(),
+                    c.scheduled_to_ip,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn address_changes_of_this_nodes_pods_after_the_first_list() {
+        let mut cache = Cache::new(&[], Duration::from_secs(60));
+        cache.watch_ips(Some("n1"));
+        for kind in Kind::ALL {
+            cache.begin_list(kind);
+        }
+        // Listed with its address: allocated before flowtel watched.
+        apply(
+            &mut cache,
+            timed_pod("db-0", "n1", &["10.0.0.1"], "Running", 0, Some(2)),
+            t(10),
+        );
+        for kind in Kind::ALL {
+            cache.end_list(kind, t(10));
+        }
+        assert!(changes(&mut cache).is_empty());
+
+        apply(
+            &mut cache,
+            timed_pod("db-1", "n1", &[], "Pending", 20, None),
+            t(20),
+        );
+        apply(
+            &mut cache,
+            timed_pod("db-2", "n2", &["10.0.0.9"], "Running", 20, Some(21)),
+            t(21),
+        );
+        apply(
+            &mut cache,
+            host_pod("agent", "n1", "192.0.2.1", 9100),
+            t(21),
+        );
+        assert!(changes(&mut cache).is_empty());
+        // Its network is ready 3 s after it was scheduled.
+        apply(
+            &mut cache,
+            timed_pod(
+                "db-1",
+                "n1",
+                &["10.0.0.2", "fd00::2"],
+                "Running",
+                20,
+                Some(23),
+            ),
+            t(25),
+        );
+        // Without the condition: when flowtel saw the address.
+        apply(
+            &mut cache,
+            timed_pod("db-3", "n1", &["10.0.0.3"], "Running", 20, None),
+            t(27),
+        );
+        assert_eq!(
+            changes(&mut cache),
+            vec![
+                (IpChangeKind::Allocated, "db-1".into(), 2, Some(3.0)),
+                (IpChangeKind::Allocated, "db-3".into(), 1, Some(7.0)),
+            ]
+        );
+        // The same addresses again: nothing new.
+        apply(
+            &mut cache,
+            timed_pod(
+                "db-1",
+                "n1",
+                &["10.0.0.2", "fd00::2"],
+                "Running",
+                20,
+                Some(23),
+            ),
+            t(26),
+        );
+        apply(
+            &mut cache,
+            timed_pod(
+                "db-1",
+                "n1",
+                &["10.0.0.2", "fd00::2"],
+                "Succeeded",
+                20,
+                Some(23),
+            ),
+            t(30),
+        );
+        cache.delete(&timed_pod("db-0", "n1", &[], "Running", 0, None), t(31));
+        cache.delete(&timed_pod("db-2", "n2", &[], "Running", 0, None), t(31));
+        // A finished pod deleted has nothing more to release.
+        cache.delete(&timed_pod("db-1", "n1", &[], "Running", 0, None), t(32));
+        assert_eq!(
+            changes(&mut cache),
+            vec![
+                (IpChangeKind::Released("finished"), "db-1".into(), 2, None),
+                (IpChangeKind::Released("deleted"), "db-0".into(), 1, None),
+            ]
+        );
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct KubernetesConfig {
     /// Watch Warning Events about this node's pod networking
     /// (`FailedCreatePodSandBox`, ...) and export them as log events.
     pub network_events: bool,
+    /// Export this node's pods' addresses appearing in and leaving
+    /// `status.podIPs` as log events and metrics (`flowtel.cni.ips.*`).
+    pub ip_events: bool,
 }
 
 impl Default for KubernetesConfig {
@@ -51,6 +54,7 @@ impl Default for KubernetesConfig {
             pod_labels: vec!["app.kubernetes.io/name".into()],
             ip_retention: Duration::from_secs(120),
             network_events: true,
+            ip_events: true,
         }
     }
 }

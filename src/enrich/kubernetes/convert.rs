@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::core::v1::{Container, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodStatus, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -126,6 +127,23 @@ pub(crate) struct PodParts {
     /// but the address is free for the next pod.
     pub running: bool,
     pub mesh: Option<Arc<PodMesh>>,
+    /// When the `PodScheduled` condition turned `True`.
+    pub scheduled: Option<SystemTime>,
+    /// When `PodReadyToStartContainers` (kubelet: sandbox and network set
+    /// up) turned `True`.
+    pub network_ready: Option<SystemTime>,
+}
+
+/// When the condition `kind` of a pod turned `True` (API server time, to
+/// the second); `None` when it is not `True` or has no time.
+fn condition_time(status: Option<&PodStatus>, kind: &str) -> Option<SystemTime> {
+    let c = status?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind && c.status == "True")?;
+    let ms = c.last_transition_time.as_ref()?.0.as_millisecond();
+    Some(UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).ok()?))
 }
 
 /// The parts of `pod` flowtel needs; `labels` are the configured keys.
@@ -205,6 +223,8 @@ pub(crate) fn pod(
         ports: host_network.then(|| ports.into()),
         running,
         mesh: mesh_of(pod),
+        scheduled: condition_time(status, "PodScheduled"),
+        network_ready: condition_time(status, "PodReadyToStartContainers"),
     })
 }
 

@@ -215,6 +215,9 @@ pub struct Counts {
     pub jobs: usize,
 }
 
+/// Pods by namespace, then name.
+pub(crate) type PodsByName = Map<Arc<str>, Map<Arc<str>, Arc<PodInfo>>>;
+
 /// An immutable view of the cluster, published by the cache task. Readers
 /// hold an `Arc` to it and never lock or wait for the cache.
 #[derive(Debug, Default)]
@@ -222,6 +225,8 @@ pub struct Snapshot {
     pub(crate) addresses: Map<IpAddr, History>,
     pub(crate) nodes: Arc<Map<Arc<str>, Arc<NodeInfo>>>,
     pub(crate) backends: Arc<Map<IpAddr, Box<[Arc<ServiceInfo>]>>>,
+    /// Every pod by namespace, then name.
+    pub(crate) pods: Arc<PodsByName>,
     pub(crate) counts: Counts,
     pub(crate) synced: bool,
 }
@@ -302,6 +307,12 @@ impl Snapshot {
         self.backends
             .get(&ip)
             .map_or(&[][..], |services| &services[..])
+    }
+
+    /// The pod `namespace/name` (finished pods included), e.g. the pod a
+    /// CNI plugin execution names in `CNI_ARGS`.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<PodInfo>> {
+        self.pods.get(namespace)?.get(name)
     }
 
     /// A node by name, e.g. this flowtel's own node.

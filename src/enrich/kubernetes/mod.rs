@@ -41,6 +41,7 @@ mod convert;
 mod events;
 mod index;
 mod intern;
+mod ips;
 mod model;
 mod owners;
 mod watch;
@@ -184,23 +185,51 @@ pub fn watch_network_events(
     Ok(Some(runtime.spawn(events::run(source, node, events))))
 }
 
+/// Where the pod address events go: `node`'s pods (every pod's when
+/// `None`) into `events`.
+pub struct IpEvents {
+    pub node: Option<String>,
+    pub events: tokio::sync::mpsc::Sender<crate::flow::SourceEvent>,
+}
+
 /// Starts the cache when `cfg` enables it (`None` otherwise), reporting its
 /// counters to `telemetry`. Must be called within a tokio runtime. Returns
 /// at once: the API server is only contacted by the spawned task, and one
 /// that cannot be reached is retried, never an error. Only a configured
 /// kubeconfig file that cannot be read is.
 pub fn start(cfg: &KubernetesConfig, telemetry: &Telemetry) -> anyhow::Result<Option<KubeHandle>> {
+    start_with(cfg, telemetry, None)
+}
+
+/// [`start`], also sending pod address allocation and release events
+/// (`ips.rs`) into `ip_events` when `kubernetes.ip_events` is on.
+pub fn start_with(
+    cfg: &KubernetesConfig,
+    telemetry: &Telemetry,
+    ip_events: Option<IpEvents>,
+) -> anyhow::Result<Option<KubeHandle>> {
     if !cfg.is_enabled() {
         return Ok(None);
     }
     let source = client_source(cfg)?;
     let runtime = tokio::runtime::Handle::try_current()
         .context("the Kubernetes cache must be started within a tokio runtime")?;
-    let cache = cache::Cache::new(&cfg.pod_labels, cfg.ip_retention);
+    let mut cache = cache::Cache::new(&cfg.pod_labels, cfg.ip_retention);
+    let ips = ip_events.filter(|_| cfg.ip_events).map(|target| {
+        cache.watch_ips(target.node.as_deref());
+        ips::IpReporter::new(target.events)
+    });
     let (publish, snapshots) = channel::channel(Arc::new(Snapshot::default()));
     let stats = Arc::new(KubeStats::new(telemetry));
     let (stop, stopped) = oneshot::channel();
-    let task = runtime.spawn(watch::run(source, cache, publish, stats.clone(), stopped));
+    let task = runtime.spawn(watch::run(
+        source,
+        cache,
+        publish,
+        stats.clone(),
+        ips,
+        stopped,
+    ));
     Ok(Some(KubeHandle {
         snapshots,
         stats,

@@ -22,6 +22,7 @@ use tokio::time::sleep_until;
 
 use super::cache::{Cache, Kind, ListEnd, Object};
 use super::index::Snapshot;
+use super::ips::IpReporter;
 use super::KubeStats;
 
 /// The shortest time between two snapshots: a burst of changes (a
@@ -150,6 +151,8 @@ struct Task {
     /// When the next snapshot is due, if one is.
     due: Option<Instant>,
     last_publish: Option<Instant>,
+    /// The pod address events, sent with each snapshot.
+    ips: Option<IpReporter>,
 }
 
 impl Task {
@@ -248,6 +251,11 @@ impl Task {
                 }
             },
         }
+        if let Some(ips) = &mut self.ips {
+            for change in self.cache.take_ip_changes() {
+                ips.record(change);
+            }
+        }
     }
 
     /// Schedules a snapshot if something changed and none is due yet.
@@ -269,6 +277,11 @@ impl Task {
         self.publish.send_replace(Arc::new(snapshot));
         self.last_publish = Some(Instant::now());
         self.due = None;
+        // After the snapshot: a source that names the pod of an event
+        // already finds it.
+        if let Some(ips) = &mut self.ips {
+            ips.flush();
+        }
     }
 
     /// When ended claims next expire, as an instant.
@@ -287,6 +300,7 @@ pub(crate) async fn run(
     cache: Cache,
     publish: watch::Sender<Arc<Snapshot>>,
     stats: Arc<KubeStats>,
+    ips: Option<IpReporter>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut task = Task {
@@ -296,6 +310,7 @@ pub(crate) async fn run(
         logs: Default::default(),
         due: None,
         last_publish: None,
+        ips,
     };
     let mut backoff = DefaultBackoff::default();
     let client = loop {

@@ -4,7 +4,8 @@
 //! plugin, command, container, network namespace, interface, pod, the
 //! addresses of an ADD result or the plugin's error, duration, exit code
 //! and the plugin that delegated to it) and counts in the operation and
-//! duration metrics.
+//! duration metrics. When the Kubernetes cache knows the pod, both carry its
+//! workload, named through [`PodNaming`] as the flow stage names flows.
 
 mod probe;
 pub mod raw;
@@ -26,6 +27,7 @@ use crate::component::{positive, ConfigError};
 use crate::flow::mesh::{
     Family, FamilyGroup, HistogramValue, LogEvent, MeshUpdate, Point, PointValue, Severity, Value,
 };
+use crate::flow::names::{EndName, PodNaming};
 use crate::flow::SourceEvent;
 use crate::telemetry::catalogue;
 
@@ -52,6 +54,18 @@ pub struct CniEventsConfig {
     pub timeout: Duration,
     /// The ring buffer's size in bytes: a power of two, at least 64 KiB.
     pub ring_buffer_bytes: u32,
+    /// Series of the operation metrics (plugin, command, result and the
+    /// pod's workload) at most; operations of further series are counted
+    /// in one overflow series (`otel.metric.overflow`) and in
+    /// `flowtel.cni.series.folded`.
+    pub max_series: usize,
+    /// Read what plugins write to stdout (the ADD result's addresses, the
+    /// error object): a program on the raw `sys_enter` tracepoint, which
+    /// runs on every system call of the node. Off: only exec and exit are
+    /// traced, at no cost to other system calls, and records carry no
+    /// `flowtel.cni.ips`/`gateways`/`error.*` (a plugin that fails without
+    /// a non-zero exit code counts as a success).
+    pub capture_output: bool,
 }
 
 impl Default for CniEventsConfig {
@@ -69,6 +83,8 @@ impl Default for CniEventsConfig {
             max_running: 4096,
             timeout: Duration::from_secs(600),
             ring_buffer_bytes: 4 << 20,
+            max_series: 1000,
+            capture_output: true,
         }
     }
 }
@@ -90,6 +106,9 @@ impl CniEventsConfig {
         }
         if self.max_running == 0 {
             return Err(ConfigError::new("max_running", "must be at least 1"));
+        }
+        if self.max_series == 0 {
+            return Err(ConfigError::new("max_series", "must be at least 1"));
         }
         positive("timeout", self.timeout, "10m")?;
         let r = self.ring_buffer_bytes;
@@ -123,13 +142,43 @@ struct Running {
     seen: Instant,
 }
 
-/// (plugin, command, result).
-type OpKey = (String, &'static str, &'static str);
+/// Whose operations a series counts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Owner {
+    /// No pod in `CNI_ARGS`, or one the Kubernetes cache does not know.
+    Unknown,
+    /// The pod's namespace, workload kind and workload name.
+    Workload(Arc<str>, Arc<str>, Arc<str>),
+    /// Series beyond `cni.max_series`.
+    Overflow,
+}
+
+/// (plugin, command, result, whose).
+type OpKey = (String, &'static str, &'static str, Owner);
+
+/// A plugin that exited, counted and reported at the next export. Its pod
+/// is named at the exit (a DEL's pod may be deleted right after) or, when
+/// the Kubernetes cache did not know it yet, at the export.
+#[derive(Debug)]
+struct Done {
+    pod: Option<Arc<EndName>>,
+    pid: u32,
+    /// Its stdout already parsed into `output`, and emptied.
+    r: Running,
+    output: PluginOutput,
+    end_ns: u64,
+    status: i32,
+    /// When flowtel read its exit: the time of its event.
+    seen: SystemTime,
+}
 
 /// What the source has seen, shared by the reading task and `request`.
 #[derive(Debug, Default)]
 struct Tracker {
     running: HashMap<u32, Running>,
+    /// Exited, not counted yet: at most `cni.max_records`, the oldest
+    /// counted at once beyond that.
+    done: VecDeque<Done>,
     operations: BTreeMap<OpKey, u64>,
     durations: BTreeMap<OpKey, HistogramValue>,
     /// Kernel-side losses, cumulative ([`probe::LOST_KINDS`]).
@@ -138,6 +187,8 @@ struct Tracker {
     lost: BTreeMap<&'static str, u64>,
     events: VecDeque<LogEvent>,
     records_dropped: u64,
+    /// Operations counted in the overflow series.
+    series_folded: u64,
     active: bool,
 }
 
@@ -156,12 +207,20 @@ fn read_env(pid: u32, env: &[u8], truncated: bool) -> raw::CniEnv {
     }
 }
 
+/// The pod `CNI_ARGS` names, as the Kubernetes cache knows it now.
+fn name_pod(r: &Running, pods: Option<&dyn PodNaming>) -> Option<Arc<EndName>> {
+    match (&r.env.pod_namespace, &r.env.pod_name, pods) {
+        (Some(ns), Some(name), Some(pods)) => pods.pod(ns, name),
+        _ => None,
+    }
+}
+
 fn bump(map: &mut BTreeMap<&'static str, u64>, key: &'static str) {
     *map.entry(key).or_default() += 1;
 }
 
 impl Tracker {
-    fn apply(&mut self, event: RawEvent, cfg: &CniEventsConfig) {
+    fn apply(&mut self, event: RawEvent, cfg: &CniEventsConfig, pods: Option<&dyn PodNaming>) {
         match event {
             RawEvent::Exec {
                 pid,
@@ -201,31 +260,80 @@ impl Tracker {
             RawEvent::Exit { pid, ts_ns, status } => {
                 // No entry: its exec was dropped for `running_full`, already
                 // counted.
-                if let Some(r) = self.running.remove(&pid) {
-                    self.finish(pid, r, ts_ns, status, cfg);
+                if let Some(mut r) = self.running.remove(&pid) {
+                    let output = raw::parse_output(&std::mem::take(&mut r.output));
+                    self.done.push_back(Done {
+                        pod: name_pod(&r, pods),
+                        pid,
+                        r,
+                        output,
+                        end_ns: ts_ns,
+                        status,
+                        seen: SystemTime::now(),
+                    });
+                    if self.done.len() > cfg.max_records {
+                        if let Some(d) = self.done.pop_front() {
+                            self.finish(d, pods, cfg);
+                        }
+                    }
                 }
             }
         }
     }
 
-    fn finish(&mut self, pid: u32, r: Running, end_ns: u64, status: i32, cfg: &CniEventsConfig) {
+    /// Counts and reports every plugin that exited, its pod named now.
+    fn settle(&mut self, pods: Option<&dyn PodNaming>, cfg: &CniEventsConfig) {
+        while let Some(d) = self.done.pop_front() {
+            self.finish(d, pods, cfg);
+        }
+    }
+
+    fn finish(&mut self, done: Done, pods: Option<&dyn PodNaming>, cfg: &CniEventsConfig) {
+        let Done {
+            pod,
+            pid,
+            r,
+            output,
+            end_ns,
+            status,
+            seen,
+        } = done;
+        let pod = pod.or_else(|| name_pod(&r, pods));
+        let pod = pod.as_deref();
         let plugin = raw::plugin_name(&r.path).to_owned();
         let command = raw::command_name(r.env.command.as_deref());
         let code = raw::exit_code(status);
-        let output = raw::parse_output(&r.output);
         let result = if code == 0 && output.error.is_none() {
             "success"
         } else {
             "failure"
         };
         let seconds = end_ns.saturating_sub(r.start_ns) as f64 / 1e9;
-        let key = (plugin.clone(), command, result);
+        let owner = match pod {
+            Some(EndName {
+                namespace: Some(ns),
+                workload_kind: Some(kind),
+                workload: Some(name),
+                ..
+            }) => Owner::Workload(ns.clone(), kind.clone(), name.clone()),
+            _ => Owner::Unknown,
+        };
+        let mut key = (plugin.clone(), command, result, owner);
+        if !self.operations.contains_key(&key) && self.operations.len() >= cfg.max_series {
+            key.3 = Owner::Overflow;
+        }
+        if key.3 == Owner::Overflow {
+            self.series_folded += 1;
+        }
         *self.operations.entry(key.clone()).or_default() += 1;
         observe(
             self.durations.entry(key).or_insert_with(empty_histogram),
             seconds,
         );
-        let event = operation_event(pid, &plugin, command, result, code, seconds, &r, &output);
+        let mut event = operation_event(
+            pid, &plugin, command, result, code, seconds, &r, &output, pod,
+        );
+        event.time = seen;
         if self.events.len() >= cfg.max_records {
             self.events.pop_front();
             self.records_dropped += 1;
@@ -242,12 +350,11 @@ impl Tracker {
         }
     }
 
-    fn update(&mut self) -> MeshUpdate {
+    fn update(&mut self, pods: Option<&dyn PodNaming>, cfg: &CniEventsConfig) -> MeshUpdate {
+        self.settle(pods, cfg);
         let points = |map: &BTreeMap<OpKey, u64>| {
             map.iter()
-                .map(|((plugin, command, result), n)| {
-                    Point::new(op_labels(plugin, command, result), PointValue::Int(*n))
-                })
+                .map(|(key, n)| op_point(key, PointValue::Int(*n)))
                 .collect()
         };
         let mut lost: Vec<Point> = probe::LOST_KINDS
@@ -266,12 +373,7 @@ impl Tracker {
                 points: self
                     .durations
                     .iter()
-                    .map(|((plugin, command, result), h)| {
-                        Point::new(
-                            op_labels(plugin, command, result),
-                            PointValue::Histogram(h.clone()),
-                        )
-                    })
+                    .map(|(key, h)| op_point(key, PointValue::Histogram(h.clone())))
                     .collect(),
             },
             Family {
@@ -284,6 +386,10 @@ impl Tracker {
                     Vec::new(),
                     PointValue::Int(self.records_dropped),
                 )],
+            },
+            Family {
+                metric: &catalogue::CNI_SERIES_FOLDED,
+                points: vec![Point::new(Vec::new(), PointValue::Int(self.series_folded))],
             },
             Family {
                 metric: &catalogue::CNI_RUNNING,
@@ -305,12 +411,33 @@ impl Tracker {
     }
 }
 
-fn op_labels(plugin: &str, command: &str, result: &str) -> Vec<(String, String)> {
-    vec![
-        (catalogue::CNI_PLUGIN.to_owned(), plugin.to_owned()),
-        (catalogue::CNI_COMMAND.to_owned(), command.to_owned()),
-        (catalogue::CNI_RESULT.to_owned(), result.to_owned()),
-    ]
+fn op_labels((plugin, command, result, owner): &OpKey) -> Vec<(String, String)> {
+    let mut labels = vec![
+        (catalogue::CNI_PLUGIN.to_owned(), plugin.clone()),
+        (catalogue::CNI_COMMAND.to_owned(), (*command).to_owned()),
+        (catalogue::CNI_RESULT.to_owned(), (*result).to_owned()),
+    ];
+    match owner {
+        Owner::Unknown => {}
+        Owner::Workload(ns, kind, name) => {
+            labels.push((catalogue::K8S_NAMESPACE.to_owned(), ns.to_string()));
+            labels.push((catalogue::K8S_WORKLOAD_KIND.to_owned(), kind.to_string()));
+            labels.push((catalogue::K8S_WORKLOAD.to_owned(), name.to_string()));
+            if let Some(key) = catalogue::workload_attribute(kind) {
+                labels.push((key.to_owned(), name.to_string()));
+            }
+        }
+        // Marked by the point (`otel.metric.overflow` on export).
+        Owner::Overflow => {}
+    }
+    labels
+}
+
+fn op_point(key: &OpKey, value: PointValue) -> Point {
+    Point {
+        overflow: key.3 == Owner::Overflow,
+        ..Point::new(op_labels(key), value)
+    }
 }
 
 fn lost_point(kind: &str, n: u64) -> Point {
@@ -350,6 +477,7 @@ fn operation_event(
     seconds: f64,
     r: &Running,
     output: &PluginOutput,
+    pod: Option<&EndName>,
 ) -> LogEvent {
     let mut attributes: Vec<(&'static str, Value)> = vec![
         (
@@ -381,6 +509,24 @@ fn operation_event(
     add(catalogue::CNI_ERROR_MESSAGE, &output.error);
     if let Some(c) = output.error_code {
         attributes.push((catalogue::CNI_ERROR_CODE, Value::Int(c)));
+    }
+    if let Some(pod) = pod {
+        let mut put = |key: &'static str, v: &Option<Arc<str>>| {
+            if let Some(v) = v {
+                attributes.push((key, Value::Str(v.to_string())));
+            }
+        };
+        if r.env.pod_uid.is_none() {
+            put(catalogue::K8S_POD_UID, &pod.pod_uid);
+        }
+        put(catalogue::K8S_WORKLOAD_KIND, &pod.workload_kind);
+        put(catalogue::K8S_WORKLOAD, &pod.workload);
+        put(catalogue::K8S_NODE, &pod.node);
+        if let (Some(kind), Some(name)) = (&pod.workload_kind, &pod.workload) {
+            if let Some(key) = catalogue::workload_attribute(kind) {
+                attributes.push((key, Value::Str(name.to_string())));
+            }
+        }
     }
     if let Some((ppid, parent)) = &r.parent {
         attributes.push((catalogue::CNI_PARENT_PLUGIN, Value::Str(parent.clone())));
@@ -439,6 +585,8 @@ pub struct CniSource {
     tracker: Arc<Mutex<Tracker>>,
     task: tokio::task::JoinHandle<()>,
     events: mpsc::Sender<SourceEvent>,
+    cfg: CniEventsConfig,
+    pods: Option<Arc<dyn PodNaming>>,
 }
 
 /// Starts the source unless `cni.enabled` is `off`. With `auto`, programs
@@ -450,9 +598,9 @@ pub fn build(
     if cfg.enabled == Enabled::Off {
         return Ok(None);
     }
-    let probe = match probe::Probe::start(&cfg.bin_dirs, cfg.ring_buffer_bytes)
-        .and_then(probe::Probe::into_async)
-    {
+    let started = probe::Probe::start(&cfg.bin_dirs, cfg.ring_buffer_bytes, cfg.capture_output)
+        .and_then(probe::Probe::into_async);
+    let probe = match started {
         Ok(p) => p,
         Err(e) if cfg.enabled == Enabled::Auto => {
             tracing::warn!(error = %format!("{e:#}"), "cni source: not tracing CNI plugin executions");
@@ -460,16 +608,27 @@ pub fn build(
         }
         Err(e) => return Err(e.context("starting the CNI source (cni.enabled: on)")),
     };
-    tracing::info!(bin_dirs = ?cfg.bin_dirs, "cni source: tracing CNI plugin executions");
+    tracing::info!(
+        bin_dirs = ?cfg.bin_dirs,
+        capture_output = cfg.capture_output,
+        "cni source: tracing CNI plugin executions"
+    );
     let tracker = Arc::new(Mutex::new(Tracker {
         active: true,
         ..Tracker::default()
     }));
-    let task = tokio::spawn(read_loop(probe, cfg.clone(), Arc::clone(&tracker)));
+    let task = tokio::spawn(read_loop(
+        probe,
+        cfg.clone(),
+        Arc::clone(&tracker),
+        ctx.pods.clone(),
+    ));
     Ok(Some(Box::new(CniSource {
         tracker,
         task,
         events: ctx.events.clone(),
+        cfg: cfg.clone(),
+        pods: ctx.pods.clone(),
     })))
 }
 
@@ -479,6 +638,7 @@ async fn read_loop(
     mut probe: AsyncFd<probe::Probe>,
     cfg: CniEventsConfig,
     tracker: Arc<Mutex<Tracker>>,
+    pods: Option<Arc<dyn PodNaming>>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -511,7 +671,7 @@ async fn read_loop(
         let mut t = tracker.lock().unwrap_or_else(PoisonError::into_inner);
         for event in batch {
             match event {
-                Ok(e) => t.apply(e, &cfg),
+                Ok(e) => t.apply(e, &cfg, pods.as_deref()),
                 Err(why) => {
                     tracing::debug!(%why, "cni source: undecodable record");
                     bump(&mut t.lost, "decode");
@@ -535,7 +695,7 @@ impl Source for CniSource {
             .tracker
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .update();
+            .update(self.pods.as_deref(), &self.cfg);
         match self.events.try_send(SourceEvent::Mesh(Box::new(update))) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(SourceEvent::Mesh(update))) => {
@@ -596,20 +756,21 @@ mod tests {
     fn a_delegated_plugin_names_its_parent_and_each_execution_counts_once() {
         let cfg = CniEventsConfig::default();
         let mut t = Tracker::default();
-        t.apply(exec(10, 1, 1_000_000, "bridge", "ADD"), &cfg);
-        t.apply(exec(11, 10, 2_000_000, "host-local", "ADD"), &cfg);
+        t.apply(exec(10, 1, 1_000_000, "bridge", "ADD"), &cfg, None);
+        t.apply(exec(11, 10, 2_000_000, "host-local", "ADD"), &cfg, None);
         t.apply(
             RawEvent::Output {
                 pid: 11,
                 data: br#"{"ips":[{"address":"10.0.0.5/24","gateway":"10.0.0.1"}]}"#.to_vec(),
             },
             &cfg,
+            None,
         );
-        t.apply(exit(11, 4_000_000, 0), &cfg);
-        t.apply(exit(10, 9_000_000, 0), &cfg);
+        t.apply(exit(11, 4_000_000, 0), &cfg, None);
+        t.apply(exit(10, 9_000_000, 0), &cfg, None);
         // An exit of a process never seen at exec is not an execution.
-        t.apply(exit(99, 9_000_000, 0), &cfg);
-        let u = t.update();
+        t.apply(exit(99, 9_000_000, 0), &cfg, None);
+        let u = t.update(None, &cfg);
         assert_eq!(u.events.len(), 2);
         let child = &u.events[0];
         assert_eq!(
@@ -642,16 +803,17 @@ mod tests {
     fn an_error_object_is_a_failure_even_with_exit_code_0() {
         let cfg = CniEventsConfig::default();
         let mut t = Tracker::default();
-        t.apply(exec(20, 1, 0, "calico", "DEL"), &cfg);
+        t.apply(exec(20, 1, 0, "calico", "DEL"), &cfg, None);
         t.apply(
             RawEvent::Output {
                 pid: 20,
                 data: br#"{"code":11,"msg":"datastore unreachable"}"#.to_vec(),
             },
             &cfg,
+            None,
         );
-        t.apply(exit(20, 5, 0), &cfg);
-        let e = &t.update().events[0];
+        t.apply(exit(20, 5, 0), &cfg, None);
+        let e = &t.update(None, &cfg).events[0];
         assert_eq!(e.severity, Severity::Warn);
         assert_eq!(
             attr(e, catalogue::CNI_RESULT),
@@ -703,6 +865,95 @@ mod tests {
         }
     }
 
+    /// Every pod `web-N` belongs to the Deployment `web-N`.
+    struct Pods;
+
+    impl PodNaming for Pods {
+        fn pod(&self, namespace: &str, name: &str) -> Option<Arc<EndName>> {
+            name.starts_with("web").then(|| {
+                Arc::new(EndName {
+                    namespace: Some(namespace.into()),
+                    workload_kind: Some("Deployment".into()),
+                    workload: Some(name.into()),
+                    pod: Some(name.into()),
+                    ..EndName::default()
+                })
+            })
+        }
+    }
+
+    fn exec_of(pid: u32, pod: &str) -> RawEvent {
+        RawEvent::Exec {
+            pid,
+            ppid: 0,
+            ts_ns: 0,
+            path: "/opt/cni/bin/bridge".into(),
+            env: env("ADD", pod),
+            env_truncated: false,
+        }
+    }
+
+    #[test]
+    fn workloads_label_the_series_up_to_max_series_then_overflow() {
+        let cfg = CniEventsConfig {
+            max_series: 2,
+            ..CniEventsConfig::default()
+        };
+        let mut t = Tracker::default();
+        for (pid, pod) in [
+            (1, "web-a"),
+            (2, "web-a"),
+            (3, "web-b"),
+            (4, "web-c"),
+            (5, "db"),
+        ] {
+            t.apply(exec_of(pid, pod), &cfg, None);
+            t.apply(exit(pid, 1, 0), &cfg, None);
+        }
+        // Named when the interval is reported.
+        let u = t.update(Some(&Pods), &cfg);
+        let ops = &u.groups[0].families[0];
+        let value = |key: &str, v: &str| -> Vec<u64> {
+            ops.points
+                .iter()
+                .filter(|p| p.labels.iter().any(|(k, x)| k == key && x == v))
+                .map(|p| match p.value {
+                    PointValue::Int(n) => n,
+                    _ => 0,
+                })
+                .collect()
+        };
+        assert_eq!(value(catalogue::K8S_DEPLOYMENT, "web-a"), vec![2]);
+        assert_eq!(value(catalogue::K8S_DEPLOYMENT, "web-b"), vec![1]);
+        // The third workload and the unknown pod fold into one series.
+        let folded: Vec<&Point> = ops.points.iter().filter(|p| p.overflow).collect();
+        assert_eq!(folded.len(), 1);
+        assert_eq!(folded[0].value, PointValue::Int(2));
+        assert_eq!(folded[0].labels.len(), 3, "{:?}", folded[0].labels);
+        assert_eq!(ops.points.len(), 3);
+        assert_eq!(t.series_folded, 2);
+        let first = &u.events[0];
+        assert_eq!(
+            attr(first, catalogue::K8S_DEPLOYMENT),
+            Some(&Value::Str("web-a".into()))
+        );
+        assert_eq!(attr(&u.events[4], catalogue::K8S_WORKLOAD), None);
+    }
+
+    #[test]
+    fn a_pod_named_at_its_exit_keeps_the_name_when_gone_by_the_export() {
+        let cfg = CniEventsConfig::default();
+        let mut t = Tracker::default();
+        t.apply(exec_of(1, "web-a"), &cfg, Some(&Pods));
+        t.apply(exit(1, 1, 0), &cfg, Some(&Pods));
+        // Deleted from the cache before the export: no naming then.
+        let u = t.update(None, &cfg);
+        assert_eq!(
+            attr(&u.events[0], catalogue::K8S_DEPLOYMENT),
+            Some(&Value::Str("web-a".into()))
+        );
+    }
+
     #[test]
     fn what_cannot_be_kept_is_counted() {
         let cfg = CniEventsConfig {
@@ -711,16 +962,20 @@ mod tests {
             ..CniEventsConfig::default()
         };
         let mut t = Tracker::default();
-        t.apply(exec(1, 0, 0, "bridge", "ADD"), &cfg);
-        t.apply(exec(2, 0, 0, "bridge", "ADD"), &cfg);
+        t.apply(exec(1, 0, 0, "bridge", "ADD"), &cfg, None);
+        t.apply(exec(2, 0, 0, "bridge", "ADD"), &cfg, None);
         assert_eq!(t.lost.get("running_full"), Some(&1));
         t.expire(Duration::ZERO);
         assert_eq!(t.lost.get("unfinished"), Some(&1));
         for pid in [3, 4] {
-            t.apply(exec(pid, 0, 0, "bridge", "CHECK"), &cfg);
-            t.apply(exit(pid, 1, 0), &cfg);
+            t.apply(exec(pid, 0, 0, "bridge", "CHECK"), &cfg, None);
+            t.apply(exit(pid, 1, 0), &cfg, None);
         }
+        // Beyond max_records exited plugins, the oldest is counted at once.
+        assert_eq!((t.done.len(), t.operations.values().sum::<u64>()), (1, 1));
+        let u = t.update(None, &cfg);
         assert_eq!(t.records_dropped, 1);
-        assert_eq!(t.update().events.len(), 1);
+        assert_eq!(u.events.len(), 1);
+        assert_eq!(t.operations.values().sum::<u64>(), 2);
     }
 }

@@ -34,6 +34,10 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("flowtel_cni_exit", "sched_process_exit"),
 ];
 
+/// The program that reads the plugins' stdout: it runs on every system
+/// call of the node, so it is attached only with `cni.capture_output`.
+const OUTPUT_PROGRAM: &str = "flowtel_cni_write";
+
 /// One slot of `bin_dirs`: a directory with its trailing `/`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -75,8 +79,13 @@ pub fn dir_prefix(dir: &Path) -> Result<String, String> {
 
 impl Probe {
     /// Loads and attaches the programs, watching `bin_dirs` (at most
-    /// [`MAX_BIN_DIRS`], checked by the config).
-    pub fn start(bin_dirs: &[PathBuf], ring_bytes: u32) -> anyhow::Result<Probe> {
+    /// [`MAX_BIN_DIRS`], checked by the config); the stdout program only
+    /// when `capture_output`.
+    pub fn start(
+        bin_dirs: &[PathBuf],
+        ring_bytes: u32,
+        capture_output: bool,
+    ) -> anyhow::Result<Probe> {
         if !built() {
             bail!(
                 "flowtel was built without its CNI programs (clang/bpftool missing at build time)"
@@ -94,6 +103,9 @@ impl Probe {
         let btf = aya::Btf::from_sys_fs()
             .with_context(|| format!("reading the kernel's BTF from {KERNEL_BTF}"))?;
         for &(name, tracepoint) in PROGRAMS {
+            if name == OUTPUT_PROGRAM && !capture_output {
+                continue;
+            }
             let prog: &mut aya::programs::BtfTracePoint = bpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} is missing from flowtel's CNI object"))?
