@@ -72,6 +72,18 @@ const CASES: &[Case] = &[
         key: "`flows.max_series`",
     },
     Case {
+        name: "an anomaly threshold of 1",
+        yaml: Some("flows:\n  anomaly:\n    scan_ports: 1\n"),
+        env: &[],
+        key: "`flows.anomaly.scan_ports`",
+    },
+    Case {
+        name: "no anomaly keys tracked",
+        yaml: None,
+        env: &[("FLOWTEL_FLOWS__ANOMALY__MAX_TRACKED", "0")],
+        key: "`flows.anomaly.max_tracked`",
+    },
+    Case {
         name: "unknown key field",
         yaml: Some("flows:\n  key: [server_port, pod]\n"),
         env: &[],

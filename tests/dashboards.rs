@@ -1372,7 +1372,21 @@ fn cluster(api: &KubeApi, sidecar: u16, ztunnel: u16) -> Value {
 /// through the lossy router, connections to the Service and to an
 /// unclaimed address, an aborted connection, refused and unanswered
 /// connects, and UDP that A's nftables drops.
+/// Closed UDP ports of B each round probes once: a port scan at
+/// `flows.anomaly.scan_ports` 3 (no reply comes, only ICMP).
+const SCAN_PORTS: [u16; 3] = [7001, 7002, 7003];
+
 fn round(lab: &RouterLab) {
+    lab.a
+        .in_ns(|| -> std::io::Result<()> {
+            let s = std::net::UdpSocket::bind(sock(A_V4, 0))?;
+            for port in SCAN_PORTS {
+                s.send_to(b"probe", sock(B_V4, port))?;
+            }
+            Ok(())
+        })
+        .expect("entering A")
+        .expect("UDP probes from A");
     // The retransmit panels need every round to raise the counter its first
     // round created. With segmentation offload the router sees few large
     // packets, so the 3 % loss can miss a whole transfer: repeat it until
@@ -1742,6 +1756,12 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             ("FLOWTEL_CNI__ENABLED", "on".to_string()),
             // Every connection's span, for the TraceQL panels.
             ("FLOWTEL_EXPORT__TRACES__ENABLED", "true".to_string()),
+            // The UDP probes of each round: a port scan at this threshold,
+            // for the anomaly panels.
+            (
+                "FLOWTEL_FLOWS__ANOMALY__SCAN_PORTS",
+                SCAN_PORTS.len().to_string(),
+            ),
             ("FLOWTEL_EXPORT__TRACES__SAMPLING", "1".to_string()),
             ("FLOWTEL_EXPORT__TRACES__RATE_LIMIT", "0".to_string()),
             ("FLOWTEL_EBPF__DNS__TIMEOUT", DNS_TIMEOUT.to_string()),

@@ -526,7 +526,7 @@ impl OtlpLogsExporter {
                 }
             }
         }
-        for e in &report.mesh.events {
+        for e in report.mesh.events.iter().chain(&report.anomalies) {
             event_record(&mut self.writer, e, observed);
             batch.item(self.writer.encoded());
         }

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::anomaly::{AnomalyConfig, AnomalyDetector};
 use super::dns::{DnsNames, DnsSeries};
 use super::drops::DropSeries;
 use super::mesh::{Family, FamilyGroup, LogEvent, MeshUpdate, Point, PointValue, Value};
@@ -49,6 +50,9 @@ pub struct FlowsConfig {
     /// each interval's top this many by lookups, the rest folded into one
     /// overflow series. 0 (the default): no such metric.
     pub dns_top_names: usize,
+    /// Port scans, host sweeps and DNS tunnelling, reported as
+    /// `flowtel.anomaly` events.
+    pub anomaly: AnomalyConfig,
 }
 
 impl Default for FlowsConfig {
@@ -66,6 +70,7 @@ impl Default for FlowsConfig {
             ],
             series_idle_timeout: Duration::from_secs(15 * 60),
             dns_top_names: 0,
+            anomaly: AnomalyConfig::default(),
         }
     }
 }
@@ -88,6 +93,7 @@ impl FlowsConfig {
                 "must name at least one field (client_address, client_port, server_address, server_port, transport, direction, nat)",
             ));
         }
+        self.anomaly.validate().map_err(|e| e.within("anomaly"))?;
         if self.series_idle_timeout < interval {
             return Err(ConfigError::new(
                 "series_idle_timeout",
@@ -216,6 +222,7 @@ pub struct FlowStage {
     zones: ZoneSeries,
     records: RecordCollector,
     spans: SpanCollector,
+    anomaly: AnomalyDetector,
     mesh: MeshState,
     started: SystemTime,
     start: SystemTime,
@@ -273,6 +280,7 @@ impl FlowStage {
             zones: ZoneSeries::default(),
             records: RecordCollector::new(records, telemetry),
             spans: SpanCollector::new(None, telemetry),
+            anomaly: AnomalyDetector::new(&cfg.anomaly, telemetry),
             mesh: MeshState::default(),
             started: now,
             start: now,
@@ -313,6 +321,7 @@ impl FlowStage {
                 }
                 self.series
                     .record(&u.id, &u.nat, u.source, d.delta, d.names.as_deref());
+                self.anomaly.flow(u, d.names.as_deref());
                 self.records.flow(u, d.delta, d.names);
             }
             SourceEvent::Tcp(event) => {
@@ -344,6 +353,7 @@ impl FlowStage {
                 };
                 let names = name_flow(self.naming.as_deref(), &id, &Nat::default(), &mut None);
                 self.dns.record(&record, names.clone());
+                self.anomaly.dns(&record, names.as_deref());
                 self.dns_names.record(&record.name);
                 if self.dns_lookups || record.failed() {
                     self.records.dns_lookup(record, names);
@@ -377,6 +387,7 @@ impl FlowStage {
             records,
             spans: self.spans.finish(),
             mesh,
+            anomalies: self.anomaly.finish(),
             spec: self.series.spec(),
             start: self.start,
             end,

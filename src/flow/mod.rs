@@ -1,8 +1,10 @@
 //! The flow stage, and the model every stage speaks: what sources send
 //! ([`model`], [`mesh`]), what ends are called ([`names`]), the table that
 //! turns cumulative counters into exact deltas, the bounded series, and the
-//! [`report::IntervalReport`] each interval closes into.
+//! [`report::IntervalReport`] each interval closes into, with the
+//! [`anomaly`] events seen in it.
 
+pub mod anomaly;
 pub mod dns;
 pub mod drops;
 pub mod interval;

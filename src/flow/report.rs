@@ -4,6 +4,7 @@ use std::time::SystemTime;
 
 use super::dns::{DnsNamePoint, DnsPoint};
 use super::drops::DropPoint;
+use super::mesh::LogEvent as AnomalyEvent;
 use super::mesh::{FamilyGroup, LogEvent};
 use super::records::Records;
 use super::series::{KeySpec, SeriesPoint};
@@ -26,6 +27,8 @@ pub struct IntervalReport {
     /// Sampled connection spans, for the traces exporter.
     pub spans: Vec<ConnectionSpan>,
     pub mesh: MeshReport,
+    /// `flowtel.anomaly` events ([`super::anomaly`]).
+    pub anomalies: Vec<AnomalyEvent>,
     pub spec: KeySpec,
     pub start: SystemTime,
     pub end: SystemTime,

@@ -503,6 +503,17 @@ pub static EBPF_TCP_SOCKETS_SWEPT: Metric = counter(
     "Half-open sockets removed after 5 minutes because their close was never seen",
 );
 
+pub static ANOMALIES: Metric = counter(
+    "flowtel.anomalies",
+    "{anomaly}",
+    "Anomalies detected on this node (flowtel.anomaly events that started), by flowtel.anomaly.kind",
+);
+pub static ANOMALY_UNTRACKED: Metric = counter(
+    "flowtel.anomaly.untracked",
+    "{attempt}",
+    "Attempts and lookups the anomaly detectors did not follow because flows.anomaly.max_tracked keys were held",
+)
+.readyz("stats.anomaly_untracked");
 pub static EBPF_DNS_ERRORS: Metric = counter(
     "flowtel.ebpf.dns.errors",
     "{message}",
@@ -895,6 +906,8 @@ pub static METRICS: &[&Metric] = &[
     &EBPF_TCP_SOCKETS_SWEPT,
     &EBPF_INTERFACE_BYTES,
     &EBPF_DNS_ERRORS,
+    &ANOMALIES,
+    &ANOMALY_UNTRACKED,
     &K8S_WATCH_ERRORS,
     &K8S_RELISTS,
     &K8S_OBJECTS_REJECTED,
@@ -1166,9 +1179,20 @@ pub const EVENT_CNI_CONFIG_CHANGED: &str = "flowtel.cni.config_changed";
 pub const EVENT_CNI_IP_ALLOCATED: &str = "flowtel.cni.ip_allocated";
 pub const EVENT_CNI_IP_RELEASED: &str = "flowtel.cni.ip_released";
 pub const EVENT_FIREWALL_DROP: &str = "flowtel.firewall.drop";
+pub const EVENT_ANOMALY: &str = "flowtel.anomaly";
+pub const ANOMALY_KIND: &str = "flowtel.anomaly.kind";
+pub const ANOMALY_STATE: &str = "flowtel.anomaly.state";
+pub const ANOMALY_COUNT: &str = "flowtel.anomaly.count";
+pub const ANOMALY_THRESHOLD: &str = "flowtel.anomaly.threshold";
+pub const ANOMALY_WINDOW: &str = "flowtel.anomaly.window";
 
 /// Every attribute name above (prefixes stand for their family).
 pub const ATTRIBUTES: &[&str] = &[
+    ANOMALY_KIND,
+    ANOMALY_STATE,
+    ANOMALY_COUNT,
+    ANOMALY_THRESHOLD,
+    ANOMALY_WINDOW,
     DNS_ERROR,
     DNS_RCODE,
     DNS_QUESTION_TYPE,
