@@ -38,8 +38,9 @@
 #   host uses the test's default), GUEST_TIMEOUT (seconds per guest,
 #   default 2400), BOOT_WAIT (seconds for a guest to reach init before it
 #   is booted once more, default 240), CARGO_TARGET_DIR (scripts/env.sh supplies the default).
-# Needs qemu-system-x86, busybox-static, kmod (depmod), cpio, plus what the
-# tests need (scripts/install-test-deps.sh).
+# Installs what it needs from Debian when missing (qemu-system-x86,
+# busybox-static, kmod, cpio) and what the tests need
+# (scripts/install-test-deps.sh), so one command runs the whole matrix.
 set -euo pipefail
 export LC_ALL=C
 
@@ -54,6 +55,14 @@ CHECKS=${CHECKS:-$ALL_CHECKS}
 
 die() { echo "kernel_matrix: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root"
+if ! command -v qemu-system-x86_64 >/dev/null || ! command -v depmod >/dev/null ||
+    ! command -v cpio >/dev/null || ! busybox --list 2>/dev/null | grep -qx modprobe; then
+    echo "installing qemu-system-x86, busybox-static, kmod, cpio..." >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        qemu-system-x86 busybox-static kmod cpio >&2
+fi
+"$ROOT/scripts/install-test-deps.sh" >&2
 for tool in qemu-system-x86_64 busybox depmod cpio gzip dpkg-deb apt-get apt-cache python3 cargo; do
     command -v "$tool" >/dev/null || die "missing: $tool (Debian: qemu-system-x86 busybox-static kmod cpio)"
 done
@@ -110,7 +119,7 @@ trap 'rm -rf "$WORK"' EXIT
         fi
         # A failure's message comes before flowtel's output in the log.
         echo "if $cmd > /tmp/ft-$check.log 2>&1; then r=PASS; else r=FAIL; grep -A 12 'panicked at' /tmp/ft-$check.log; tail -n 40 /tmp/ft-$check.log; fi"
-        echo "grep -E '^(tcx|clsact|Auto|Netlink|First|Last|coverage|[0-9]+ runs)|ipv[46] (tcp|udp) .* bytes expected|skip|test result' /tmp/ft-$check.log | sed 's/^/FTLOG $check: /' || true"
+        echo "grep -E '^(tcx|clsact|Auto|Netlink|First|Last|coverage|[0-9]+ runs)|ipv[46] (tcp|udp) .* bytes expected|RTT mean|skip|test result' /tmp/ft-$check.log | sed 's/^/FTLOG $check: /' || true"
         echo "echo \"FTCHECK $check \$r \$((\$(date +%s) - start))\""
         if [ "$check" = coverage ]; then echo "fi"; fi
     done

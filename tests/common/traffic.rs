@@ -32,6 +32,10 @@ pub struct Payload {
     pub exchanges: u64,
     /// UDP requests that got no reply (0 for TCP).
     pub lost: u64,
+    /// The kernel's smoothed RTT of each TCP connection when its transfer
+    /// was done (`TCP_INFO` `tcpi_rtt`), summed, µs: ground truth for the
+    /// RTT flowtel reports.
+    pub srtt_sum_us: u64,
 }
 
 impl Payload {
@@ -40,6 +44,7 @@ impl Payload {
         self.to_client += other.to_client;
         self.exchanges += other.exchanges;
         self.lost += other.lost;
+        self.srtt_sum_us += other.srtt_sum_us;
     }
 }
 
@@ -230,16 +235,40 @@ pub fn tcp_connections(
             if got != down {
                 bail!("{dst} sent {got} bytes, expected {down}");
             }
+            let srtt = srtt_us(&s)?;
             drop(s);
             total.add(Payload {
                 to_server: 16 + up,
                 to_client: down,
                 exchanges: 1,
                 lost: 0,
+                srtt_sum_us: srtt,
             });
         }
         Ok(total)
     })?
+}
+
+/// The kernel's smoothed RTT of `s` (`TCP_INFO`), µs.
+fn srtt_us(s: &TcpStream) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain data, all zeros is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `info`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from(info.tcpi_rtt))
 }
 
 /// One TCP connection from `ns` to `dst` that sends `up` bytes (plus the
@@ -289,6 +318,7 @@ pub fn tcp_paced(
             to_client: down,
             exchanges: 1,
             lost: 0,
+            srtt_sum_us: srtt_us(&s)?,
         })
     })?
 }
@@ -332,6 +362,7 @@ pub fn udp_exchange(
             to_client: replies * down as u64,
             exchanges: count,
             lost: count - replies,
+            srtt_sum_us: 0,
         })
     })?
 }
