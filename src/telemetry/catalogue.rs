@@ -504,6 +504,12 @@ pub static K8S_OBJECTS_REJECTED: Metric = counter(
     "Kubernetes objects skipped because a field flowtel needs was missing or malformed",
 )
 .readyz("kubernetes.objects_rejected");
+pub static K8S_OBJECTS_SHED: Metric = counter(
+    "flowtel.k8s.objects.shed",
+    "{object}",
+    "New Kubernetes objects not cached because the cache held kubernetes.max_objects already",
+)
+.readyz("kubernetes.objects_shed");
 pub static K8S_SYNCED: Metric = gauge(
     "flowtel.k8s.synced",
     "1",
@@ -844,6 +850,7 @@ pub static METRICS: &[&Metric] = &[
     &K8S_WATCH_ERRORS,
     &K8S_RELISTS,
     &K8S_OBJECTS_REJECTED,
+    &K8S_OBJECTS_SHED,
     &K8S_SYNCED,
     &K8S_ENDS_NAMED,
     &K8S_ENDS_UNKNOWN,

@@ -54,7 +54,7 @@ use tokio::task::JoinHandle;
 
 use crate::telemetry::{catalogue, Counter, Gauge, Telemetry};
 
-pub use config::{KubernetesConfig, KubernetesMode};
+pub use config::{KubernetesConfig, KubernetesMode, DEFAULT_MAX_OBJECTS};
 pub use index::{Counts, Snapshot};
 pub use model::{
     mesh_of, NodeInfo, Peer, PodInfo, PodMesh, Protocol, ServiceInfo, ServicePort, Workload,
@@ -69,6 +69,7 @@ pub struct KubeStats {
     relists: Counter,
     applied: Counter,
     rejected: Counter,
+    shed: Counter,
     synced: Gauge,
 }
 
@@ -79,6 +80,7 @@ impl KubeStats {
             relists: telemetry.counter(&catalogue::K8S_RELISTS),
             applied: Counter::default(),
             rejected: telemetry.counter(&catalogue::K8S_OBJECTS_REJECTED),
+            shed: telemetry.counter(&catalogue::K8S_OBJECTS_SHED),
             synced: telemetry.gauge(&catalogue::K8S_SYNCED),
         }
     }
@@ -103,6 +105,12 @@ impl KubeStats {
     /// (a missing name, an address that does not parse).
     pub fn objects_rejected(&self) -> u64 {
         self.rejected.get()
+    }
+
+    /// New objects not cached because the cache held
+    /// `kubernetes.max_objects` already.
+    pub fn objects_shed(&self) -> u64 {
+        self.shed.get()
     }
 
     /// Every kind has been listed completely at least once.
@@ -196,7 +204,8 @@ pub fn start(cfg: &KubernetesConfig, telemetry: &Telemetry) -> anyhow::Result<Op
     let source = client_source(cfg)?;
     let runtime = tokio::runtime::Handle::try_current()
         .context("the Kubernetes cache must be started within a tokio runtime")?;
-    let cache = cache::Cache::new(&cfg.pod_labels, cfg.ip_retention);
+    let cache =
+        cache::Cache::new(&cfg.pod_labels, cfg.ip_retention).with_max_objects(cfg.max_objects);
     let (publish, snapshots) = channel::channel(Arc::new(Snapshot::default()));
     let stats = Arc::new(KubeStats::new(telemetry));
     let (stop, stopped) = oneshot::channel();
