@@ -11,10 +11,29 @@
 //!   body limit (16 MiB) stops it.
 //! - A scrape body just under that limit, all distinct `istio_requests`
 //!   series, parsed.
+//! - A Kubernetes API server listing 100,000 pods (19,900 Deployments of 5
+//!   pods with their current and one older ReplicaSet, 500 CronJob Jobs of
+//!   one pod, 20,000 Services and 19,900 EndpointSlices, 1,000 nodes):
+//!   the test API server of `tests/common/kubeapi.rs` serves it from this
+//!   process, and a child process (this program again) runs flowtel's
+//!   Kubernetes cache with the real kube client until it is synced, so
+//!   that its RSS is the cache's alone: before, peak, steady (after 10 s
+//!   idle) and the time to synced; once with `kubernetes.max_objects` at
+//!   its default and once at 100,000, where the rest is shed and counted.
+
+#[allow(dead_code)]
+#[path = "common/cluster.rs"]
+mod cluster;
+#[allow(dead_code)]
+#[path = "../tests/common/kubeapi.rs"]
+mod kubeapi;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Instant;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
+use flowtel::enrich::kubernetes::{self, KubernetesConfig, KubernetesMode};
 use flowtel::flow::{
     Counters, Endpoint, FlowId, FlowStage, FlowUpdate, FlowsConfig, Nat, SourceEvent, SourceKind,
     Transport,
@@ -180,7 +199,182 @@ fn parse_at_limit() -> String {
     )
 }
 
+/// Set in the child process: the kubeconfig of the parent's API server.
+const CHILD_KUBECONFIG: &str = "FLOWTEL_HOSTILE_KUBECONFIG";
+/// Set in the child process: `kubernetes.max_objects`.
+const CHILD_MAX_OBJECTS: &str = "FLOWTEL_HOSTILE_MAX_OBJECTS";
+/// How long the child stays up after the sync before its steady RSS.
+const STEADY_AFTER: Duration = Duration::from_secs(10);
+
+/// The 100,000-pod cluster.
+const CLUSTER: cluster::Scale = cluster::Scale {
+    deployments: 19_900,
+    pods_per_deployment: 5,
+    old_replicasets_per_deployment: 1,
+    jobs: 500,
+    services: 20_000,
+    nodes: 1_000,
+};
+
+/// The child: flowtel's Kubernetes cache alone against the parent's API
+/// server. Prints one `kube_cache key=value ...` line.
+fn kube_child(kubeconfig: &Path) {
+    let max_objects = std::env::var(CHILD_MAX_OBJECTS)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(kubernetes::DEFAULT_MAX_OBJECTS);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        let before = status_kib("VmRSS:");
+        let telemetry = Telemetry::default();
+        let cfg = KubernetesConfig {
+            enabled: KubernetesMode::On,
+            kubeconfig: Some(kubeconfig.to_path_buf()),
+            network_events: false,
+            max_objects,
+            ..KubernetesConfig::default()
+        };
+        let started = Instant::now();
+        let handle = kubernetes::start(&cfg, &telemetry)
+            .expect("the cache starts")
+            .expect("enabled");
+        let mut snapshots = handle.snapshots();
+        let synced = tokio::time::timeout(
+            Duration::from_secs(600),
+            snapshots.wait_for(|s| s.synced()),
+        )
+        .await
+        .expect("synced within 10 minutes")
+        .map(|s| s.clone())
+        .expect("the cache task runs");
+        let took = started.elapsed();
+        let peak_at_sync = status_kib("VmHWM:");
+        // Steady: nothing changes in the cluster; the watches stay open.
+        let mut steady = 0;
+        let idle_until = Instant::now() + STEADY_AFTER;
+        while Instant::now() < idle_until {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            steady = status_kib("VmRSS:");
+        }
+        let stats = handle.stats();
+        let counts = handle.snapshot().counts();
+        let cached = counts.pods
+            + counts.services
+            + counts.endpoint_slices
+            + counts.nodes
+            + counts.replicasets
+            + counts.jobs;
+        println!(
+            "kube_cache max_objects={max_objects} synced_ms={} before_kib={before} peak_at_sync_kib={peak_at_sync} \
+             peak_kib={} steady_kib={steady} pods={} cached={cached} synced_pods={} shed={} rejected={} \
+             watch_errors={} relists={}",
+            took.as_millis(),
+            status_kib("VmHWM:"),
+            counts.pods,
+            synced.counts().pods,
+            stats.objects_shed(),
+            stats.objects_rejected(),
+            stats.watch_errors(),
+            stats.relists(),
+        );
+        handle.stop().await;
+    });
+}
+
+/// The 100,000-pod case: serves [`CLUSTER`], runs one child per bound and
+/// prints their rows.
+fn kube_100k() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let objects = cluster::cluster(CLUSTER);
+    assert_eq!(objects.len(), CLUSTER.objects());
+    let total = objects.len();
+    let json_bytes: usize = objects
+        .iter()
+        .map(|o| serde_json::to_vec(o).map_or(0, |v| v.len()))
+        .sum();
+    let (api, kubeconfig) = runtime.block_on(async {
+        let api = kubeapi::KubeApi::started().await;
+        api.load(objects);
+        let kubeconfig = api.write_kubeconfig(dir.path());
+        (api, kubeconfig)
+    });
+    println!();
+    println!(
+        "Kubernetes API server listing {} pods: {total} objects ({} nodes, {} Services, {} EndpointSlices, {} ReplicaSets of {} Deployments, {} Jobs), {:.0} MiB of JSON",
+        CLUSTER.pods(),
+        CLUSTER.nodes,
+        CLUSTER.services,
+        CLUSTER.services.min(CLUSTER.deployments),
+        CLUSTER.deployments * (1 + CLUSTER.old_replicasets_per_deployment),
+        CLUSTER.deployments,
+        CLUSTER.jobs,
+        json_bytes as f64 / 1048576.0
+    );
+    println!("| kubernetes.max_objects | objects cached | pods cached | shed (`flowtel.k8s.objects.shed`) | time to synced | RSS before (MiB) | peak RSS (MiB) | steady RSS, 10 s after sync (MiB) |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let exe = std::env::current_exe().expect("this program's path");
+    for max_objects in [kubernetes::DEFAULT_MAX_OBJECTS, 100_000] {
+        let output = Command::new(&exe)
+            .env(CHILD_KUBECONFIG, &kubeconfig)
+            .env(CHILD_MAX_OBJECTS, max_objects.to_string())
+            .output()
+            .expect("running the child");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let Some(line) = text.lines().find(|l| l.starts_with("kube_cache ")) else {
+            panic!(
+                "the child printed no result ({}): {text}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let field = |key: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        };
+        let expected_shed = total.saturating_sub(max_objects) as u64;
+        assert_eq!(
+            field("shed"),
+            expected_shed,
+            "shed objects against the bound: {line}"
+        );
+        assert_eq!(field("cached") + field("shed"), total as u64, "{line}");
+        let mib = |kib: u64| format!("{:.0}", kib as f64 / 1024.0);
+        println!(
+            "| {max_objects} | {} | {} | {} | {:.1} s | {} | {} | {} |",
+            field("cached"),
+            field("pods"),
+            field("shed"),
+            field("synced_ms") as f64 / 1000.0,
+            mib(field("before_kib")),
+            mib(field("peak_kib")),
+            mib(field("steady_kib")),
+        );
+        eprintln!("{line}");
+    }
+    runtime.block_on(api.stop());
+}
+
 fn main() {
+    if let Some(kubeconfig) = std::env::var_os(CHILD_KUBECONFIG) {
+        kube_child(Path::new(&kubeconfig));
+        return;
+    }
+    let only_kube = std::env::args().any(|a| a == "kube");
+    if only_kube {
+        kube_100k();
+        return;
+    }
     // `cargo bench` passes `--bench`; nothing to filter.
     println!(
         "Memory under hostile input ({} CPUs, release build)",
@@ -198,4 +392,5 @@ fn main() {
         "scrape body at the 16 MiB limit, all distinct series",
         parse_at_limit,
     );
+    kube_100k();
 }
