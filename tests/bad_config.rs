@@ -227,6 +227,12 @@ const CASES: &[Case] = &[
         key: "`mesh.istio.timeout`",
     },
     Case {
+        name: "scrape series budget zero",
+        yaml: Some("mesh:\n  felix:\n    max_series: 0\n"),
+        env: &[],
+        key: "`mesh.felix.max_series`",
+    },
+    Case {
         name: "felix url not http",
         yaml: Some("mesh:\n  felix:\n    url: felix:9091\n"),
         env: &[],

@@ -586,6 +586,11 @@ pub static SCRAPE_SUCCESSES: Metric = counter(
     "{scrape}",
     "Successful scrapes, by target kind.",
 );
+pub static SCRAPE_SERIES_SHED: Metric = counter(
+    "flowtel.scrape.series.shed",
+    "{series}",
+    "Series past a scrape's max_series, not kept, by target kind.",
+);
 pub static HUBBLE_FLOWS: Metric = counter(
     "flowtel.hubble.flows",
     "{flow}",
@@ -865,6 +870,7 @@ pub static METRICS: &[&Metric] = &[
     &CNI_CONFIG_CHANGES,
     &SCRAPE_ERRORS,
     &SCRAPE_SUCCESSES,
+    &SCRAPE_SERIES_SHED,
     &HUBBLE_FLOWS,
     &HUBBLE_L7_REQUESTS,
     &HUBBLE_L7_DURATION,
