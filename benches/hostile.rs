@@ -1,7 +1,7 @@
-//! Memory under hostile input, in a release build: for each case, the
-//! process's resident memory before it and its peak during it (`VmHWM`,
-//! reset per case through `/proc/self/clear_refs`), and what flowtel shed,
-//! from its own counters. Prints a markdown table; `bench/hostile.sh`
+//! Memory under hostile input, in a release build: each case runs in a
+//! fresh process (this program again), which prints its resident memory
+//! before the case and its peak during it (`VmHWM`), and what flowtel
+//! shed, from its own counters. Prints markdown tables; `bench/hostile.sh`
 //! runs it.
 //!
 //! - A port scan: 1,000 sources × 65,535 ports, one UDP flow each, in one
@@ -10,7 +10,8 @@
 //! - A scrape target streaming 100 MB of distinct series: the scraper's
 //!   body limit (16 MiB) stops it.
 //! - A scrape body just under that limit, all distinct `istio_requests`
-//!   series, parsed.
+//!   series, parsed within the default series budget (`max_series`), and
+//!   again with no budget, as before there was one.
 //! - A Kubernetes API server listing 100,000 pods (19,900 Deployments of 5
 //!   pods with their current and one older ReplicaSet, 500 CronJob Jobs of
 //!   one pod, 20,000 Services and 19,900 EndpointSlices, 1,000 nodes):
@@ -39,7 +40,9 @@ use flowtel::flow::{
     Transport,
 };
 use flowtel::source::istio::ISTIO_FAMILIES;
-use flowtel::source::scrape::{parse, Format, ScrapeLimits, Scraper, DEFAULT_MAX_BYTES};
+use flowtel::source::scrape::{
+    parse_within, Format, ScrapeLimits, Scraper, DEFAULT_MAX_BYTES, DEFAULT_MAX_SERIES,
+};
 use flowtel::telemetry::{catalogue, Telemetry};
 
 fn status_kib(field: &str) -> u64 {
@@ -173,13 +176,23 @@ fn scrape_100mb() -> String {
             .scrape(&format!("http://{addr}/metrics"), ISTIO_FAMILIES)
             .await
         {
-            Ok(f) => format!("NOT SHED: {} families parsed", f.len()),
+            Ok(p) => format!("NOT SHED: {} families parsed", p.families.len()),
             Err(e) => format!("refused: {e}"),
         }
     })
 }
 
 fn parse_at_limit() -> String {
+    parse_distinct(DEFAULT_MAX_SERIES)
+}
+
+fn parse_at_limit_unbounded() -> String {
+    parse_distinct(usize::MAX)
+}
+
+/// A body of distinct series just under the scrape size limit, parsed
+/// within `max_series`.
+fn parse_distinct(max_series: usize) -> String {
     let mut body = String::with_capacity(DEFAULT_MAX_BYTES);
     let mut i = 0;
     loop {
@@ -190,12 +203,13 @@ fn parse_at_limit() -> String {
         body.push_str(&line);
         i += 1;
     }
-    let families = parse(&body, Format::Text, ISTIO_FAMILIES).expect("parses");
-    let points: usize = families.iter().map(|f| f.points.len()).sum();
+    let parsed = parse_within(&body, Format::Text, ISTIO_FAMILIES, max_series).expect("parses");
+    std::hint::black_box(&parsed);
+    let points: usize = parsed.families.iter().map(|f| f.points.len()).sum();
     format!(
-        "{} bytes, {i} distinct series: {} families, {points} points kept",
+        "{} bytes, {i} distinct series: {points} kept, {} shed (flowtel.scrape.series.shed)",
         body.len(),
-        families.len()
+        parsed.series_shed
     )
 }
 
@@ -365,9 +379,40 @@ fn kube_100k() {
     runtime.block_on(api.stop());
 }
 
+/// Set in a child process: the case (an index into [`CASES`]) to run.
+const CHILD_CASE: &str = "FLOWTEL_HOSTILE_CASE";
+
+type Case = (&'static str, fn() -> String);
+
+/// The cases of the first table, each run in a fresh process.
+const CASES: &[Case] = &[
+    ("port scan, 1,000 sources × 65,535 ports", port_scan),
+    ("1 million short connections", short_connections),
+    (
+        "scrape target streaming 100 MB of distinct series",
+        scrape_100mb,
+    ),
+    (
+        "scrape body at the 16 MiB limit, all distinct series, max_series at its default",
+        parse_at_limit,
+    ),
+    (
+        "the same with no series budget (as before max_series)",
+        parse_at_limit_unbounded,
+    ),
+];
+
 fn main() {
     if let Some(kubeconfig) = std::env::var_os(CHILD_KUBECONFIG) {
         kube_child(Path::new(&kubeconfig));
+        return;
+    }
+    if let Some(case) = std::env::var(CHILD_CASE)
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok())
+        .and_then(|i| CASES.get(i))
+    {
+        row(case.0, case.1);
         return;
     }
     let only_kube = std::env::args().any(|a| a == "kube");
@@ -377,20 +422,25 @@ fn main() {
     }
     // `cargo bench` passes `--bench`; nothing to filter.
     println!(
-        "Memory under hostile input ({} CPUs, release build)",
+        "Memory under hostile input ({} CPUs, release build, each case in a fresh process)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("| case | RSS before (MiB) | peak RSS (MiB) | peak − before (MiB) | time | shed (flowtel's counters) |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    row("port scan, 1,000 sources × 65,535 ports", port_scan);
-    row("1 million short connections", short_connections);
-    row(
-        "scrape target streaming 100 MB of distinct series",
-        scrape_100mb,
-    );
-    row(
-        "scrape body at the 16 MiB limit, all distinct series",
-        parse_at_limit,
-    );
+    let exe = std::env::current_exe().expect("this program's path");
+    for (i, (name, _)) in CASES.iter().enumerate() {
+        let output = Command::new(&exe)
+            .env(CHILD_CASE, i.to_string())
+            .output()
+            .expect("running the case");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && text.starts_with('|'),
+            "case {name:?} failed ({}): {text}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        print!("{text}");
+    }
     kube_100k();
 }
