@@ -412,6 +412,7 @@ async fn past_max_objects_new_objects_are_shed_and_counted() {
     let s = wait_for(&handle, "the first sync", |s| s.synced()).await;
     let stats = handle.stats();
     assert_eq!(stats.objects_shed(), 2);
+    assert_eq!(stats.objects_cached(), 4);
     let counts = s.counts();
     assert_eq!(counts.pods + counts.nodes, 4, "{counts:?}");
     let named = (1..=5)

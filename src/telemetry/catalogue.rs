@@ -510,6 +510,12 @@ pub static K8S_OBJECTS_SHED: Metric = counter(
     "New Kubernetes objects not cached because the cache held kubernetes.max_objects already",
 )
 .readyz("kubernetes.objects_shed");
+pub static K8S_OBJECTS_CACHED: Metric = gauge(
+    "flowtel.k8s.objects.cached",
+    "{object}",
+    "Kubernetes objects of all kinds in the last published snapshot of the cache (at most kubernetes.max_objects)",
+)
+.readyz("kubernetes.objects_cached");
 pub static K8S_SYNCED: Metric = gauge(
     "flowtel.k8s.synced",
     "1",
@@ -856,6 +862,7 @@ pub static METRICS: &[&Metric] = &[
     &K8S_RELISTS,
     &K8S_OBJECTS_REJECTED,
     &K8S_OBJECTS_SHED,
+    &K8S_OBJECTS_CACHED,
     &K8S_SYNCED,
     &K8S_ENDS_NAMED,
     &K8S_ENDS_UNKNOWN,

@@ -70,6 +70,7 @@ pub struct KubeStats {
     applied: Counter,
     rejected: Counter,
     shed: Counter,
+    cached: Gauge,
     synced: Gauge,
 }
 
@@ -81,6 +82,7 @@ impl KubeStats {
             applied: Counter::default(),
             rejected: telemetry.counter(&catalogue::K8S_OBJECTS_REJECTED),
             shed: telemetry.counter(&catalogue::K8S_OBJECTS_SHED),
+            cached: telemetry.gauge(&catalogue::K8S_OBJECTS_CACHED),
             synced: telemetry.gauge(&catalogue::K8S_SYNCED),
         }
     }
@@ -111,6 +113,11 @@ impl KubeStats {
     /// `kubernetes.max_objects` already.
     pub fn objects_shed(&self) -> u64 {
         self.shed.get()
+    }
+
+    /// Objects of all kinds in the last published snapshot.
+    pub fn objects_cached(&self) -> u64 {
+        self.cached.get()
     }
 
     /// Every kind has been listed completely at least once.

@@ -278,6 +278,7 @@ impl Task {
 
     fn publish(&mut self) {
         let snapshot = self.cache.snapshot(SystemTime::now());
+        self.stats.cached.set(self.cache.len() as u64);
         self.publish.send_replace(Arc::new(snapshot));
         self.last_publish = Some(Instant::now());
         self.due = None;
