@@ -1214,6 +1214,50 @@ mod tests {
         assert_eq!(workload(snap.lookup(ip("10.1.0.2"), None, t(3))).1, "p2");
     }
 
+    /// 20,000 pods created and deleted, 200 alive at a time, 10 replaced
+    /// a second (time as the cache sees it), ended claims kept 10 s: what
+    /// the cache holds stays proportional to what is alive or retained,
+    /// not to the churn (the soak's pod churn, without the rest).
+    #[test]
+    fn churn_leaves_nothing_behind() {
+        let mut cache = Cache::new(&["app.kubernetes.io/name".into()], Duration::from_secs(10));
+        for kind in Kind::ALL {
+            cache.begin_list(kind);
+            cache.end_list(kind, t(0));
+        }
+        let pod_n = |n: usize| {
+            let ip = format!("10.{}.{}.{}", 100 + (n >> 16), (n >> 8) & 0xff, n & 0xff);
+            pod(&format!("churn-{n}"), "n1", &[&ip], None)
+        };
+        let mut most = (0, 0, 0);
+        for n in 0..20_000 {
+            let now = t(n as u64 / 10);
+            apply(&mut cache, pod_n(n), now);
+            if n >= 200 {
+                cache.delete(&pod_n(n - 200), now);
+            }
+            if n % 10 == 9 {
+                cache.snapshot(now);
+                most = (
+                    most.0.max(cache.addresses.len()),
+                    most.1.max(cache.ended.len()),
+                    most.2.max(cache.strings.len()),
+                );
+            }
+        }
+        assert_eq!(cache.counts().pods, 200);
+        // 200 alive, and the ~100 deleted in the last 10 s (plus the
+        // interval until the next prune).
+        assert!(most.0 <= 200 + 120, "addresses: {most:?}");
+        assert!(most.1 <= 120, "ended claims: {most:?}");
+        // Interned names and uids of live and retained pods, swept when
+        // the set doubles: far below the 40,000 of the churn.
+        assert!(
+            most.2 <= 2 * 2 * 320 + 1024 + 16,
+            "interned strings: {most:?}"
+        );
+    }
+
     #[test]
     fn synced_only_when_every_kind_listed() {
         let mut cache = Cache::new(&[], Duration::from_secs(1));

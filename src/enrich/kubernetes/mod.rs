@@ -28,6 +28,12 @@
 //!   by the node's, and a pod gets its address some unknown time after
 //!   both; the order of holders is what flowtel sees itself.
 //!
+//! The cache holds at most `kubernetes.max_objects` objects of all kinds
+//! together: past it, new objects are shed (counted in
+//! `flowtel.k8s.objects.shed`) while those held still change and go, so a
+//! cluster larger than planned costs a bounded amount of memory and names
+//! only part of its pods. `flowtel.k8s.objects.cached` shows how full it is.
+//!
 //! Nothing about the API server is fatal: unreachable at start, gone
 //! mid-run, `410 Gone`, a re-list: the watchers retry with client-go's
 //! backoff and the last snapshot stays in use meanwhile. How the task is
