@@ -156,6 +156,42 @@ impl FlowTable {
             to_server: u.to_server,
             to_client: u.to_client,
         };
+        if u.ended
+            && u.generation != 0
+            && self
+                .flows
+                .get(&u.id)
+                .is_some_and(|t| t.generation != 0 && t.generation != u.generation)
+        {
+            // The end of another connection on a tuple the table tracks,
+            // one it never tracked itself (no tombstone matched). Events
+            // come in the kernel's order, so a connection's DESTROY comes
+            // before any later connection's on the same tuple: this one is
+            // older than the tracked one, which a dump reported before the
+            // event thread delivered this (a short connection whose tuple
+            // was reused at once, on a loaded machine). It is counted whole;
+            // the tracked connection stays as it is (treating this as a new
+            // generation would count the tracked one a second time).
+            self.stats.seen.inc();
+            let names = name(&u.id, &u.nat, &mut None);
+            // Its stale dump entries, if any, must not count either; a
+            // tombstone still waiting for its own DESTROY is kept.
+            let waiting = self
+                .tombstones
+                .get(&u.id)
+                .is_some_and(|t| t.swept.is_some());
+            if !waiting && self.tombstones.len() < self.max_flows {
+                self.tombstones.insert(
+                    u.id,
+                    Tombstone {
+                        generation: u.generation,
+                        epoch: self.epoch,
+                        swept: None,
+                    },
+                );
+            }
+            return Some((fresh, names));
+        }
         let room = self.flows.len() < self.max_flows;
         let names;
         let delta = match self.flows.get_mut(&u.id) {
@@ -353,6 +389,42 @@ mod tests {
         assert_eq!(t.table.len(), 1, "the new connection is still tracked");
         t.apply(update(1, 8, 100, false));
         assert_eq!(t.take_bytes(), 100, "a reset counts the new value afresh");
+    }
+
+    /// A short connection (generation 7) lives and ends between two dumps;
+    /// its tuple is reused at once (generation 8), and the dump thread
+    /// reports the new connection before the event thread delivers the old
+    /// one's DESTROY (a loaded machine). Each is counted once: the late
+    /// DESTROY of a connection the table never tracked does not displace
+    /// the newer one it tracks.
+    #[test]
+    fn a_late_destroy_of_an_untracked_connection_leaves_the_newer_one_alone() {
+        let (mut t, stats) = setup(10);
+        t.apply(SourceEvent::DumpStarted { epoch: 1 });
+        t.apply(update(1, 8, 300, false));
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 1,
+            complete: true,
+        });
+        assert_eq!(t.take_bytes(), 300);
+        t.apply(update(1, 7, 1000, true));
+        assert_eq!(t.take_bytes(), 1000, "the old connection, once, whole");
+        assert_eq!(t.table.len(), 1, "the new connection is still tracked");
+        // A stale entry of the old connection (a dump thread holding what
+        // it read before the end) is not counted again.
+        t.apply(update(1, 7, 1000, false));
+        assert_eq!(t.take_bytes(), 0);
+        t.apply(SourceEvent::DumpStarted { epoch: 2 });
+        t.apply(update(1, 8, 500, false));
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 2,
+            complete: true,
+        });
+        assert_eq!(t.take_bytes(), 200, "only what the new one sent since");
+        t.apply(update(1, 8, 600, true));
+        assert_eq!(t.take_bytes(), 100);
+        assert!(t.table.is_empty());
+        assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
     }
 
     #[test]
