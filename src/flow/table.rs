@@ -5,8 +5,10 @@
 //! * a tuple reused by a new connection (different generation, or counters
 //!   that went backwards) is counted afresh, never as a negative delta;
 //! * a dump that raced a DESTROY event and still lists the dead connection
-//!   must not count it a second time (tombstones, cleared once a dump that
-//!   started after the end has completed);
+//!   must not count it a second time (tombstones, one per tuple and
+//!   generation, cleared once a dump that started after the end has
+//!   completed), nor may a DESTROY that arrives after the dump reported the
+//!   tuple's next connection disturb that one;
 //! * a connection that vanished without a final event is swept after the
 //!   next complete dump, and counted in `flows_ended_unseen`.
 
@@ -64,7 +66,9 @@ pub struct FlowTable {
     // foldhash, randomly seeded per process: several times faster than
     // SipHash on these small keys, and tuples still cannot be chosen to collide.
     flows: HashMap<FlowId, Tracked, RandomState>,
-    tombstones: HashMap<FlowId, Tombstone, RandomState>,
+    /// By tuple and generation: a tuple reused quickly has one per
+    /// connection, so a newer end never hides an older one's.
+    tombstones: HashMap<(FlowId, u32), Tombstone, RandomState>,
     max_flows: usize,
     epoch: u64,
     stats: TableStats,
@@ -134,7 +138,7 @@ impl FlowTable {
     ) -> Option<(DirectionalCounters, Option<Arc<FlowNames>>)> {
         self.stats.updates.inc();
         if u.generation != 0 {
-            if let Some(t) = self.tombstones.get_mut(&u.id) {
+            if let Some(t) = self.tombstones.get_mut(&(u.id, u.generation)) {
                 if t.generation == u.generation {
                     if let (true, Some((ts, tc))) = (u.ended, t.swept) {
                         // The final event of a flow swept a moment ago.
@@ -174,15 +178,10 @@ impl FlowTable {
             // generation would count the tracked one a second time).
             self.stats.seen.inc();
             let names = name(&u.id, &u.nat, &mut None);
-            // Its stale dump entries, if any, must not count either; a
-            // tombstone still waiting for its own DESTROY is kept.
-            let waiting = self
-                .tombstones
-                .get(&u.id)
-                .is_some_and(|t| t.swept.is_some());
-            if !waiting && self.tombstones.len() < self.max_flows {
+            // Its stale dump entries, if any, must not count either.
+            if self.tombstones.len() < self.max_flows {
                 self.tombstones.insert(
-                    u.id,
+                    (u.id, u.generation),
                     Tombstone {
                         generation: u.generation,
                         epoch: self.epoch,
@@ -207,7 +206,7 @@ impl FlowTable {
                     // last counters so that event adds only the rest.
                     if t.generation != 0 && self.tombstones.len() < self.max_flows {
                         self.tombstones.insert(
-                            u.id,
+                            (u.id, t.generation),
                             Tombstone {
                                 generation: t.generation,
                                 epoch: self.epoch,
@@ -255,7 +254,7 @@ impl FlowTable {
             self.flows.remove(&u.id);
             if u.generation != 0 && self.tombstones.len() < self.max_flows {
                 self.tombstones.insert(
-                    u.id,
+                    (u.id, u.generation),
                     Tombstone {
                         generation: u.generation,
                         epoch: self.epoch,
@@ -290,7 +289,7 @@ impl FlowTable {
                 // Its DESTROY event may still be on the way (the dump and
                 // the event socket are read by different threads).
                 self.tombstones.insert(
-                    id,
+                    (id, generation),
                     Tombstone {
                         generation,
                         epoch,
@@ -425,6 +424,34 @@ mod tests {
         assert_eq!(t.take_bytes(), 100);
         assert!(t.table.is_empty());
         assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
+    }
+
+    /// The dump thread holds an entry of a connection (generation 7) it read
+    /// alive; meanwhile the events of its end, of the next connection on
+    /// the tuple (generation 8) and of that one's end are all applied. The
+    /// stale entry still finds generation 7's tombstone: a tuple keeps one
+    /// per generation, the newer end does not replace it.
+    #[test]
+    fn a_stale_entry_finds_its_tombstone_after_the_tuple_ended_again() {
+        let (mut t, _) = setup(10);
+        t.apply(SourceEvent::DumpStarted { epoch: 1 });
+        t.apply(update(1, 7, 1000, false));
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 1,
+            complete: true,
+        });
+        t.apply(SourceEvent::DumpStarted { epoch: 2 });
+        t.apply(update(1, 7, 1200, true));
+        t.apply(update(1, 8, 100, false));
+        t.apply(update(1, 8, 300, true));
+        assert_eq!(t.take_bytes(), 1000 + 200 + 300);
+        t.apply(update(1, 7, 1100, false));
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 2,
+            complete: true,
+        });
+        assert_eq!(t.take_bytes(), 0, "the stale entry of generation 7");
+        assert!(t.table.is_empty());
     }
 
     #[test]
