@@ -17,6 +17,9 @@
 //! the table). Under `cargo test` it runs once on a tiny cluster.
 
 #[allow(dead_code)]
+#[path = "common/cluster.rs"]
+mod cluster;
+#[allow(dead_code)]
 #[path = "../tests/common/kubeapi.rs"]
 mod kubeapi;
 
@@ -28,11 +31,11 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use cluster::{cluster, pod_ip, service_ip, Scale};
 use criterion::Criterion;
 use flowtel::enrich::kubernetes::{self, KubernetesConfig, KubernetesMode, Snapshot};
 use flowtel::telemetry::Telemetry;
-use kubeapi::{fx, KubeApi};
-use serde_json::Value;
+use kubeapi::KubeApi;
 
 /// Bytes and allocations currently live.
 static BYTES: AtomicIsize = AtomicIsize::new(0);
@@ -92,95 +95,6 @@ fn live() -> (isize, isize) {
         BYTES.load(Ordering::Relaxed),
         BLOCKS.load(Ordering::Relaxed),
     )
-}
-
-/// The size of the simulated cluster.
-#[derive(Debug, Clone, Copy)]
-struct Scale {
-    deployments: usize,
-    pods_per_deployment: usize,
-    jobs: usize,
-    services: usize,
-    nodes: usize,
-}
-
-impl Scale {
-    fn pods(&self) -> usize {
-        self.deployments * self.pods_per_deployment + self.jobs
-    }
-}
-
-fn pod_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8)
-}
-
-fn service_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 96, (i >> 8) as u8, i as u8)
-}
-
-fn node_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(192, 168, (i >> 8) as u8, 10 + i as u8)
-}
-
-/// Every object of the cluster, shaped like a real API server's.
-fn cluster(scale: Scale) -> Vec<Value> {
-    let mut objects = Vec::new();
-    let nodes: Vec<(String, String)> = (0..scale.nodes)
-        .map(|n| (format!("node-{n:03}"), node_ip(n).to_string()))
-        .collect();
-    for (n, (name, address)) in nodes.iter().enumerate() {
-        let zone = format!("eu-west-1{}", ["a", "b", "c"][n % 3]);
-        objects.push(fx::node(name, &zone, "eu-west-1", &[address], None));
-    }
-    let mut pod = 0;
-    let mut place = |p: fx::PodFx| {
-        let (node, host) = &nodes[pod % nodes.len()];
-        let built = p.on(node, host).ips(&[&pod_ip(pod).to_string()]).build();
-        pod += 1;
-        built
-    };
-    let mut services = 0;
-    for d in 0..scale.deployments {
-        let namespace = format!("team-{}", d % 40);
-        let name = format!("app-{d}");
-        let deployment = fx::workload("Deployment", &namespace, &name);
-        let rs = fx::replicaset(&namespace, &format!("{name}-5f6c7d8b9"), Some(&deployment));
-        let pods: Vec<Value> = (0..scale.pods_per_deployment)
-            .map(|k| {
-                place(
-                    fx::PodFx::new(&namespace, &format!("{name}-5f6c7d8b9-{k:05}"))
-                        .owned_by(&rs)
-                        .label("app.kubernetes.io/name", &name),
-                )
-            })
-            .collect();
-        if services < scale.services {
-            let service = fx::service(&namespace, &name, &[&service_ip(services).to_string()]);
-            let refs: Vec<&Value> = pods.iter().collect();
-            objects.push(fx::endpoint_slice(&service, "IPv4", &refs));
-            objects.push(service);
-            services += 1;
-        }
-        objects.push(rs);
-        objects.extend(pods);
-    }
-    for j in 0..scale.jobs {
-        let cronjob = fx::workload("CronJob", "batch", &format!("report-{j}"));
-        let job = fx::job("batch", &format!("report-{j}-28911520"), Some(&cronjob));
-        objects.push(place(
-            fx::PodFx::new("batch", &format!("report-{j}-28911520-x{j:04}")).owned_by(&job),
-        ));
-        objects.push(job);
-    }
-    while services < scale.services {
-        objects.push(fx::service(
-            "extra",
-            &format!("svc-{services}"),
-            &[&service_ip(services).to_string()],
-        ));
-        services += 1;
-    }
-    objects
 }
 
 fn config(kubeconfig: &Path) -> KubernetesConfig {
@@ -262,6 +176,7 @@ fn main() {
         Scale {
             deployments: 1990,
             pods_per_deployment: 5,
+            old_replicasets_per_deployment: 0,
             jobs: 50,
             services: 2000,
             nodes: 100,
@@ -270,6 +185,7 @@ fn main() {
         Scale {
             deployments: 40,
             pods_per_deployment: 5,
+            old_replicasets_per_deployment: 0,
             jobs: 5,
             services: 40,
             nodes: 5,

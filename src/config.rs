@@ -374,6 +374,7 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
     let within = |section: &'static str| move |e: ConfigError| e.within(section);
     cfg.flows.validate(cfg.interval).map_err(within("flows"))?;
     cfg.enrich.validate().map_err(within("enrich"))?;
+    cfg.kubernetes.validate().map_err(within("kubernetes"))?;
     cfg.conntrack.validate().map_err(within("conntrack"))?;
     cfg.ebpf.validate().map_err(within("ebpf"))?;
     cfg.hubble.validate().map_err(within("hubble"))?;

@@ -356,7 +356,7 @@ fn fuzz_proc_nf_conntrack_lines() {
 fn fuzz_scrape_bodies() {
     use crate::source::felix::FELIX_FAMILIES;
     use crate::source::istio::ISTIO_FAMILIES;
-    use crate::source::scrape::{parse, Format};
+    use crate::source::scrape::{parse, parse_within, Format};
     let seeds = ["envoy_sidecar.txt", "felix.txt", "ztunnel_1.24.txt"]
         .iter()
         .map(|f| fixture(&format!("mesh/{f}")))
@@ -366,7 +366,21 @@ fn fuzz_scrape_bodies() {
         let mut ok = false;
         for format in [Format::Text, Format::OpenMetrics] {
             for specs in [ISTIO_FAMILIES, FELIX_FAMILIES] {
-                ok |= parse(&text, format, specs).is_ok_and(|f| !f.is_empty());
+                let all = parse(&text, format, specs);
+                // Within a budget of 2 series: the same verdict, at most 2
+                // series kept, and kept + shed = every series.
+                let series = |families: &[crate::flow::mesh::Family]| -> u64 {
+                    families.iter().map(|f| f.points.len() as u64).sum()
+                };
+                match (&all, parse_within(&text, format, specs, 2)) {
+                    (Ok(all), Ok(within)) => {
+                        assert!(series(&within.families) <= 2);
+                        assert_eq!(series(&within.families) + within.series_shed, series(all));
+                    }
+                    (Err(a), Err(b)) => assert_eq!(a, &b),
+                    (a, b) => panic!("the budget changed the verdict: {a:?} against {b:?}"),
+                }
+                ok |= all.is_ok_and(|f| !f.is_empty());
             }
         }
         ok.into()

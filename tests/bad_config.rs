@@ -1,7 +1,54 @@
 //! Malformed configuration must stop flowtel with a non-zero exit and a
 //! message naming the key (or variable) at fault, never a panic.
+//!
+//! Each run has [`CASE_TIMEOUT`]: a case that does not exit (a key whose
+//! check went missing lets `run` start for real) is killed and fails
+//! naming the case, and the other cases still run.
 
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long one case may take. A refused configuration exits in
+/// milliseconds; this leaves room for a loaded machine.
+const CASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `cmd` to its end, or kills it after `timeout` and says which
+/// case it was.
+fn output_within(name: &str, mut cmd: Command, timeout: Duration) -> Result<Output, String> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{name}: cannot start {cmd:?}: {e}"))?;
+    let pid = child.id();
+    let (done, finished) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        // The receiver may be gone after a timeout; nothing to tell then.
+        let _ = done.send(child.wait_with_output());
+    });
+    match finished.recv_timeout(timeout) {
+        Ok(result) => {
+            let _ = waiter.join();
+            result.map_err(|e| format!("{name}: waiting for the process: {e}"))
+        }
+        Err(_) => {
+            // Still running: kill it (SIGKILL, by the pid of the child
+            // this test started, not yet reaped: the waiter holds it), then
+            // let the waiter reap it.
+            // SAFETY: kill(2) with a pid and a signal number; no memory
+            // is shared.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+            let _ = waiter.join();
+            Err(format!(
+                "{name}: no exit within {timeout:?}; killed (pid {pid})"
+            ))
+        }
+    }
+}
 
 struct Case {
     name: &'static str,
@@ -204,6 +251,12 @@ const CASES: &[Case] = &[
         key: "`mesh.istio.timeout`",
     },
     Case {
+        name: "scrape series budget zero",
+        yaml: Some("mesh:\n  felix:\n    max_series: 0\n"),
+        env: &[],
+        key: "`mesh.felix.max_series`",
+    },
+    Case {
         name: "felix url not http",
         yaml: Some("mesh:\n  felix:\n    url: felix:9091\n"),
         env: &[],
@@ -220,6 +273,12 @@ const CASES: &[Case] = &[
         yaml: Some("detect:\n  cni_directory: /etc/cni\n"),
         env: &[],
         key: "`detect.cni_directory`",
+    },
+    Case {
+        name: "kubernetes cache bound zero",
+        yaml: Some("kubernetes:\n  max_objects: 0\n"),
+        env: &[],
+        key: "`kubernetes.max_objects`",
     },
     Case {
         name: "firewall series budget zero",
@@ -241,7 +300,7 @@ const CASES: &[Case] = &[
     },
 ];
 
-fn run(subcommand: &str, case: &Case, dir: &std::path::Path) -> std::process::Output {
+fn run(subcommand: &str, case: &Case, dir: &std::path::Path) -> Result<Output, String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowtel"));
     cmd.arg(subcommand);
     if let Some(yaml) = case.yaml {
@@ -255,7 +314,11 @@ fn run(subcommand: &str, case: &Case, dir: &std::path::Path) -> std::process::Ou
     for (k, v) in case.env {
         cmd.env(k, v);
     }
-    cmd.output().expect("flowtel runs")
+    output_within(
+        &format!("case {:?} ({subcommand})", case.name),
+        cmd,
+        CASE_TIMEOUT,
+    )
 }
 
 #[test]
@@ -265,7 +328,13 @@ fn every_bad_config_names_its_key_and_fails() {
     let mut failures = Vec::new();
     for case in CASES {
         for subcommand in ["check-config", "run"] {
-            let out = run(subcommand, case, dir.path());
+            let out = match run(subcommand, case, dir.path()) {
+                Ok(out) => out,
+                Err(e) => {
+                    failures.push(e);
+                    continue;
+                }
+            };
             let stderr = String::from_utf8_lossy(&out.stderr);
             let ok = out.status.code() == Some(2)
                 && stderr.contains(case.key)
@@ -288,6 +357,38 @@ fn every_bad_config_names_its_key_and_fails() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// The timeout itself: a process that never exits is killed at the
+/// timeout and reported under the case's name, and is gone afterwards.
+#[test]
+fn a_hanging_case_is_killed_and_named() {
+    let mut cmd = Command::new("sleep");
+    cmd.arg("1000");
+    let started = std::time::Instant::now();
+    let err = output_within("case \"hangs\" (run)", cmd, Duration::from_millis(300))
+        .expect_err("sleep 1000 does not exit in 300 ms");
+    assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+    assert!(
+        err.starts_with("case \"hangs\" (run): no exit within 300ms; killed (pid "),
+        "{err}"
+    );
+    let pid = err
+        .rsplit_once("pid ")
+        .and_then(|(_, p)| p.strip_suffix(')'))
+        .expect("the pid in the message");
+    // Killed and reaped: no such process (not even a zombie).
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "process {pid} is still there"
+    );
+    // A process that exits in time gives its output.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "echo out; echo err >&2; exit 2"]);
+    let out = output_within("quick", cmd, CASE_TIMEOUT).expect("exits in time");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
 }
 
 #[test]

@@ -33,6 +33,7 @@ fn start(kubeconfig: &Path, retention: Duration) -> KubeHandle {
         ip_retention: retention,
         network_events: false,
         ip_events: false,
+        max_objects: kubernetes::DEFAULT_MAX_OBJECTS,
     };
     kubernetes::start(&cfg, &Telemetry::default())
         .expect("the cache starts")
@@ -370,6 +371,80 @@ async fn names_workloads_services_nodes_and_host_network_pods() {
         Some("eu-west-1a")
     );
     assert_eq!(api.requests(Resource::Pods, "list"), 1);
+
+    handle.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_objects_new_objects_are_shed_and_counted() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let api = KubeApi::started().await;
+    api.apply(&fx::node(
+        "node-a",
+        "eu-west-1a",
+        "eu-west-1",
+        &["192.168.0.10"],
+        None,
+    ));
+    let pods: Vec<Value> = (1..=5)
+        .map(|i| {
+            api.apply(
+                &fx::PodFx::new("shop", &format!("web-{i}"))
+                    .on("node-a", "192.168.0.10")
+                    .ips(&[&format!("10.1.0.{i}")])
+                    .build(),
+            )
+        })
+        .collect();
+    let cfg = KubernetesConfig {
+        enabled: KubernetesMode::On,
+        kubeconfig: Some(api.write_kubeconfig(dir.path())),
+        network_events: false,
+        max_objects: 4,
+        ..KubernetesConfig::default()
+    };
+    let telemetry = Telemetry::default();
+    let handle = kubernetes::start(&cfg, &telemetry)
+        .expect("the cache starts")
+        .expect("enabled by the configuration");
+    // Six objects listed, room for four: which two are shed depends on
+    // the order the kinds' lists arrive in, how many does not.
+    let s = wait_for(&handle, "the first sync", |s| s.synced()).await;
+    let stats = handle.stats();
+    assert_eq!(stats.objects_shed(), 2);
+    assert_eq!(stats.objects_cached(), 4);
+    let counts = s.counts();
+    assert_eq!(counts.pods + counts.nodes, 4, "{counts:?}");
+    let named = (1..=5)
+        .filter(|i| pod_named(&s, &format!("10.1.0.{i}"), SystemTime::now()).is_some())
+        .count();
+    assert_eq!(named, counts.pods);
+    assert_eq!(
+        telemetry.value(&flowtel::telemetry::catalogue::K8S_OBJECTS_SHED),
+        2
+    );
+
+    // Deletions make room: a new pod is taken in and named.
+    for pod in &pods {
+        assert!(api.delete(pod));
+    }
+    wait_for(&handle, "the pods' deletion", |s| s.counts().pods == 0).await;
+    api.apply(
+        &fx::PodFx::new("shop", "late")
+            .on("node-a", "192.168.0.10")
+            .ips(&["10.1.0.9"])
+            .build(),
+    );
+    let s = wait_for(&handle, "the late pod", |s| {
+        pod_named(s, "10.1.0.9", SystemTime::now()).is_some()
+    })
+    .await;
+    assert_eq!(
+        pod_named(&s, "10.1.0.9", SystemTime::now()).as_deref(),
+        Some("shop/late")
+    );
+    assert_eq!(stats.objects_shed(), 2);
 
     handle.stop().await;
     api.stop().await;

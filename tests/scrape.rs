@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use flowtel::flow::mesh::{Family, HistogramValue, PointValue};
-use flowtel::source::scrape::{ScrapeError, ScrapeLimits, Scraper};
+use flowtel::source::scrape::{ScrapeError, ScrapeLimits, Scraper, DEFAULT_MAX_SERIES};
 use flowtel::source::{felix, istio};
 use flowtel::telemetry::catalogue::Instrument;
 use tokio::io::AsyncWriteExt;
@@ -183,6 +183,18 @@ fn endless() -> Body {
     ))
 }
 
+/// `n` distinct `istio_requests_total` series, `source_workload` `w0`,
+/// `w1`, ... in that order.
+fn distinct_series(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "istio_requests_total{{reporter=\"destination\",source_workload=\"w{i}\",destination_workload=\"d\",response_code=\"200\"}} {i}\n"
+            )
+        })
+        .collect()
+}
+
 /// One byte every 100 ms, forever.
 fn trickle() -> Body {
     Body::from_stream(futures::stream::unfold((), |()| async {
@@ -203,6 +215,7 @@ async fn serve() -> SocketAddr {
         .route("/garbled", get(|| async { with_type(PROMETHEUS_TEXT, "istio_requests_total{reporter=\"source\" 1\n") }))
         .route("/huge", get(|| async { with_type(PROMETHEUS_TEXT, endless()) }))
         .route("/slow", get(|| async { with_type(PROMETHEUS_TEXT, trickle()) }))
+        .route("/distinct", get(|| async { with_type(PROMETHEUS_TEXT, distinct_series(20_000)) }))
         .route("/unavailable", get(|| async { (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no\n").into_response() }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -247,7 +260,12 @@ async fn raw_server(response: Vec<u8>, per_byte: Option<Duration>) -> SocketAddr
 }
 
 fn scraper(max_bytes: usize, timeout: Duration) -> Scraper {
-    Scraper::new(ScrapeLimits { max_bytes, timeout }).expect("a client")
+    Scraper::new(ScrapeLimits {
+        max_bytes,
+        timeout,
+        max_series: DEFAULT_MAX_SERIES,
+    })
+    .expect("a client")
 }
 
 fn family<'a>(families: &'a [Family], name: &str) -> &'a Family {
@@ -277,7 +295,8 @@ async fn envoy_sidecar_families_with_otel_names() {
         &format!("http://{address}/stats/prometheus"),
     )
     .await
-    .expect("a good scrape");
+    .expect("a good scrape")
+    .families;
     let names: Vec<_> = families.iter().map(|f| f.metric.name).collect();
     assert_eq!(
         names,
@@ -343,7 +362,8 @@ async fn ztunnel_openmetrics_families() {
         &format!("http://{address}/metrics"),
     )
     .await
-    .expect("a good scrape");
+    .expect("a good scrape")
+    .families;
     let names: Vec<_> = families
         .iter()
         .map(|f| (f.metric.name, f.metric.unit))
@@ -373,7 +393,8 @@ async fn felix_dataplane_and_policy_families() {
     let families = scraper(1 << 20, Duration::from_secs(5))
         .scrape(&url, felix::FELIX_FAMILIES)
         .await
-        .expect("a good scrape");
+        .expect("a good scrape")
+        .families;
     let denied = family(&families, "calico.denied.packets");
     assert_eq!(denied.metric.instrument, Instrument::Gauge);
     assert_eq!(denied.points.len(), 2);
@@ -404,6 +425,64 @@ async fn felix_dataplane_and_policy_families() {
         felix::metrics_url(address),
         format!("http://{address}/metrics")
     );
+}
+
+/// The series budget over HTTP: the Envoy scrape's five series (three
+/// request counters, one TCP counter, one histogram, in that order) and
+/// 20,000 distinct series against the default budget of 10,000.
+#[tokio::test]
+async fn series_past_max_series_are_shed_and_counted() {
+    let address = serve().await;
+    let envoy = format!("http://{address}/stats/prometheus");
+    let within = |max_series| {
+        Scraper::new(ScrapeLimits {
+            max_bytes: 1 << 20,
+            timeout: Duration::from_secs(5),
+            max_series,
+        })
+        .expect("a client")
+    };
+    for (max_series, requests, tcp, histograms, shed) in [
+        (5, 3, 1, 1, 0),
+        (4, 3, 1, 0, 1),
+        (3, 3, 0, 0, 2),
+        (1, 1, 0, 0, 4),
+    ] {
+        let parsed = istio::scrape(&within(max_series), &envoy)
+            .await
+            .expect("a good scrape");
+        let len = |name: &str| {
+            parsed
+                .families
+                .iter()
+                .find(|f| f.metric.name == name)
+                .map_or(0, |f| f.points.len())
+        };
+        assert_eq!(
+            (
+                len("istio.requests"),
+                len("istio.tcp.connections.opened"),
+                len("istio.request.duration"),
+                parsed.series_shed
+            ),
+            (requests, tcp, histograms, shed),
+            "max_series {max_series}"
+        );
+    }
+
+    let parsed = scraper(16 << 20, Duration::from_secs(10))
+        .scrape(&format!("http://{address}/distinct"), istio::ISTIO_FAMILIES)
+        .await
+        .expect("a good scrape");
+    assert_eq!(DEFAULT_MAX_SERIES, 10_000);
+    assert_eq!(parsed.series_shed, 10_000);
+    let requests = family(&parsed.families, "istio.requests");
+    assert_eq!(requests.points.len(), 10_000);
+    assert_eq!(
+        label(&requests.points[9_999].labels, "source_workload"),
+        Some("w9999")
+    );
+    assert_eq!(requests.points[9_999].value, PointValue::Number(9_999.0));
 }
 
 /// Scrapes `path` and returns the error and how long it took.

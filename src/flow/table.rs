@@ -5,8 +5,10 @@
 //! * a tuple reused by a new connection (different generation, or counters
 //!   that went backwards) is counted afresh, never as a negative delta;
 //! * a dump that raced a DESTROY event and still lists the dead connection
-//!   must not count it a second time (tombstones, cleared once a dump that
-//!   started after the end has completed);
+//!   must not count it a second time (tombstones, one per tuple and
+//!   generation, cleared once a dump that started after the end has
+//!   completed), nor may a DESTROY that arrives after the dump reported the
+//!   tuple's next connection disturb that one;
 //! * a connection that vanished without a final event is swept after the
 //!   next complete dump, and counted in `flows_ended_unseen`.
 
@@ -64,7 +66,9 @@ pub struct FlowTable {
     // foldhash, randomly seeded per process: several times faster than
     // SipHash on these small keys, and tuples still cannot be chosen to collide.
     flows: HashMap<FlowId, Tracked, RandomState>,
-    tombstones: HashMap<FlowId, Tombstone, RandomState>,
+    /// By tuple and generation: a tuple reused quickly has one per
+    /// connection, so a newer end never hides an older one's.
+    tombstones: HashMap<(FlowId, u32), Tombstone, RandomState>,
     max_flows: usize,
     epoch: u64,
     stats: TableStats,
@@ -134,7 +138,7 @@ impl FlowTable {
     ) -> Option<(DirectionalCounters, Option<Arc<FlowNames>>)> {
         self.stats.updates.inc();
         if u.generation != 0 {
-            if let Some(t) = self.tombstones.get_mut(&u.id) {
+            if let Some(t) = self.tombstones.get_mut(&(u.id, u.generation)) {
                 if t.generation == u.generation {
                     if let (true, Some((ts, tc))) = (u.ended, t.swept) {
                         // The final event of a flow swept a moment ago.
@@ -156,6 +160,37 @@ impl FlowTable {
             to_server: u.to_server,
             to_client: u.to_client,
         };
+        if u.ended
+            && u.generation != 0
+            && self
+                .flows
+                .get(&u.id)
+                .is_some_and(|t| t.generation != 0 && t.generation != u.generation)
+        {
+            // The end of another connection on a tuple the table tracks,
+            // one it never tracked itself (no tombstone matched). Events
+            // come in the kernel's order, so a connection's DESTROY comes
+            // before any later connection's on the same tuple: this one is
+            // older than the tracked one, which a dump reported before the
+            // event thread delivered this (a short connection whose tuple
+            // was reused at once, on a loaded machine). It is counted whole;
+            // the tracked connection stays as it is (treating this as a new
+            // generation would count the tracked one a second time).
+            self.stats.seen.inc();
+            let names = name(&u.id, &u.nat, &mut None);
+            // Its stale dump entries, if any, must not count either.
+            if self.tombstones.len() < self.max_flows {
+                self.tombstones.insert(
+                    (u.id, u.generation),
+                    Tombstone {
+                        generation: u.generation,
+                        epoch: self.epoch,
+                        swept: None,
+                    },
+                );
+            }
+            return Some((fresh, names));
+        }
         let room = self.flows.len() < self.max_flows;
         let names;
         let delta = match self.flows.get_mut(&u.id) {
@@ -171,7 +206,7 @@ impl FlowTable {
                     // last counters so that event adds only the rest.
                     if t.generation != 0 && self.tombstones.len() < self.max_flows {
                         self.tombstones.insert(
-                            u.id,
+                            (u.id, t.generation),
                             Tombstone {
                                 generation: t.generation,
                                 epoch: self.epoch,
@@ -219,7 +254,7 @@ impl FlowTable {
             self.flows.remove(&u.id);
             if u.generation != 0 && self.tombstones.len() < self.max_flows {
                 self.tombstones.insert(
-                    u.id,
+                    (u.id, u.generation),
                     Tombstone {
                         generation: u.generation,
                         epoch: self.epoch,
@@ -254,7 +289,7 @@ impl FlowTable {
                 // Its DESTROY event may still be on the way (the dump and
                 // the event socket are read by different threads).
                 self.tombstones.insert(
-                    id,
+                    (id, generation),
                     Tombstone {
                         generation,
                         epoch,
@@ -353,6 +388,70 @@ mod tests {
         assert_eq!(t.table.len(), 1, "the new connection is still tracked");
         t.apply(update(1, 8, 100, false));
         assert_eq!(t.take_bytes(), 100, "a reset counts the new value afresh");
+    }
+
+    /// A short connection (generation 7) lives and ends between two dumps;
+    /// its tuple is reused at once (generation 8), and the dump thread
+    /// reports the new connection before the event thread delivers the old
+    /// one's DESTROY (a loaded machine). Each is counted once: the late
+    /// DESTROY of a connection the table never tracked does not displace
+    /// the newer one it tracks.
+    #[test]
+    fn a_late_destroy_of_an_untracked_connection_leaves_the_newer_one_alone() {
+        let (mut t, stats) = setup(10);
+        t.apply(SourceEvent::DumpStarted { epoch: 1 });
+        t.apply(update(1, 8, 300, false));
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 1,
+            complete: true,
+        });
+        assert_eq!(t.take_bytes(), 300);
+        t.apply(update(1, 7, 1000, true));
+        assert_eq!(t.take_bytes(), 1000, "the old connection, once, whole");
+        assert_eq!(t.table.len(), 1, "the new connection is still tracked");
+        // A stale entry of the old connection (a dump thread holding what
+        // it read before the end) is not counted again.
+        t.apply(update(1, 7, 1000, false));
+        assert_eq!(t.take_bytes(), 0);
+        t.apply(SourceEvent::DumpStarted { epoch: 2 });
+        t.apply(update(1, 8, 500, false));
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 2,
+            complete: true,
+        });
+        assert_eq!(t.take_bytes(), 200, "only what the new one sent since");
+        t.apply(update(1, 8, 600, true));
+        assert_eq!(t.take_bytes(), 100);
+        assert!(t.table.is_empty());
+        assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
+    }
+
+    /// The dump thread holds an entry of a connection (generation 7) it read
+    /// alive; meanwhile the events of its end, of the next connection on
+    /// the tuple (generation 8) and of that one's end are all applied. The
+    /// stale entry still finds generation 7's tombstone: a tuple keeps one
+    /// per generation, the newer end does not replace it.
+    #[test]
+    fn a_stale_entry_finds_its_tombstone_after_the_tuple_ended_again() {
+        let (mut t, _) = setup(10);
+        t.apply(SourceEvent::DumpStarted { epoch: 1 });
+        t.apply(update(1, 7, 1000, false));
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 1,
+            complete: true,
+        });
+        t.apply(SourceEvent::DumpStarted { epoch: 2 });
+        t.apply(update(1, 7, 1200, true));
+        t.apply(update(1, 8, 100, false));
+        t.apply(update(1, 8, 300, true));
+        assert_eq!(t.take_bytes(), 1000 + 200 + 300);
+        t.apply(update(1, 7, 1100, false));
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 2,
+            complete: true,
+        });
+        assert_eq!(t.take_bytes(), 0, "the stale entry of generation 7");
+        assert!(t.table.is_empty());
     }
 
     #[test]

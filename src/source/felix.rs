@@ -33,6 +33,8 @@ pub struct FelixConfig {
     pub max_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Most series of the kept families one scrape may produce.
+    pub max_series: usize,
 }
 
 impl Default for FelixConfig {
@@ -43,6 +45,7 @@ impl Default for FelixConfig {
             interval: Duration::from_secs(15),
             max_bytes: scrape::DEFAULT_MAX_BYTES,
             timeout: scrape::DEFAULT_TIMEOUT,
+            max_series: scrape::DEFAULT_MAX_SERIES,
         }
     }
 }
@@ -50,7 +53,14 @@ impl Default for FelixConfig {
 impl FelixConfig {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        scrape::check_settings(self.interval, self.max_bytes, self.timeout)?;
+        scrape::check_settings(
+            self.interval,
+            &ScrapeLimits {
+                max_bytes: self.max_bytes,
+                timeout: self.timeout,
+                max_series: self.max_series,
+            },
+        )?;
         match url::Url::parse(&self.url) {
             Ok(u) if u.scheme() == "http" && u.host().is_some() => Ok(()),
             _ => Err(ConfigError::new(
@@ -176,6 +186,7 @@ pub fn build(cfg: &FelixConfig, ctx: &SourceContext) -> anyhow::Result<Option<Bo
     let scraper = Scraper::new(ScrapeLimits {
         max_bytes: cfg.max_bytes,
         timeout: cfg.timeout,
+        max_series: cfg.max_series,
     })
     .map_err(|e| anyhow::anyhow!("starting the Felix scrapes: {e}"))?;
     let (cfg, detection) = (cfg.clone(), ctx.detection.clone());
@@ -207,14 +218,12 @@ async fn scrape_loop(
         let result = scraper.scrape(&cfg.url, FELIX_FAMILIES).await;
         let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
         match result {
-            Ok(families) => {
-                s.counts.success(TargetKind::Felix);
-                s.families = Some(families);
+            Ok(parsed) => {
+                s.counts.scraped(TargetKind::Felix, &parsed);
+                s.families = Some(parsed.families);
             }
-            Err(e) => {
-                s.counts.failure(TargetKind::Felix, &e);
-                s.counts.log_round(TargetKind::Felix);
-            }
+            Err(e) => s.counts.failure(TargetKind::Felix, &e),
         }
+        s.counts.log_round(TargetKind::Felix);
     }
 }

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::hubble::Enabled;
 use super::scrape::{
-    self, FamilySpec, ScrapeCounts, ScrapeError, ScrapeLimits, ScrapeState, Scraped, Scraper,
-    TargetKind,
+    self, FamilySpec, Parsed, ScrapeCounts, ScrapeError, ScrapeLimits, ScrapeState, Scraped,
+    Scraper, TargetKind,
 };
 use super::{Source, SourceContext};
 use crate::component::ConfigError;
@@ -40,6 +40,8 @@ pub struct IstioConfig {
     /// Time allowed for one proxy's whole scrape.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Most series of the kept families one proxy's scrape may produce.
+    pub max_series: usize,
 }
 
 impl Default for IstioConfig {
@@ -50,14 +52,24 @@ impl Default for IstioConfig {
             port: None,
             max_bytes: scrape::DEFAULT_MAX_BYTES,
             timeout: scrape::DEFAULT_TIMEOUT,
+            max_series: scrape::DEFAULT_MAX_SERIES,
         }
     }
 }
 
 impl IstioConfig {
+    /// The limits of each proxy's scrape.
+    pub fn limits(&self) -> ScrapeLimits {
+        ScrapeLimits {
+            max_bytes: self.max_bytes,
+            timeout: self.timeout,
+            max_series: self.max_series,
+        }
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        scrape::check_settings(self.interval, self.max_bytes, self.timeout)?;
+        scrape::check_settings(self.interval, &self.limits())?;
         if self.port == Some(0) {
             return Err(ConfigError::new(
                 "port",
@@ -125,8 +137,9 @@ pub fn scrape_url(pod_ip: IpAddr, role: MeshRole, annotations: &[(&str, &str)]) 
     Some(format!("http://{}{path}", SocketAddr::new(pod_ip, port)))
 }
 
-/// Scrapes one proxy and keeps [`ISTIO_FAMILIES`].
-pub async fn scrape(scraper: &Scraper, url: &str) -> Result<Vec<Family>, ScrapeError> {
+/// Scrapes one proxy and keeps [`ISTIO_FAMILIES`], within the scraper's
+/// series budget.
+pub async fn scrape(scraper: &Scraper, url: &str) -> Result<Parsed, ScrapeError> {
     scraper.scrape(url, ISTIO_FAMILIES).await
 }
 
@@ -215,11 +228,8 @@ pub fn build(
         }
         return Ok(None);
     };
-    let scraper = Scraper::new(ScrapeLimits {
-        max_bytes: cfg.max_bytes,
-        timeout: cfg.timeout,
-    })
-    .map_err(|e| anyhow::anyhow!("starting the Istio scrapes: {e}"))?;
+    let scraper = Scraper::new(cfg.limits())
+        .map_err(|e| anyhow::anyhow!("starting the Istio scrapes: {e}"))?;
     tracing::info!(interval = ?cfg.interval, "istio source: scraping the proxies of this node's pods");
     let cfg = cfg.clone();
     Ok(Some(Box::new(Scraped::spawn(
@@ -288,12 +298,12 @@ async fn scrape_loop(
             };
             match result {
                 None => {}
-                Some(Ok(families)) => {
-                    s.counts.success(kind);
+                Some(Ok(parsed)) => {
+                    s.counts.scraped(kind, &parsed);
                     s.pods.push(PodScrape {
                         target,
                         kind,
-                        families,
+                        families: parsed.families,
                     });
                 }
                 Some(Err(e)) => {

@@ -31,12 +31,20 @@ pub const DEFAULT_MAX_BYTES: usize = 16 << 20;
 /// Time allowed for a whole scrape, connection to last byte.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most series of the kept families one scrape of one target may produce.
+/// A busy sidecar has a few hundred per family (one per peer workload and
+/// response code); ztunnel, reporting for the whole node, a few thousand.
+pub const DEFAULT_MAX_SERIES: usize = 10_000;
+
 /// Caps on one scrape: a misbehaving endpoint costs at most this much memory
 /// and time, whatever it sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScrapeLimits {
     pub max_bytes: usize,
     pub timeout: Duration,
+    /// The series budget of one scrape: series of the kept families past it
+    /// are not kept, and counted ([`Parsed::series_shed`]).
+    pub max_series: usize,
 }
 
 impl Default for ScrapeLimits {
@@ -44,8 +52,19 @@ impl Default for ScrapeLimits {
         Self {
             max_bytes: DEFAULT_MAX_BYTES,
             timeout: DEFAULT_TIMEOUT,
+            max_series: DEFAULT_MAX_SERIES,
         }
     }
+}
+
+/// A parsed scrape within the series budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    /// The kept families, in the order asked for.
+    pub families: Vec<Family>,
+    /// Series of the kept families past the budget, not kept (each
+    /// counted once per scrape; a histogram series is one series).
+    pub series_shed: u64,
 }
 
 /// Why a scrape produced nothing. Each is counted by [`ScrapeError::kind`].
@@ -137,12 +156,31 @@ impl TargetKind {
 pub struct ScrapeCounts {
     errors: BTreeMap<(TargetKind, &'static str), u64>,
     successes: BTreeMap<TargetKind, u64>,
+    series_shed: BTreeMap<TargetKind, u64>,
     tally: ScrapeErrorTally,
+    /// Series shed since the last [`ScrapeCounts::log_round`], and by how
+    /// many scrapes.
+    round_shed: (u64, u64),
 }
 
 impl ScrapeCounts {
     pub fn success(&mut self, kind: TargetKind) {
         *self.successes.entry(kind).or_default() += 1;
+    }
+
+    /// `n` series of one scrape past the series budget.
+    pub fn shed(&mut self, kind: TargetKind, n: u64) {
+        if n > 0 {
+            *self.series_shed.entry(kind).or_default() += n;
+            self.round_shed.0 += n;
+            self.round_shed.1 += 1;
+        }
+    }
+
+    /// A successful scrape, its series shed counted.
+    pub fn scraped(&mut self, kind: TargetKind, parsed: &Parsed) {
+        self.success(kind);
+        self.shed(kind, parsed.series_shed);
     }
 
     pub fn failure(&mut self, kind: TargetKind, error: &ScrapeError) {
@@ -153,6 +191,15 @@ impl ScrapeCounts {
     /// Logs the failures since the last call: one line per error kind,
     /// with the count and the first message.
     pub fn log_round(&mut self, kind: TargetKind) {
+        let (shed, scrapes) = std::mem::take(&mut self.round_shed);
+        if shed > 0 {
+            tracing::warn!(
+                target_kind = kind.as_str(),
+                series = shed,
+                scrapes,
+                "scrapes produced more series than max_series this round; those past it were not kept (flowtel.scrape.series.shed)"
+            );
+        }
         for (error, count, first) in self.tally.take() {
             tracing::warn!(
                 target_kind = kind.as_str(),
@@ -163,7 +210,8 @@ impl ScrapeCounts {
         }
     }
 
-    /// `flowtel.scrape.errors` and `flowtel.scrape.successes`.
+    /// `flowtel.scrape.errors`, `flowtel.scrape.successes` and
+    /// `flowtel.scrape.series.shed`.
     pub fn families(&self) -> Vec<Family> {
         let target = |kind: TargetKind| {
             (
@@ -192,6 +240,14 @@ impl ScrapeCounts {
                 metric: &catalogue::SCRAPE_SUCCESSES,
                 points: self
                     .successes
+                    .iter()
+                    .map(|(kind, n)| Point::new(vec![target(*kind)], PointValue::Int(*n)))
+                    .collect(),
+            },
+            Family {
+                metric: &catalogue::SCRAPE_SERIES_SHED,
+                points: self
+                    .series_shed
                     .iter()
                     .map(|(kind, n)| Point::new(vec![target(*kind)], PointValue::Int(*n)))
                     .collect(),
@@ -257,14 +313,21 @@ impl<S: ScrapeState> Source for Scraped<S> {
 }
 
 /// Checks the settings every scraped source has; errors name the key.
-pub fn check_settings(
-    interval: Duration,
-    max_bytes: usize,
-    timeout: Duration,
-) -> Result<(), ConfigError> {
+pub fn check_settings(interval: Duration, limits: &ScrapeLimits) -> Result<(), ConfigError> {
+    let ScrapeLimits {
+        max_bytes,
+        timeout,
+        max_series,
+    } = *limits;
     positive("interval", interval, "15s")?;
     if max_bytes < 4096 {
         return Err(ConfigError::new("max_bytes", "must be at least 4096"));
+    }
+    if max_series == 0 {
+        return Err(ConfigError::new(
+            "max_series",
+            format!("must be at least 1, e.g. {DEFAULT_MAX_SERIES}"),
+        ));
     }
     if timeout.is_zero() || timeout > interval {
         return Err(ConfigError::new(
@@ -415,14 +478,11 @@ impl Scraper {
         Ok(Body { text, format })
     }
 
-    /// Fetches and parses, keeping the families in `specs`.
-    pub async fn scrape(
-        &self,
-        url: &str,
-        specs: &[FamilySpec],
-    ) -> Result<Vec<Family>, ScrapeError> {
+    /// Fetches and parses, keeping the families in `specs`, at most
+    /// `max_series` series of them.
+    pub async fn scrape(&self, url: &str, specs: &[FamilySpec]) -> Result<Parsed, ScrapeError> {
         let body = self.fetch(url).await?;
-        parse(&body.text, body.format, specs)
+        parse_within(&body.text, body.format, specs, self.limits.max_series)
     }
 }
 
@@ -481,26 +541,41 @@ struct FamilyBuilder {
 impl FamilyBuilder {
     /// The series with these labels: usually the one just read, since a
     /// histogram's lines come together.
-    fn histogram(&mut self, labels: Vec<(String, String)>) -> &mut HistogramSeries {
+    fn find(&self, labels: &[(String, String)]) -> Option<usize> {
         let last = self.histograms.len().checked_sub(1);
-        let i = match last.filter(|&i| self.histograms[i].labels == labels) {
+        match last.filter(|&i| self.histograms[i].labels == labels) {
+            Some(i) => Some(i),
+            None => self.index.get(labels).copied(),
+        }
+    }
+
+    /// The series with these labels, made if new and the budget allows
+    /// (`None`: shed).
+    fn histogram(
+        &mut self,
+        labels: Vec<(String, String)>,
+        budget: &mut Budget,
+        family: usize,
+    ) -> Option<&mut HistogramSeries> {
+        let i = match self.find(&labels) {
             Some(i) => i,
-            None => match self.index.get(&labels) {
-                Some(&i) => i,
-                None => {
-                    let i = self.histograms.len();
-                    self.index.insert(labels.clone(), i);
-                    self.histograms.push(HistogramSeries {
-                        labels,
-                        buckets: Vec::new(),
-                        sum: 0.0,
-                        count: None,
-                    });
-                    i
+            None => {
+                if !budget.take() {
+                    budget.shed_histogram(family, &labels);
+                    return None;
                 }
-            },
+                let i = self.histograms.len();
+                self.index.insert(labels.clone(), i);
+                self.histograms.push(HistogramSeries {
+                    labels,
+                    buckets: Vec::new(),
+                    sum: 0.0,
+                    count: None,
+                });
+                i
+            }
         };
-        &mut self.histograms[i]
+        Some(&mut self.histograms[i])
     }
 
     fn finish(mut self) -> Vec<Point> {
@@ -550,17 +625,76 @@ fn to_count(value: f64) -> u64 {
     }
 }
 
+/// The series budget of one parse.
+#[derive(Debug)]
+struct Budget {
+    left: usize,
+    shed: u64,
+    /// The histogram series shed (by family and a hash of their labels),
+    /// so that each is counted once however its lines are spread: 16 bytes
+    /// each, not their labels.
+    shed_histograms: std::collections::HashSet<(usize, u64)>,
+}
+
+impl Budget {
+    fn new(max_series: usize) -> Self {
+        Self {
+            left: max_series,
+            shed: 0,
+            shed_histograms: Default::default(),
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.left == 0
+    }
+
+    /// Room for one more series: taken if there is.
+    fn take(&mut self) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+
+    fn shed_histogram(&mut self, family: usize, labels: &[(String, String)]) {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(labels);
+        if self.shed_histograms.insert((family, hash)) {
+            self.shed += 1;
+        }
+    }
+}
+
 /// Parses a whole exposition, keeping the families in `specs` in that
-/// order (families with no series are left out). Every sample line is
-/// checked, kept or not, so a garbled response is an error rather than a
-/// silently partial result.
+/// order (families with no series are left out), with no series budget.
+/// Every sample line is checked, kept or not, so a garbled response is an
+/// error rather than a silently partial result.
 pub fn parse(text: &str, format: Format, specs: &[FamilySpec]) -> Result<Vec<Family>, ScrapeError> {
+    parse_within(text, format, specs, usize::MAX).map(|p| p.families)
+}
+
+/// [`parse`] keeping at most `max_series` series of the kept families: the
+/// first ones in the exposition's order (a target writes its series in a
+/// stable order, so the same ones are kept scrape after scrape), each
+/// sample of a counter or gauge and each histogram (all its lines) being
+/// one series. Those past the budget are counted in
+/// [`Parsed::series_shed`]; their lines are still checked, but their
+/// labels are not kept.
+pub fn parse_within(
+    text: &str,
+    format: Format,
+    specs: &[FamilySpec],
+    max_series: usize,
+) -> Result<Parsed, ScrapeError> {
     if !text.is_empty() && !text.ends_with('\n') {
         return Err(ScrapeError::Truncated(
             "the last line has no newline".into(),
         ));
     }
     let mut builders: Vec<Option<FamilyBuilder>> = specs.iter().map(|_| None).collect();
+    let mut budget = Budget::new(max_series);
     let mut eof = false;
     for (i, line) in text.split_terminator('\n').enumerate() {
         let line_no = i + 1;
@@ -578,12 +712,12 @@ pub fn parse(text: &str, format: Format, specs: &[FamilySpec]) -> Result<Vec<Fam
             eof = line == "# EOF";
             continue;
         }
-        parse_sample(line, line_no, specs, &mut builders)?;
+        parse_sample(line, line_no, specs, &mut builders, &mut budget)?;
     }
     if format == Format::OpenMetrics && !eof {
         return Err(ScrapeError::Truncated("no # EOF".into()));
     }
-    Ok(specs
+    let families = specs
         .iter()
         .zip(builders)
         .filter_map(|(spec, builder)| {
@@ -593,7 +727,11 @@ pub fn parse(text: &str, format: Format, specs: &[FamilySpec]) -> Result<Vec<Fam
                 points,
             })
         })
-        .collect())
+        .collect();
+    Ok(Parsed {
+        families,
+        series_shed: budget.shed,
+    })
 }
 
 fn parse_sample(
@@ -601,6 +739,7 @@ fn parse_sample(
     line_no: usize,
     specs: &[FamilySpec],
     builders: &mut [Option<FamilyBuilder>],
+    budget: &mut Budget,
 ) -> Result<(), ScrapeError> {
     let err = |reason| ScrapeError::Parse {
         line: line_no,
@@ -614,7 +753,13 @@ fn parse_sample(
     if name.is_empty() || name.as_bytes()[0].is_ascii_digit() {
         return Err(err("no metric name"));
     }
-    let target = resolve(name, specs);
+    let mut target = resolve(name, specs);
+    // A counter or gauge sample past the budget: checked, not kept, and
+    // its labels not even copied.
+    let shed_value = matches!(target, Some((_, Part::Value))) && budget.full();
+    if shed_value {
+        target = None;
+    }
     let mut labels = Vec::new();
     let mut le = None;
     let mut rest = &line[name_end..];
@@ -645,23 +790,41 @@ fn parse_sample(
             }
         }
     }
+    if shed_value {
+        budget.shed += 1;
+        return Ok(());
+    }
     let Some((family, part)) = target else {
         return Ok(());
     };
     let builder = builders[family].get_or_insert_with(FamilyBuilder::default);
     match part {
-        Part::Value => builder
-            .points
-            .push(Point::new(labels, PointValue::Number(value))),
+        Part::Value => {
+            // Not full (checked above), so there is room.
+            budget.take();
+            builder
+                .points
+                .push(Point::new(labels, PointValue::Number(value)));
+        }
         Part::Bucket => {
             let bound = le
                 .as_deref()
                 .and_then(parse_float)
                 .ok_or_else(|| err("a bucket without a valid le label"))?;
-            builder.histogram(labels).buckets.push((bound, value));
+            if let Some(series) = builder.histogram(labels, budget, family) {
+                series.buckets.push((bound, value));
+            }
         }
-        Part::Sum => builder.histogram(labels).sum = value,
-        Part::Count => builder.histogram(labels).count = Some(value),
+        Part::Sum => {
+            if let Some(series) = builder.histogram(labels, budget, family) {
+                series.sum = value;
+            }
+        }
+        Part::Count => {
+            if let Some(series) = builder.histogram(labels, budget, family) {
+                series.count = Some(value);
+            }
+        }
     }
     Ok(())
 }
@@ -785,6 +948,96 @@ mod tests {
         assert_eq!(h.bounds, vec![1.0, 10.0]);
         assert_eq!(h.counts, vec![2, 3, 1]);
         assert_eq!((h.sum, h.count), (31.5, 6));
+    }
+
+    #[test]
+    fn series_past_the_budget_are_shed_and_counted_once() {
+        // 3 counter samples, then 2 histogram series of 3 lines each and
+        // their sums and counts, then 2 more counter samples, and a line
+        // of another family (never a series).
+        let mut text = String::from(
+            "requests_total{r=\"a\"} 1\nrequests_total{r=\"b\"} 2\nrequests_total{r=\"c\"} 3\n",
+        );
+        for r in ["h1", "h2"] {
+            for (le, n) in [("1", 1), ("10", 2), ("+Inf", 3)] {
+                text.push_str(&format!("latency_ms_bucket{{r=\"{r}\",le=\"{le}\"}} {n}\n"));
+            }
+            text.push_str(&format!(
+                "latency_ms_sum{{r=\"{r}\"}} 4.5\nlatency_ms_count{{r=\"{r}\"}} 3\n"
+            ));
+        }
+        text.push_str("requests_total{r=\"d\"} 4\nrequests_total{r=\"e\"} 5\nother{x=\"y\"} 1\n");
+        let all = parse_within(&text, Format::Text, SPECS, usize::MAX).expect("parses");
+        assert_eq!(all.series_shed, 0);
+        assert_eq!(all.families[0].points.len(), 5);
+        assert_eq!(all.families[1].points.len(), 2);
+        for (budget, requests, histograms, shed) in [
+            (7, 5, 2, 0),
+            (6, 4, 2, 1),
+            (5, 3, 2, 2),
+            (4, 3, 1, 3),
+            (3, 3, 0, 4),
+            (1, 1, 0, 6),
+        ] {
+            let p = parse_within(&text, Format::Text, SPECS, budget).expect("parses");
+            let len = |name: &str| {
+                p.families
+                    .iter()
+                    .find(|f| f.metric.name == name)
+                    .map_or(0, |f| f.points.len())
+            };
+            assert_eq!(
+                (
+                    len("istio.requests"),
+                    len("istio.request.duration"),
+                    p.series_shed
+                ),
+                (requests, histograms, shed),
+                "budget {budget}"
+            );
+        }
+        // The kept ones are the first in the body, whole.
+        let p = parse_within(&text, Format::Text, SPECS, 4).expect("parses");
+        let PointValue::Histogram(h) = &p.families[1].points[0].value else {
+            panic!("not a histogram");
+        };
+        assert_eq!(
+            p.families[1].points[0].labels,
+            vec![("r".into(), "h1".into())]
+        );
+        assert_eq!((h.counts.clone(), h.count), (vec![1, 1, 1], 3));
+        // Lines past the budget are still checked.
+        let bad = format!("{text}requests_total{{r=\"f\" 1\n");
+        assert!(matches!(
+            parse_within(&bad, Format::Text, SPECS, 1),
+            Err(ScrapeError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn shed_series_are_counted_by_target_kind() {
+        let mut counts = ScrapeCounts::default();
+        let parsed = |shed| Parsed {
+            families: Vec::new(),
+            series_shed: shed,
+        };
+        counts.scraped(TargetKind::Ztunnel, &parsed(0));
+        counts.scraped(TargetKind::Felix, &parsed(7));
+        counts.scraped(TargetKind::Felix, &parsed(5));
+        let families = counts.families();
+        let shed = families
+            .iter()
+            .find(|f| f.metric.name == "flowtel.scrape.series.shed")
+            .expect("the shed family");
+        assert_eq!(
+            shed.points,
+            vec![Point::new(
+                vec![("flowtel.scrape.target".into(), "felix".into())],
+                PointValue::Int(12)
+            )]
+        );
+        counts.log_round(TargetKind::Felix);
+        assert_eq!(counts.round_shed, (0, 0));
     }
 
     #[test]

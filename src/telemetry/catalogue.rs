@@ -540,6 +540,18 @@ pub static K8S_OBJECTS_REJECTED: Metric = counter(
     "Kubernetes objects skipped because a field flowtel needs was missing or malformed",
 )
 .readyz("kubernetes.objects_rejected");
+pub static K8S_OBJECTS_SHED: Metric = counter(
+    "flowtel.k8s.objects.shed",
+    "{object}",
+    "New Kubernetes objects not cached because the cache held kubernetes.max_objects already",
+)
+.readyz("kubernetes.objects_shed");
+pub static K8S_OBJECTS_CACHED: Metric = gauge(
+    "flowtel.k8s.objects.cached",
+    "{object}",
+    "Kubernetes objects of all kinds in the last published snapshot of the cache (at most kubernetes.max_objects)",
+)
+.readyz("kubernetes.objects_cached");
 pub static K8S_SYNCED: Metric = gauge(
     "flowtel.k8s.synced",
     "1",
@@ -640,6 +652,11 @@ pub static SCRAPE_SUCCESSES: Metric = counter(
     "flowtel.scrape.successes",
     "{scrape}",
     "Successful scrapes, by target kind.",
+);
+pub static SCRAPE_SERIES_SHED: Metric = counter(
+    "flowtel.scrape.series.shed",
+    "{series}",
+    "Series past a scrape's max_series, not kept, by target kind.",
 );
 pub static HUBBLE_FLOWS: Metric = counter(
     "flowtel.hubble.flows",
@@ -911,6 +928,8 @@ pub static METRICS: &[&Metric] = &[
     &K8S_WATCH_ERRORS,
     &K8S_RELISTS,
     &K8S_OBJECTS_REJECTED,
+    &K8S_OBJECTS_SHED,
+    &K8S_OBJECTS_CACHED,
     &K8S_SYNCED,
     &K8S_ENDS_NAMED,
     &K8S_ENDS_UNKNOWN,
@@ -930,6 +949,7 @@ pub static METRICS: &[&Metric] = &[
     &CNI_CONFIG_CHANGES,
     &SCRAPE_ERRORS,
     &SCRAPE_SUCCESSES,
+    &SCRAPE_SERIES_SHED,
     &HUBBLE_FLOWS,
     &HUBBLE_L7_REQUESTS,
     &HUBBLE_L7_DURATION,

@@ -144,6 +144,16 @@ struct ListState {
     synced: bool,
 }
 
+/// What [`Cache::apply`] did with a well-formed object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// Taken in (or already known and updated).
+    Taken,
+    /// Not taken in: the object is new and the cache holds
+    /// `max_objects` objects already.
+    Shed,
+}
+
 /// What [`Cache::end_list`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ListEnd {
@@ -159,6 +169,8 @@ pub(crate) enum ListEnd {
 pub(crate) struct Cache {
     labels: Box<[Arc<str>]>,
     retention: Duration,
+    /// The most objects of all kinds together the cache holds.
+    max_objects: usize,
     strings: Interner,
     pods: Map<Arc<str>, PodRecord>,
     services: Map<Arc<str>, ServiceRecord>,
@@ -205,6 +217,7 @@ impl Cache {
         Self {
             labels,
             retention,
+            max_objects: super::config::DEFAULT_MAX_OBJECTS,
             strings,
             pods: Map::default(),
             services: Map::default(),
@@ -272,6 +285,47 @@ impl Cache {
             ips: ips.into(),
             scheduled_to_ip,
         });
+    }
+
+    /// The same cache holding at most `max_objects` objects of all kinds
+    /// together: past it, new objects are shed (updates and deletions of
+    /// the objects held still apply).
+    pub(crate) fn with_max_objects(mut self, max_objects: usize) -> Self {
+        self.max_objects = max_objects;
+        self
+    }
+
+    /// Objects of all kinds held.
+    pub(crate) fn len(&self) -> usize {
+        self.pods.len()
+            + self.services.len()
+            + self.slices.len()
+            + self.nodes.len()
+            + self.replicasets.len()
+            + self.jobs.len()
+    }
+
+    /// Whether the cache holds `object` already (by the key it keys it
+    /// by; an object without one is not held).
+    fn holds(&self, object: &Object) -> bool {
+        match object {
+            Object::Pod(p) => convert::uid(&p.metadata).is_some_and(|u| self.pods.contains_key(u)),
+            Object::Service(s) => {
+                convert::uid(&s.metadata).is_some_and(|u| self.services.contains_key(u))
+            }
+            Object::EndpointSlice(e) => {
+                convert::uid(&e.metadata).is_some_and(|u| self.slices.contains_key(u))
+            }
+            Object::Node(n) => n
+                .metadata
+                .name
+                .as_deref()
+                .is_some_and(|name| self.nodes.contains_key(name)),
+            Object::ReplicaSet(meta) => {
+                convert::uid(meta).is_some_and(|u| self.replicasets.contains_key(u))
+            }
+            Object::Job(meta) => convert::uid(meta).is_some_and(|u| self.jobs.contains_key(u)),
+        }
     }
 
     /// Whether a snapshot taken now would differ from the last one.
@@ -373,8 +427,12 @@ impl Cache {
         }
     }
 
-    /// An object was listed, added or modified.
-    pub(crate) fn apply(&mut self, object: &Object, now: SystemTime) -> Result<(), Malformed> {
+    /// An object was listed, added or modified. A new object finds the
+    /// cache full when it holds `max_objects` already, and is shed.
+    pub(crate) fn apply(&mut self, object: &Object, now: SystemTime) -> Result<Applied, Malformed> {
+        if self.len() >= self.max_objects && !self.holds(object) {
+            return Ok(Applied::Shed);
+        }
         match object {
             Object::Pod(p) => self.apply_pod(p, now),
             Object::Service(s) => self.apply_service(s, now),
@@ -383,6 +441,7 @@ impl Cache {
             Object::ReplicaSet(meta) => self.apply_owner(Kind::ReplicaSet, meta),
             Object::Job(meta) => self.apply_owner(Kind::Job, meta),
         }
+        .map(|()| Applied::Taken)
     }
 
     /// An object was deleted. One without the key the cache knows it by
@@ -1378,6 +1437,114 @@ mod tests {
         let snap = cache.snapshot(t(1));
         assert_eq!(snap.counts().pods, 1);
         assert_eq!(workload(snap.lookup(ip("10.1.0.1"), None, t(2))).1, "good");
+    }
+
+    #[test]
+    fn new_objects_past_max_objects_are_shed_and_held_ones_still_change() {
+        let mut cache = synced_cache().with_max_objects(3);
+        let taken = |cache: &mut Cache, o: Object| cache.apply(&o, t(1)).expect("well formed");
+        assert_eq!(
+            taken(&mut cache, node("n1", "a", "192.168.0.1")),
+            Applied::Taken
+        );
+        assert_eq!(
+            taken(&mut cache, service("svc", &["10.96.0.1"])),
+            Applied::Taken
+        );
+        assert_eq!(
+            taken(&mut cache, pod("p1", "n1", &["10.1.0.1"], None)),
+            Applied::Taken
+        );
+        assert_eq!(cache.len(), 3);
+        // Full: every new kind of object is shed.
+        assert_eq!(
+            taken(&mut cache, pod("p2", "n1", &["10.1.0.2"], None)),
+            Applied::Shed
+        );
+        assert_eq!(
+            taken(&mut cache, service("svc2", &["10.96.0.2"])),
+            Applied::Shed
+        );
+        assert_eq!(
+            taken(&mut cache, slice("svc", &["10.1.0.1"])),
+            Applied::Shed
+        );
+        assert_eq!(
+            taken(&mut cache, node("n2", "b", "192.168.0.2")),
+            Applied::Shed
+        );
+        assert_eq!(
+            cache.apply(&Object::ReplicaSet(meta("rs", None)), t(1)),
+            Ok(Applied::Shed)
+        );
+        assert_eq!(
+            cache.apply(&Object::Job(meta("job", None)), t(1)),
+            Ok(Applied::Shed)
+        );
+        // A held pod still moves to its new address.
+        assert_eq!(
+            taken(&mut cache, pod("p1", "n1", &["10.1.0.9"], None)),
+            Applied::Taken
+        );
+        let snap = cache.snapshot(t(2));
+        assert_eq!(snap.counts().pods, 1);
+        assert_eq!(snap.counts().services, 1);
+        assert_eq!(snap.counts().nodes, 1);
+        assert_eq!(workload(snap.lookup(ip("10.1.0.9"), None, t(2))).1, "p1");
+        assert_eq!(snap.lookup(ip("10.1.0.2"), None, t(2)), None);
+        // A deletion makes room for the next new object.
+        cache.delete(&service("svc", &["10.96.0.1"]), t(3));
+        assert_eq!(
+            taken(&mut cache, pod("p2", "n1", &["10.1.0.2"], None)),
+            Applied::Taken
+        );
+        assert_eq!(cache.len(), 3);
+        let snap = cache.snapshot(t(3));
+        assert_eq!(workload(snap.lookup(ip("10.1.0.2"), None, t(3))).1, "p2");
+    }
+
+    /// 20,000 pods created and deleted, 200 alive at a time, 10 replaced
+    /// a second (time as the cache sees it), ended claims kept 10 s: what
+    /// the cache holds stays proportional to what is alive or retained,
+    /// not to the churn (the soak's pod churn, without the rest).
+    #[test]
+    fn churn_leaves_nothing_behind() {
+        let mut cache = Cache::new(&["app.kubernetes.io/name".into()], Duration::from_secs(10));
+        for kind in Kind::ALL {
+            cache.begin_list(kind);
+            cache.end_list(kind, t(0));
+        }
+        let pod_n = |n: usize| {
+            let ip = format!("10.{}.{}.{}", 100 + (n >> 16), (n >> 8) & 0xff, n & 0xff);
+            pod(&format!("churn-{n}"), "n1", &[&ip], None)
+        };
+        let mut most = (0, 0, 0);
+        for n in 0..20_000 {
+            let now = t(n as u64 / 10);
+            apply(&mut cache, pod_n(n), now);
+            if n >= 200 {
+                cache.delete(&pod_n(n - 200), now);
+            }
+            if n % 10 == 9 {
+                cache.snapshot(now);
+                most = (
+                    most.0.max(cache.addresses.len()),
+                    most.1.max(cache.ended.len()),
+                    most.2.max(cache.strings.len()),
+                );
+            }
+        }
+        assert_eq!(cache.counts().pods, 200);
+        // 200 alive, and the ~100 deleted in the last 10 s (plus the
+        // interval until the next prune).
+        assert!(most.0 <= 200 + 120, "addresses: {most:?}");
+        assert!(most.1 <= 120, "ended claims: {most:?}");
+        // Interned names and uids of live and retained pods, swept when
+        // the set doubles: far below the 40,000 of the churn.
+        assert!(
+            most.2 <= 2 * 2 * 320 + 1024 + 16,
+            "interned strings: {most:?}"
+        );
     }
 
     #[test]

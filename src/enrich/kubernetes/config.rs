@@ -5,6 +5,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::component::ConfigError;
+
+/// The default of `kubernetes.max_objects`: room for a cluster at
+/// Kubernetes' published scale limits (150,000 pods on 5,000 nodes) with
+/// a ReplicaSet or Job, a Service and an EndpointSlice for every few pods.
+pub const DEFAULT_MAX_OBJECTS: usize = 300_000;
+
 /// Whether flowtel watches the Kubernetes API.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -44,6 +51,10 @@ pub struct KubernetesConfig {
     /// Export this node's pods' addresses appearing in and leaving
     /// `status.podIPs` as log events and metrics (`flowtel.cni.ips.*`).
     pub ip_events: bool,
+    /// The most objects (pods, Services, EndpointSlices, nodes,
+    /// ReplicaSets and Jobs together) the cache holds: past it, new objects
+    /// are not cached, and counted in `flowtel.k8s.objects.shed`.
+    pub max_objects: usize,
 }
 
 impl Default for KubernetesConfig {
@@ -55,6 +66,7 @@ impl Default for KubernetesConfig {
             ip_retention: Duration::from_secs(120),
             network_events: true,
             ip_events: true,
+            max_objects: DEFAULT_MAX_OBJECTS,
         }
     }
 }
@@ -65,6 +77,19 @@ impl KubernetesConfig {
         self.is_enabled_with(
             std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty()),
         )
+    }
+
+    /// Checks the section's keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_objects == 0 {
+            return Err(ConfigError::new(
+                "max_objects",
+                format!(
+                    "must be at least 1, e.g. {DEFAULT_MAX_OBJECTS} (to watch nothing, set kubernetes.enabled: off)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// [`Self::is_enabled`] with the in-cluster test made by the caller.
@@ -110,12 +135,21 @@ mod tests {
             "kubeconfig": "/k",
             "pod_labels": ["team"],
             "ip_retention": "30s",
+            "max_objects": 1000,
         }))
         .expect("a complete section parses");
         assert_eq!(cfg.enabled, KubernetesMode::On);
         assert_eq!(cfg.kubeconfig, Some(PathBuf::from("/k")));
         assert_eq!(cfg.pod_labels, vec!["team".to_string()]);
         assert_eq!(cfg.ip_retention, Duration::from_secs(30));
+        assert_eq!(cfg.max_objects, 1000);
+        assert!(cfg.validate().is_ok());
+        let none = KubernetesConfig {
+            max_objects: 0,
+            ..cfg
+        };
+        let err = none.validate().expect_err("0 objects is refused");
+        assert_eq!(err.key, "max_objects");
         let empty: KubernetesConfig =
             serde_json::from_value(serde_json::json!({})).expect("an empty section parses");
         assert_eq!(empty, KubernetesConfig::default());

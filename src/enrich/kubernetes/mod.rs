@@ -28,6 +28,12 @@
 //!   by the node's, and a pod gets its address some unknown time after
 //!   both; the order of holders is what flowtel sees itself.
 //!
+//! The cache holds at most `kubernetes.max_objects` objects of all kinds
+//! together: past it, new objects are shed (counted in
+//! `flowtel.k8s.objects.shed`) while those held still change and go, so a
+//! cluster larger than planned costs a bounded amount of memory and names
+//! only part of its pods. `flowtel.k8s.objects.cached` shows how full it is.
+//!
 //! Nothing about the API server is fatal: unreachable at start, gone
 //! mid-run, `410 Gone`, a re-list: the watchers retry with client-go's
 //! backoff and the last snapshot stays in use meanwhile. How the task is
@@ -55,7 +61,7 @@ use tokio::task::JoinHandle;
 
 use crate::telemetry::{catalogue, Counter, Gauge, Telemetry};
 
-pub use config::{KubernetesConfig, KubernetesMode};
+pub use config::{KubernetesConfig, KubernetesMode, DEFAULT_MAX_OBJECTS};
 pub use index::{Counts, Snapshot};
 pub use model::{
     mesh_of, NodeInfo, Peer, PodInfo, PodMesh, Protocol, ServiceInfo, ServicePort, Workload,
@@ -70,6 +76,8 @@ pub struct KubeStats {
     relists: Counter,
     applied: Counter,
     rejected: Counter,
+    shed: Counter,
+    cached: Gauge,
     synced: Gauge,
 }
 
@@ -80,6 +88,8 @@ impl KubeStats {
             relists: telemetry.counter(&catalogue::K8S_RELISTS),
             applied: Counter::default(),
             rejected: telemetry.counter(&catalogue::K8S_OBJECTS_REJECTED),
+            shed: telemetry.counter(&catalogue::K8S_OBJECTS_SHED),
+            cached: telemetry.gauge(&catalogue::K8S_OBJECTS_CACHED),
             synced: telemetry.gauge(&catalogue::K8S_SYNCED),
         }
     }
@@ -104,6 +114,17 @@ impl KubeStats {
     /// (a missing name, an address that does not parse).
     pub fn objects_rejected(&self) -> u64 {
         self.rejected.get()
+    }
+
+    /// New objects not cached because the cache held
+    /// `kubernetes.max_objects` already.
+    pub fn objects_shed(&self) -> u64 {
+        self.shed.get()
+    }
+
+    /// Objects of all kinds in the last published snapshot.
+    pub fn objects_cached(&self) -> u64 {
+        self.cached.get()
     }
 
     /// Every kind has been listed completely at least once.
@@ -214,7 +235,8 @@ pub fn start_with(
     let source = client_source(cfg)?;
     let runtime = tokio::runtime::Handle::try_current()
         .context("the Kubernetes cache must be started within a tokio runtime")?;
-    let mut cache = cache::Cache::new(&cfg.pod_labels, cfg.ip_retention);
+    let mut cache =
+        cache::Cache::new(&cfg.pod_labels, cfg.ip_retention).with_max_objects(cfg.max_objects);
     let ips = ip_events.filter(|_| cfg.ip_events).map(|target| {
         cache.watch_ips(target.node.as_deref());
         ips::IpReporter::new(target.events)

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{oneshot, watch};
 use tokio::time::sleep_until;
 
-use super::cache::{Cache, Kind, ListEnd, Object};
+use super::cache::{Applied, Cache, Kind, ListEnd, Object};
 use super::index::Snapshot;
 use super::ips::IpReporter;
 use super::KubeStats;
@@ -138,6 +138,7 @@ impl Throttle {
 struct KindLog {
     errors: Throttle,
     malformed: Throttle,
+    shed: Throttle,
     /// Errors since the last success, to say when a watch recovers.
     failing: u64,
 }
@@ -199,8 +200,19 @@ impl Task {
     fn apply(&mut self, object: &Object, now: SystemTime) {
         let kind = object.kind();
         match self.cache.apply(object, now) {
-            Ok(()) => {
+            Ok(Applied::Taken) => {
                 self.stats.applied.inc();
+            }
+            Ok(Applied::Shed) => {
+                self.stats.shed.inc();
+                if let Some(held_back) = self.log(kind).shed.allow(Instant::now()) {
+                    tracing::warn!(
+                        resource = kind.resource(),
+                        objects = self.cache.len(),
+                        similar_objects_not_logged = held_back,
+                        "the Kubernetes cache is full (kubernetes.max_objects): a new object is not cached, and flows to or from it are not named after it"
+                    );
+                }
             }
             Err(malformed) => {
                 self.stats.rejected.inc();
@@ -274,6 +286,7 @@ impl Task {
 
     fn publish(&mut self) {
         let snapshot = self.cache.snapshot(SystemTime::now());
+        self.stats.cached.set(self.cache.len() as u64);
         self.publish.send_replace(Arc::new(snapshot));
         self.last_publish = Some(Instant::now());
         self.due = None;
