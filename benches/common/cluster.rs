@@ -51,8 +51,9 @@ pub fn service_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, (i >> 8) as u8, i as u8)
 }
 
+/// Distinct for the first 61,440 nodes; the last octet stays in 10..250.
 pub fn node_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(192, 168, (i >> 8) as u8, 10 + i as u8)
+    Ipv4Addr::new(192, 168, (i / 240) as u8, (10 + i % 240) as u8)
 }
 
 /// Every object of the cluster, shaped like a real API server's.
