@@ -55,6 +55,33 @@ pub struct HistogramValue {
     pub count: u64,
 }
 
+impl HistogramValue {
+    /// No observations yet, with these bucket bounds.
+    pub fn empty(bounds: &[f64]) -> Self {
+        Self {
+            bounds: bounds.to_vec(),
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Counts one observation in the first bucket whose bound it does not
+    /// exceed (bounds are upper-inclusive), else in the last.
+    pub fn observe(&mut self, value: f64) {
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|bound| value <= *bound)
+            .unwrap_or(self.bounds.len());
+        if let Some(count) = self.counts.get_mut(bucket) {
+            *count += 1;
+        }
+        self.sum += value;
+        self.count += 1;
+    }
+}
+
 /// Families whose points share attributes, written before each point's own
 /// labels (an Istio proxy's families, naming its pod).
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -116,10 +116,10 @@ impl IpReporter {
                 *self.allocated.entry(owner).or_default() += n;
                 if let Some(seconds) = change.scheduled_to_ip {
                     let owner = Self::owner(&self.delays, &change.pod);
-                    observe(
-                        self.delays.entry(owner).or_insert_with(empty_histogram),
-                        seconds,
-                    );
+                    self.delays
+                        .entry(owner)
+                        .or_insert_with(|| HistogramValue::empty(DELAY_BOUNDS))
+                        .observe(seconds);
                 }
             }
             IpChangeKind::Released(_) => {
@@ -200,26 +200,6 @@ fn points<V>(map: &BTreeMap<Owner, V>, value: impl Fn(&V) -> PointValue) -> Vec<
             },
         })
         .collect()
-}
-
-fn empty_histogram() -> HistogramValue {
-    HistogramValue {
-        bounds: DELAY_BOUNDS.to_vec(),
-        counts: vec![0; DELAY_BOUNDS.len() + 1],
-        sum: 0.0,
-        count: 0,
-    }
-}
-
-fn observe(h: &mut HistogramValue, seconds: f64) {
-    let i = h
-        .bounds
-        .iter()
-        .position(|b| seconds <= *b)
-        .unwrap_or(h.bounds.len());
-    h.counts[i] += 1;
-    h.sum += seconds;
-    h.count += 1;
 }
 
 /// The log event of one change.

@@ -326,10 +326,10 @@ impl Tracker {
             self.series_folded += 1;
         }
         *self.operations.entry(key.clone()).or_default() += 1;
-        observe(
-            self.durations.entry(key).or_insert_with(empty_histogram),
-            seconds,
-        );
+        self.durations
+            .entry(key)
+            .or_insert_with(|| HistogramValue::empty(DURATION_BOUNDS))
+            .observe(seconds);
         let mut event = operation_event(
             pid, &plugin, command, result, code, seconds, &r, &output, pod,
         );
@@ -445,26 +445,6 @@ fn lost_point(kind: &str, n: u64) -> Point {
         vec![(catalogue::ERROR_TYPE.to_owned(), kind.to_owned())],
         PointValue::Int(n),
     )
-}
-
-fn empty_histogram() -> HistogramValue {
-    HistogramValue {
-        bounds: DURATION_BOUNDS.to_vec(),
-        counts: vec![0; DURATION_BOUNDS.len() + 1],
-        sum: 0.0,
-        count: 0,
-    }
-}
-
-fn observe(h: &mut HistogramValue, seconds: f64) {
-    let i = h
-        .bounds
-        .iter()
-        .position(|b| seconds <= *b)
-        .unwrap_or(h.bounds.len());
-    h.counts[i] += 1;
-    h.sum += seconds;
-    h.count += 1;
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -340,12 +340,14 @@ impl Aggregator {
             if let Some(latency) = latency {
                 let seconds = latency.as_secs_f64();
                 if self.latency.len() < max || self.latency.contains_key(&key) {
-                    observe(
-                        self.latency.entry(key.clone()).or_insert_with(empty),
-                        seconds,
-                    );
+                    self.latency
+                        .entry(key.clone())
+                        .or_insert_with(empty)
+                        .observe(seconds);
                 } else {
-                    observe(self.latency_overflow.get_or_insert_with(empty), seconds);
+                    self.latency_overflow
+                        .get_or_insert_with(empty)
+                        .observe(seconds);
                 }
             }
             if !bump(&mut self.l7, key, max) {
@@ -447,25 +449,7 @@ fn bump<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u64>, key: K, max: usize) 
 }
 
 fn empty() -> HistogramValue {
-    HistogramValue {
-        bounds: LATENCY_BOUNDS.to_vec(),
-        counts: vec![0; LATENCY_BOUNDS.len() + 1],
-        sum: 0.0,
-        count: 0,
-    }
-}
-
-fn observe(histogram: &mut HistogramValue, seconds: f64) {
-    let bucket = histogram
-        .bounds
-        .iter()
-        .position(|bound| seconds <= *bound)
-        .unwrap_or(histogram.bounds.len());
-    if let Some(count) = histogram.counts.get_mut(bucket) {
-        *count += 1;
-    }
-    histogram.sum += seconds;
-    histogram.count += 1;
+    HistogramValue::empty(&LATENCY_BOUNDS)
 }
 
 #[cfg(test)]
@@ -475,9 +459,9 @@ mod tests {
     #[test]
     fn histogram_buckets_are_upper_inclusive() {
         let mut h = empty();
-        observe(&mut h, 0.005);
-        observe(&mut h, 0.0051);
-        observe(&mut h, 11.0);
+        h.observe(0.005);
+        h.observe(0.0051);
+        h.observe(11.0);
         assert_eq!(h.counts[0], 1);
         assert_eq!(h.counts[1], 1);
         assert_eq!(h.counts[14], 1);
