@@ -80,7 +80,7 @@ fn flow(i: usize, round: usize) -> FlowUpdate {
             server,
             zone: 0,
         },
-        generation: (i as u32).wrapping_mul(2_654_435_761) ^ round as u32,
+        generation: u64::from((i as u32).wrapping_mul(2_654_435_761) ^ round as u32),
         nat,
         to_server: Counters::new(size * 10, 10),
         to_client: Counters::new(size * 30, 25),

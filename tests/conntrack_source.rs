@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -12,7 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flowtel::flow::{Counters, Endpoint, FlowUpdate, SourceEvent, Transport};
+use flowtel::flow::table::FlowTable;
+use flowtel::flow::{Counters, Endpoint, FlowId, FlowUpdate, SourceEvent, Transport};
 use flowtel::source::conntrack;
 use flowtel::source::conntrack::{ConntrackConfig, ConntrackMode};
 use flowtel::source::kernel::KernelStats;
@@ -416,7 +418,14 @@ fn conntrack_source_in_a_namespace() {
         },
         closed.elapsed()
     );
-    assert_eq!(destroy.generation, new.generation);
+    // The same kernel ID; only the DESTROY carries the start time.
+    assert_eq!(destroy.generation as u32, new.generation as u32);
+    assert_eq!(new.generation >> 32, 0);
+    assert_ne!(
+        destroy.generation >> 32,
+        0,
+        "no start time in the DESTROY event"
+    );
     assert_bytes(destroy.to_server, 4000, 40, 80, "destroyed to_server");
     assert_bytes(destroy.to_client, 6000, 40, 80, "destroyed to_client");
 
@@ -692,4 +701,248 @@ fn procfs_file_source_counts_errors() {
     );
     assert_eq!(stats.dump_errors.get(), 1);
     handle.stop();
+}
+
+/// Reconnects from 50 fixed ports to a server that closes first: each new
+/// SYN reopens the tuple's TIME_WAIT entry, and the kernel often gives the
+/// new connection the ID of the one before it. With dumps racing the
+/// events (one after another), the flow table still counts every packet
+/// once: its totals equal nft's counters of the same packets in both
+/// directions.
+#[test]
+fn reconnects_on_reused_tuples_are_counted_once() {
+    if let Some(why) = skip_reason() {
+        common::skip("reconnects_on_reused_tuples_are_counted_once", &why);
+        return;
+    }
+    let run = reconnect(true);
+    assert!(
+        run.reused_ids > 0,
+        "no kernel ID was reused: the hazard was not exercised"
+    );
+    assert_eq!(run.id_reused, 0);
+    assert_eq!(run.counted, run.truth);
+}
+
+/// Without conntrack's start times the same reconnects cannot be told from
+/// stale reports of the connection before them: what is missed is said, in
+/// `flowtel.flows.id_reused`, and nothing is counted twice.
+#[test]
+fn reused_ids_without_start_times_are_counted_as_such() {
+    if let Some(why) = skip_reason() {
+        common::skip("reused_ids_without_start_times_are_counted_as_such", &why);
+        return;
+    }
+    let run = reconnect(false);
+    assert!(run.id_reused > 0, "flows.id_reused stayed 0");
+    let ((c2s, s2c), (truth_c2s, truth_s2c)) = (run.counted, run.truth);
+    assert!(
+        c2s.packets < truth_c2s.packets && s2c.packets < truth_s2c.packets,
+        "expected fewer packets than nft counted"
+    );
+}
+
+/// What one reconnect run counted, against nft's counters.
+struct ReconnectRun {
+    counted: (Counters, Counters),
+    truth: (Counters, Counters),
+    /// NEW events (no start time) with the tuple's previous kernel ID.
+    reused_ids: usize,
+    /// `flowtel.flows.id_reused`.
+    id_reused: u64,
+}
+
+/// 4,000 reconnects from 50 fixed ports, read with conntrack start times
+/// on or off, replayed through a flow table.
+fn reconnect(enable_timestamps: bool) -> ReconnectRun {
+    const CONNECTIONS: usize = 4_000;
+    let ns = Netns::create();
+    let rules = "table inet truth {\n chain out {\n  type filter hook output priority 10\n  \
+                 tcp dport 9000 counter\n  tcp sport 9000 counter\n }\n}\n";
+    let mut nft = ns
+        .command("nft", &["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn nft");
+    nft.stdin
+        .take()
+        .expect("nft stdin")
+        .write_all(rules.as_bytes())
+        .expect("write rules");
+    assert!(nft.wait().expect("nft").success(), "nft failed");
+
+    let stats = Arc::new(KernelStats::default());
+    let (tx, mut rx) = mpsc::channel(1 << 16);
+    let cfg = ConntrackConfig {
+        enable_timestamps,
+        ..cfg(&ns, ConntrackMode::Netlink, true)
+    };
+    let handle = conntrack::start(&cfg, stats.clone(), tx).expect("start");
+    assert_eq!(
+        ns.sysctl("net.netfilter.nf_conntrack_timestamp"),
+        if enable_timestamps { "1" } else { "0" }
+    );
+    let script = format!(
+        r#"
+import socket, threading
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 9000)); l.listen(512)
+def serve():
+    while True:
+        c, _ = l.accept(); c.recv(100); c.sendall(b"s" * 200); c.shutdown(socket.SHUT_WR); c.recv(10); c.close()
+threading.Thread(target=serve, daemon=True).start()
+for i in range({CONNECTIONS}):
+    c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    c.bind(("127.0.0.1", 41000 + i % 50)); c.connect(("127.0.0.1", 9000)); c.sendall(b"c" * 100)
+    while c.recv(1000): pass
+    c.close()
+print("done", flush=True)
+"#
+    );
+    let mut client = ns
+        .command("python3", &["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let telemetry = flowtel::telemetry::Telemetry::default();
+    let mut replay = Replay {
+        table: FlowTable::new(1 << 16, &telemetry),
+        c2s: Counters::default(),
+        s2c: Counters::default(),
+        last_destroyed: HashMap::new(),
+        reused_ids: 0,
+    };
+    let mut epoch = 0;
+    while client.try_wait().expect("python3").is_none() {
+        epoch += 1;
+        replay.dump(&handle, &mut rx, epoch);
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut client.stdout.take().expect("stdout"), &mut out)
+        .expect("read python3");
+    assert_eq!(out.trim(), "done", "the client did not finish");
+    // Every event has arrived once a NEW made now comes through; then one
+    // more dump brings the entries still in TIME_WAIT up to date.
+    ns.run(
+        "conntrack",
+        &"-I -p tcp -s 198.18.200.1 -d 198.19.0.1 --sport 1 --dport 2 --state ESTABLISHED -t 60"
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rx.try_recv() {
+            Ok(SourceEvent::Flow(f)) if f.id.server.port == 2 => break,
+            Ok(event) => replay.apply(event),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("the marker event did not arrive: {e}"),
+        }
+    }
+    replay.dump(&handle, &mut rx, epoch + 1);
+    handle.stop();
+    let Replay {
+        c2s,
+        s2c,
+        reused_ids,
+        ..
+    } = replay;
+
+    let listing = ns.run("nft", &["list", "table", "inet", "truth"]);
+    let counters: Vec<Counters> = listing
+        .lines()
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "packets")?;
+            Some(Counters::new(
+                words.get(at + 3)?.parse().ok()?,
+                words.get(at + 1)?.parse().ok()?,
+            ))
+        })
+        .collect();
+    let [truth_c2s, truth_s2c] = counters[..] else {
+        panic!("expected two nft counters, got {listing}");
+    };
+    let id_reused = telemetry.value(&flowtel::telemetry::catalogue::FLOWS_ID_REUSED);
+    println!(
+        "start times {enable_timestamps}: {CONNECTIONS} connections from 50 ports, {reused_ids} \
+         NEW events with the ID of the tuple's previous connection, flows.id_reused {id_reused}, \
+         events lost {}; flow table c2s {c2s:?} s2c {s2c:?}, nft c2s {truth_c2s:?} s2c {truth_s2c:?}",
+        stats.events_lost.get()
+    );
+    assert_eq!(
+        stats.events_lost.get(),
+        0,
+        "events were lost: the count cannot be exact"
+    );
+    ReconnectRun {
+        counted: (c2s, s2c),
+        truth: (truth_c2s, truth_s2c),
+        reused_ids,
+        id_reused,
+    }
+}
+
+/// The flow table fed with one port's events and dumps, as the flow stage
+/// feeds it, and what the events show of the kernel's reused IDs.
+struct Replay {
+    table: FlowTable,
+    c2s: Counters,
+    s2c: Counters,
+    /// The kernel ID of each tuple's last DESTROY.
+    last_destroyed: HashMap<FlowId, u32>,
+    /// NEW events (the reports without counters) with the ID of the
+    /// tuple's previous connection.
+    reused_ids: usize,
+}
+
+impl Replay {
+    fn apply(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Flow(u) if u.id.server.port == 9000 => {
+                let id = u.generation as u32;
+                if u.ended {
+                    self.last_destroyed.insert(u.id, id);
+                } else if u.to_server.is_zero()
+                    && u.to_client.is_zero()
+                    && self.last_destroyed.get(&u.id) == Some(&id)
+                {
+                    self.reused_ids += 1;
+                }
+                if let Some(d) = self.table.apply(u, |_, _, _| None) {
+                    self.c2s.add(d.delta.to_server);
+                    self.s2c.add(d.delta.to_client);
+                }
+            }
+            SourceEvent::DumpStarted { epoch } => self.table.dump_started(epoch),
+            SourceEvent::DumpFinished { epoch, complete } => {
+                self.table.dump_finished(epoch, complete)
+            }
+            _ => {}
+        }
+    }
+
+    /// Requests dump `epoch` and applies everything up to its end.
+    fn dump(
+        &mut self,
+        handle: &conntrack::ConntrackHandle,
+        rx: &mut mpsc::Receiver<SourceEvent>,
+        epoch: u64,
+    ) {
+        assert!(handle.request_dump(epoch), "the source stopped");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match rx.try_recv() {
+                Ok(SourceEvent::DumpFinished { epoch: e, complete }) if e == epoch => {
+                    assert!(complete, "dump {epoch} was incomplete");
+                    self.apply(SourceEvent::DumpFinished { epoch: e, complete });
+                    return;
+                }
+                Ok(event) => self.apply(event),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("dump {epoch} did not finish: {e}"),
+            }
+        }
+    }
 }

@@ -127,6 +127,12 @@ impl Counters {
         })
     }
 
+    /// The larger of two counters, field by field: the high-water mark of
+    /// two reports of one connection.
+    pub fn high(self, other: Counters) -> Counters {
+        Counters::new(self.bytes.max(other.bytes), self.packets.max(other.packets))
+    }
+
     pub fn add(&mut self, other: Counters) {
         self.bytes = self.bytes.saturating_add(other.bytes);
         self.packets = self.packets.saturating_add(other.packets);
@@ -203,9 +209,14 @@ pub struct Nat {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowUpdate {
     pub id: FlowId,
-    /// Distinguishes two connections that reuse one tuple (conntrack's
-    /// `CTA_ID`); 0 when the source cannot tell.
-    pub generation: u32,
+    /// Distinguishes two connections that reuse one tuple; 0 when the
+    /// source cannot tell. For conntrack: `CTA_ID` in the low 32 bits and,
+    /// when the entry has a start time (`nf_conntrack_timestamp`), that time
+    /// folded into the high 32, because the kernel gives a connection that
+    /// reuses a tuple at once the ID of the one before it about one time in
+    /// eight (the freed entry's memory, hashed again). A NEW event carries no
+    /// start time: its high half is 0.
+    pub generation: u64,
     pub nat: Nat,
     /// Client to server.
     pub to_server: Counters,

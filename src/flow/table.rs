@@ -23,7 +23,7 @@ use crate::telemetry::{catalogue, Counter, Gauge, Telemetry};
 
 #[derive(Debug)]
 struct Tracked {
-    generation: u32,
+    generation: u64,
     to_server: Counters,
     to_client: Counters,
     /// The epoch of the latest dump started when this flow was last reported.
@@ -34,7 +34,7 @@ struct Tracked {
 
 #[derive(Debug)]
 struct Tombstone {
-    generation: u32,
+    generation: u64,
     epoch: u64,
     /// Set when the flow was swept (missing from a complete dump) rather
     /// than ended by an event: its last counters, so a DESTROY event that
@@ -50,6 +50,7 @@ struct TableStats {
     seen: Counter,
     untracked: Counter,
     ended_unseen: Counter,
+    id_reused: Counter,
 }
 
 /// One flow's traffic since its previous report, with its names.
@@ -68,7 +69,7 @@ pub struct FlowTable {
     flows: HashMap<FlowId, Tracked, RandomState>,
     /// By tuple and generation: a tuple reused quickly has one per
     /// connection, so a newer end never hides an older one's.
-    tombstones: HashMap<(FlowId, u32), Tombstone, RandomState>,
+    tombstones: HashMap<(FlowId, u64), Tombstone, RandomState>,
     max_flows: usize,
     epoch: u64,
     stats: TableStats,
@@ -87,6 +88,7 @@ impl FlowTable {
                 seen: telemetry.counter(&catalogue::FLOWS_SEEN),
                 untracked: telemetry.counter(&catalogue::FLOWS_UNTRACKED),
                 ended_unseen: telemetry.counter(&catalogue::FLOWS_ENDED_UNSEEN),
+                id_reused: telemetry.counter(&catalogue::FLOWS_ID_REUSED),
             },
         }
     }
@@ -138,8 +140,8 @@ impl FlowTable {
     ) -> Option<(DirectionalCounters, Option<Arc<FlowNames>>)> {
         self.stats.updates.inc();
         if u.generation != 0 {
-            if let Some(t) = self.tombstones.get_mut(&(u.id, u.generation)) {
-                if t.generation == u.generation {
+            if let Some(t) = self.tombstone_of(&u.id, u.generation) {
+                if same_connection(t.generation, u.generation) {
                     if let (true, Some((ts, tc))) = (u.ended, t.swept) {
                         // The final event of a flow swept a moment ago.
                         t.swept = None;
@@ -151,7 +153,14 @@ impl FlowTable {
                         return Some((delta, names));
                     }
                     // Otherwise a stale dump entry (or duplicate end) of a
-                    // connection already counted to its end.
+                    // connection already counted to its end, or, for a NEW
+                    // event (no counters, no start time), a new connection
+                    // that got the ended one's kernel ID: events come in
+                    // order, so it cannot be stale, but its reports cannot
+                    // be told from that one's until the tombstone is gone.
+                    if !u.ended && u.to_server.is_zero() && u.to_client.is_zero() {
+                        self.stats.id_reused.inc();
+                    }
                     return None;
                 }
             }
@@ -165,7 +174,7 @@ impl FlowTable {
             && self
                 .flows
                 .get(&u.id)
-                .is_some_and(|t| t.generation != 0 && t.generation != u.generation)
+                .is_some_and(|t| t.generation != 0 && !same_connection(t.generation, u.generation))
         {
             // The end of another connection on a tuple the table tracks,
             // one it never tracked itself (no tombstone matched). Events
@@ -195,11 +204,35 @@ impl FlowTable {
         let names;
         let delta = match self.flows.get_mut(&u.id) {
             Some(t) => {
-                let delta = if t.generation == u.generation {
-                    DirectionalCounters {
-                        to_server: u.to_server.since(t.to_server).unwrap_or(u.to_server),
-                        to_client: u.to_client.since(t.to_client).unwrap_or(u.to_client),
+                let delta = if same_connection(t.generation, u.generation) {
+                    // Lower counters of one connection are a report the
+                    // table has already passed (a NEW event, which carries
+                    // none, overtaken by a dump): they add nothing and must
+                    // not lower the mark the next report is measured from.
+                    // Without start times they may instead be a new
+                    // connection with the old one's ID, counted afresh.
+                    let stale = (t.generation >> 32 != 0 && t.generation == u.generation)
+                        || (u.to_server.is_zero() && u.to_client.is_zero());
+                    let since = |now: Counters, before: Counters| match now.since(before) {
+                        Some(d) => d,
+                        None if stale => Counters::default(),
+                        None => now,
+                    };
+                    let delta = DirectionalCounters {
+                        to_server: since(u.to_server, t.to_server),
+                        to_client: since(u.to_client, t.to_client),
+                    };
+                    if stale {
+                        t.to_server = t.to_server.high(u.to_server);
+                        t.to_client = t.to_client.high(u.to_client);
+                    } else {
+                        t.to_server = u.to_server;
+                        t.to_client = u.to_client;
                     }
+                    if u.generation >> 32 != 0 {
+                        t.generation = u.generation;
+                    }
+                    delta
                 } else {
                     // The tuple now belongs to a new connection. The old
                     // one's DESTROY event may still be on the way: keep its
@@ -218,10 +251,10 @@ impl FlowTable {
                     }
                     t.generation = u.generation;
                     t.names = None;
+                    t.to_server = u.to_server;
+                    t.to_client = u.to_client;
                     fresh
                 };
-                t.to_server = u.to_server;
-                t.to_client = u.to_client;
                 t.epoch_seen = self.epoch;
                 names = name(&u.id, &u.nat, &mut t.names);
                 delta
@@ -266,6 +299,19 @@ impl FlowTable {
         Some((delta, names))
     }
 
+    /// The tombstone of connection `generation` on `id`. One left by a
+    /// connection known only from its NEW event (no start time) is found
+    /// by the kernel ID alone.
+    fn tombstone_of(&mut self, id: &FlowId, generation: u64) -> Option<&mut Tombstone> {
+        let bare = generation & u64::from(u32::MAX);
+        let key = if generation != bare && !self.tombstones.contains_key(&(*id, generation)) {
+            (*id, bare)
+        } else {
+            (*id, generation)
+        };
+        self.tombstones.get_mut(&key)
+    }
+
     fn sweep(&mut self, epoch: u64) {
         // Flows swept one complete dump ago whose final event never came.
         let mut unseen = 0;
@@ -304,6 +350,13 @@ impl FlowTable {
     }
 }
 
+/// Whether two reports of one tuple are of one connection: the same
+/// generation, or the same kernel ID where one of them has no start time
+/// (see [`FlowUpdate::generation`]).
+fn same_connection(a: u64, b: u64) -> bool {
+    a == b || (a as u32 == b as u32 && (a >> 32 == 0 || b >> 32 == 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,7 +372,7 @@ mod tests {
         }
     }
 
-    fn update(port: u16, generation: u32, bytes: u64, ended: bool) -> SourceEvent {
+    fn update(port: u16, generation: u64, bytes: u64, ended: bool) -> SourceEvent {
         SourceEvent::Flow(FlowUpdate {
             id: id(port),
             generation,
@@ -362,6 +415,68 @@ mod tests {
         let telemetry = Telemetry::default();
         let table = FlowTable::new(max_flows, &telemetry);
         (Harness { table, bytes: 0 }, telemetry)
+    }
+
+    /// A NEW event (no counters, no start time) that a dump overtook adds
+    /// nothing and leaves the mark where the dump put it: the next report
+    /// counts only what came since (it used to count the dump's bytes twice).
+    #[test]
+    fn a_new_event_behind_a_dump_counts_nothing() {
+        for generation in [7, (99 << 32) | 7] {
+            let (mut t, _) = setup(10);
+            t.apply(update(1, generation, 1000, false));
+            t.apply(update(1, 7, 0, false));
+            t.apply(update(1, generation, 1500, false));
+            t.apply(update(1, generation, 1600, true));
+            assert_eq!(t.take_bytes(), 1600, "generation {generation:#x}");
+        }
+    }
+
+    /// The kernel gives a connection that reuses the tuple at once the ID
+    /// of the one before it; their start times differ. A dump that reports
+    /// the second before the event thread delivered the first one's end
+    /// must not count the first twice.
+    #[test]
+    fn a_reused_kernel_id_is_told_apart_by_the_start_time() {
+        let (first, second) = ((1 << 32) | 7, (2 << 32) | 7);
+        let (mut t, telemetry) = setup(10);
+        t.apply(SourceEvent::DumpStarted { epoch: 1 });
+        t.apply(update(1, 7, 0, false));
+        t.apply(update(1, first, 1000, false));
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 1,
+            complete: true,
+        });
+        t.apply(SourceEvent::DumpStarted { epoch: 2 });
+        // The dump sees the second connection ...
+        t.apply(update(1, second, 300, false));
+        // ... before the events of the first one's end and the second's start.
+        t.apply(update(1, first, 1200, true));
+        t.apply(update(1, 7, 0, false));
+        t.apply(SourceEvent::DumpFinished {
+            epoch: 2,
+            complete: true,
+        });
+        t.apply(update(1, second, 500, true));
+        // A stale entry of the first one after all that.
+        t.apply(update(1, first, 1200, false));
+        assert_eq!(t.take_bytes(), 1200 + 500);
+        assert_eq!(telemetry.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
+    }
+
+    /// After the first connection's end, the second one's NEW event (bare
+    /// ID) is a new connection, and its first dump entry with a start time
+    /// continues it.
+    #[test]
+    fn a_new_event_after_an_end_with_the_same_id_starts_a_connection() {
+        let (first, second) = ((1 << 32) | 7, (2 << 32) | 7);
+        let (mut t, _) = setup(10);
+        t.apply(update(1, first, 1000, false));
+        t.apply(update(1, first, 1200, true));
+        t.apply(update(1, 7, 0, false));
+        t.apply(update(1, second, 300, false));
+        t.apply(update(1, second, 500, true));
+        assert_eq!(t.take_bytes(), 1200 + 500);
     }
 
     #[test]

@@ -306,6 +306,12 @@ pub static FLOWS_ENDED_UNSEEN: Metric = counter(
     "Flows that ended without a final event; traffic after their last dump was missed",
 )
 .readyz("stats.flows_ended_unseen");
+pub static FLOWS_ID_REUSED: Metric = counter(
+    "flowtel.flows.id_reused",
+    "{flow}",
+    "Connections that reused a tuple and the kernel ID of the one before it, without start times to tell them apart; traffic before their next report was missed",
+)
+.readyz("stats.flows_id_reused");
 pub static SERIES_ACTIVE: Metric = gauge(
     "flowtel.series.active",
     "{series}",
@@ -888,6 +894,7 @@ pub static METRICS: &[&Metric] = &[
     &FLOWS_SEEN,
     &FLOWS_UNTRACKED,
     &FLOWS_ENDED_UNSEEN,
+    &FLOWS_ID_REUSED,
     &SERIES_ACTIVE,
     &SERIES_OVERFLOWED,
     &DNS_NAMES_OVERFLOWED,

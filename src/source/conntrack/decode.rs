@@ -47,6 +47,9 @@ const CTA_COUNTERS_REPLY: u16 = 10;
 const CTA_USE: u16 = 11;
 const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
+const CTA_TIMESTAMP: u16 = 20;
+
+const CTA_TIMESTAMP_START: u16 = 1;
 
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
@@ -262,7 +265,8 @@ fn decode_entry(payload: &[u8], ended: bool) -> Result<FlowUpdate, DecodeError> 
     let mut reply = None;
     let mut to_server = Counters::default();
     let mut to_client = Counters::default();
-    let mut generation = 0;
+    let mut id = 0;
+    let mut started = 0;
     let mut zone = 0;
     for attr in Attrs::new(attrs) {
         let (kind, value) = attr?;
@@ -271,7 +275,8 @@ fn decode_entry(payload: &[u8], ended: bool) -> Result<FlowUpdate, DecodeError> 
             CTA_TUPLE_REPLY => reply = Some(decode_tuple(value)?),
             CTA_COUNTERS_ORIG => to_server = decode_counters(value)?,
             CTA_COUNTERS_REPLY => to_client = decode_counters(value)?,
-            CTA_ID => generation = be_u32(value, "CTA_ID")?,
+            CTA_ID => id = be_u32(value, "CTA_ID")?,
+            CTA_TIMESTAMP => started = decode_start(value)?,
             CTA_ZONE => zone = be_u16(value, "CTA_ZONE")?,
             _ => {}
         }
@@ -298,7 +303,7 @@ fn decode_entry(payload: &[u8], ended: bool) -> Result<FlowUpdate, DecodeError> 
             server,
             zone,
         },
-        generation,
+        generation: generation(id, started),
         nat,
         to_server,
         to_client,
@@ -348,6 +353,30 @@ fn decode_tuple(buf: &[u8]) -> Result<Tuple, DecodeError> {
         }
     }
     Ok(t)
+}
+
+/// The flow table's generation of an entry: its `CTA_ID` in the low half
+/// and its start time, when it has one, folded into the high half (never
+/// 0 then), so that a connection the kernel gave the ID of the one before
+/// it on the same tuple is still told apart.
+fn generation(id: u32, started: u64) -> u64 {
+    if started == 0 {
+        return u64::from(id);
+    }
+    let folded = (started ^ (started >> 32)) as u32;
+    (u64::from(folded.max(1)) << 32) | u64::from(id)
+}
+
+/// `CTA_TIMESTAMP_START` (nanoseconds) in a `CTA_TIMESTAMP` nest; 0 when absent.
+fn decode_start(buf: &[u8]) -> Result<u64, DecodeError> {
+    let mut start = 0;
+    for attr in Attrs::new(buf) {
+        let (kind, value) = attr?;
+        if kind == CTA_TIMESTAMP_START {
+            start = be_u64(value, "CTA_TIMESTAMP_START")?;
+        }
+    }
+    Ok(start)
 }
 
 fn decode_counters(buf: &[u8]) -> Result<Counters, DecodeError> {
@@ -652,8 +681,15 @@ pub fn encode_message(update: &FlowUpdate, kind: MessageKind) -> Vec<u8> {
         e.nest_end(tcp);
         e.nest_end(info);
     }
+    let started = update.generation >> 32;
+    if started != 0 {
+        // Folds back to itself: the high half of the generation.
+        let ts = e.nest_start(CTA_TIMESTAMP);
+        e.attr(CTA_TIMESTAMP_START, &started.to_be_bytes());
+        e.nest_end(ts);
+    }
     e.attr(CTA_USE, &1u32.to_be_bytes());
-    e.attr(CTA_ID, &update.generation.to_be_bytes());
+    e.attr(CTA_ID, &(update.generation as u32).to_be_bytes());
     e.finish()
 }
 
@@ -750,6 +786,31 @@ mod tests {
         zoned.to_server = Counters::default();
         zoned.to_client = Counters::default();
         round_trip(zoned);
+    }
+
+    /// The kernel reuses a `CTA_ID` for a connection that reuses the tuple
+    /// at once; the start time tells the two apart, and an entry without
+    /// one (a NEW event, or timestamps off) keeps the bare ID.
+    #[test]
+    fn the_start_time_tells_apart_two_connections_with_one_id() {
+        let v4c = ep("198.18.0.1", 40000);
+        let v4s = ep("198.18.0.2", 80);
+        let mut first = update(Transport::Tcp, v4c, v4s);
+        first.generation = (0x1234_5678 << 32) | 0xdead_beef;
+        round_trip(first);
+        let mut second = first;
+        second.generation = (0x1234_5679 << 32) | 0xdead_beef;
+        round_trip(second);
+        assert_eq!(generation(0xdead_beef, 0), 0xdead_beef);
+        let (a, b) = (
+            generation(0xdead_beef, 1_765_000_000_123_456_789),
+            generation(0xdead_beef, 1_765_000_000_123_459_999),
+        );
+        assert_ne!(a, b);
+        assert_eq!(a as u32, 0xdead_beef);
+        assert_ne!(a >> 32, 0);
+        // A start that folds to 0 still marks the generation as timed.
+        assert_eq!(generation(7, 0x0000_0001_0000_0001) >> 32, 1);
     }
 
     #[test]

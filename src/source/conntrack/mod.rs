@@ -57,6 +57,10 @@ pub struct ConntrackConfig {
     /// Turn on `net.netfilter.nf_conntrack_acct` if it is off; without it the
     /// kernel keeps no byte or packet counters.
     pub enable_accounting: bool,
+    /// Turn on `net.netfilter.nf_conntrack_timestamp` if it is off: the
+    /// start times tell apart two connections on one tuple that the kernel
+    /// gave the same ID, which would otherwise be counted together.
+    pub enable_timestamps: bool,
     /// Add a match-only nft rule so the kernel tracks connections in a
     /// namespace where no firewall, kube-proxy or container runtime does
     /// (removed on exit). Off by default: nodes normally need no help.
@@ -75,6 +79,7 @@ impl Default for ConntrackConfig {
             netns: None,
             events: true,
             enable_accounting: true,
+            enable_timestamps: true,
             ensure_tracking: false,
             proc_path: PathBuf::from("/proc/net/nf_conntrack"),
             event_buffer_bytes: 16 * 1024 * 1024,
@@ -226,7 +231,8 @@ fn start_reader(
                 let setup = netns::enter(netns.as_deref(), cfg.netns.as_deref(), "conntrack.netns")
                     .and_then(|()| match reader {
                         Reader::Counters => {
-                            sysctl::ensure_accounting(cfg.enable_accounting, &stats).map(drop)
+                            sysctl::ensure_accounting(cfg.enable_accounting, &stats)
+                                .map(|_| sysctl::ensure_timestamps(cfg.enable_timestamps))
                         }
                         Reader::Translations => sysctl::check_loaded(),
                     })

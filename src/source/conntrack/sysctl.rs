@@ -1,5 +1,7 @@
 //! `net.netfilter.nf_conntrack_acct`: without it conntrack keeps no byte or
-//! packet counters, and every flow would report zero traffic.
+//! packet counters, and every flow would report zero traffic; and
+//! `net.netfilter.nf_conntrack_timestamp`, whose start times tell apart two
+//! connections the kernel gave one ID (see `FlowUpdate::generation`).
 //!
 //! Must run on a thread already inside the target network namespace: the
 //! netfilter sysctls are per namespace and resolve to the opener's.
@@ -13,6 +15,7 @@ use crate::source::kernel::KernelStats;
 
 const NETFILTER_DIR: &str = "/proc/sys/net/netfilter";
 const ACCT: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
+const TSTAMP: &str = "/proc/sys/net/netfilter/nf_conntrack_timestamp";
 
 /// Whether conntrack is loaded at all in this namespace.
 pub(crate) fn check_loaded() -> anyhow::Result<()> {
@@ -30,9 +33,38 @@ pub(crate) fn check_loaded() -> anyhow::Result<()> {
     )
 }
 
-fn read_acct() -> anyhow::Result<bool> {
-    let text = std::fs::read_to_string(ACCT).with_context(|| format!("reading {ACCT}"))?;
+fn read_switch(path: &str) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     Ok(text.trim() != "0")
+}
+
+fn read_acct() -> anyhow::Result<bool> {
+    read_switch(ACCT)
+}
+
+/// Turns on conntrack's start times if asked, allowed and off. Without
+/// them a connection that reuses a tuple at once and gets the kernel ID of
+/// the one before it can have that one's bytes counted a second time, so a
+/// refusal is a warning.
+pub(crate) fn ensure_timestamps(enable: bool) {
+    let on = match read_switch(TSTAMP) {
+        Ok(true) => return,
+        Ok(false) if !enable => return,
+        Ok(false) => std::fs::write(TSTAMP, "1\n")
+            .map_err(anyhow::Error::from)
+            .and_then(|()| read_switch(TSTAMP)),
+        Err(e) => Err(e),
+    };
+    match on {
+        Ok(true) => tracing::info!("enabled net.netfilter.nf_conntrack_timestamp"),
+        Ok(false) => tracing::warn!("net.netfilter.nf_conntrack_timestamp did not stay on"),
+        Err(e) => tracing::warn!(
+            "cannot turn on net.netfilter.nf_conntrack_timestamp ({e:#}): a connection that \
+             reuses a tuple at once may be counted together with the one before it. Fix: \
+             `sysctl -w net.netfilter.nf_conntrack_timestamp=1` in the node's network namespace, \
+             or run flowtel with CAP_NET_ADMIN and a writable /proc/sys"
+        ),
+    }
 }
 
 /// Reads the accounting switch, turns it on if asked and allowed, records

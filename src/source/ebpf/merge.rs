@@ -204,11 +204,6 @@ struct Stamp {
     dump: u64,
 }
 
-/// The larger of two counters, field by field.
-fn high(a: Counters, b: Counters) -> Counters {
-    Counters::new(a.bytes.max(b.bytes), a.packets.max(b.packets))
-}
-
 impl Reported {
     /// Stamps one update of the dump `dump` before it is sent: the
     /// connection's generation, and counters no lower than sent before.
@@ -225,10 +220,10 @@ impl Reported {
                 })
             }
         };
-        stamp.to_server = high(stamp.to_server, u.to_server);
-        stamp.to_client = high(stamp.to_client, u.to_client);
+        stamp.to_server = stamp.to_server.high(u.to_server);
+        stamp.to_client = stamp.to_client.high(u.to_client);
         stamp.dump = dump;
-        u.generation = stamp.generation;
+        u.generation = u64::from(stamp.generation);
         u.to_server = stamp.to_server;
         u.to_client = stamp.to_client;
         if u.ended {

@@ -1346,22 +1346,30 @@ mod race {
             maps::EpochMaps::take(&mut bpf, ["flows_a", "flows_b"], "epoch").expect("maps");
         let data = packet();
         let done = AtomicBool::new(false);
+        let drained = std::sync::atomic::AtomicU64::new(0);
         let mut totals = Totals::new(64);
-        let mut drains = 0u64;
-        std::thread::scope(|s| {
-            s.spawn(|| {
+        // The writer runs at least ROUNDS, and on until two drains have run
+        // alongside it (each waits for an RCU grace period, which a loaded
+        // machine can stretch past the whole of ROUNDS).
+        let rounds = std::thread::scope(|s| {
+            let writer = s.spawn(|| {
                 pin(0);
-                for _ in 0..ROUNDS {
+                let mut rounds = 0u64;
+                while rounds < ROUNDS || drained.load(Ordering::Acquire) < 2 {
                     test_run(fd, &data, REPEAT).expect("BPF_PROG_TEST_RUN");
+                    rounds += 1;
                 }
                 done.store(true, Ordering::Release);
+                rounds
             });
             pin(1);
             while !done.load(Ordering::Acquire) {
                 flip_and_drain(&mut flows, possible_cpus, &mut totals).expect("drain");
-                drains += 1;
+                drained.fetch_add(1, Ordering::AcqRel);
             }
+            writer.join().expect("the writer thread")
         });
+        let drains = drained.load(Ordering::Acquire);
         // Both maps, after the writer stopped.
         for _ in 0..2 {
             flip_and_drain(&mut flows, possible_cpus, &mut totals).expect("drain");
@@ -1370,7 +1378,7 @@ mod race {
             .map
             .values()
             .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
-        let runs = ROUNDS * u64::from(REPEAT);
+        let runs = rounds * u64::from(REPEAT);
         eprintln!("{runs} runs, {drains} drains: counted {packets} packets, {bytes} bytes");
         // Each drain waits for an RCU grace period: tens of them on the
         // host, a handful in an emulated VM; more than one ran meanwhile.
