@@ -9,10 +9,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::dns::{self, compression_loop, query, question, DIG, DNSMASQ, GETENT};
 use common::scenario::{Lab, A_V4, A_V6, B_V4, B_V6, IF_A};
@@ -49,9 +50,10 @@ fn collect(rx: &mut mpsc::Receiver<SourceEvent>, want: usize) -> Vec<DnsRecord> 
     out
 }
 
-/// One A query from A with the test's own client, timed with the monotonic
-/// clock from just before the send to just after the response arrived (dig
-/// reports whole milliseconds of a 4 ms clock here). Over TCP the
+/// One A query from A with the test's own client, timed from just before
+/// the send to the response's arrival as the kernel stamped it (dig
+/// reports whole milliseconds of a 4 ms clock here, and a client woken late
+/// on a loaded machine would measure its own delay). Over TCP the
 /// connection is made first: the handshake is not part of the query.
 fn timed_query(lab: &Lab, server: &str, name: &str, id: u16, tcp: bool) -> Duration {
     let server: std::net::IpAddr = server.parse().expect("literal address");
@@ -61,32 +63,90 @@ fn timed_query(lab: &Lab, server: &str, name: &str, id: u16, tcp: bool) -> Durat
         .in_ns(|| -> std::io::Result<Duration> {
             let mut buf = [0u8; 1500];
             if tcp {
-                use std::io::{Read, Write};
+                use std::io::Write;
                 let mut s = std::net::TcpStream::connect((server, 53))?;
+                stamp_receptions(s.as_raw_fd())?;
                 let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
                 framed.extend_from_slice(&msg);
-                let t0 = Instant::now();
+                let t0 = SystemTime::now();
                 s.write_all(&framed)?;
-                let n = s.read(&mut buf)?;
-                let t = t0.elapsed();
+                let (n, at) = recv_stamped(s.as_raw_fd(), &mut buf)?;
                 assert!(n > 4 && buf[2..4] == id.to_be_bytes(), "bad TCP response");
-                Ok(t)
+                Ok(at.duration_since(t0).unwrap_or_default())
             } else {
                 let bind: std::net::IpAddr = if server.is_ipv4() { A_V4 } else { A_V6 }
                     .parse()
                     .expect("literal address");
                 let s = UdpSocket::bind((bind, 0))?;
                 s.connect((server, 53))?;
-                let t0 = Instant::now();
+                stamp_receptions(s.as_raw_fd())?;
+                let t0 = SystemTime::now();
                 s.send(&msg)?;
-                let n = s.recv(&mut buf)?;
-                let t = t0.elapsed();
+                let (n, at) = recv_stamped(s.as_raw_fd(), &mut buf)?;
                 assert!(n > 2 && buf[..2] == id.to_be_bytes(), "bad UDP response");
-                Ok(t)
+                Ok(at.duration_since(t0).unwrap_or_default())
             }
         })
         .expect("entering A");
     result.expect("a timed query")
+}
+
+/// Asks the kernel to stamp each received packet with its arrival time
+/// (`SO_TIMESTAMPNS`), so a client that a loaded machine wakes late still
+/// measures the latency the wire saw.
+fn stamp_receptions(fd: RawFd) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// One `recvmsg` into `buf`: the bytes read and the kernel's arrival time.
+fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, SystemTime)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain data; zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: msg points at live buffers of the lengths it gives.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled msg_control; the CMSG macros walk within it.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: cmsg is a header inside msg_control (see above).
+        let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+        if level == libc::SOL_SOCKET && kind == libc::SCM_TIMESTAMPNS {
+            // SAFETY: SCM_TIMESTAMPNS carries a struct timespec.
+            let ts: libc::timespec =
+                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
+            let at = SystemTime::UNIX_EPOCH + Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+            return Ok((n as usize, at));
+        }
+        // SAFETY: as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Err(std::io::Error::other("no SCM_TIMESTAMPNS on the response"))
 }
 
 #[test]
