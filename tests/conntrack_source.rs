@@ -39,7 +39,13 @@ impl Netns {
         // Any `ct` expression makes the kernel track this namespace.
         let rules = "table inet ctsrc {\n chain out {\n  type filter hook output priority 0\n  \
                      ct state established,related accept\n }\n}\n";
-        let mut nft = ns
+        ns.nft(rules);
+        ns
+    }
+
+    /// Loads an nft ruleset into the namespace.
+    fn nft(&self, rules: &str) {
+        let mut nft = self
             .command("nft", &["-f", "-"])
             .stdin(Stdio::piped())
             .spawn()
@@ -50,7 +56,6 @@ impl Netns {
             .write_all(rules.as_bytes())
             .expect("write rules");
         assert!(nft.wait().expect("nft").success(), "nft failed");
-        ns
     }
 
     fn path(&self) -> PathBuf {
@@ -759,17 +764,7 @@ fn reconnect(enable_timestamps: bool) -> ReconnectRun {
     let ns = Netns::create();
     let rules = "table inet truth {\n chain out {\n  type filter hook output priority 10\n  \
                  tcp dport 9000 counter\n  tcp sport 9000 counter\n }\n}\n";
-    let mut nft = ns
-        .command("nft", &["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("spawn nft");
-    nft.stdin
-        .take()
-        .expect("nft stdin")
-        .write_all(rules.as_bytes())
-        .expect("write rules");
-    assert!(nft.wait().expect("nft").success(), "nft failed");
+    ns.nft(rules);
 
     let stats = Arc::new(KernelStats::default());
     let (tx, mut rx) = mpsc::channel(1 << 16);
