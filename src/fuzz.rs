@@ -1,7 +1,9 @@
 //! Mutation fuzzing on stable Rust of every decoder of outside data:
 //! ctnetlink messages, `/proc/net/nf_conntrack` lines, Prometheus and
 //! OpenMetrics scrape bodies, Hubble protobuf flows, Kubernetes objects
-//! into the cache, and the configuration loader.
+//! into the cache, the configuration loader, the firewall's rule dumps
+//! (`iptables-save` text and nftables netlink messages), DNS questions
+//! copied by the kernel, and the CNI records and plugin results.
 //!
 //! Each harness starts from a seed corpus of real shapes (encoded
 //! messages, `tests/fixtures/`), mutates it with a seeded generator (bit
@@ -557,4 +559,119 @@ fn fuzz_config_loader() {
             .is_ok()
             .into()
     });
+}
+
+#[test]
+fn fuzz_iptables_save_text() {
+    use crate::source::firewall::xtables::{parse, tests::SAVE};
+    let mut seeds = vec![SAVE.as_bytes().to_vec()];
+    seeds.extend(
+        SAVE.lines()
+            .filter(|l| l.starts_with("-A") || l.starts_with(':'))
+            .map(|l| format!("*filter\n{l}\nCOMMIT\n").into_bytes()),
+    );
+    run("iptables_save", inputs(), seeds, false, |b| {
+        let mut issues = Vec::new();
+        let text = String::from_utf8_lossy(b);
+        let rules = parse(&text, "ip", &mut issues);
+        (!rules.is_empty()).into()
+    });
+}
+
+#[test]
+fn fuzz_nftables_rule_messages() {
+    use crate::source::firewall::nft::decode;
+    use crate::source::firewall::nft::tests::{comment_udata, rule_message};
+    let seeds = vec![
+        rule_message("meta", 1, None, &[]),
+        rule_message(
+            "match",
+            0,
+            None,
+            &comment_udata(b"default/web:http cluster IP"),
+        ),
+        rule_message("target", -3, Some("KUBE-SVC-X"), &[]),
+        rule_message(
+            "payload",
+            -4,
+            Some("cali-fw-x"),
+            &comment_udata(b"cali:abc"),
+        ),
+    ];
+    run("nftables_rule", inputs(), seeds, false, |b| {
+        let mut issues = Vec::new();
+        decode(b, &mut issues).is_ok().into()
+    });
+}
+
+#[test]
+fn fuzz_dns_questions() {
+    use crate::source::ebpf::dns::decode_question;
+    let wire = |name: &str, qtype: u16| {
+        let mut q = Vec::new();
+        for label in name.split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&1u16.to_be_bytes());
+        q
+    };
+    let mut seeds = vec![
+        wire("example.com", 1),
+        wire("payments.shop.svc.cluster.local", 28),
+        wire(&"a".repeat(63), 16),
+        wire("_grpclb._tcp.api.example.org", 33),
+    ];
+    seeds.push(seeds[1][..20].to_vec());
+    run("dns_question", inputs(), seeds, false, |b| {
+        // As copied whole, and as the head of a longer question.
+        let _ = decode_question(b, true);
+        decode_question(b, false).is_ok().into()
+    });
+}
+
+#[test]
+fn fuzz_cni_records() {
+    use crate::source::cni::raw::tests::record;
+    use crate::source::cni::raw::{decode, parse_env, parse_output, RawEvent};
+    let env = b"CNI_COMMAND=ADD\0CNI_CONTAINERID=4f1c\0CNI_NETNS=/var/run/netns/cni-1\0\
+CNI_IFNAME=eth0\0CNI_ARGS=K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_UID=u-1\0";
+    let mut exec = vec![0u8; 256];
+    exec[..14].copy_from_slice(b"/opt/cni/b/ptp");
+    exec.extend_from_slice(env);
+    let result = br#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0"}],"ips":[{"address":"10.244.1.7/24","gateway":"10.244.1.1","interface":0}]}"#;
+    let error =
+        br#"{"cniVersion":"1.0.0","code":7,"msg":"failed to allocate","details":"range full"}"#;
+    let seeds = vec![
+        record(1, 41, env.len() as u32, &exec, exec.len()),
+        record(2, 41, result.len() as u32, result, 4096),
+        record(2, 41, error.len() as u32, error, 4096),
+        record(3, 41, 0, &[], 0),
+    ];
+    run("cni_record", inputs(), seeds, false, |b| match decode(b) {
+        Ok(RawEvent::Exec {
+            env, env_truncated, ..
+        }) => {
+            let _ = parse_env(&env, env_truncated);
+            Outcome::Accepted
+        }
+        Ok(RawEvent::Output { data, .. }) => {
+            let _ = parse_output(&data);
+            Outcome::Accepted
+        }
+        Ok(RawEvent::Exit { .. }) => Outcome::Accepted,
+        Err(_) => Outcome::Rejected,
+    });
+    run(
+        "cni_result",
+        inputs(),
+        vec![result.to_vec(), error.to_vec()],
+        true,
+        |b| {
+            let out = parse_output(b);
+            (!out.ips.is_empty() || out.error.is_some()).into()
+        },
+    );
 }

@@ -245,10 +245,10 @@ pub fn plugin_name(path: &str) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn record(kind: u32, pid: u32, len: u32, payload: &[u8], total: usize) -> Vec<u8> {
+    pub(crate) fn record(kind: u32, pid: u32, len: u32, payload: &[u8], total: usize) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(&kind.to_ne_bytes());
         b.extend_from_slice(&pid.to_ne_bytes());

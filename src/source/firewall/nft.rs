@@ -719,7 +719,7 @@ fn number(rules: &mut [Rule]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn expr(e: &mut Encoder, name: &str, data: impl FnOnce(&mut Encoder)) {
@@ -745,7 +745,12 @@ mod tests {
 
     /// A rule as the kernel dumps it: `counter`, an expression of `extra`
     /// name, and a verdict; `udata` as its user data.
-    fn rule_message(extra: &str, code: i32, chain: Option<&str>, udata: &[u8]) -> Vec<u8> {
+    pub(crate) fn rule_message(
+        extra: &str,
+        code: i32,
+        chain: Option<&str>,
+        udata: &[u8],
+    ) -> Vec<u8> {
         let mut e = Encoder::rule(2);
         e.attr(NFTA_RULE_TABLE, b"filter\0")
             .attr(NFTA_RULE_CHAIN, b"cali-pi-_x\0")
@@ -766,7 +771,7 @@ mod tests {
         e.finish()
     }
 
-    fn comment_udata(text: &[u8]) -> Vec<u8> {
+    pub(crate) fn comment_udata(text: &[u8]) -> Vec<u8> {
         let mut u = vec![UDATA_RULE_COMMENT, (text.len() + 1) as u8];
         u.extend_from_slice(text);
         u.push(0);
