@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -50,8 +50,9 @@ pub struct FlowsConfig {
     /// each interval's top this many by lookups, the rest folded into one
     /// overflow series. 0 (the default): no such metric.
     pub dns_top_names: usize,
-    /// Port scans, host sweeps and DNS tunnelling, reported as
-    /// `flowtel.anomaly` events.
+    /// Scans, sweeps, DNS tunnelling, traffic spikes and drops,
+    /// exfiltration, lateral movement, unusual protocols and high error
+    /// rates, reported as `flowtel.anomaly` events.
     pub anomaly: AnomalyConfig,
 }
 
@@ -223,6 +224,8 @@ pub struct FlowStage {
     records: RecordCollector,
     spans: SpanCollector,
     anomaly: AnomalyDetector,
+    /// The anomaly detectors' clock: read once per interval, not per flow.
+    clock: Instant,
     mesh: MeshState,
     started: SystemTime,
     start: SystemTime,
@@ -280,7 +283,8 @@ impl FlowStage {
             zones: ZoneSeries::default(),
             records: RecordCollector::new(records, telemetry),
             spans: SpanCollector::new(None, telemetry),
-            anomaly: AnomalyDetector::new(&cfg.anomaly, telemetry),
+            anomaly: AnomalyDetector::new(&cfg.anomaly, telemetry, Instant::now()),
+            clock: Instant::now(),
             mesh: MeshState::default(),
             started: now,
             start: now,
@@ -321,7 +325,8 @@ impl FlowStage {
                 }
                 self.series
                     .record(&u.id, &u.nat, u.source, d.delta, d.names.as_deref());
-                self.anomaly.flow(u, d.names.as_deref());
+                self.anomaly
+                    .flow(u, d.delta, d.names.as_deref(), self.clock);
                 self.records.flow(u, d.delta, d.names);
             }
             SourceEvent::Tcp(event) => {
@@ -332,6 +337,7 @@ impl FlowStage {
                     &mut None,
                 );
                 self.tcp.record(&event, names.as_deref());
+                self.anomaly.tcp(&event, names.as_deref());
                 self.records.tcp(&event, names);
             }
             SourceEvent::Connection(end) => {
@@ -353,7 +359,7 @@ impl FlowStage {
                 };
                 let names = name_flow(self.naming.as_deref(), &id, &Nat::default(), &mut None);
                 self.dns.record(&record, names.clone());
-                self.anomaly.dns(&record, names.as_deref());
+                self.anomaly.dns(&record, names.as_deref(), self.clock);
                 self.dns_names.record(&record.name);
                 if self.dns_lookups || record.failed() {
                     self.records.dns_lookup(record, names);
@@ -387,12 +393,13 @@ impl FlowStage {
             records,
             spans: self.spans.finish(),
             mesh,
-            anomalies: self.anomaly.finish(),
+            anomalies: self.anomaly.finish(Instant::now(), end),
             spec: self.series.spec(),
             start: self.start,
             end,
         };
         self.start = end;
+        self.clock = Instant::now();
         report
     }
 
@@ -472,6 +479,7 @@ impl FlowStage {
     }
 
     fn refresh(&mut self) {
+        self.clock = Instant::now();
         if let Some(n) = &mut self.naming {
             n.refresh();
         }

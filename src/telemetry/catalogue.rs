@@ -517,7 +517,7 @@ pub static ANOMALIES: Metric = counter(
 pub static ANOMALY_UNTRACKED: Metric = counter(
     "flowtel.anomaly.untracked",
     "{attempt}",
-    "Attempts and lookups the anomaly detectors did not follow because flows.anomaly.max_tracked keys were held",
+    "Attempts, lookups and flow updates the anomaly detectors did not follow because flows.anomaly.max_tracked keys (or a workload's remembered edges and protocols) were full",
 )
 .readyz("stats.anomaly_untracked");
 pub static EBPF_DNS_ERRORS: Metric = counter(
@@ -1212,6 +1212,13 @@ pub const ANOMALY_STATE: &str = "flowtel.anomaly.state";
 pub const ANOMALY_COUNT: &str = "flowtel.anomaly.count";
 pub const ANOMALY_THRESHOLD: &str = "flowtel.anomaly.threshold";
 pub const ANOMALY_WINDOW: &str = "flowtel.anomaly.window";
+pub const ANOMALY_CLIENT: &str = "flowtel.anomaly.client";
+pub const ANOMALY_PEER: &str = "flowtel.anomaly.peer";
+pub const ANOMALY_VALUE: &str = "flowtel.anomaly.value";
+pub const ANOMALY_BASELINE: &str = "flowtel.anomaly.baseline";
+pub const ANOMALY_STDDEV: &str = "flowtel.anomaly.baseline.stddev";
+pub const ANOMALY_LIMIT: &str = "flowtel.anomaly.limit";
+pub const ANOMALY_CONNECTIONS: &str = "flowtel.anomaly.connections";
 
 /// Every attribute name above (prefixes stand for their family).
 pub const ATTRIBUTES: &[&str] = &[
@@ -1220,6 +1227,13 @@ pub const ATTRIBUTES: &[&str] = &[
     ANOMALY_COUNT,
     ANOMALY_THRESHOLD,
     ANOMALY_WINDOW,
+    ANOMALY_CLIENT,
+    ANOMALY_PEER,
+    ANOMALY_VALUE,
+    ANOMALY_BASELINE,
+    ANOMALY_STDDEV,
+    ANOMALY_LIMIT,
+    ANOMALY_CONNECTIONS,
     DNS_ERROR,
     DNS_RCODE,
     DNS_QUESTION_TYPE,
