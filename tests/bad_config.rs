@@ -125,6 +125,24 @@ const CASES: &[Case] = &[
         key: "`flows.anomaly.scan_ports`",
     },
     Case {
+        name: "a spike factor that is no factor",
+        yaml: Some("flows:\n  anomaly:\n    spike_factor: 0.5\n"),
+        env: &[],
+        key: "`flows.anomaly.spike_factor`",
+    },
+    Case {
+        name: "an error ratio above 1",
+        yaml: None,
+        env: &[("FLOWTEL_FLOWS__ANOMALY__ERROR_RATIO", "2")],
+        key: "`flows.anomaly.error_ratio`",
+    },
+    Case {
+        name: "port 0 as a lateral port",
+        yaml: Some("flows:\n  anomaly:\n    lateral_ports: [5432, 0]\n"),
+        env: &[],
+        key: "`flows.anomaly.lateral_ports`",
+    },
+    Case {
         name: "no anomaly keys tracked",
         yaml: None,
         env: &[("FLOWTEL_FLOWS__ANOMALY__MAX_TRACKED", "0")],
