@@ -192,3 +192,64 @@ impl ErrorRates {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Telemetry;
+
+    fn key(port: u16) -> Key {
+        let ip = |s: &str| Party::Address(s.parse().expect("literal"));
+        (ip("10.0.0.1"), ip("10.0.0.2"), Transport::Tcp, port)
+    }
+
+    const FIN: TcpEventKind = TcpEventKind::Closed {
+        cause: TcpClose::Fin,
+        duration: None,
+    };
+    const RESET: TcpEventKind = TcpEventKind::Closed {
+        cause: TcpClose::Reset,
+        duration: None,
+    };
+    const REFUSED: TcpEventKind = TcpEventKind::Failed(TcpFailure::Refused);
+
+    #[test]
+    fn a_failing_port_starts_once_and_ends_with_its_totals() {
+        let cfg = AnomalyConfig {
+            window: Duration::from_secs(2),
+            ..AnomalyConfig::default()
+        };
+        let t = Telemetry::default();
+        let mut e = ErrorRates::new(&cfg, t.counter(&catalogue::ANOMALY_UNTRACKED));
+        let t0 = Instant::now();
+        let mut run = |second: u64, events: &[(u16, TcpEventKind, usize)]| {
+            for (port, kind, n) in events {
+                for _ in 0..*n {
+                    e.tcp(key(*port), *kind, None);
+                }
+            }
+            let mut out = Vec::new();
+            e.finish(t0 + Duration::from_secs(second), &mut out);
+            out.iter()
+                .map(|f| (f.state, f.count, f.threshold))
+                .collect::<Vec<_>>()
+        };
+        // Below the minimum, below the ratio, a scan (one failure per
+        // port): nothing.
+        assert!(run(0, &[(80, REFUSED, 19)]).is_empty());
+        assert!(run(1, &[(80, RESET, 10), (80, FIN, 11)]).is_empty());
+        let scan: Vec<_> = (1000..1100).map(|p| (p, REFUSED, 1)).collect();
+        assert!(run(2, &scan).is_empty());
+        // Half of 40 reset: started; more: ongoing; fewer: nothing; a
+        // window without: ended with every connection since the start.
+        assert_eq!(
+            run(3, &[(80, RESET, 20), (80, FIN, 20)]),
+            vec![(State::Started, 20, 50)]
+        );
+        assert_eq!(run(4, &[(80, REFUSED, 30)]), vec![(State::Ongoing, 50, 50)]);
+        assert!(run(5, &[(80, REFUSED, 25), (80, FIN, 5)]).is_empty());
+        assert!(run(6, &[(80, FIN, 10)]).is_empty());
+        assert_eq!(run(7, &[]), vec![(State::Ended, 75, 50)]);
+        assert!(e.pairs.is_empty());
+    }
+}

@@ -350,3 +350,112 @@ impl AnomalyDetector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::flow::model::{Counters, Endpoint, FlowId, Nat, SourceKind, Transport};
+    use crate::flow::names::FlowNames;
+
+    fn end(network: &str) -> Arc<EndName> {
+        Arc::new(EndName {
+            network: Some(network.into()),
+            ..EndName::default()
+        })
+    }
+
+    /// A flow of `up` and `down` bytes this interval, from 10.0.0.1.
+    fn flow(server: &str, port: u16, up: u64, down: u64) -> (FlowUpdate, DirectionalCounters) {
+        let delta = DirectionalCounters {
+            to_server: Counters::new(up, up / 1000 + 1),
+            to_client: Counters::new(down, down / 1000 + 1),
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().expect("literal");
+        let u = FlowUpdate {
+            id: FlowId {
+                transport: Transport::Tcp,
+                client: Endpoint::new(ip("10.0.0.1"), 40_000),
+                server: Endpoint::new(ip(server), port),
+                zone: 0,
+            },
+            generation: 0,
+            nat: Nat::default(),
+            to_server: delta.to_server,
+            to_client: delta.to_client,
+            ended: false,
+            source: SourceKind::Ebpf,
+        };
+        (u, delta)
+    }
+
+    fn kinds(events: &[LogEvent]) -> Vec<(String, String)> {
+        let attr = |e: &LogEvent, key| {
+            e.attributes
+                .iter()
+                .find_map(|(k, v)| match v {
+                    Value::Str(s) if *k == key => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        };
+        events
+            .iter()
+            .map(|e| {
+                (
+                    attr(e, catalogue::ANOMALY_KIND),
+                    attr(e, catalogue::ANOMALY_STATE),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_upload_to_the_internet_is_exfiltration_and_nothing_else() {
+        let cfg = AnomalyConfig {
+            learning: Duration::from_secs(5),
+            window: Duration::from_secs(2),
+            exfil_min_bytes: 1_000_000,
+            ..AnomalyConfig::default()
+        };
+        let telemetry = Telemetry::default();
+        let t0 = Instant::now();
+        let mut d = AnomalyDetector::new(&cfg, &telemetry, t0);
+        let inside = FlowNames {
+            client: end("cluster"),
+            server: end("cluster"),
+            local: None,
+            settled: true,
+        };
+        let outside = FlowNames {
+            server: end("internet"),
+            ..inside.clone()
+        };
+        let mut events = Vec::new();
+        for s in 0..12u64 {
+            let now = t0 + Duration::from_secs(s);
+            let (u, delta) = flow("10.0.0.2", 8080, 50_000, 200_000);
+            d.flow(&u, delta, Some(&inside), now);
+            if s == 8 {
+                let (u, delta) = flow("203.0.113.1", 8080, 5_000_000, 100_000);
+                d.flow(&u, delta, Some(&outside), now);
+            }
+            events.extend(d.finish(now, SystemTime::now()));
+        }
+        assert_eq!(
+            kinds(&events),
+            vec![
+                ("exfiltration".into(), "started".into()),
+                ("exfiltration".into(), "ended".into())
+            ]
+        );
+        let count = events[1]
+            .attributes
+            .iter()
+            .find(|(k, _)| *k == catalogue::ANOMALY_COUNT)
+            .map(|(_, v)| v.clone());
+        assert_eq!(count, Some(Value::Int(5_000_000)));
+        assert_eq!(telemetry.value(&catalogue::ANOMALIES), 1);
+    }
+}
