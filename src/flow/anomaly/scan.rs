@@ -88,36 +88,58 @@ impl<K: Hash + Eq + Clone, M: Hash + Eq> Tally<K, M> {
         Some(t)
     }
 
-    /// Keys that reached the threshold and grew since their last event,
-    /// with their count and whether this is their first event; forgets
-    /// keys whose window passed below the threshold, or with nothing new
-    /// for a window.
-    fn finish(&mut self, window: Duration, now: Instant) -> Vec<(K, usize, bool)> {
+    /// Keys that reached the threshold and grew since their last event
+    /// (started, ongoing), and those whose anomaly had nothing new for a
+    /// window (ended, then forgotten); forgets keys whose window passed
+    /// below the threshold.
+    fn finish(&mut self, window: Duration, now: Instant) -> Vec<Report<K>> {
         let threshold = self.threshold;
-        self.keys.retain(|_, t| {
-            if t.reported == 0 {
-                t.members.len() >= threshold || now.duration_since(t.first) < window
-            } else {
-                now.duration_since(t.last_new) < window
-            }
-        });
         let mut out = Vec::new();
+        self.keys.retain(|k, t| {
+            if t.reported == 0 {
+                return t.members.len() >= threshold || now.duration_since(t.first) < window;
+            }
+            let keep = now.duration_since(t.last_new) < window;
+            if !keep {
+                out.push(Report::of(k, t, State::Ended));
+            }
+            keep
+        });
         for (k, t) in &mut self.keys {
             let n = t.members.len();
             if n >= threshold && n > t.reported {
-                out.push((k.clone(), n, t.reported == 0));
+                let state = if t.reported == 0 {
+                    State::Started
+                } else {
+                    State::Ongoing
+                };
                 t.reported = n;
+                out.push(Report::of(k, t, state));
             }
         }
         out
     }
+}
 
-    fn names(&self, key: &K) -> Option<Arc<EndName>> {
-        self.keys.get(key).and_then(|t| t.names.clone())
-    }
+/// One key's event: its count, state, client names and example member.
+#[derive(Debug, PartialEq)]
+struct Report<K> {
+    key: K,
+    count: u64,
+    state: State,
+    names: Option<Arc<EndName>>,
+    example: Option<Arc<str>>,
+}
 
-    fn example(&self, key: &K) -> Option<Arc<str>> {
-        self.keys.get(key).and_then(|t| t.example.clone())
+impl<K: Clone> Report<K> {
+    fn of<M>(key: &K, t: &Tracked<M>, state: State) -> Self {
+        Self {
+            key: key.clone(),
+            count: t.members.len() as u64,
+            state,
+            names: t.names.clone(),
+            example: t.example.clone(),
+        }
     }
 }
 
@@ -252,85 +274,105 @@ impl Scans {
     }
 
     pub(super) fn finish(&mut self, now: Instant, out: &mut Vec<Finding>) {
-        let (window, state) = (self.window, |first| {
-            if first {
-                State::Started
-            } else {
-                State::Ongoing
-            }
-        });
+        let (window, secs) = (self.window, self.window.as_secs());
         let transport =
             |t: Transport| (catalogue::NETWORK_TRANSPORT, Value::Str(t.as_str().into()));
-        for (key @ (client, server, t), n, first) in self.scans.finish(window, now) {
-            out.push(Finding {
-                kind: AnomalyKind::PortScan,
-                state: state(first),
-                count: n as u64,
-                threshold: self.scans.threshold as u64,
-                client: Party::Address(client),
-                client_names: self.scans.names(&key),
-                peer: Some(Party::Address(server)),
-                body: format!(
+        let example = |r: &Report<IpAddr>| {
+            r.example
+                .iter()
+                .map(|n| (catalogue::DNS_QUESTION_NAME, Value::Str(n.to_string())))
+                .collect::<Vec<_>>()
+        };
+        for r in self.scans.finish(window, now) {
+            let ((client, server, t), n) = (r.key, r.count);
+            let body = if r.state == State::Ended {
+                format!(
+                    "port scan: {client} tried no new port of {server} for {secs} s ({n} ports)"
+                )
+            } else {
+                format!(
                     "port scan: {client} tried {n} {} ports of {server} without payload",
                     t.as_str()
-                ),
+                )
+            };
+            out.push(Finding {
+                kind: AnomalyKind::PortScan,
+                state: r.state,
+                count: n,
+                threshold: self.scans.threshold as u64,
+                client: Party::Address(client),
+                client_names: r.names,
+                peer: Some(Party::Address(server)),
+                body,
                 attributes: vec![
                     (catalogue::SERVER_ADDRESS, Value::Str(server.to_string())),
                     transport(t),
                 ],
             });
         }
-        for (key @ (client, port, t), n, first) in self.sweeps.finish(window, now) {
-            out.push(Finding {
-                kind: AnomalyKind::HostSweep,
-                state: state(first),
-                count: n as u64,
-                threshold: self.sweeps.threshold as u64,
-                client: Party::Address(client),
-                client_names: self.sweeps.names(&key),
-                peer: None,
-                body: format!(
+        for r in self.sweeps.finish(window, now) {
+            let ((client, port, t), n) = (r.key, r.count);
+            let body = if r.state == State::Ended {
+                format!("host sweep: {client} tried no new host on {} port {port} for {secs} s ({n} hosts)", t.as_str())
+            } else {
+                format!(
                     "host sweep: {client} tried {n} hosts on {} port {port} without payload",
                     t.as_str()
-                ),
+                )
+            };
+            out.push(Finding {
+                kind: AnomalyKind::HostSweep,
+                state: r.state,
+                count: n,
+                threshold: self.sweeps.threshold as u64,
+                client: Party::Address(client),
+                client_names: r.names,
+                peer: None,
+                body,
                 attributes: vec![
                     (catalogue::SERVER_PORT, Value::Int(port.into())),
                     transport(t),
                 ],
             });
         }
-        for (client, n, first) in self.tunnels.finish(window, now) {
-            let mut attributes = Vec::new();
-            if let Some(name) = self.tunnels.example(&client) {
-                attributes.push((catalogue::DNS_QUESTION_NAME, Value::Str(name.to_string())));
-            }
+        for r in self.tunnels.finish(window, now) {
+            let (client, n) = (r.key, r.count);
+            let body = if r.state == State::Ended {
+                format!("DNS tunnelling: {client} looked up no new random-looking name for {secs} s ({n} names)")
+            } else {
+                format!("DNS tunnelling: {client} looked up {n} random-looking names")
+            };
             out.push(Finding {
                 kind: AnomalyKind::DnsTunnel,
-                state: state(first),
-                count: n as u64,
+                state: r.state,
+                count: n,
                 threshold: self.tunnels.threshold as u64,
                 client: Party::Address(client),
-                client_names: self.tunnels.names(&client),
+                attributes: example(&r),
+                client_names: r.names,
                 peer: None,
-                body: format!("DNS tunnelling: {client} looked up {n} random-looking names"),
-                attributes,
+                body,
             });
         }
-        for (client, n, first) in self.txt.finish(window, now) {
-            let mut attributes = Vec::new();
-            if let Some(name) = self.txt.example(&client) {
-                attributes.push((catalogue::DNS_QUESTION_NAME, Value::Str(name.to_string())));
-            }
+        for r in self.txt.finish(window, now) {
+            let (client, n) = (r.key, r.count);
+            let body = if r.state == State::Ended {
+                format!(
+                    "DNS tunnelling: {client} made no TXT/NULL lookup for {secs} s ({n} lookups)"
+                )
+            } else {
+                format!("DNS tunnelling: {client} made {n} TXT/NULL lookups")
+            };
             out.push(Finding {
                 kind: AnomalyKind::DnsTxtVolume,
-                state: state(first),
-                count: n as u64,
+                state: r.state,
+                count: n,
                 threshold: self.txt.threshold as u64,
                 client: Party::Address(client),
-                client_names: self.txt.names(&client),
+                attributes: example(&r),
+                client_names: r.names,
                 peer: None,
-                body: format!("DNS tunnelling: {client} made {n} TXT/NULL lookups"),
-                attributes,
+                body,
             });
         }
     }
@@ -364,14 +406,20 @@ mod tests {
         for p in [1, 2, 2] {
             t.add(&0, p, None, 10, now);
         }
+        let states = |r: Vec<Report<u8>>| {
+            r.into_iter()
+                .map(|r| (r.key, r.count, r.state))
+                .collect::<Vec<_>>()
+        };
         assert!(t.finish(w, now).is_empty());
         t.add(&0, 3, None, 10, now);
-        assert_eq!(t.finish(w, now), vec![(0, 3, true)]);
+        assert_eq!(states(t.finish(w, now)), vec![(0, 3, State::Started)]);
         assert!(t.finish(w, now).is_empty());
         t.add(&0, 4, None, 10, now);
-        assert_eq!(t.finish(w, now), vec![(0, 4, false)]);
-        // Nothing new for a window: forgotten, and a new scan starts over.
-        assert!(t.finish(w, now + w).is_empty());
+        assert_eq!(states(t.finish(w, now)), vec![(0, 4, State::Ongoing)]);
+        // Nothing new for a window: ended and forgotten, and a new scan
+        // starts over.
+        assert_eq!(states(t.finish(w, now + w)), vec![(0, 4, State::Ended)]);
         assert!(t.keys.is_empty());
         // Below the threshold when the window passes: forgotten.
         t.add(&1, 1, None, 10, now);
