@@ -256,7 +256,7 @@ fn scans_sweeps_and_tunnels_each_make_one_event() {
     after(2);
     let events = anomalies(&receiver);
     let got = by_kind(&events);
-    println!("{TEST}: (started, highest count, ongoing) by kind: {got:?}");
+    println!("{TEST}: (started, highest count, other events) by kind: {got:?}");
     for e in events
         .iter()
         .filter(|e| e.str("flowtel.anomaly.state") == Some("started"))
