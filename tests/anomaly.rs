@@ -30,6 +30,7 @@ mod prometheus;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -37,7 +38,7 @@ use std::time::Duration;
 use common::dns::{self, DIG, DNSMASQ};
 use common::flowtel::{Flowtel, FlowtelArgs};
 use common::otlp_receiver::{LogEvent, OtlpReceiver};
-use common::scenario::{A_V4, B_V4, IF_B, TCP4_PORT};
+use common::scenario::{Lab, A_V4, B_V4, IF_B, TCP4_PORT};
 use common::traffic::{self, TrafficServer};
 
 const TEST: &str = "scans_sweeps_and_tunnels_each_make_one_event";
@@ -88,6 +89,45 @@ fn by_kind(events: &[LogEvent]) -> BTreeMap<String, (u32, i64, u32)> {
 
 /// A label of 60 characters from a 32-letter alphabet, different for each
 /// `i` (a fixed linear congruential sequence: no `rand` needed).
+/// flowtel with the eBPF source on A's veth, exporting to `receiver`
+/// every second, with the configuration file `config` if given.
+fn start_flowtel(lab: &Lab, receiver: &OtlpReceiver, config: Option<&Path>) -> Flowtel {
+    let netns = lab.a.path();
+    let mut env = vec![
+        ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".to_string()),
+        ("FLOWTEL_EXPORT__LOGS__RATE_LIMIT", "0".to_string()),
+        (
+            "FLOWTEL_EXPORT__PROMETHEUS__LISTEN",
+            "127.0.0.1:0".to_string(),
+        ),
+    ];
+    if let Some(config) = config {
+        env.push(("FLOWTEL_CONFIG", config.display().to_string()));
+    }
+    let mut flowtel = Flowtel::start(&FlowtelArgs {
+        source: "ebpf",
+        netns: &netns,
+        endpoint: &receiver.grpc_endpoint(),
+        protocol: "grpc",
+        interval: "1s",
+        env,
+    })
+    .expect("starting flowtel");
+    flowtel.wait_ready(TIMEOUT).expect("flowtel ready");
+    flowtel
+}
+
+/// Waits until flowtel has dumped `n` more times.
+fn wait_dumps(test: &str, flowtel: &Flowtel, n: u64) {
+    let dumps = || flowtel.stat("dumps").unwrap_or(0);
+    let target = dumps() + n;
+    assert!(
+        common::wait_until(TIMEOUT, Duration::from_millis(50), || dumps() >= target),
+        "{test}: flowtel did not dump {n} more times:\n{}",
+        flowtel.output()
+    );
+}
+
 fn random_label(i: usize) -> String {
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     (0..60)
@@ -115,33 +155,8 @@ fn scans_sweeps_and_tunnels_each_make_one_event() {
         .expect("a route to the swept network");
     let _servers = lab.servers().expect("the servers in B");
     let receiver = OtlpReceiver::start().expect("the OTLP receiver");
-    let netns = lab.a.path();
-    let mut flowtel = Flowtel::start(&FlowtelArgs {
-        source: "ebpf",
-        netns: &netns,
-        endpoint: &receiver.grpc_endpoint(),
-        protocol: "grpc",
-        interval: "1s",
-        env: vec![
-            ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".to_string()),
-            ("FLOWTEL_EXPORT__LOGS__RATE_LIMIT", "0".to_string()),
-            (
-                "FLOWTEL_EXPORT__PROMETHEUS__LISTEN",
-                "127.0.0.1:0".to_string(),
-            ),
-        ],
-    })
-    .expect("starting flowtel");
-    flowtel.wait_ready(TIMEOUT).expect("flowtel ready");
-    let dumps = || flowtel.stat("dumps").unwrap_or(0);
-    let after = |n: u64| {
-        let target = dumps() + n;
-        assert!(
-            common::wait_until(TIMEOUT, Duration::from_millis(50), || dumps() >= target),
-            "{TEST}: flowtel did not dump {n} more times:\n{}",
-            flowtel.output()
-        );
-    };
+    let mut flowtel = start_flowtel(&lab, &receiver, None);
+    let after = |n: u64| wait_dumps(TEST, &flowtel, n);
 
     // Ordinary traffic: transfers, short connections and lookups.
     traffic::tcp_connections(&lab.a, sock(B_V4, TCP4_PORT), 30, 20_000, 40_000)
@@ -390,34 +405,9 @@ fn baselines_and_firsts_each_make_one_event() {
     )
     .expect("writing the configuration");
     let receiver = OtlpReceiver::start().expect("the OTLP receiver");
-    let netns = lab.a.path();
-    let mut flowtel = Flowtel::start(&FlowtelArgs {
-        source: "ebpf",
-        netns: &netns,
-        endpoint: &receiver.grpc_endpoint(),
-        protocol: "grpc",
-        interval: "1s",
-        env: vec![
-            ("FLOWTEL_CONFIG", config.display().to_string()),
-            ("FLOWTEL_EXPORT__CONSOLE__MODE", "never".to_string()),
-            ("FLOWTEL_EXPORT__LOGS__RATE_LIMIT", "0".to_string()),
-            (
-                "FLOWTEL_EXPORT__PROMETHEUS__LISTEN",
-                "127.0.0.1:0".to_string(),
-            ),
-        ],
-    })
-    .expect("starting flowtel");
-    flowtel.wait_ready(TIMEOUT).expect("flowtel ready");
+    let mut flowtel = start_flowtel(&lab, &receiver, Some(&config));
     let dumps = || flowtel.stat("dumps").unwrap_or(0);
-    let after = |n: u64| {
-        let target = dumps() + n;
-        assert!(
-            common::wait_until(TIMEOUT, Duration::from_millis(50), || dumps() >= target),
-            "{TEST}: flowtel did not dump {n} more times:\n{}",
-            flowtel.output()
-        );
-    };
+    let after = |n: u64| wait_dumps(TEST, &flowtel, n);
     let events = || anomalies(&receiver);
     let lookups = |qtype: u16, n: usize, first_id: u16| {
         let questions: Vec<(String, u16)> = (0..n).map(|_| ("alpha.test".into(), qtype)).collect();
