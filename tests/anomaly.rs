@@ -30,7 +30,7 @@ mod prometheus;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -89,6 +89,16 @@ fn by_kind(events: &[LogEvent]) -> BTreeMap<String, (u32, i64, u32)> {
 
 /// A label of 60 characters from a 32-letter alphabet, different for each
 /// `i` (a fixed linear congruential sequence: no `rand` needed).
+/// The two namespaces with dnsmasq serving `alpha.test` and `bravo.test`
+/// in B, and dig's path; `None` when a prerequisite is missing (outside CI).
+fn dnsmasq_lab(test: &str) -> Option<(Lab, PathBuf)> {
+    let (base, found) =
+        common::prerequisites_with(test, &[DNSMASQ, DIG], &common::ebpf_conditions())?;
+    let [dnsmasq, dig_bin]: [PathBuf; 2] = found.try_into().expect("two tools");
+    let lab = dns::lab_with_dnsmasq(&base, (&dnsmasq, &dig_bin), &["alpha.test", "bravo.test"]);
+    Some((lab, dig_bin))
+}
+
 /// flowtel with the eBPF source on A's veth, exporting to `receiver`
 /// every second, with the configuration file `config` if given.
 fn start_flowtel(lab: &Lab, receiver: &OtlpReceiver, config: Option<&Path>) -> Flowtel {
@@ -143,13 +153,9 @@ fn random_label(i: usize) -> String {
 #[test]
 fn scans_sweeps_and_tunnels_each_make_one_event() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((base, found)) =
-        common::prerequisites_with(TEST, &[DNSMASQ, DIG], &common::ebpf_conditions())
-    else {
+    let Some((lab, dig_bin)) = dnsmasq_lab(TEST) else {
         return;
     };
-    let [dnsmasq, dig_bin]: [std::path::PathBuf; 2] = found.try_into().expect("two tools");
-    let lab = dns::lab_with_dnsmasq(&base, (&dnsmasq, &dig_bin), &["alpha.test", "bravo.test"]);
     lab.a
         .ip(&["route", "add", SWEEP_NET, "via", B_V4])
         .expect("a route to the swept network");
@@ -369,13 +375,9 @@ fn of(events: &[LogEvent], kind: &str, state: &str) -> Vec<LogEvent> {
 fn baselines_and_firsts_each_make_one_event() {
     const TEST: &str = BASELINE_TEST;
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((base, found)) =
-        common::prerequisites_with(TEST, &[DNSMASQ, DIG], &common::ebpf_conditions())
-    else {
+    let Some((lab, _)) = dnsmasq_lab(TEST) else {
         return;
     };
-    let [dnsmasq, dig_bin]: [std::path::PathBuf; 2] = found.try_into().expect("two tools");
-    let lab = dns::lab_with_dnsmasq(&base, (&dnsmasq, &dig_bin), &["alpha.test", "bravo.test"]);
     for addr in [DB, REFUSER, NEW_PORT_HOST, INTERNET] {
         lab.b
             .ip(&["addr", "add", &format!("{addr}/32"), "dev", IF_B])

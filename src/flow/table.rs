@@ -406,6 +406,18 @@ mod tests {
             }
         }
 
+        /// A complete dump `epoch` that lists `entries`.
+        fn dump<const N: usize>(&mut self, epoch: u64, entries: [SourceEvent; N]) {
+            self.apply(SourceEvent::DumpStarted { epoch });
+            for e in entries {
+                self.apply(e);
+            }
+            self.apply(SourceEvent::DumpFinished {
+                epoch,
+                complete: true,
+            });
+        }
+
         fn take_bytes(&mut self) -> u64 {
             std::mem::take(&mut self.bytes)
         }
@@ -440,13 +452,7 @@ mod tests {
     fn a_reused_kernel_id_is_told_apart_by_the_start_time() {
         let (first, second) = ((1 << 32) | 7, (2 << 32) | 7);
         let (mut t, telemetry) = setup(10);
-        t.apply(SourceEvent::DumpStarted { epoch: 1 });
-        t.apply(update(1, 7, 0, false));
-        t.apply(update(1, first, 1000, false));
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 1,
-            complete: true,
-        });
+        t.dump(1, [update(1, 7, 0, false), update(1, first, 1000, false)]);
         t.apply(SourceEvent::DumpStarted { epoch: 2 });
         // The dump sees the second connection ...
         t.apply(update(1, second, 300, false));
@@ -514,12 +520,7 @@ mod tests {
     #[test]
     fn a_late_destroy_of_an_untracked_connection_leaves_the_newer_one_alone() {
         let (mut t, stats) = setup(10);
-        t.apply(SourceEvent::DumpStarted { epoch: 1 });
-        t.apply(update(1, 8, 300, false));
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 1,
-            complete: true,
-        });
+        t.dump(1, [update(1, 8, 300, false)]);
         assert_eq!(t.take_bytes(), 300);
         t.apply(update(1, 7, 1000, true));
         assert_eq!(t.take_bytes(), 1000, "the old connection, once, whole");
@@ -528,12 +529,7 @@ mod tests {
         // it read before the end) is not counted again.
         t.apply(update(1, 7, 1000, false));
         assert_eq!(t.take_bytes(), 0);
-        t.apply(SourceEvent::DumpStarted { epoch: 2 });
-        t.apply(update(1, 8, 500, false));
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 2,
-            complete: true,
-        });
+        t.dump(2, [update(1, 8, 500, false)]);
         assert_eq!(t.take_bytes(), 200, "only what the new one sent since");
         t.apply(update(1, 8, 600, true));
         assert_eq!(t.take_bytes(), 100);
@@ -549,12 +545,7 @@ mod tests {
     #[test]
     fn a_stale_entry_finds_its_tombstone_after_the_tuple_ended_again() {
         let (mut t, _) = setup(10);
-        t.apply(SourceEvent::DumpStarted { epoch: 1 });
-        t.apply(update(1, 7, 1000, false));
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 1,
-            complete: true,
-        });
+        t.dump(1, [update(1, 7, 1000, false)]);
         t.apply(SourceEvent::DumpStarted { epoch: 2 });
         t.apply(update(1, 7, 1200, true));
         t.apply(update(1, 8, 100, false));
@@ -572,12 +563,7 @@ mod tests {
     #[test]
     fn stale_dump_after_destroy_is_not_counted_twice() {
         let (mut t, _) = setup(10);
-        t.apply(SourceEvent::DumpStarted { epoch: 1 });
-        t.apply(update(1, 7, 1000, false));
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 1,
-            complete: true,
-        });
+        t.dump(1, [update(1, 7, 1000, false)]);
         t.apply(SourceEvent::DumpStarted { epoch: 2 });
         t.apply(update(1, 7, 1200, true));
         // the dump began before the end and still lists the connection
@@ -601,13 +587,7 @@ mod tests {
     #[test]
     fn vanished_flows_are_swept_and_counted() {
         let (mut t, stats) = setup(10);
-        t.apply(SourceEvent::DumpStarted { epoch: 1 });
-        t.apply(update(1, 1, 10, false));
-        t.apply(update(2, 2, 10, false));
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 1,
-            complete: true,
-        });
+        t.dump(1, [update(1, 1, 10, false), update(2, 2, 10, false)]);
         t.apply(SourceEvent::DumpStarted { epoch: 2 });
         t.apply(update(1, 1, 20, false));
         t.apply(SourceEvent::DumpFinished {
@@ -615,49 +595,26 @@ mod tests {
             complete: false,
         });
         assert_eq!(t.table.len(), 2, "an incomplete dump removes nothing");
-        t.apply(SourceEvent::DumpStarted { epoch: 3 });
-        t.apply(update(1, 1, 20, false));
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 3,
-            complete: true,
-        });
+        t.dump(3, [update(1, 1, 20, false)]);
         assert_eq!(t.table.len(), 1);
         // Its DESTROY event may still come; after one more complete dump
         // without it, it counts as ended unseen.
         assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
-        t.apply(SourceEvent::DumpStarted { epoch: 4 });
-        t.apply(update(1, 1, 20, false));
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 4,
-            complete: true,
-        });
+        t.dump(4, [update(1, 1, 20, false)]);
         assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 1);
     }
 
     #[test]
     fn destroy_after_the_sweep_adds_only_the_rest() {
         let (mut t, stats) = setup(10);
-        t.apply(SourceEvent::DumpStarted { epoch: 1 });
-        t.apply(update(1, 7, 1000, false));
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 1,
-            complete: true,
-        });
+        t.dump(1, [update(1, 7, 1000, false)]);
         assert_eq!(t.take_bytes(), 1000);
         // The entry expired; the next dump skips it and the kernel sends
         // its DESTROY event, which arrives after that dump finished.
-        t.apply(SourceEvent::DumpStarted { epoch: 2 });
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 2,
-            complete: true,
-        });
+        t.dump(2, []);
         t.apply(update(1, 7, 1200, true));
         assert_eq!(t.take_bytes(), 200, "only the bytes since the last dump");
-        t.apply(SourceEvent::DumpStarted { epoch: 3 });
-        t.apply(SourceEvent::DumpFinished {
-            epoch: 3,
-            complete: true,
-        });
+        t.dump(3, []);
         assert_eq!(stats.value(&catalogue::FLOWS_ENDED_UNSEEN), 0);
     }
 
